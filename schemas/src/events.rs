@@ -1,0 +1,168 @@
+//! The wire form of events: type names, schema versions and upcasters.
+
+use domain::inventory::{InventoryEvent, InventoryItem};
+use domain::order::{Order, OrderEvent};
+use domain::payment::{Payment, PaymentEvent};
+use domain::shipment::{Shipment, ShipmentEvent};
+use domain::{Aggregate, EventName};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("unknown event type {aggregate_type}/{event_type}")]
+    UnknownType {
+        aggregate_type: String,
+        event_type: String,
+    },
+    #[error("{event_type} has no schema version {version} (current is {current})")]
+    UnknownVersion {
+        event_type: String,
+        version: u32,
+        current: u32,
+    },
+    #[error("{event_type} v{version} does not fit its schema: {message}")]
+    Payload {
+        event_type: String,
+        version: u32,
+        message: String,
+    },
+    #[error("cannot encode event: {0}")]
+    Encode(String),
+}
+
+/// Every event type with its aggregate and current schema version. A change to an
+/// event's wire shape needs a new version here, a schema file, and an upcaster.
+pub const EVENT_TYPES: &[(&str, &str, u32)] = &[
+    ("order", "OrderPlaced", 2),
+    ("order", "OrderConfirmed", 1),
+    ("order", "OrderCancelled", 1),
+    ("order", "OrderShipped", 1),
+    ("order", "OrderDelivered", 1),
+    ("inventory", "StockRestocked", 1),
+    ("inventory", "StockReserved", 1),
+    ("inventory", "StockReservationRejected", 1),
+    ("inventory", "StockReleased", 1),
+    ("inventory", "StockCommitted", 1),
+    ("payment", "PaymentRequested", 1),
+    ("payment", "PaymentAuthorized", 1),
+    ("payment", "PaymentDeclined", 1),
+    ("payment", "PaymentCaptured", 1),
+    ("payment", "PaymentVoided", 1),
+    ("shipment", "ShipmentCreated", 1),
+    ("shipment", "ShipmentDispatched", 1),
+    ("shipment", "ShipmentDelivered", 1),
+    ("shipment", "ShipmentCancelled", 1),
+];
+
+/// The current schema version of an event type.
+pub fn current_version(event_type: &str) -> Option<u32> {
+    EVENT_TYPES
+        .iter()
+        .find(|(_, name, _)| *name == event_type)
+        .map(|(_, _, version)| *version)
+}
+
+/// A domain event as (event type, schema version, payload).
+pub fn encode<E: Serialize + EventName>(event: &E) -> Result<(String, u32, Value), SchemaError> {
+    let event_type = event.name();
+    let version = current_version(event_type).ok_or_else(|| SchemaError::UnknownType {
+        aggregate_type: String::new(),
+        event_type: event_type.to_owned(),
+    })?;
+    let mut tagged = serde_json::to_value(event).map_err(|e| SchemaError::Encode(e.to_string()))?;
+    let payload = tagged
+        .get_mut("payload")
+        .map(Value::take)
+        .unwrap_or_else(|| json!({}));
+    Ok((event_type.to_owned(), version, payload))
+}
+
+/// Read an event of any version as the current domain event, upcasting on the way.
+pub fn decode<E: DeserializeOwned>(
+    event_type: &str,
+    version: u32,
+    payload: &Value,
+) -> Result<E, SchemaError> {
+    let current = current_version(event_type).ok_or_else(|| SchemaError::UnknownType {
+        aggregate_type: String::new(),
+        event_type: event_type.to_owned(),
+    })?;
+    if version == 0 || version > current {
+        return Err(SchemaError::UnknownVersion {
+            event_type: event_type.to_owned(),
+            version,
+            current,
+        });
+    }
+    let mut payload = payload.clone();
+    for from in version..current {
+        payload = upcast(event_type, from, payload)?;
+    }
+    serde_json::from_value(json!({ "event_type": event_type, "payload": payload })).map_err(|e| {
+        SchemaError::Payload {
+            event_type: event_type.to_owned(),
+            version,
+            message: e.to_string(),
+        }
+    })
+}
+
+/// Lift a payload from version `from` to `from + 1`.
+fn upcast(event_type: &str, from: u32, payload: Value) -> Result<Value, SchemaError> {
+    match (event_type, from) {
+        // v1 of OrderPlaced had no total; v2 carries it so that no reader sums lines.
+        ("OrderPlaced", 1) => upcast_order_placed_v1(payload).ok_or_else(|| SchemaError::Payload {
+            event_type: event_type.to_owned(),
+            version: from,
+            message: "lines must be a list of {quantity, unit_price_cents}".into(),
+        }),
+        _ => Err(SchemaError::UnknownVersion {
+            event_type: event_type.to_owned(),
+            version: from,
+            current: current_version(event_type).unwrap_or(0),
+        }),
+    }
+}
+
+fn upcast_order_placed_v1(mut payload: Value) -> Option<Value> {
+    let mut total: u64 = 0;
+    for line in payload.get("lines")?.as_array()? {
+        let quantity = line.get("quantity")?.as_u64()?;
+        let price = line.get("unit_price_cents")?.as_u64()?;
+        total = total.checked_add(quantity.checked_mul(price)?)?;
+    }
+    payload.as_object_mut()?.insert("total_cents".into(), json!(total));
+    Some(payload)
+}
+
+/// An event of any aggregate, decoded from its envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnyEvent {
+    Order(OrderEvent),
+    Inventory(InventoryEvent),
+    Payment(PaymentEvent),
+    Shipment(ShipmentEvent),
+}
+
+impl AnyEvent {
+    pub fn from_envelope(envelope: &crate::Envelope) -> Result<AnyEvent, SchemaError> {
+        let t = envelope.event_type.as_str();
+        let v = envelope.schema_version;
+        let p = &envelope.payload;
+        match envelope.aggregate_type.as_str() {
+            Order::TYPE => decode(t, v, p).map(AnyEvent::Order),
+            InventoryItem::TYPE => decode(t, v, p).map(AnyEvent::Inventory),
+            Payment::TYPE => decode(t, v, p).map(AnyEvent::Payment),
+            Shipment::TYPE => decode(t, v, p).map(AnyEvent::Shipment),
+            other => Err(SchemaError::UnknownType {
+                aggregate_type: other.to_owned(),
+                event_type: t.to_owned(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

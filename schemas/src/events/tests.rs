@@ -1,0 +1,274 @@
+use super::*;
+use crate::Envelope;
+use domain::order::OrderLine;
+use domain::{CancelReason, CustomerId, Money, PaymentToken, Quantity, Sku};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use uuid::Uuid;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read_json(path: PathBuf) -> Value {
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+fn line(sku: &str, quantity: i64, price: i64) -> OrderLine {
+    OrderLine {
+        sku: Sku::parse(sku).expect("valid"),
+        quantity: Quantity::new(quantity).expect("valid"),
+        unit_price_cents: Money::unit_price(price).expect("valid"),
+    }
+}
+
+/// At least one sample of every event the code can emit, covering optional fields.
+fn samples() -> Vec<(&'static str, Value, String)> {
+    let order = Uuid::from_u128(0x0190_a0e4_1f00_7000_8000_0000_0000_00aa);
+    let mut out = vec![];
+    let mut push = |aggregate: &'static str, encoded: Result<(String, u32, Value), SchemaError>| {
+        let (event_type, version, payload) = encoded.expect("encodes");
+        assert_eq!(Some(version), current_version(&event_type));
+        out.push((aggregate, payload, event_type));
+    };
+    let token = PaymentToken::parse("tok_ok").expect("valid");
+    for event in [
+        OrderEvent::OrderPlaced {
+            customer_id: CustomerId::parse("c-1").expect("valid"),
+            lines: vec![line("S-1", 2, 1299), line("S-2", 1, 0)],
+            total_cents: Money::from_cents(2598),
+            payment_token: token.clone(),
+        },
+        OrderEvent::OrderConfirmed {},
+        OrderEvent::OrderCancelled {
+            reason: CancelReason::CustomerRequest,
+            note: Some("changed my mind".into()),
+        },
+        OrderEvent::OrderCancelled {
+            reason: CancelReason::PaymentTimeout,
+            note: None,
+        },
+        OrderEvent::OrderShipped {},
+        OrderEvent::OrderDelivered {},
+    ] {
+        push("order", encode(&event));
+    }
+    for event in [
+        InventoryEvent::StockRestocked {
+            quantity: 10,
+            on_hand: 10,
+            reserved: 0,
+        },
+        InventoryEvent::StockReserved {
+            order_id: order,
+            quantity: 2,
+            on_hand: 10,
+            reserved: 2,
+        },
+        InventoryEvent::StockReservationRejected {
+            order_id: order,
+            requested: 20,
+            available: 8,
+        },
+        InventoryEvent::StockReleased {
+            order_id: order,
+            quantity: 2,
+            on_hand: 10,
+            reserved: 0,
+        },
+        InventoryEvent::StockCommitted {
+            order_id: order,
+            quantity: 2,
+            on_hand: 8,
+            reserved: 0,
+        },
+    ] {
+        push("inventory", encode(&event));
+    }
+    for event in [
+        PaymentEvent::PaymentRequested {
+            amount_cents: Money::from_cents(2598),
+            payment_token: token.clone(),
+        },
+        PaymentEvent::PaymentAuthorized {
+            amount_cents: Money::from_cents(2598),
+        },
+        PaymentEvent::PaymentDeclined {
+            reason: "card declined".into(),
+        },
+        PaymentEvent::PaymentCaptured {
+            amount_cents: Money::from_cents(2598),
+        },
+        PaymentEvent::PaymentVoided {
+            amount_cents: Money::ZERO,
+        },
+    ] {
+        push("payment", encode(&event));
+    }
+    for event in [
+        ShipmentEvent::ShipmentCreated {},
+        ShipmentEvent::ShipmentDispatched {},
+        ShipmentEvent::ShipmentDelivered {},
+        ShipmentEvent::ShipmentCancelled {},
+    ] {
+        push("shipment", encode(&event));
+    }
+    out
+}
+
+fn schema(event_type: &str, version: u32) -> Value {
+    read_json(root().join(format!("events/{event_type}.v{version}.json")))
+}
+
+fn violations(schema: &Value, instance: &Value) -> Vec<String> {
+    let validator = jsonschema::validator_for(schema).expect("schema compiles");
+    validator
+        .iter_errors(instance)
+        .map(|error| format!("{error} at {}", error.instance_path))
+        .collect()
+}
+
+#[test]
+fn every_event_type_has_a_sample_and_a_schema_for_each_version() {
+    let sampled: Vec<String> = samples().into_iter().map(|(_, _, t)| t).collect();
+    for (_, event_type, current) in EVENT_TYPES {
+        assert!(
+            sampled.iter().any(|t| t == event_type),
+            "no sample of {event_type}"
+        );
+        for version in 1..=*current {
+            let path = root().join(format!("events/{event_type}.v{version}.json"));
+            assert!(path.exists(), "missing schema file {}", path.display());
+        }
+    }
+}
+
+#[test]
+fn every_schema_file_belongs_to_a_known_event_version() {
+    for entry in std::fs::read_dir(root().join("events")).expect("events folder") {
+        let name = entry.expect("entry").file_name().to_string_lossy().into_owned();
+        let (event_type, rest) = name.split_once(".v").expect("name is <Type>.v<N>.json");
+        let version: u32 = rest.trim_end_matches(".json").parse().expect("version number");
+        let current = current_version(event_type)
+            .unwrap_or_else(|| panic!("{name} names no known event type"));
+        assert!(version <= current, "{name} is newer than the code's version {current}");
+    }
+}
+
+#[test]
+fn every_event_the_code_can_emit_fits_its_schema() {
+    for (aggregate, payload, event_type) in samples() {
+        let version = current_version(&event_type).expect("known");
+        let errors = violations(&schema(&event_type, version), &payload);
+        assert!(
+            errors.is_empty(),
+            "{aggregate}/{event_type} v{version} does not fit its schema: {errors:?}\npayload: {payload}"
+        );
+    }
+}
+
+/// The golden wire form of every sample. When this fails, an event's shape changed:
+/// give the event a new schema version, a schema file and an upcaster; then refresh
+/// the file with `ORDERLINE_UPDATE_WIRE=1 cargo test -p schemas`.
+#[test]
+fn the_wire_shape_of_an_event_changes_only_with_a_new_version() {
+    let path = root().join("fixtures/wire.json");
+    let mut current: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for (_, payload, event_type) in samples() {
+        let version = current_version(&event_type).expect("known");
+        current
+            .entry(format!("{event_type}.v{version}"))
+            .or_default()
+            .push(payload);
+    }
+    let current = serde_json::to_value(&current).expect("serializes");
+    if std::env::var_os("ORDERLINE_UPDATE_WIRE").is_some() {
+        let text = serde_json::to_string_pretty(&current).expect("serializes");
+        std::fs::write(&path, text + "\n").expect("writes the golden file");
+    }
+    let golden = read_json(path);
+    let (Some(golden), Some(current)) = (golden.as_object(), current.as_object()) else {
+        panic!("golden file is not an object");
+    };
+    for (key, payloads) in current {
+        match golden.get(key) {
+            Some(expected) => assert_eq!(
+                expected, payloads,
+                "the wire shape of {key} changed without a new schema version"
+            ),
+            None => panic!("{key} is new: refresh fixtures/wire.json (see this test's doc)"),
+        }
+    }
+}
+
+#[test]
+fn every_event_decodes_to_what_was_encoded() {
+    for (aggregate, payload, event_type) in samples() {
+        let version = current_version(&event_type).expect("known");
+        let envelope = Envelope {
+            event_id: Uuid::nil(),
+            aggregate_type: aggregate.into(),
+            aggregate_id: "x".into(),
+            version: 1,
+            event_type: event_type.clone(),
+            schema_version: version,
+            occurred_at: chrono::DateTime::UNIX_EPOCH,
+            correlation_id: Uuid::nil(),
+            causation_id: Uuid::nil(),
+            payload: payload.clone(),
+        };
+        let event = AnyEvent::from_envelope(&envelope).expect("decodes");
+        let again = match &event {
+            AnyEvent::Order(e) => encode(e),
+            AnyEvent::Inventory(e) => encode(e),
+            AnyEvent::Payment(e) => encode(e),
+            AnyEvent::Shipment(e) => encode(e),
+        }
+        .expect("encodes");
+        assert_eq!(again.2, payload, "{event_type} does not round-trip");
+    }
+}
+
+#[test]
+fn stored_v1_order_placed_events_are_upcast_with_their_total() {
+    let fixtures: Vec<Envelope> =
+        serde_json::from_value(read_json(root().join("fixtures/OrderPlaced.v1.json")))
+            .expect("fixtures are envelopes");
+    assert_eq!(fixtures.len(), 2);
+    let v1 = schema("OrderPlaced", 1);
+    let mut totals = vec![];
+    for envelope in &fixtures {
+        assert_eq!(envelope.schema_version, 1);
+        assert!(violations(&v1, &envelope.payload).is_empty());
+        match AnyEvent::from_envelope(envelope).expect("v1 stays readable") {
+            AnyEvent::Order(OrderEvent::OrderPlaced { total_cents, lines, .. }) => {
+                assert_eq!(total_cents, domain::order::total_of(&lines));
+                totals.push(total_cents.cents());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(totals, vec![2 * 1299 + 3 * 250, 0]);
+}
+
+#[test]
+fn an_unknown_version_or_type_is_refused_with_a_clear_error() {
+    let error = decode::<OrderEvent>("OrderPlaced", 3, &json!({})).expect_err("v3 is unknown");
+    assert!(error.to_string().contains("no schema version 3"), "{error}");
+    let error = decode::<OrderEvent>("OrderExploded", 1, &json!({})).expect_err("unknown type");
+    assert!(error.to_string().contains("unknown event type"), "{error}");
+    let error = decode::<OrderEvent>("OrderPlaced", 2, &json!({"customer_id": 5}))
+        .expect_err("bad payload");
+    assert!(error.to_string().contains("does not fit"), "{error}");
+}
+
+#[test]
+fn envelopes_fit_the_envelope_schema() {
+    let schema = read_json(root().join("envelope.json"));
+    let fixtures = read_json(root().join("fixtures/OrderPlaced.v1.json"));
+    for envelope in fixtures.as_array().expect("array") {
+        assert!(violations(&schema, envelope).is_empty());
+    }
+}
