@@ -6,6 +6,7 @@
 //! back; one JSON Schema per event type and version is checked in under
 //! `schemas/events/`, and the tests hold the code to them.
 
+pub mod commands;
 pub mod envelope;
 pub mod events;
 pub mod http;

@@ -1,0 +1,98 @@
+//! Events a consumer could not apply, with the error, for an operator to inspect and
+//! retry. The consumer records one and goes on.
+
+use crate::{parse_timestamp, timestamp, InfraError};
+use schemas::http::DeadLetterView;
+use schemas::RecordedEvent;
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+pub const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    consumer    TEXT    NOT NULL,
+    position    INTEGER NOT NULL,
+    event       TEXT    NOT NULL,
+    error       TEXT    NOT NULL,
+    failed_at   TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_consumer ON dead_letters (consumer, id);
+"#;
+
+pub async fn record(
+    conn: &mut SqliteConnection,
+    consumer: &str,
+    event: &RecordedEvent,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    let json = serde_json::to_string(event).unwrap_or_else(|e| format!("{{\"unserializable\":\"{e}\"}}"));
+    sqlx::query(
+        "INSERT INTO dead_letters (consumer, position, event, error, failed_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(consumer)
+    .bind(event.position)
+    .bind(json)
+    .bind(error)
+    .bind(timestamp(chrono::Utc::now()))
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+pub async fn count(pool: &SqlitePool, consumer: &str) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dead_letters WHERE consumer = ?1")
+        .bind(consumer)
+        .fetch_one(pool)
+        .await?;
+    Ok(n.max(0) as u64)
+}
+
+fn view(row: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterView, InfraError> {
+    let event: String = row.try_get("event")?;
+    let event: RecordedEvent =
+        serde_json::from_str(&event).map_err(|e| InfraError::Corrupt(format!("dead letter: {e}")))?;
+    Ok(DeadLetterView {
+        id: row.try_get("id")?,
+        projection: row.try_get("consumer")?,
+        position: row.try_get("position")?,
+        event: event.envelope,
+        error: row.try_get("error")?,
+        failed_at: parse_timestamp(row.try_get("failed_at")?)?,
+    })
+}
+
+pub async fn list(pool: &SqlitePool, consumer: &str) -> Result<Vec<DeadLetterView>, InfraError> {
+    let rows = sqlx::query("SELECT * FROM dead_letters WHERE consumer = ?1 ORDER BY id")
+        .bind(consumer)
+        .fetch_all(pool)
+        .await?;
+    rows.iter().map(view).collect()
+}
+
+/// One dead letter with the event as it was read (position included).
+pub async fn get(pool: &SqlitePool, id: i64) -> Result<Option<(String, RecordedEvent)>, InfraError> {
+    let row = sqlx::query("SELECT consumer, event FROM dead_letters WHERE id = ?1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    match row {
+        None => Ok(None),
+        Some(row) => {
+            let event: String = row.try_get("event")?;
+            let event: RecordedEvent = serde_json::from_str(&event)
+                .map_err(|e| InfraError::Corrupt(format!("dead letter: {e}")))?;
+            Ok(Some((row.try_get("consumer")?, event)))
+        }
+    }
+}
+
+pub async fn delete(conn: &mut SqliteConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM dead_letters WHERE id = ?1")
+        .bind(id)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+pub async fn ensure_schema(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    crate::db::migrate(pool, SCHEMA).await
+}

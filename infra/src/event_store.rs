@@ -1,0 +1,414 @@
+//! The event store: per-aggregate streams in one SQLite table whose autoincrement
+//! position also makes it the log.
+//!
+//! Writes go through one writer task that owns the only write connection. It takes
+//! every append waiting in its queue, applies each under its own savepoint (a
+//! version clash or a reused key undoes that append only), and commits them all with
+//! one fsync: group commit. Because one task commits, positions become visible in
+//! order, and a subscriber that has read up to the published head has missed nothing.
+
+use crate::{db, parse_timestamp, parse_uuid, timestamp, InfraError};
+use chrono::{DateTime, Utc};
+use schemas::{Envelope, RecordedEvent};
+use serde_json::Value;
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqliteConnection, SqlitePool};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS events (
+    position        INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id        TEXT    NOT NULL UNIQUE,
+    aggregate_type  TEXT    NOT NULL,
+    aggregate_id    TEXT    NOT NULL,
+    version         INTEGER NOT NULL,
+    event_type      TEXT    NOT NULL,
+    schema_version  INTEGER NOT NULL,
+    occurred_at     TEXT    NOT NULL,
+    correlation_id  TEXT    NOT NULL,
+    causation_id    TEXT    NOT NULL,
+    payload         TEXT    NOT NULL,
+    UNIQUE (aggregate_type, aggregate_id, version)
+);
+CREATE INDEX IF NOT EXISTS events_by_type ON events (aggregate_type, position);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key           TEXT    PRIMARY KEY,
+    request_hash  TEXT    NOT NULL,
+    response      TEXT    NOT NULL,
+    position      INTEGER NOT NULL,
+    created_at    TEXT    NOT NULL
+);
+"#;
+
+/// The most appends one commit takes.
+const MAX_GROUP: usize = 512;
+
+/// An event about to be appended.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: u32,
+    pub payload: Value,
+    pub occurred_at: DateTime<Utc>,
+    pub correlation_id: Uuid,
+    pub causation_id: Uuid,
+}
+
+/// What a command's first success answered, kept under its key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    /// A hash of what the request asked; the same key with another hash is refused.
+    pub request_hash: String,
+    pub response: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    /// The stream's version the events were decided on (0: no events yet).
+    pub expected_version: i64,
+    pub events: Vec<NewEvent>,
+    pub idempotency: Option<IdempotencyRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppendOutcome {
+    /// Appended (or nothing to append); `position` is the stream's last position.
+    Appended { position: i64, version: i64 },
+    /// The key was used before for the same request: its first answer.
+    Duplicate { response: Value, position: i64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("version conflict on {aggregate_type}/{aggregate_id}: expected {expected}, found {actual}")]
+    Conflict {
+        aggregate_type: String,
+        aggregate_id: String,
+        expected: i64,
+        actual: i64,
+    },
+    #[error("the idempotency key was used before for a different request")]
+    KeyReused,
+    #[error(transparent)]
+    Infra(#[from] InfraError),
+    #[error("the event store is shut down")]
+    Closed,
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        StoreError::Infra(InfraError::Database(error))
+    }
+}
+
+struct Job {
+    request: AppendRequest,
+    reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+}
+
+/// A stored idempotency record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResponse {
+    pub request_hash: String,
+    pub response: Value,
+    pub position: i64,
+}
+
+/// Handle to the event store; cheap to clone.
+#[derive(Clone)]
+pub struct EventStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    reads: SqlitePool,
+    jobs: mpsc::Sender<Job>,
+    head: watch::Receiver<i64>,
+}
+
+impl EventStore {
+    /// Open (creating when missing) the log at `path` and start its writer.
+    pub async fn open(path: &Path) -> Result<EventStore, InfraError> {
+        let reads = db::open_pool(path, 8).await?;
+        db::migrate(&reads, SCHEMA).await?;
+        let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+            .fetch_one(&reads)
+            .await?;
+        let writer = db::open_connection(path).await?;
+        let (head_tx, head_rx) = watch::channel(head);
+        let (jobs, queue) = mpsc::channel(4096);
+        tokio::spawn(write_loop(writer, queue, head_tx));
+        Ok(EventStore {
+            inner: Arc::new(Inner {
+                reads,
+                jobs,
+                head: head_rx,
+            }),
+        })
+    }
+
+    /// Append to one stream if it is still at `expected_version`.
+    pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .jobs
+            .send(Job { request, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The position of the last committed event (0 for an empty log).
+    pub fn head(&self) -> i64 {
+        *self.inner.head.borrow()
+    }
+
+    /// Changes whenever events are committed: subscribers wait on this, not a timer.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.inner.head.clone()
+    }
+
+    /// Every event of one stream, in version order.
+    pub async fn load_stream(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Vec<RecordedEvent>, InfraError> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 ORDER BY version",
+        )
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .fetch_all(&self.inner.reads)
+        .await?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// Up to `limit` events of the given aggregate types after `after`, and the
+    /// position the reader may checkpoint: the head when the batch was not cut short,
+    /// so a consumer passes over events of other topics too.
+    pub async fn read_after(
+        &self,
+        after: i64,
+        aggregate_types: &[&str],
+        limit: i64,
+    ) -> Result<(Vec<RecordedEvent>, i64), InfraError> {
+        let head = self.head();
+        if head <= after {
+            return Ok((vec![], after));
+        }
+        let types = serde_json::to_string(aggregate_types)
+            .map_err(|e| InfraError::Corrupt(e.to_string()))?;
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE position > ?1 AND position <= ?2
+               AND aggregate_type IN (SELECT value FROM json_each(?3))
+             ORDER BY position LIMIT ?4",
+        )
+        .bind(after)
+        .bind(head)
+        .bind(types)
+        .bind(limit)
+        .fetch_all(&self.inner.reads)
+        .await?;
+        let events: Vec<RecordedEvent> = rows.iter().map(recorded).collect::<Result<_, _>>()?;
+        let reached = if (events.len() as i64) < limit {
+            head
+        } else {
+            events.last().map_or(after, |e| e.position)
+        };
+        Ok((events, reached))
+    }
+
+    /// How many events of these types lie after `after` (for lag and progress).
+    pub async fn count_after(&self, after: i64, aggregate_types: &[&str]) -> Result<i64, InfraError> {
+        let types = serde_json::to_string(aggregate_types)
+            .map_err(|e| InfraError::Corrupt(e.to_string()))?;
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM events WHERE position > ?1
+               AND aggregate_type IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(after)
+        .bind(types)
+        .fetch_one(&self.inner.reads)
+        .await?)
+    }
+
+    /// The first answer recorded under an idempotency key, if any.
+    pub async fn idempotency(&self, key: &str) -> Result<Option<StoredResponse>, InfraError> {
+        let row = sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = ?1")
+            .bind(key)
+            .fetch_optional(&self.inner.reads)
+            .await?;
+        row.map(|row| stored_response(&row)).transpose()
+    }
+}
+
+fn stored_response(row: &SqliteRow) -> Result<StoredResponse, InfraError> {
+    let response: String = row.try_get("response")?;
+    Ok(StoredResponse {
+        request_hash: row.try_get("request_hash")?,
+        response: serde_json::from_str(&response).map_err(|e| InfraError::Corrupt(e.to_string()))?,
+        position: row.try_get("position")?,
+    })
+}
+
+fn recorded(row: &SqliteRow) -> Result<RecordedEvent, InfraError> {
+    let payload: String = row.try_get("payload")?;
+    let schema_version: i64 = row.try_get("schema_version")?;
+    Ok(RecordedEvent {
+        position: row.try_get("position")?,
+        envelope: Envelope {
+            event_id: parse_uuid(row.try_get("event_id")?)?,
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            version: row.try_get("version")?,
+            event_type: row.try_get("event_type")?,
+            schema_version: u32::try_from(schema_version)
+                .map_err(|e| InfraError::Corrupt(e.to_string()))?,
+            occurred_at: parse_timestamp(row.try_get("occurred_at")?)?,
+            correlation_id: parse_uuid(row.try_get("correlation_id")?)?,
+            causation_id: parse_uuid(row.try_get("causation_id")?)?,
+            payload: serde_json::from_str(&payload)
+                .map_err(|e| InfraError::Corrupt(format!("payload: {e}")))?,
+        },
+    })
+}
+
+async fn write_loop(mut conn: SqliteConnection, mut queue: mpsc::Receiver<Job>, head: watch::Sender<i64>) {
+    let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
+    while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
+        match commit_group(&mut conn, &group).await {
+            Ok((outcomes, last)) => {
+                if let Some(last) = last {
+                    head.send_if_modified(|h| {
+                        let moved = last > *h;
+                        *h = (*h).max(last);
+                        moved
+                    });
+                }
+                for (job, outcome) in group.drain(..).zip(outcomes) {
+                    let _ = job.reply.send(outcome);
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "group commit failed; its appends are refused");
+                let _ = sqlx::query("ROLLBACK").execute(&mut conn).await;
+                let message = error.to_string();
+                for job in group.drain(..) {
+                    let _ = job.reply.send(Err(StoreError::Infra(InfraError::Corrupt(format!(
+                        "commit failed: {message}"
+                    )))));
+                }
+            }
+        }
+    }
+}
+
+type GroupResult = (Vec<Result<AppendOutcome, StoreError>>, Option<i64>);
+
+async fn commit_group(conn: &mut SqliteConnection, group: &[Job]) -> Result<GroupResult, sqlx::Error> {
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    let mut outcomes = Vec::with_capacity(group.len());
+    let mut last = None;
+    for job in group {
+        sqlx::query("SAVEPOINT append").execute(&mut *conn).await?;
+        let outcome = append_one(conn, &job.request).await;
+        match &outcome {
+            Ok(AppendOutcome::Appended { position, .. }) => {
+                last = Some(last.map_or(*position, |l: i64| l.max(*position)));
+            }
+            Ok(AppendOutcome::Duplicate { .. }) | Err(_) => {
+                sqlx::query("ROLLBACK TO append").execute(&mut *conn).await?;
+            }
+        }
+        sqlx::query("RELEASE append").execute(&mut *conn).await?;
+        // A database error inside one append fails the whole group.
+        if let Err(StoreError::Infra(InfraError::Database(_))) = &outcome {
+            return Err(match outcome {
+                Err(StoreError::Infra(InfraError::Database(e))) => e,
+                _ => sqlx::Error::WorkerCrashed,
+            });
+        }
+        outcomes.push(outcome);
+    }
+    sqlx::query("COMMIT").execute(&mut *conn).await?;
+    Ok((outcomes, last))
+}
+
+async fn append_one(conn: &mut SqliteConnection, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {
+    if let Some(record) = &request.idempotency {
+        let existing = sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = ?1")
+            .bind(&record.key)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(row) = existing {
+            let stored = stored_response(&row)?;
+            if stored.request_hash != record.request_hash {
+                return Err(StoreError::KeyReused);
+            }
+            return Ok(AppendOutcome::Duplicate {
+                response: stored.response,
+                position: stored.position,
+            });
+        }
+    }
+    let (actual, stream_position): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(MAX(version), 0), COALESCE(MAX(position), 0) FROM events
+          WHERE aggregate_type = ?1 AND aggregate_id = ?2",
+    )
+    .bind(&request.aggregate_type)
+    .bind(&request.aggregate_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    if actual != request.expected_version {
+        return Err(StoreError::Conflict {
+            aggregate_type: request.aggregate_type.clone(),
+            aggregate_id: request.aggregate_id.clone(),
+            expected: request.expected_version,
+            actual,
+        });
+    }
+    let mut version = actual;
+    let mut position = stream_position;
+    for event in &request.events {
+        version += 1;
+        position = sqlx::query_scalar(
+            "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type,
+                schema_version, occurred_at, correlation_id, causation_id, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) RETURNING position",
+        )
+        .bind(event.event_id.to_string())
+        .bind(&request.aggregate_type)
+        .bind(&request.aggregate_id)
+        .bind(version)
+        .bind(&event.event_type)
+        .bind(i64::from(event.schema_version))
+        .bind(timestamp(event.occurred_at))
+        .bind(event.correlation_id.to_string())
+        .bind(event.causation_id.to_string())
+        .bind(event.payload.to_string())
+        .fetch_one(&mut *conn)
+        .await?;
+    }
+    if let Some(record) = &request.idempotency {
+        sqlx::query(
+            "INSERT INTO idempotency (key, request_hash, response, position, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .bind(&record.key)
+        .bind(&record.request_hash)
+        .bind(record.response.to_string())
+        .bind(position)
+        .bind(timestamp(Utc::now()))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(AppendOutcome::Appended { position, version })
+}

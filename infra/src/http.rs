@@ -1,0 +1,207 @@
+//! HTTP plumbing shared by the command and query APIs: one error type that renders
+//! as `application/problem+json`, a strict JSON body extractor, and consistency
+//! tokens.
+
+use crate::progress::Progress;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use schemas::http::{Problem, CONSISTENCY_TOKEN, CONSISTENCY_WAIT_MS};
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+/// The largest request body accepted (413 beyond it).
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// How long a read waits for its consistency token unless told otherwise.
+pub const DEFAULT_CONSISTENCY_WAIT: Duration = Duration::from_millis(2000);
+/// The longest wait a client may ask for.
+pub const MAX_CONSISTENCY_WAIT: Duration = Duration::from_millis(30_000);
+
+/// An error answer. Internal causes are logged, never sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            title,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn malformed(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "malformed-request", "Malformed request", detail)
+    }
+
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-value", "Invalid value", detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found", detail)
+    }
+
+    pub fn conflict(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", "Not allowed in the current state", detail)
+    }
+
+    pub fn too_large(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Request body too large", detail)
+    }
+
+    pub fn idempotency_key_reused() -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Idempotency key reused",
+            "this Idempotency-Key was used before with a different request",
+        )
+    }
+
+    pub fn not_yet_consistent(retry_after_secs: u64) -> Self {
+        let mut error = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not-yet-consistent",
+            "Read model not yet consistent",
+            "the read model has not caught up with the consistency token yet; retry",
+        );
+        error.retry_after = Some(retry_after_secs);
+        error
+    }
+
+    /// Log the cause; answer 500 without it.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "the server failed to handle the request; it was logged",
+        )
+    }
+
+    pub fn problem(&self) -> Problem {
+        Problem {
+            kind: format!("urn:orderline:problem:{}", self.kind),
+            title: self.title.to_owned(),
+            status: self.status.as_u16(),
+            detail: self.detail.clone(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
+        let mut response = (self.status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<crate::InfraError> for ApiError {
+    fn from(error: crate::InfraError) -> Self {
+        ApiError::internal(error)
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        ApiError::internal(error)
+    }
+}
+
+/// A JSON body parsed strictly: a syntax error, a missing or unknown field or a wrong
+/// type is a 400; an empty body reads as `{}`; past [`MAX_BODY_BYTES`] is a 413.
+/// Also hands over the raw bytes, for idempotency hashing.
+pub struct JsonBody<T>(pub T, pub Bytes);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large(format!("the body may be at most {MAX_BODY_BYTES} bytes"))
+            } else {
+                ApiError::malformed(rejection.body_text())
+            }
+        })?;
+        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        let value = serde_json::from_slice(text)
+            .map_err(|e| ApiError::malformed(format!("the body is not valid: {e}")))?;
+        Ok(JsonBody(value, bytes))
+    }
+}
+
+/// The consistency token a read sent, with how long it may wait.
+pub fn requested_consistency(headers: &HeaderMap) -> Result<Option<(i64, Duration)>, ApiError> {
+    let Some(token) = headers.get(CONSISTENCY_TOKEN) else {
+        return Ok(None);
+    };
+    let token = token
+        .to_str()
+        .ok()
+        .and_then(|t| t.trim().parse::<i64>().ok())
+        .filter(|t| *t >= 0)
+        .ok_or_else(|| ApiError::malformed("X-Consistency-Token is not a token this server issued"))?;
+    let wait = match headers.get(CONSISTENCY_WAIT_MS) {
+        None => DEFAULT_CONSISTENCY_WAIT,
+        Some(raw) => raw
+            .to_str()
+            .ok()
+            .and_then(|ms| ms.trim().parse::<u64>().ok())
+            .map(Duration::from_millis)
+            .filter(|wait| *wait <= MAX_CONSISTENCY_WAIT)
+            .ok_or_else(|| {
+                ApiError::malformed("X-Consistency-Wait-Ms must be a whole number of milliseconds up to 30000")
+            })?,
+    };
+    Ok(Some((token, wait)))
+}
+
+/// Wait, within the bound the client asked for, until `projection` has passed the
+/// token in `headers`; a 503 with Retry-After when it does not in time.
+pub async fn await_consistency(progress: &Progress, projection: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    if let Some((token, wait)) = requested_consistency(headers)? {
+        if !progress.wait_for(projection, token, wait).await {
+            return Err(ApiError::not_yet_consistent(1));
+        }
+    }
+    Ok(())
+}
+
+/// The consistency token header for a write at `position`.
+pub fn token_header(position: i64) -> [(&'static str, String); 1] {
+    [(CONSISTENCY_TOKEN, position.to_string())]
+}
+
+/// The answer for any path no route serves.
+pub async fn not_found_fallback() -> ApiError {
+    ApiError::not_found("no such resource")
+}
