@@ -1,1 +1,12 @@
-//! command-handlers
+//! The write side: application services that load an aggregate, let the domain decide,
+//! and append the result ([`app::Handlers`]); the command router (axum) over them
+//! ([`routes`]); the simulated payment gateway ([`gateway`]); and the runner of the
+//! order fulfilment saga ([`saga`]), which stores its state, the commands it emits
+//! and its checkpoint in one transaction and then dispatches those commands.
+
+pub mod app;
+pub mod gateway;
+pub mod routes;
+pub mod saga;
+
+pub use app::{CommandError, Handlers, Meta};

@@ -46,13 +46,14 @@ pub async fn count(pool: &SqlitePool, consumer: &str) -> Result<u64, sqlx::Error
     Ok(n.max(0) as u64)
 }
 
-fn view(row: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterView, InfraError> {
+fn view(service: &str, row: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterView, InfraError> {
+    let id: i64 = row.try_get("id")?;
     let event: String = row.try_get("event")?;
     let event: RecordedEvent =
         serde_json::from_str(&event).map_err(|e| InfraError::Corrupt(format!("dead letter: {e}")))?;
     Ok(DeadLetterView {
-        id: row.try_get("id")?,
-        projection: row.try_get("consumer")?,
+        id: format!("{service}:{id}"),
+        consumer: row.try_get("consumer")?,
         position: row.try_get("position")?,
         event: event.envelope,
         error: row.try_get("error")?,
@@ -60,12 +61,22 @@ fn view(row: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterView, InfraError> {
     })
 }
 
-pub async fn list(pool: &SqlitePool, consumer: &str) -> Result<Vec<DeadLetterView>, InfraError> {
-    let rows = sqlx::query("SELECT * FROM dead_letters WHERE consumer = ?1 ORDER BY id")
-        .bind(consumer)
+/// Every dead letter in one service's database, oldest first.
+pub async fn list(pool: &SqlitePool, service: &str) -> Result<Vec<DeadLetterView>, InfraError> {
+    let rows = sqlx::query("SELECT * FROM dead_letters ORDER BY id")
         .fetch_all(pool)
         .await?;
-    rows.iter().map(view).collect()
+    rows.iter().map(|row| view(service, row)).collect()
+}
+
+pub async fn set_error(pool: &SqlitePool, id: i64, error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE dead_letters SET error = ?2, failed_at = ?3 WHERE id = ?1")
+        .bind(id)
+        .bind(error)
+        .bind(timestamp(chrono::Utc::now()))
+        .execute(pool)
+        .await
+        .map(|_| ())
 }
 
 /// One dead letter with the event as it was read (position included).

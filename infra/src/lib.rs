@@ -19,6 +19,7 @@ pub mod event_store;
 pub mod http;
 pub mod metrics;
 pub mod progress;
+pub mod shutdown;
 
 pub use config::Config;
 pub use event_store::{AppendOutcome, AppendRequest, EventStore, NewEvent, StoreError};

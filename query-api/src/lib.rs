@@ -1,1 +1,205 @@
-//! query-api
+//! The query API: reads served from the read models in each service's database
+//! (never from the event store, but for the operator's stream view). A read that
+//! carries a consistency token waits, within a bound, until the projection behind it
+//! has passed the token, then answers; or answers 503 with Retry-After.
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::routing::get;
+use axum::{Json, Router};
+use infra::http::{await_consistency, ApiError};
+use infra::progress::Progress;
+use infra::{parse_timestamp, EventStore};
+use schemas::http::{InventoryView, OrderLineView, OrderPage, OrderView, StreamView};
+use schemas::topics::AGGREGATE_TYPES;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, SqlitePool};
+use uuid::Uuid;
+
+/// What the query routes read from.
+#[derive(Clone)]
+pub struct QueryState {
+    pub store: EventStore,
+    pub progress: Progress,
+    pub orders: SqlitePool,
+    pub inventory: SqlitePool,
+    pub payments: SqlitePool,
+    pub shipments: SqlitePool,
+}
+
+pub fn router(state: QueryState) -> Router {
+    Router::new()
+        .route("/v1/inventory/{sku}", get(inventory))
+        .route("/v1/orders", get(list_orders))
+        .route("/v1/orders/{order_id}", get(order))
+        .route("/v1/payments/{order_id}", get(payment))
+        .route("/v1/shipments/{order_id}", get(shipment))
+        .route("/v1/streams/{aggregate_type}/{aggregate_id}", get(stream))
+        .with_state(state)
+}
+
+/// Most orders one page holds, and how many when not asked.
+pub const MAX_PAGE: i64 = 100;
+pub const DEFAULT_PAGE: i64 = 20;
+
+fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::invalid(format!("order_id: {raw:?} is not a UUID")))
+}
+
+async fn inventory(State(s): State<QueryState>, Path(sku): Path<String>, headers: HeaderMap) -> Result<Json<InventoryView>, ApiError> {
+    let sku = domain::Sku::parse(&sku).map_err(|e| ApiError::invalid(e.to_string()))?;
+    await_consistency(&s.progress, "inventory", &headers).await?;
+    let row = sqlx::query("SELECT on_hand, reserved FROM inventory_levels WHERE sku = ?1")
+        .bind(sku.as_str())
+        .fetch_optional(&s.inventory)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no stock recorded for sku {sku}")))?;
+    let on_hand = row.try_get::<i64, _>("on_hand")?.max(0) as u64;
+    let reserved = row.try_get::<i64, _>("reserved")?.max(0) as u64;
+    Ok(Json(InventoryView {
+        sku: sku.to_string(),
+        on_hand,
+        reserved,
+        available: on_hand.saturating_sub(reserved),
+    }))
+}
+
+fn order_view(row: &SqliteRow) -> Result<OrderView, ApiError> {
+    let lines: String = row.try_get("lines")?;
+    let lines: Vec<OrderLineView> = serde_json::from_str(&lines).map_err(ApiError::internal)?;
+    let order_id: String = row.try_get("order_id")?;
+    Ok(OrderView {
+        order_id: Uuid::parse_str(&order_id).map_err(ApiError::internal)?,
+        customer_id: row.try_get("customer_id")?,
+        status: row.try_get("status")?,
+        lines,
+        total_cents: row.try_get::<i64, _>("total_cents")?.max(0) as u64,
+        payment_status: row.try_get("payment_status")?,
+        shipment_status: row.try_get("shipment_status")?,
+        cancel_reason: row.try_get("cancel_reason")?,
+        placed_at: parse_timestamp(row.try_get("placed_at")?)?,
+        updated_at: parse_timestamp(row.try_get("updated_at")?)?,
+    })
+}
+
+async fn order(State(s): State<QueryState>, Path(order_id): Path<String>, headers: HeaderMap) -> Result<Json<OrderView>, ApiError> {
+    let order_id = parse_order_id(&order_id)?;
+    await_consistency(&s.progress, "orders", &headers).await?;
+    let row = sqlx::query("SELECT * FROM orders WHERE order_id = ?1")
+        .bind(order_id.to_string())
+        .fetch_optional(&s.orders)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no order {order_id}")))?;
+    Ok(Json(order_view(&row)?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    customer_id: Option<String>,
+    status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+}
+
+/// Newest first; `next_cursor` is the last order id of the page when more follow.
+async fn list_orders(State(s): State<QueryState>, params: Result<Query<ListParams>, QueryRejection>, headers: HeaderMap) -> Result<Json<OrderPage>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::malformed(e.body_text()))?;
+    let limit = match params.limit.as_deref() {
+        None => DEFAULT_PAGE,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=MAX_PAGE).contains(l))
+            .ok_or_else(|| ApiError::invalid(format!("limit must be a whole number from 1 to {MAX_PAGE}")))?,
+    };
+    let status = params
+        .status
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(|raw| {
+            domain::order::OrderStatus::parse(raw)
+                .map(|s| s.as_str())
+                .ok_or_else(|| ApiError::invalid("status must be one of pending, confirmed, shipped, delivered, cancelled"))
+        })
+        .transpose()?;
+    let cursor = params
+        .cursor
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(|raw| Uuid::parse_str(raw).map_err(|_| ApiError::invalid("cursor is not one this server issued")))
+        .transpose()?;
+    let customer = params.customer_id.filter(|c| !c.is_empty());
+    await_consistency(&s.progress, "orders", &headers).await?;
+    let rows = sqlx::query(
+        "SELECT * FROM orders
+          WHERE (?1 IS NULL OR customer_id = ?1) AND (?2 IS NULL OR status = ?2)
+            AND (?3 IS NULL OR order_id < ?3)
+          ORDER BY order_id DESC LIMIT ?4",
+    )
+    .bind(customer)
+    .bind(status)
+    .bind(cursor.map(|c| c.to_string()))
+    .bind(limit + 1)
+    .fetch_all(&s.orders)
+    .await?;
+    let more = rows.len() as i64 > limit;
+    let items = rows
+        .iter()
+        .take(limit as usize)
+        .map(order_view)
+        .collect::<Result<Vec<_>, _>>()?;
+    let next_cursor = if more { items.last().map(|o| o.order_id.to_string()) } else { None };
+    Ok(Json(OrderPage { items, next_cursor }))
+}
+
+async fn payment(State(s): State<QueryState>, Path(order_id): Path<String>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let order_id = parse_order_id(&order_id)?;
+    await_consistency(&s.progress, "payments", &headers).await?;
+    let row = sqlx::query("SELECT * FROM payments WHERE order_id = ?1")
+        .bind(order_id.to_string())
+        .fetch_optional(&s.payments)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no payment for order {order_id}")))?;
+    Ok(Json(json!({
+        "order_id": order_id,
+        "status": row.try_get::<String, _>("status")?,
+        "amount_cents": row.try_get::<i64, _>("amount_cents")?,
+        "authorized_cents": row.try_get::<i64, _>("authorized_cents")?,
+        "captured_cents": row.try_get::<i64, _>("captured_cents")?,
+        "voided_cents": row.try_get::<i64, _>("voided_cents")?,
+        "decline_reason": row.try_get::<Option<String>, _>("decline_reason")?,
+    })))
+}
+
+async fn shipment(State(s): State<QueryState>, Path(order_id): Path<String>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+    let order_id = parse_order_id(&order_id)?;
+    await_consistency(&s.progress, "shipments", &headers).await?;
+    let row = sqlx::query("SELECT status, updated_at FROM shipments WHERE order_id = ?1")
+        .bind(order_id.to_string())
+        .fetch_optional(&s.shipments)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no shipment for order {order_id}")))?;
+    Ok(Json(json!({
+        "order_id": order_id,
+        "status": row.try_get::<String, _>("status")?,
+        "updated_at": row.try_get::<String, _>("updated_at")?,
+    })))
+}
+
+async fn stream(State(s): State<QueryState>, Path((aggregate_type, aggregate_id)): Path<(String, String)>) -> Result<Json<StreamView>, ApiError> {
+    if !AGGREGATE_TYPES.contains(&aggregate_type.as_str()) {
+        return Err(ApiError::not_found(format!(
+            "no aggregate type {aggregate_type:?}; the types are {}",
+            AGGREGATE_TYPES.join(", ")
+        )));
+    }
+    let events = s.store.load_stream(&aggregate_type, &aggregate_id).await?;
+    if events.is_empty() {
+        return Err(ApiError::not_found(format!("no stream {aggregate_type}/{aggregate_id}")));
+    }
+    Ok(Json(StreamView { events }))
+}

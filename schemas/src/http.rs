@@ -116,8 +116,10 @@ pub struct ProjectionList {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetterView {
-    pub id: i64,
-    pub projection: String,
+    /// `<service>:<number>`, e.g. `order:3`.
+    pub id: String,
+    /// The projection (or saga) that could not apply the event.
+    pub consumer: String,
     pub position: i64,
     pub event: crate::Envelope,
     pub error: String,

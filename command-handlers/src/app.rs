@@ -1,0 +1,278 @@
+//! Application services: load, decide, append, with bounded retry on version clashes.
+
+use crate::gateway::{Answer, SimulatedGateway};
+use domain::inventory::{InventoryCommand, InventoryItem};
+use domain::order::{Order, OrderCommand};
+use domain::payment::{Payment, PaymentCommand, PaymentStatus};
+use domain::shipment::{Shipment, ShipmentCommand};
+use domain::{Aggregate, DomainError, EventName, Sku};
+use infra::event_store::{AppendOutcome, AppendRequest, IdempotencyRecord, NewEvent, StoreError};
+use infra::http::ApiError;
+use infra::metrics::{self, Metrics};
+use infra::{EventStore, InfraError};
+use schemas::commands::SagaCommand;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// How often a command is retried on a version clash before the client gets a 409.
+pub const MAX_ATTEMPTS: u32 = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Domain(#[from] DomainError),
+    #[error("the idempotency key was used before for a different request")]
+    KeyReused,
+    #[error("too many concurrent changes to {0}; try again")]
+    Contention(String),
+    #[error(transparent)]
+    Store(StoreError),
+    #[error("stored event cannot be read: {0}")]
+    Schema(#[from] schemas::SchemaError),
+}
+
+impl From<InfraError> for CommandError {
+    fn from(error: InfraError) -> Self {
+        CommandError::Store(StoreError::Infra(error))
+    }
+}
+
+impl From<CommandError> for ApiError {
+    fn from(error: CommandError) -> Self {
+        match error {
+            CommandError::Domain(DomainError::NotFound(what)) => ApiError::not_found(format!("no such {what}")),
+            CommandError::Domain(DomainError::Conflict(detail)) => ApiError::conflict(detail),
+            CommandError::Domain(DomainError::Invalid(detail)) => ApiError::invalid(detail),
+            CommandError::KeyReused => ApiError::idempotency_key_reused(),
+            CommandError::Contention(_) => ApiError::conflict(error.to_string()),
+            CommandError::Store(error) => ApiError::internal(error),
+            CommandError::Schema(error) => ApiError::internal(error),
+        }
+    }
+}
+
+/// Who caused a command, and under which key it is recorded.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub correlation_id: Uuid,
+    pub causation_id: Uuid,
+    /// The idempotency record: `http:<Idempotency-Key>` or `cmd:<command id>`.
+    pub idempotency: Option<IdempotencyRecord>,
+}
+
+impl Meta {
+    /// A new request from outside: its own correlation.
+    pub fn fresh() -> Meta {
+        let id = Uuid::now_v7();
+        Meta {
+            correlation_id: id,
+            causation_id: id,
+            idempotency: None,
+        }
+    }
+}
+
+/// What an executed command left behind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Executed {
+    /// Appended now (maybe nothing); `position` is the stream's last position.
+    Done { position: i64, events: usize },
+    /// A retry of a command already done: the first answer.
+    Repeated { response: Value, position: i64 },
+}
+
+impl Executed {
+    pub fn position(&self) -> i64 {
+        match self {
+            Executed::Done { position, .. } | Executed::Repeated { position, .. } => *position,
+        }
+    }
+}
+
+/// The application services of every bounded context; cheap to clone.
+#[derive(Clone)]
+pub struct Handlers {
+    pub store: EventStore,
+    pub metrics: Metrics,
+    pub gateway: SimulatedGateway,
+}
+
+impl Handlers {
+    pub fn new(store: EventStore, metrics: Metrics) -> Handlers {
+        Handlers {
+            store,
+            metrics,
+            gateway: SimulatedGateway,
+        }
+    }
+
+    /// Load the aggregate, decide, append at the version it was loaded at; on a clash,
+    /// reload and decide again, up to [`MAX_ATTEMPTS`] times.
+    #[tracing::instrument(skip_all, fields(aggregate_type = A::TYPE, aggregate_id = %id, correlation_id = %meta.correlation_id))]
+    pub async fn execute<A>(&self, id: &str, command: &A::Command, meta: &Meta) -> Result<Executed, CommandError>
+    where
+        A: Aggregate,
+        A::Event: Serialize + DeserializeOwned + EventName,
+    {
+        for attempt in 0..MAX_ATTEMPTS {
+            let (state, version, position) = self.load::<A>(id).await?;
+            let events = state.decide(command)?;
+            let occurred_at = chrono::Utc::now();
+            let new_events = events
+                .iter()
+                .map(|event| {
+                    let (event_type, schema_version, payload) = schemas::encode(event)?;
+                    Ok(NewEvent {
+                        event_id: Uuid::now_v7(),
+                        event_type,
+                        schema_version,
+                        payload,
+                        occurred_at,
+                        correlation_id: meta.correlation_id,
+                        causation_id: meta.causation_id,
+                    })
+                })
+                .collect::<Result<Vec<_>, CommandError>>()?;
+            if new_events.is_empty() && meta.idempotency.is_none() {
+                return Ok(Executed::Done { position, events: 0 });
+            }
+            let appended = self
+                .store
+                .append(AppendRequest {
+                    aggregate_type: A::TYPE.to_owned(),
+                    aggregate_id: id.to_owned(),
+                    expected_version: version,
+                    events: new_events,
+                    idempotency: meta.idempotency.clone(),
+                })
+                .await;
+            match appended {
+                Ok(AppendOutcome::Appended { position, .. }) => {
+                    if !events.is_empty() {
+                        self.metrics.add(
+                            &metrics::EVENTS_APPENDED,
+                            &[("aggregate_type", A::TYPE)],
+                            events.len() as u64,
+                        );
+                    }
+                    return Ok(Executed::Done {
+                        position,
+                        events: events.len(),
+                    });
+                }
+                Ok(AppendOutcome::Duplicate { response, position }) => {
+                    return Ok(Executed::Repeated { response, position })
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    tracing::debug!(attempt, "version conflict; deciding again");
+                    // Spread the retries of clashing writers apart.
+                    let jitter = u64::from(Uuid::now_v7().as_bytes()[15] % 8);
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 2 + jitter)).await;
+                }
+                Err(StoreError::KeyReused) => return Err(CommandError::KeyReused),
+                Err(error) => return Err(CommandError::Store(error)),
+            }
+        }
+        Err(CommandError::Contention(format!("{}/{id}", A::TYPE)))
+    }
+
+    /// The aggregate's state, version and last position.
+    pub async fn load<A>(&self, id: &str) -> Result<(A, i64, i64), CommandError>
+    where
+        A: Aggregate,
+        A::Event: DeserializeOwned,
+    {
+        let stream = self.store.load_stream(A::TYPE, id).await?;
+        let mut state = A::default();
+        let (mut version, mut position) = (0, 0);
+        for recorded in &stream {
+            let envelope = &recorded.envelope;
+            let event: A::Event = schemas::decode(&envelope.event_type, envelope.schema_version, &envelope.payload)?;
+            state.apply(&event);
+            version = envelope.version;
+            position = recorded.position;
+        }
+        Ok((state, version, position))
+    }
+
+    /// Carry out a saga's command. The command id makes a redelivered command a no-op.
+    pub async fn run_saga_command(&self, command_id: Uuid, command: &SagaCommand, meta: &Meta) -> Result<Executed, CommandError> {
+        let mut meta = meta.clone();
+        meta.idempotency = Some(IdempotencyRecord {
+            key: format!("cmd:{command_id}"),
+            request_hash: command_id.to_string(),
+            response: Value::Null,
+        });
+        let order = |id: &Uuid| id.to_string();
+        match command {
+            SagaCommand::ReserveStock { sku, order_id, quantity } => {
+                self.execute::<InventoryItem>(sku.as_str(), &InventoryCommand::Reserve { order_id: *order_id, quantity: *quantity }, &meta).await
+            }
+            SagaCommand::ReleaseStock { sku, order_id } => {
+                self.execute::<InventoryItem>(sku.as_str(), &InventoryCommand::Release { order_id: *order_id }, &meta).await
+            }
+            SagaCommand::CommitStock { sku, order_id } => {
+                self.execute::<InventoryItem>(sku.as_str(), &InventoryCommand::Commit { order_id: *order_id }, &meta).await
+            }
+            SagaCommand::RequestPayment { order_id, amount_cents, payment_token } => {
+                let executed = self
+                    .execute::<Payment>(&order(order_id), &PaymentCommand::Request { amount: *amount_cents, token: payment_token.clone() }, &meta)
+                    .await?;
+                self.ask_gateway(command_id, *order_id, &meta).await?;
+                Ok(executed)
+            }
+            SagaCommand::AuthorizePayment { order_id } => self.execute::<Payment>(&order(order_id), &PaymentCommand::Authorize, &meta).await,
+            SagaCommand::DeclinePayment { order_id, reason } => {
+                self.execute::<Payment>(&order(order_id), &PaymentCommand::Decline { reason: reason.clone() }, &meta).await
+            }
+            SagaCommand::CapturePayment { order_id } => self.execute::<Payment>(&order(order_id), &PaymentCommand::Capture, &meta).await,
+            SagaCommand::VoidPayment { order_id } => self.execute::<Payment>(&order(order_id), &PaymentCommand::Void, &meta).await,
+            SagaCommand::CreateShipment { order_id } => self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Create, &meta).await,
+            SagaCommand::DispatchShipment { order_id } => self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Dispatch, &meta).await,
+            SagaCommand::DeliverShipment { order_id } => self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Deliver, &meta).await,
+            SagaCommand::CancelShipment { order_id } => self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Cancel, &meta).await,
+            SagaCommand::ConfirmOrder { order_id } => self.execute::<Order>(&order(order_id), &OrderCommand::Confirm, &meta).await,
+            SagaCommand::CancelOrder { order_id, reason } => {
+                self.execute::<Order>(&order(order_id), &OrderCommand::Cancel { reason: *reason, note: None }, &meta).await
+            }
+        }
+    }
+
+    /// While a payment waits for the gateway, ask it and record its answer. Asked again
+    /// when the request is redelivered, which is how a crash before the answer heals.
+    async fn ask_gateway(&self, command_id: Uuid, order_id: Uuid, meta: &Meta) -> Result<(), CommandError> {
+        let id = order_id.to_string();
+        let (payment, _, _) = self.load::<Payment>(&id).await?;
+        let (Some(PaymentStatus::Requested), Some(token)) = (payment.status, payment.token.as_ref()) else {
+            return Ok(());
+        };
+        let command = match self.gateway.charge(token, payment.amount).await {
+            Answer::Approved => PaymentCommand::Authorize,
+            Answer::Declined(reason) => PaymentCommand::Decline { reason },
+            Answer::NoAnswer => return Ok(()),
+        };
+        let answer_id = Uuid::new_v5(&command_id, b"gateway-answer");
+        let meta = Meta {
+            correlation_id: meta.correlation_id,
+            causation_id: command_id,
+            idempotency: Some(IdempotencyRecord {
+                key: format!("cmd:{answer_id}"),
+                request_hash: answer_id.to_string(),
+                response: Value::Null,
+            }),
+        };
+        match self.execute::<Payment>(&id, &command, &meta).await {
+            // Voided meanwhile (the deadline passed): the late answer is dropped.
+            Err(CommandError::Domain(DomainError::Conflict(_))) => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+}
+
+/// The sku in a path, parsed.
+pub fn parse_sku(raw: &str) -> Result<Sku, ApiError> {
+    Sku::parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
+}

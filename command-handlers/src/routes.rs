@@ -1,0 +1,208 @@
+//! The command API: every write of the public contract. Parse and validate (4xx,
+//! nothing written), decide, append, answer `202` with a consistency token.
+
+use crate::app::{parse_sku, Executed, Handlers, Meta};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use domain::inventory::{InventoryCommand, InventoryItem};
+use domain::order::{Order, OrderCommand, OrderLine, MAX_LINES};
+use domain::values::parse_note;
+use domain::{CancelReason, CustomerId, Money, PaymentToken, Quantity, Sku};
+use infra::event_store::IdempotencyRecord;
+use infra::http::{token_header, ApiError, JsonBody};
+use infra::metrics;
+use schemas::http::{CancelOrderRequest, PlaceOrderRequest, RestockRequest, IDEMPOTENCY_KEY};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+pub fn router(handlers: Handlers) -> Router {
+    Router::new()
+        .route("/v1/inventory/{sku}/restock", post(restock))
+        .route("/v1/orders", post(place_order))
+        .route("/v1/orders/{order_id}/cancel", post(cancel_order))
+        .route("/v1/shipments/{order_id}/dispatch", post(dispatch))
+        .route("/v1/shipments/{order_id}/deliver", post(deliver))
+        .with_state(handlers)
+}
+
+/// The `Idempotency-Key` of a request, with a hash of what the request asks.
+fn idempotency(headers: &HeaderMap, route: &str, body: &[u8], response: Value) -> Result<Option<IdempotencyRecord>, ApiError> {
+    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = raw
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| ApiError::malformed("Idempotency-Key must be 1 to 255 visible ASCII characters"))?;
+    let mut hash = Sha256::new();
+    hash.update(route.as_bytes());
+    hash.update([0]);
+    hash.update(body);
+    let hash = hash.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>();
+    Ok(Some(IdempotencyRecord {
+        key: format!("http:{key}"),
+        request_hash: hash,
+        response,
+    }))
+}
+
+/// Answer an earlier use of the key without deciding again: the first response for
+/// the same request, 422 for another one.
+async fn replay(handlers: &Handlers, record: &Option<IdempotencyRecord>) -> Result<Option<Response>, ApiError> {
+    let Some(record) = record else { return Ok(None) };
+    match handlers.store.idempotency(&record.key).await? {
+        None => Ok(None),
+        Some(stored) if stored.request_hash == record.request_hash => Ok(Some(accepted(stored.response, stored.position))),
+        Some(_) => Err(ApiError::idempotency_key_reused()),
+    }
+}
+
+fn accepted(mut body: Value, position: i64) -> Response {
+    if let Some(object) = body.as_object_mut() {
+        object.insert("consistency_token".into(), json!(position.to_string()));
+    }
+    (StatusCode::ACCEPTED, token_header(position), Json(body)).into_response()
+}
+
+fn finish(executed: Executed, body: Value) -> Response {
+    match executed {
+        Executed::Done { position, .. } => accepted(body, position),
+        Executed::Repeated { response, position } => accepted(response, position),
+    }
+}
+
+fn observe(handlers: &Handlers, command: &str, result: Result<Response, ApiError>) -> Response {
+    match result {
+        Ok(response) => {
+            handlers.metrics.inc(&metrics::COMMANDS_ACCEPTED, &[("command", command)]);
+            response
+        }
+        Err(error) => {
+            let status = error.status.as_u16().to_string();
+            handlers
+                .metrics
+                .inc(&metrics::COMMANDS_REJECTED, &[("command", command), ("status", &status)]);
+            error.into_response()
+        }
+    }
+}
+
+fn invalid(error: impl std::fmt::Display) -> ApiError {
+    ApiError::invalid(error.to_string())
+}
+
+fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::invalid(format!("order_id: {raw:?} is not a UUID")))
+}
+
+/// Run one command against one aggregate under the request's idempotency key.
+async fn run<A>(handlers: &Handlers, id: &str, command: A::Command, record: Option<IdempotencyRecord>, body: Value) -> Result<Response, ApiError>
+where
+    A: domain::Aggregate,
+    A::Event: serde::Serialize + serde::de::DeserializeOwned + domain::EventName,
+{
+    if let Some(response) = replay(handlers, &record).await? {
+        return Ok(response);
+    }
+    let mut meta = Meta::fresh();
+    meta.idempotency = record;
+    let executed = handlers.execute::<A>(id, &command, &meta).await.map_err(ApiError::from)?;
+    Ok(finish(executed, body))
+}
+
+async fn restock(State(h): State<Handlers>, Path(sku): Path<String>, headers: HeaderMap, body: Result<JsonBody<RestockRequest>, ApiError>) -> Response {
+    let result = async {
+        let sku = parse_sku(&sku)?;
+        let JsonBody(request, raw) = body?;
+        let quantity = Quantity::new(request.quantity).map_err(invalid)?;
+        let response = json!({ "sku": sku.as_str() });
+        let record = idempotency(&headers, &format!("restock {sku}"), &raw, response.clone())?;
+        run::<InventoryItem>(&h, sku.as_str(), InventoryCommand::Restock { quantity }, record, response).await
+    }
+    .await;
+    observe(&h, "restock", result)
+}
+
+fn parse_order(request: &PlaceOrderRequest) -> Result<OrderCommand, ApiError> {
+    let customer_id = CustomerId::parse(&request.customer_id).map_err(invalid)?;
+    let payment_token = PaymentToken::parse(&request.payment_token).map_err(invalid)?;
+    if request.lines.is_empty() || request.lines.len() > MAX_LINES {
+        return Err(ApiError::invalid(format!("lines: an order holds 1 to {MAX_LINES} lines")));
+    }
+    let lines = request
+        .lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let at = |e: domain::ValueError| ApiError::invalid(format!("lines[{i}].{e}"));
+            Ok(OrderLine {
+                sku: Sku::parse(&line.sku).map_err(at)?,
+                quantity: Quantity::new(line.quantity).map_err(at)?,
+                unit_price_cents: Money::unit_price(line.unit_price_cents).map_err(at)?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    Ok(OrderCommand::Place {
+        customer_id,
+        lines,
+        payment_token,
+    })
+}
+
+async fn place_order(State(h): State<Handlers>, headers: HeaderMap, body: Result<JsonBody<PlaceOrderRequest>, ApiError>) -> Response {
+    let result = async {
+        let JsonBody(request, raw) = body?;
+        let command = parse_order(&request)?;
+        let order_id = Uuid::now_v7();
+        let response = json!({ "order_id": order_id });
+        let record = idempotency(&headers, "place order", &raw, response.clone())?;
+        run::<Order>(&h, &order_id.to_string(), command, record, response).await
+    }
+    .await;
+    observe(&h, "place_order", result)
+}
+
+async fn cancel_order(State(h): State<Handlers>, Path(order_id): Path<String>, headers: HeaderMap, body: Result<JsonBody<CancelOrderRequest>, ApiError>) -> Response {
+    let result = async {
+        let order_id = parse_order_id(&order_id)?;
+        let JsonBody(request, raw) = body?;
+        let note = request.reason.as_deref().map(parse_note).transpose().map_err(invalid)?;
+        let response = json!({ "order_id": order_id });
+        let record = idempotency(&headers, &format!("cancel {order_id}"), &raw, response.clone())?;
+        let command = OrderCommand::Cancel {
+            reason: CancelReason::CustomerRequest,
+            note,
+        };
+        run::<Order>(&h, &order_id.to_string(), command, record, response).await
+    }
+    .await;
+    observe(&h, "cancel_order", result)
+}
+
+async fn shipment_step(h: &Handlers, order_id: &str, headers: &HeaderMap, raw: &Bytes, step: &str, command: OrderCommand) -> Result<Response, ApiError> {
+    let order_id = parse_order_id(order_id)?;
+    let response = json!({ "order_id": order_id });
+    let record = idempotency(headers, &format!("{step} {order_id}"), raw, response.clone())?;
+    match run::<Order>(h, &order_id.to_string(), command, record, response).await {
+        // The shipment's state lives on the order stream, so "no such order" is "no such shipment".
+        Err(error) if error.status == StatusCode::NOT_FOUND => Err(ApiError::not_found("no shipment for this order")),
+        other => other,
+    }
+}
+
+async fn dispatch(State(h): State<Handlers>, Path(order_id): Path<String>, headers: HeaderMap, raw: Bytes) -> Response {
+    let result = shipment_step(&h, &order_id, &headers, &raw, "dispatch", OrderCommand::Ship).await;
+    observe(&h, "dispatch_shipment", result)
+}
+
+async fn deliver(State(h): State<Handlers>, Path(order_id): Path<String>, headers: HeaderMap, raw: Bytes) -> Response {
+    let result = shipment_step(&h, &order_id, &headers, &raw, "deliver", OrderCommand::Deliver).await;
+    observe(&h, "deliver_shipment", result)
+}
+

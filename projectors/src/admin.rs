@@ -1,0 +1,129 @@
+//! Operator routes over the projections: where each stands, online rebuilds, and the
+//! dead-letter store.
+
+use crate::rebuild::rebuild;
+use crate::runner::{apply_one, Projections};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use infra::dead_letters;
+use infra::http::ApiError;
+use schemas::http::{DeadLetterList, ProjectionList, ProjectionView, RebuildProgress};
+use serde_json::json;
+use std::sync::atomic::Ordering;
+
+pub fn router(projections: Projections) -> Router {
+    Router::new()
+        .route("/v1/projections", get(list))
+        .route("/v1/projections/{name}/rebuild", post(start_rebuild))
+        .route("/v1/dead-letters", get(list_dead_letters))
+        .route("/v1/dead-letters/{id}/retry", post(retry_dead_letter))
+        .with_state(projections)
+}
+
+/// Where every projection stands.
+pub async fn views(all: &Projections) -> Result<Vec<ProjectionView>, ApiError> {
+    let mut views = vec![];
+    for handle in &all.handles {
+        let name = handle.projection.name();
+        let checkpoint = all.progress.checkpoint(name);
+        let lag = all.store.count_after(checkpoint, handle.projection.topics()).await?;
+        let rebuild = all.progress.rebuild(name);
+        views.push(ProjectionView {
+            name: name.to_owned(),
+            checkpoint,
+            lag,
+            status: if rebuild.is_some() { "rebuilding" } else { "running" }.to_owned(),
+            dead_letters: dead_letters::count(&handle.db, name).await?,
+            rebuild: rebuild.map(|r| RebuildProgress {
+                processed: r.processed,
+                total: r.total,
+            }),
+        });
+    }
+    Ok(views)
+}
+
+async fn list(State(all): State<Projections>) -> Result<Json<ProjectionList>, ApiError> {
+    Ok(Json(ProjectionList {
+        projections: views(&all).await?,
+    }))
+}
+
+async fn start_rebuild(State(all): State<Projections>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let handle = all
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::not_found(format!("no projection named {name:?}")))?;
+    if handle.rebuilding.swap(true, Ordering::SeqCst) {
+        return Err(ApiError::conflict(format!("{name} is being rebuilt already")));
+    }
+    let task_all = all.clone();
+    tokio::spawn(async move {
+        let name = handle.projection.name();
+        tracing::info!(projection = name, "online rebuild started");
+        match rebuild(&task_all, &handle, |_| {}).await {
+            Ok(events) => tracing::info!(projection = name, events, "online rebuild finished"),
+            Err(error) => {
+                task_all.progress.set_rebuild(name, None);
+                tracing::error!(projection = name, error = %error, "online rebuild failed; the live tables are untouched");
+            }
+        }
+        handle.rebuilding.store(false, Ordering::SeqCst);
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "name": name, "status": "rebuilding" })),
+    )
+        .into_response())
+}
+
+async fn list_dead_letters(State(all): State<Projections>) -> Result<Json<DeadLetterList>, ApiError> {
+    let mut seen = vec![];
+    let mut out = vec![];
+    for handle in &all.handles {
+        let service = handle.projection.service();
+        if seen.contains(&service) {
+            continue;
+        }
+        seen.push(service);
+        out.extend(dead_letters::list(&handle.db, service).await?);
+    }
+    Ok(Json(DeadLetterList { dead_letters: out }))
+}
+
+/// Apply a dead-lettered event to its projection's live tables again; on success it
+/// leaves the store. (The saga's dead letters are for reading: a saga's inputs must
+/// come in order, so fix and replay instead.)
+async fn retry_dead_letter(State(all): State<Projections>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let not_found = || ApiError::not_found(format!("no dead letter {id:?}"));
+    let (service, number) = id.split_once(':').ok_or_else(not_found)?;
+    let number: i64 = number.parse().map_err(|_| not_found())?;
+    let pool = all
+        .handles
+        .iter()
+        .find(|h| h.projection.service() == service)
+        .map(|h| h.db.clone())
+        .ok_or_else(not_found)?;
+    let (consumer, event) = dead_letters::get(&pool, number).await?.ok_or_else(not_found)?;
+    let handle = all
+        .get(&consumer)
+        .cloned()
+        .ok_or_else(|| ApiError::conflict(format!("{consumer} does not retry dead letters; rebuild or replay instead")))?;
+    let _live = handle.lock.lock().await;
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    match apply_one(&mut tx, handle.projection, "", &event).await? {
+        Ok(()) => {
+            dead_letters::delete(&mut tx, number).await?;
+            tx.commit().await?;
+            Ok((StatusCode::OK, Json(json!({ "id": id, "status": "applied" }))).into_response())
+        }
+        Err(error) => {
+            tx.rollback().await?;
+            dead_letters::set_error(&pool, number, &error).await?;
+            Err(ApiError::conflict(format!("the event still cannot be applied: {error}")))
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The projections. Each owns a few tables in its service's database; the same SQL
+//! builds the live tables and their shadow copies (a suffix on every table name).
+
+use chrono::{DateTime, Utc};
+use domain::inventory::InventoryEvent;
+use domain::order::OrderEvent;
+use domain::payment::PaymentEvent;
+use domain::shipment::ShipmentEvent;
+use infra::timestamp;
+use schemas::{AnyEvent, Envelope};
+use sqlx::SqliteConnection;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Projection {
+    Orders,
+    Inventory,
+    Payments,
+    Shipments,
+}
+
+pub const ALL: [Projection; 4] = [
+    Projection::Orders,
+    Projection::Inventory,
+    Projection::Payments,
+    Projection::Shipments,
+];
+
+impl Projection {
+    pub fn name(self) -> &'static str {
+        match self {
+            Projection::Orders => "orders",
+            Projection::Inventory => "inventory",
+            Projection::Payments => "payments",
+            Projection::Shipments => "shipments",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Projection> {
+        ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The service whose database holds the projection.
+    pub fn service(self) -> &'static str {
+        match self {
+            Projection::Orders => "order",
+            Projection::Inventory => "inventory",
+            Projection::Payments => "payment",
+            Projection::Shipments => "shipping",
+        }
+    }
+
+    /// The aggregate types (topics) it reads.
+    pub fn topics(self) -> &'static [&'static str] {
+        match self {
+            Projection::Orders => &["order", "payment", "shipment"],
+            Projection::Inventory => &["inventory"],
+            Projection::Payments => &["payment"],
+            Projection::Shipments => &["shipment"],
+        }
+    }
+
+    /// Base names of its tables; the version guard is always the last.
+    pub fn tables(self) -> Vec<String> {
+        let main = match self {
+            Projection::Orders => "orders",
+            Projection::Inventory => "inventory_levels",
+            Projection::Payments => "payments",
+            Projection::Shipments => "shipments",
+        };
+        vec![main.to_owned(), self.guard_table("")]
+    }
+
+    /// The per-aggregate version guard: the last version applied of each stream.
+    pub fn guard_table(self, suffix: &str) -> String {
+        format!("{}_applied{suffix}", self.name())
+    }
+
+    pub fn create_tables(self, suffix: &str) -> String {
+        let guard = format!(
+            "CREATE TABLE IF NOT EXISTS {} (
+                aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, version INTEGER NOT NULL,
+                PRIMARY KEY (aggregate_type, aggregate_id)) WITHOUT ROWID;",
+            self.guard_table(suffix)
+        );
+        let main = match self {
+            Projection::Orders => format!(
+                "CREATE TABLE IF NOT EXISTS orders{suffix} (
+                    order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, status TEXT NOT NULL,
+                    lines TEXT NOT NULL, total_cents INTEGER NOT NULL, payment_status TEXT,
+                    shipment_status TEXT, cancel_reason TEXT, placed_at TEXT NOT NULL,
+                    updated_at TEXT NOT NULL);"
+            ),
+            Projection::Inventory => format!(
+                "CREATE TABLE IF NOT EXISTS inventory_levels{suffix} (
+                    sku TEXT PRIMARY KEY, on_hand INTEGER NOT NULL, reserved INTEGER NOT NULL,
+                    updated_at TEXT NOT NULL);"
+            ),
+            Projection::Payments => format!(
+                "CREATE TABLE IF NOT EXISTS payments{suffix} (
+                    order_id TEXT PRIMARY KEY, status TEXT NOT NULL, amount_cents INTEGER NOT NULL,
+                    authorized_cents INTEGER NOT NULL DEFAULT 0, captured_cents INTEGER NOT NULL DEFAULT 0,
+                    voided_cents INTEGER NOT NULL DEFAULT 0, decline_reason TEXT, updated_at TEXT NOT NULL);"
+            ),
+            Projection::Shipments => format!(
+                "CREATE TABLE IF NOT EXISTS shipments{suffix} (
+                    order_id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at TEXT NOT NULL);"
+            ),
+        };
+        format!("{main}\n{guard}")
+    }
+
+    /// Indexes of the live tables (built after a swap, not while filling a shadow).
+    pub fn create_indexes(self) -> &'static str {
+        match self {
+            Projection::Orders => {
+                "CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_id, order_id);
+                 CREATE INDEX IF NOT EXISTS orders_by_status ON orders (status, order_id);"
+            }
+            _ => "",
+        }
+    }
+
+    /// Apply one event to the tables with `suffix`. An error leaves the caller to
+    /// roll back this event's changes and dead-letter it.
+    pub async fn apply(
+        self,
+        conn: &mut SqliteConnection,
+        suffix: &str,
+        envelope: &Envelope,
+        event: &AnyEvent,
+    ) -> Result<(), sqlx::Error> {
+        let id = envelope.aggregate_id.as_str();
+        let at = timestamp(envelope.occurred_at);
+        match (self, event) {
+            (Projection::Orders, AnyEvent::Order(event)) => apply_order(conn, suffix, id, &at, envelope.occurred_at, event).await,
+            (Projection::Orders, AnyEvent::Payment(event)) => {
+                set_order_field(conn, suffix, id, &at, "payment_status", payment_status(event)).await
+            }
+            (Projection::Orders, AnyEvent::Shipment(event)) => {
+                set_order_field(conn, suffix, id, &at, "shipment_status", shipment_status(event)).await
+            }
+            (Projection::Inventory, AnyEvent::Inventory(event)) => apply_inventory(conn, suffix, id, &at, event).await,
+            (Projection::Payments, AnyEvent::Payment(event)) => apply_payment(conn, suffix, id, &at, event).await,
+            (Projection::Shipments, AnyEvent::Shipment(event)) => {
+                sqlx::query(&format!(
+                    "INSERT INTO shipments{suffix} (order_id, status, updated_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at"
+                ))
+                .bind(id)
+                .bind(shipment_status(event))
+                .bind(&at)
+                .execute(conn)
+                .await
+                .map(|_| ())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+fn payment_status(event: &PaymentEvent) -> &'static str {
+    match event {
+        PaymentEvent::PaymentRequested { .. } => "requested",
+        PaymentEvent::PaymentAuthorized { .. } => "authorized",
+        PaymentEvent::PaymentDeclined { .. } => "declined",
+        PaymentEvent::PaymentCaptured { .. } => "captured",
+        PaymentEvent::PaymentVoided { .. } => "voided",
+    }
+}
+
+fn shipment_status(event: &ShipmentEvent) -> &'static str {
+    match event {
+        ShipmentEvent::ShipmentCreated {} => "created",
+        ShipmentEvent::ShipmentDispatched {} => "dispatched",
+        ShipmentEvent::ShipmentDelivered {} => "delivered",
+        ShipmentEvent::ShipmentCancelled {} => "cancelled",
+    }
+}
+
+async fn set_order_field(conn: &mut SqliteConnection, suffix: &str, id: &str, at: &str, field: &str, value: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!("UPDATE orders{suffix} SET {field} = ?2, updated_at = ?3 WHERE order_id = ?1"))
+        .bind(id)
+        .bind(value)
+        .bind(at)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+async fn apply_order(conn: &mut SqliteConnection, suffix: &str, id: &str, at: &str, occurred_at: DateTime<Utc>, event: &OrderEvent) -> Result<(), sqlx::Error> {
+    let status = match event {
+        OrderEvent::OrderPlaced {
+            customer_id,
+            lines,
+            total_cents,
+            ..
+        } => {
+            let lines = serde_json::to_string(lines).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            return sqlx::query(&format!(
+                "INSERT INTO orders{suffix} (order_id, customer_id, status, lines, total_cents, placed_at, updated_at)
+                 VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?5)"
+            ))
+            .bind(id)
+            .bind(customer_id.as_str())
+            .bind(lines)
+            .bind(total_cents.cents() as i64)
+            .bind(timestamp(occurred_at))
+            .execute(conn)
+            .await
+            .map(|_| ());
+        }
+        OrderEvent::OrderConfirmed {} => "confirmed",
+        OrderEvent::OrderShipped {} => "shipped",
+        OrderEvent::OrderDelivered {} => "delivered",
+        OrderEvent::OrderCancelled { reason, .. } => {
+            return sqlx::query(&format!(
+                "UPDATE orders{suffix} SET status = 'cancelled', cancel_reason = ?2, updated_at = ?3 WHERE order_id = ?1"
+            ))
+            .bind(id)
+            .bind(reason.as_str())
+            .bind(at)
+            .execute(conn)
+            .await
+            .map(|_| ());
+        }
+    };
+    set_order_field(conn, suffix, id, at, "status", status).await
+}
+
+async fn apply_inventory(conn: &mut SqliteConnection, suffix: &str, sku: &str, at: &str, event: &InventoryEvent) -> Result<(), sqlx::Error> {
+    let (on_hand, reserved) = match event {
+        InventoryEvent::StockRestocked { on_hand, reserved, .. }
+        | InventoryEvent::StockReserved { on_hand, reserved, .. }
+        | InventoryEvent::StockReleased { on_hand, reserved, .. }
+        | InventoryEvent::StockCommitted { on_hand, reserved, .. } => (*on_hand, *reserved),
+        InventoryEvent::StockReservationRejected { .. } => return Ok(()),
+    };
+    sqlx::query(&format!(
+        "INSERT INTO inventory_levels{suffix} (sku, on_hand, reserved, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, reserved = excluded.reserved, updated_at = excluded.updated_at"
+    ))
+    .bind(sku)
+    .bind(on_hand as i64)
+    .bind(reserved as i64)
+    .bind(at)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+async fn apply_payment(conn: &mut SqliteConnection, suffix: &str, id: &str, at: &str, event: &PaymentEvent) -> Result<(), sqlx::Error> {
+    let status = payment_status(event);
+    let sql = match event {
+        PaymentEvent::PaymentRequested { amount_cents, .. } => {
+            return sqlx::query(&format!(
+                "INSERT INTO payments{suffix} (order_id, status, amount_cents, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (order_id) DO NOTHING"
+            ))
+            .bind(id)
+            .bind(status)
+            .bind(amount_cents.cents() as i64)
+            .bind(at)
+            .execute(conn)
+            .await
+            .map(|_| ());
+        }
+        PaymentEvent::PaymentAuthorized { amount_cents } => ("authorized_cents", amount_cents.cents()),
+        PaymentEvent::PaymentCaptured { amount_cents } => ("captured_cents", amount_cents.cents()),
+        PaymentEvent::PaymentVoided { amount_cents } => ("voided_cents", amount_cents.cents()),
+        PaymentEvent::PaymentDeclined { reason } => {
+            return sqlx::query(&format!(
+                "UPDATE payments{suffix} SET status = ?2, decline_reason = ?3, updated_at = ?4 WHERE order_id = ?1"
+            ))
+            .bind(id)
+            .bind(status)
+            .bind(reason)
+            .bind(at)
+            .execute(conn)
+            .await
+            .map(|_| ());
+        }
+    };
+    let (column, cents) = sql;
+    sqlx::query(&format!(
+        "UPDATE payments{suffix} SET status = ?2, {column} = ?3, updated_at = ?4 WHERE order_id = ?1"
+    ))
+    .bind(id)
+    .bind(status)
+    .bind(cents as i64)
+    .bind(at)
+    .execute(conn)
+    .await
+    .map(|_| ())
+}

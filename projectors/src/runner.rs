@@ -1,0 +1,189 @@
+//! The projection runner: read the log after the checkpoint, apply each event under a
+//! savepoint, and commit the changes with the new checkpoint in one transaction.
+
+use crate::projection::Projection;
+use infra::metrics::{self, Metrics};
+use infra::progress::Progress;
+use infra::shutdown::Shutdown;
+use infra::{checkpoints, db, dead_letters, EventStore, InfraError};
+use schemas::{AnyEvent, RecordedEvent};
+use sqlx::{SqliteConnection, SqlitePool};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+const BATCH: i64 = 500;
+
+/// One projection with its database and the lock a rebuild takes to swap tables.
+#[derive(Clone)]
+pub struct ProjectionHandle {
+    pub projection: Projection,
+    pub db: SqlitePool,
+    /// Held by the live runner for each batch, and by a rebuild while it swaps.
+    pub lock: Arc<Mutex<()>>,
+    /// Set while a rebuild runs: one at a time.
+    pub rebuilding: Arc<AtomicBool>,
+}
+
+/// Every projection of this process, with what the runners and rebuilds share.
+#[derive(Clone)]
+pub struct Projections {
+    pub handles: Vec<ProjectionHandle>,
+    pub store: EventStore,
+    pub progress: Progress,
+    pub metrics: Metrics,
+}
+
+impl Projections {
+    /// Open each projection's tables (creating them when missing) in its service's db.
+    pub async fn open(
+        store: EventStore,
+        progress: Progress,
+        metrics: Metrics,
+        databases: &[(Projection, SqlitePool)],
+    ) -> Result<Projections, InfraError> {
+        let mut handles = vec![];
+        for (projection, pool) in databases {
+            db::migrate(pool, &projection.create_tables("")).await?;
+            db::migrate(pool, projection.create_indexes()).await?;
+            checkpoints::ensure_schema(pool).await?;
+            dead_letters::ensure_schema(pool).await?;
+            let checkpoint = checkpoints::load(pool, projection.name()).await?;
+            progress.set_checkpoint(projection.name(), checkpoint);
+            handles.push(ProjectionHandle {
+                projection: *projection,
+                db: pool.clone(),
+                lock: Arc::new(Mutex::new(())),
+                rebuilding: Arc::new(AtomicBool::new(false)),
+            });
+        }
+        Ok(Projections {
+            handles,
+            store,
+            progress,
+            metrics,
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&ProjectionHandle> {
+        self.handles.iter().find(|h| h.projection.name() == name)
+    }
+
+    /// Start one runner per projection.
+    pub fn spawn_all(&self, shutdown: &Shutdown) -> Vec<tokio::task::JoinHandle<()>> {
+        self.handles
+            .iter()
+            .map(|handle| tokio::spawn(run(self.clone(), handle.clone(), shutdown.clone())))
+            .collect()
+    }
+}
+
+/// Follow the log until shutdown.
+pub async fn run(all: Projections, handle: ProjectionHandle, mut shutdown: Shutdown) {
+    let name = handle.projection.name();
+    let mut head = all.store.subscribe();
+    let mut failures: u32 = 0;
+    while !shutdown.is_set() {
+        head.borrow_and_update();
+        let pause = match step(&all, &handle).await {
+            Ok(true) => {
+                failures = 0;
+                continue;
+            }
+            Ok(false) => Duration::from_secs(60),
+            Err(error) => {
+                failures += 1;
+                tracing::error!(error = %error, projection = name, "projection batch failed; retrying");
+                Duration::from_millis(100 * u64::from(failures.min(50)))
+            }
+        };
+        tokio::select! {
+            _ = head.changed() => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.wait() => {}
+        }
+    }
+    tracing::info!(projection = name, "projection runner stopped");
+}
+
+/// Apply the next batch; true when the checkpoint moved.
+pub async fn step(all: &Projections, handle: &ProjectionHandle) -> Result<bool, InfraError> {
+    let _live = handle.lock.lock().await;
+    let projection = handle.projection;
+    let name = projection.name();
+    let checkpoint = checkpoints::load(&handle.db, name).await?;
+    let (events, reached) = all.store.read_after(checkpoint, projection.topics(), BATCH).await?;
+    if reached == checkpoint {
+        all.progress.set_checkpoint(name, checkpoint);
+        return Ok(false);
+    }
+    let mut tx = handle.db.begin_with("BEGIN IMMEDIATE").await?;
+    for recorded in &events {
+        if let Err(error) = apply_guarded(&mut tx, projection, "", recorded).await? {
+            tracing::error!(error = %error, projection = name, position = recorded.position, "event dead-lettered");
+            dead_letters::record(&mut tx, name, recorded, &error).await?;
+            all.metrics.inc(&metrics::DEAD_LETTERS, &[("consumer", name)]);
+        }
+    }
+    checkpoints::save(&mut tx, name, reached).await?;
+    tx.commit().await?;
+    all.progress.set_checkpoint(name, reached);
+    Ok(true)
+}
+
+/// Apply one event unless the version guard says it was applied already. The outer
+/// error is the database failing (retry the batch); the inner one is this event
+/// failing (its changes are undone; dead-letter it and go on).
+pub async fn apply_guarded(
+    conn: &mut SqliteConnection,
+    projection: Projection,
+    suffix: &str,
+    recorded: &RecordedEvent,
+) -> Result<Result<(), String>, sqlx::Error> {
+    let envelope = &recorded.envelope;
+    let guard = projection.guard_table(suffix);
+    let applied: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT version FROM {guard} WHERE aggregate_type = ?1 AND aggregate_id = ?2"
+    ))
+    .bind(&envelope.aggregate_type)
+    .bind(&envelope.aggregate_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if applied.is_some_and(|v| v >= envelope.version) {
+        return Ok(Ok(()));
+    }
+    let outcome = apply_one(conn, projection, suffix, recorded).await?;
+    // The guard moves past a dead-lettered event too: a later event of the stream
+    // still applies, and a retry from the dead-letter store bypasses the guard.
+    sqlx::query(&format!(
+        "INSERT INTO {guard} (aggregate_type, aggregate_id, version) VALUES (?1, ?2, ?3)
+         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version"
+    ))
+    .bind(&envelope.aggregate_type)
+    .bind(&envelope.aggregate_id)
+    .bind(envelope.version)
+    .execute(&mut *conn)
+    .await?;
+    Ok(outcome)
+}
+
+/// Decode and apply one event under a savepoint, without the version guard.
+pub async fn apply_one(
+    conn: &mut SqliteConnection,
+    projection: Projection,
+    suffix: &str,
+    recorded: &RecordedEvent,
+) -> Result<Result<(), String>, sqlx::Error> {
+    let event = match AnyEvent::from_envelope(&recorded.envelope) {
+        Ok(event) => event,
+        Err(error) => return Ok(Err(error.to_string())),
+    };
+    sqlx::query("SAVEPOINT apply_event").execute(&mut *conn).await?;
+    let applied = projection.apply(conn, suffix, &recorded.envelope, &event).await;
+    if applied.is_err() {
+        sqlx::query("ROLLBACK TO apply_event").execute(&mut *conn).await?;
+    }
+    sqlx::query("RELEASE apply_event").execute(&mut *conn).await?;
+    Ok(applied.map_err(|e| e.to_string()))
+}

@@ -1,0 +1,163 @@
+//! Orderline wired together: one process serving every service on embedded storage.
+//!
+//! [`System::start`] opens the event log and the service databases under the data
+//! directory and starts the projection runners and the saga runner; [`router`] is the
+//! whole public HTTP API; [`serve`] runs it until a shutdown signal, then stops every
+//! task cleanly. `main.rs` is the command line over these.
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use command_handlers::saga::SagaRunner;
+use command_handlers::Handlers;
+use infra::metrics::Metrics;
+use infra::progress::Progress;
+use infra::shutdown::{self, Shutdown, Trigger};
+use infra::{db, Config, EventStore};
+use projectors::projection::{Projection, ALL};
+use projectors::Projections;
+use query_api::QueryState;
+use serde_json::json;
+use std::future::Future;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The services and the database each one owns.
+pub const SERVICES: [&str; 4] = ["order", "inventory", "payment", "shipping"];
+
+/// Everything one embedded process runs.
+pub struct System {
+    pub config: Config,
+    pub store: EventStore,
+    pub handlers: Handlers,
+    pub projections: Projections,
+    pub queries: QueryState,
+    pub metrics: Metrics,
+    trigger: Trigger,
+    shutdown: Shutdown,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Open the log and the service databases under `config.data_dir`.
+pub async fn open_storage(config: &Config) -> anyhow::Result<(EventStore, Projections, Vec<(&'static str, sqlx::SqlitePool)>)> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = EventStore::open(&config.events_db()).await?;
+    let mut pools = vec![];
+    for service in SERVICES {
+        pools.push((service, db::open_pool(&config.service_db(service), 8).await?));
+    }
+    let pool_of = |service: &str| {
+        pools
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, p)| p.clone())
+            .ok_or_else(|| anyhow::anyhow!("no database for service {service}"))
+    };
+    let mut databases: Vec<(Projection, sqlx::SqlitePool)> = vec![];
+    for projection in ALL {
+        databases.push((projection, pool_of(projection.service())?));
+    }
+    let projections = Projections::open(store.clone(), Progress::default(), Metrics::default(), &databases).await?;
+    Ok((store, projections, pools))
+}
+
+impl System {
+    pub async fn start(config: Config) -> anyhow::Result<System> {
+        let (store, projections, pools) = open_storage(&config).await?;
+        let metrics = projections.metrics.clone();
+        let handlers = Handlers::new(store.clone(), metrics.clone());
+        let pool = |service: &str| {
+            pools
+                .iter()
+                .find(|(s, _)| *s == service)
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| anyhow::anyhow!("no database for service {service}"))
+        };
+        let queries = QueryState {
+            store: store.clone(),
+            progress: projections.progress.clone(),
+            orders: pool("order")?,
+            inventory: pool("inventory")?,
+            payments: pool("payment")?,
+            shipments: pool("shipping")?,
+        };
+        let (trigger, shutdown) = shutdown::channel();
+        let mut tasks = projections.spawn_all(&shutdown);
+        let saga = SagaRunner::new(handlers.clone(), pool("order")?, config.payment_timeout).await?;
+        tasks.push(tokio::spawn(saga.run(shutdown.clone())));
+        Ok(System {
+            config,
+            store,
+            handlers,
+            projections,
+            queries,
+            metrics,
+            trigger,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Ask every task to stop, and wait until they have committed and exited.
+    pub async fn stop(self) {
+        self.trigger.fire();
+        for task in self.tasks {
+            if let Err(error) = task.await {
+                tracing::error!(error = %error, "a task ended abnormally");
+            }
+        }
+    }
+
+    pub fn shutdown_signal(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+}
+
+/// The whole public API (see API.md).
+pub fn router(system: &System) -> Router {
+    Router::new()
+        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/metrics", get(metrics).with_state(system.projections.clone()))
+        .merge(command_handlers::routes::router(system.handlers.clone()))
+        .merge(query_api::router(system.queries.clone()))
+        .merge(projectors::admin::router(system.projections.clone()))
+        .fallback(infra::http::not_found_fallback)
+        .layer(DefaultBodyLimit::max(infra::http::MAX_BODY_BYTES))
+}
+
+async fn metrics(State(all): State<Projections>) -> impl IntoResponse {
+    let mut lag = vec![];
+    let mut checkpoint = vec![];
+    if let Ok(views) = projectors::admin::views(&all).await {
+        for view in views {
+            let labels = format!("projection=\"{}\"", view.name);
+            lag.push((labels.clone(), view.lag));
+            checkpoint.push((labels, view.checkpoint));
+        }
+    }
+    let head = vec![(String::new(), all.store.head())];
+    let body = all.metrics.render(&[
+        ("orderline_projection_lag", "Events in the log not yet applied by the projection.", lag),
+        ("orderline_projection_checkpoint", "The last log position the projection has passed.", checkpoint),
+        ("orderline_log_head", "The position of the last event in the log.", head),
+    ]);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+/// Serve until `stop` resolves, then drain requests and stop every task.
+pub async fn serve(listener: TcpListener, system: System, stop: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let app = router(&system);
+    let mut internal = system.shutdown_signal();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = stop => {}
+                _ = internal.wait() => {}
+            }
+        })
+        .await?;
+    system.stop().await;
+    Ok(())
+}
