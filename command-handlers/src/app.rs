@@ -14,7 +14,10 @@ use schemas::commands::SagaCommand;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
 use std::time::Duration;
+use tokio::sync::Mutex;
 use uuid::Uuid;
 
 /// How often a command is retried on a version clash before the client gets a 409.
@@ -92,12 +95,34 @@ impl Executed {
     }
 }
 
+/// One lock per aggregate that has a command in flight in this process: commands on
+/// one aggregate take turns instead of clashing, so a hot sku does not turn into
+/// retries and 409s. The expected-version check still guards against other processes.
+#[derive(Clone, Default)]
+struct StreamLocks(Arc<StdMutex<HashMap<String, Weak<Mutex<()>>>>>);
+
+impl StreamLocks {
+    fn get(&self, key: String) -> Arc<Mutex<()>> {
+        let mut locks = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(lock) = locks.get(&key).and_then(Weak::upgrade) {
+            return lock;
+        }
+        if locks.len() >= 1024 {
+            locks.retain(|_, lock| lock.strong_count() > 0);
+        }
+        let lock = Arc::new(Mutex::new(()));
+        locks.insert(key, Arc::downgrade(&lock));
+        lock
+    }
+}
+
 /// The application services of every bounded context; cheap to clone.
 #[derive(Clone)]
 pub struct Handlers {
     pub store: EventStore,
     pub metrics: Metrics,
     pub gateway: SimulatedGateway,
+    locks: StreamLocks,
 }
 
 impl Handlers {
@@ -106,6 +131,7 @@ impl Handlers {
             store,
             metrics,
             gateway: SimulatedGateway,
+            locks: StreamLocks::default(),
         }
     }
 
@@ -117,6 +143,8 @@ impl Handlers {
         A: Aggregate,
         A::Event: Serialize + DeserializeOwned + EventName,
     {
+        let lock = self.locks.get(format!("{}/{id}", A::TYPE));
+        let _turn = lock.lock().await;
         for attempt in 0..MAX_ATTEMPTS {
             let (state, version, position) = self.load::<A>(id).await?;
             let events = state.decide(command)?;

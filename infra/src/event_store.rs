@@ -14,6 +14,7 @@ use serde_json::Value;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -131,6 +132,7 @@ struct Inner {
     reads: SqlitePool,
     jobs: mpsc::Sender<Job>,
     head: watch::Receiver<i64>,
+    commits: Arc<AtomicU64>,
 }
 
 impl EventStore {
@@ -144,12 +146,14 @@ impl EventStore {
         let writer = db::open_connection(path).await?;
         let (head_tx, head_rx) = watch::channel(head);
         let (jobs, queue) = mpsc::channel(4096);
-        tokio::spawn(write_loop(writer, queue, head_tx));
+        let commits = Arc::new(AtomicU64::new(0));
+        tokio::spawn(write_loop(writer, queue, head_tx, commits.clone()));
         Ok(EventStore {
             inner: Arc::new(Inner {
                 reads,
                 jobs,
                 head: head_rx,
+                commits,
             }),
         })
     }
@@ -168,6 +172,11 @@ impl EventStore {
     /// The position of the last committed event (0 for an empty log).
     pub fn head(&self) -> i64 {
         *self.inner.head.borrow()
+    }
+
+    /// How many commits the writer has made (each one fsync), for group-commit stats.
+    pub fn commits(&self) -> u64 {
+        self.inner.commits.load(Ordering::Relaxed)
     }
 
     /// Changes whenever events are committed: subscribers wait on this, not a timer.
@@ -281,11 +290,12 @@ fn recorded(row: &SqliteRow) -> Result<RecordedEvent, InfraError> {
     })
 }
 
-async fn write_loop(mut conn: SqliteConnection, mut queue: mpsc::Receiver<Job>, head: watch::Sender<i64>) {
+async fn write_loop(mut conn: SqliteConnection, mut queue: mpsc::Receiver<Job>, head: watch::Sender<i64>, commits: Arc<AtomicU64>) {
     let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
     while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
         match commit_group(&mut conn, &group).await {
             Ok((outcomes, last)) => {
+                commits.fetch_add(1, Ordering::Relaxed);
                 if let Some(last) = last {
                     head.send_if_modified(|h| {
                         let moved = last > *h;

@@ -148,12 +148,22 @@ where
                 ApiError::malformed(rejection.body_text())
             }
         })?;
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
+        let text: &[u8] = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => b"{}",
+            Some(b'{') => &bytes,
+            Some(_) => return Err(ApiError::malformed("the body must be a JSON object")),
         };
-        let value = serde_json::from_slice(text)
+        let mut json = serde_json::Deserializer::from_slice(text);
+        let value = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path.is_empty() || path == "." {
+                ApiError::malformed(format!("the body is not valid: {inner}"))
+            } else {
+                ApiError::malformed(format!("the body is not valid at {path}: {inner}"))
+            }
+        })?;
+        json.end()
             .map_err(|e| ApiError::malformed(format!("the body is not valid: {e}")))?;
         Ok(JsonBody(value, bytes))
     }

@@ -1,0 +1,74 @@
+//! Crashes: the real binary killed with SIGKILL and started again.
+
+use crate::support::{Api, Process};
+use serde_json::{json, Value};
+
+async fn count_events(api: &Api, aggregate: &str, id: &str, event_type: &str) -> usize {
+    let (_, stream) = api.get(&format!("/v1/streams/{aggregate}/{id}")).await;
+    stream["events"]
+        .as_array()
+        .map(|events| events.iter().filter(|e| e["event_type"] == event_type).count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_server_keeps_every_acknowledged_order_and_finishes_pending_sagas() {
+    let dir = tempfile::tempdir().expect("dir");
+    let data = dir.path().join("data");
+    let timeout_ms = 1500;
+
+    let first = Process::serve(&data, timeout_ms);
+    let api = first.api.clone();
+    api.restock("S", 100).await;
+    // Orders whose payment never answers: killed while they wait on the deadline.
+    let mut waiting = vec![];
+    for i in 0..3 {
+        waiting.push(api.place(&format!("w-{i}"), &[("S", 1, 100)], "tok_no_answer").await);
+    }
+    for id in &waiting {
+        api.eventually(&format!("/v1/orders/{id}"), "awaiting payment", |o| o["payment_status"] == "requested").await;
+    }
+    // Orders acknowledged right before the kill, their sagas anywhere in flight.
+    let placing: Vec<_> = (0..20)
+        .map(|i| {
+            let api = api.clone();
+            tokio::spawn(async move { api.place(&format!("c-{i}"), &[("S", 1, 100)], "tok_ok").await })
+        })
+        .collect();
+    let mut acknowledged = vec![];
+    for order in placing {
+        acknowledged.push(order.await.expect("acknowledged"));
+    }
+    first.kill();
+
+    let second = Process::serve(&data, timeout_ms);
+    let api = second.api.clone();
+    for id in &acknowledged {
+        let order = api.order_settles(id, "confirmed").await;
+        assert_eq!(order["payment_status"], "authorized");
+    }
+    for id in &waiting {
+        let order = api.order_settles(id, "cancelled").await;
+        assert_eq!(order["cancel_reason"], "payment_timeout");
+    }
+    api.quiesce().await;
+    assert_eq!(
+        api.stock("S").await,
+        json!({ "sku": "S", "on_hand": 100, "reserved": 20, "available": 80 })
+    );
+    // Exactly once: no saga step was applied twice across the crash.
+    for id in &acknowledged {
+        assert_eq!(count_events(&api, "order", id, "OrderConfirmed").await, 1);
+        assert_eq!(count_events(&api, "payment", id, "PaymentAuthorized").await, 1);
+        assert_eq!(count_events(&api, "shipment", id, "ShipmentCreated").await, 1);
+    }
+    assert_eq!(count_events(&api, "inventory", "S", "StockReserved").await, 23);
+    assert_eq!(count_events(&api, "inventory", "S", "StockReleased").await, 3);
+
+    // A clean stop (SIGTERM) exits 0, and a third start sees the same state.
+    assert!(second.terminate().success());
+    let third = Process::serve(&data, timeout_ms);
+    let order: Value = third.api.order(&acknowledged[0]).await;
+    assert_eq!(order["status"], "confirmed");
+    third.kill();
+}

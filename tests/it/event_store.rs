@@ -1,0 +1,163 @@
+//! The SQLite event store on real files.
+
+use chrono::Utc;
+use infra::event_store::{AppendOutcome, AppendRequest, IdempotencyRecord, NewEvent, StoreError};
+use infra::EventStore;
+use serde_json::json;
+use std::time::Duration;
+use uuid::Uuid;
+
+fn event(n: i64) -> NewEvent {
+    let id = Uuid::now_v7();
+    NewEvent {
+        event_id: id,
+        event_type: "StockRestocked".into(),
+        schema_version: 1,
+        payload: json!({ "quantity": n, "on_hand": n, "reserved": 0 }),
+        occurred_at: Utc::now(),
+        correlation_id: id,
+        causation_id: id,
+    }
+}
+
+fn request(id: &str, expected: i64, events: Vec<NewEvent>) -> AppendRequest {
+    AppendRequest {
+        aggregate_type: "inventory".into(),
+        aggregate_id: id.into(),
+        expected_version: expected,
+        events,
+        idempotency: None,
+    }
+}
+
+#[tokio::test]
+async fn an_append_at_a_stale_version_is_a_conflict_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EventStore::open(&dir.path().join("events.db")).await.expect("open");
+    let first = store.append(request("A", 0, vec![event(1), event(2)])).await.expect("append");
+    assert_eq!(first, AppendOutcome::Appended { position: 2, version: 2 });
+    match store.append(request("A", 1, vec![event(3)])).await {
+        Err(StoreError::Conflict { expected: 1, actual: 2, .. }) => {}
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.load_stream("inventory", "A").await.expect("load").len(), 2);
+    assert_eq!(store.head(), 2);
+    // Another stream is independent.
+    assert!(store.append(request("B", 0, vec![event(1)])).await.is_ok());
+}
+
+#[tokio::test]
+async fn the_database_refuses_two_events_with_one_version() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("events.db");
+    let store = EventStore::open(&path).await.expect("open");
+    store.append(request("A", 0, vec![event(1)])).await.expect("append");
+    let pool = infra::db::open_pool(&path, 1).await.expect("pool");
+    let duplicate = sqlx::query(
+        "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version,
+            occurred_at, correlation_id, causation_id, payload)
+         VALUES (?1, 'inventory', 'A', 1, 'StockRestocked', 1, '2026-01-01T00:00:00Z', ?1, ?1, '{}')",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .execute(&pool)
+    .await;
+    assert!(duplicate.is_err(), "a second version 1 must be refused");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_answers_as_the_first_time_and_refuses_another_request() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EventStore::open(&dir.path().join("events.db")).await.expect("open");
+    let keyed = |hash: &str, expected: i64| {
+        let mut r = request("A", expected, vec![event(1)]);
+        r.idempotency = Some(IdempotencyRecord {
+            key: "http:k".into(),
+            request_hash: hash.into(),
+            response: json!({ "sku": "A" }),
+        });
+        r
+    };
+    assert!(matches!(store.append(keyed("h1", 0)).await, Ok(AppendOutcome::Appended { .. })));
+    assert_eq!(
+        store.append(keyed("h1", 1)).await.expect("duplicate"),
+        AppendOutcome::Duplicate { response: json!({ "sku": "A" }), position: 1 }
+    );
+    assert!(matches!(store.append(keyed("h2", 1)).await, Err(StoreError::KeyReused)));
+    assert_eq!(store.head(), 1, "neither retry appended");
+    let stored = store.idempotency("http:k").await.expect("read").expect("stored");
+    assert_eq!(stored.position, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_share_commits() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EventStore::open(&dir.path().join("events.db")).await.expect("open");
+    let before = store.commits();
+    let appends: Vec<_> = (0..300)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append(request(&format!("S{i}"), 0, vec![event(i)])).await })
+        })
+        .collect();
+    for append in appends {
+        assert!(matches!(append.await.expect("task"), Ok(AppendOutcome::Appended { .. })));
+    }
+    let commits = store.commits() - before;
+    assert_eq!(store.head(), 300);
+    assert!(commits < 300, "300 appends took {commits} commits: no group commit");
+    // Positions are unique and dense.
+    let (events, reached) = store.read_after(0, &["inventory"], 1000).await.expect("read");
+    let positions: Vec<i64> = events.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (1..=300).collect::<Vec<i64>>());
+    assert_eq!(reached, 300);
+}
+
+#[tokio::test]
+async fn a_conflict_in_a_group_fails_only_its_own_append() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EventStore::open(&dir.path().join("events.db")).await.expect("open");
+    let (a, b, c) = tokio::join!(
+        store.append(request("X", 0, vec![event(1)])),
+        store.append(request("X", 0, vec![event(2)])),
+        store.append(request("Y", 0, vec![event(3)])),
+    );
+    let conflicts = [&a, &b].iter().filter(|r| matches!(r, Err(StoreError::Conflict { .. }))).count();
+    assert_eq!(conflicts, 1, "{a:?} {b:?}");
+    assert!(c.is_ok());
+    assert_eq!(store.load_stream("inventory", "X").await.expect("load").len(), 1);
+}
+
+#[tokio::test]
+async fn subscribers_are_woken_by_an_append() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EventStore::open(&dir.path().join("events.db")).await.expect("open");
+    let mut head = store.subscribe();
+    head.borrow_and_update();
+    let writer = store.clone();
+    tokio::spawn(async move { writer.append(request("A", 0, vec![event(1)])).await });
+    tokio::time::timeout(Duration::from_secs(10), head.changed())
+        .await
+        .expect("woken without polling")
+        .expect("store alive");
+    assert_eq!(*head.borrow(), 1);
+}
+
+#[tokio::test]
+async fn events_survive_reopening_and_readers_pass_over_other_topics() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("events.db");
+    {
+        let store = EventStore::open(&path).await.expect("open");
+        store.append(request("A", 0, vec![event(1)])).await.expect("append");
+        let mut order = request("o-1", 0, vec![event(2)]);
+        order.aggregate_type = "order".into();
+        store.append(order).await.expect("append");
+    }
+    let store = EventStore::open(&path).await.expect("reopen");
+    assert_eq!(store.head(), 2);
+    let (events, reached) = store.read_after(0, &["inventory"], 10).await.expect("read");
+    assert_eq!(events.len(), 1);
+    assert_eq!(reached, 2, "the checkpoint moves past the order event too");
+    let (events, reached) = store.read_after(0, &["inventory", "order"], 1).await.expect("read");
+    assert_eq!((events.len(), reached), (1, 1), "a cut-short batch checkpoints its last event");
+}

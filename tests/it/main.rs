@@ -1,0 +1,10 @@
+//! End-to-end and integration tests of Orderline on real SQLite files: the HTTP API
+//! through a real server on a random port, the event store, concurrency, crashes
+//! (SIGKILL of the real binary) and replays.
+
+mod api;
+mod concurrency;
+mod durability;
+mod event_store;
+mod replay;
+mod support;

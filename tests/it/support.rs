@@ -1,0 +1,305 @@
+//! A real server on a random port over a fresh data directory, and a client for it.
+
+use infra::Config;
+use orderline::{serve, System};
+use reqwest::{Response, StatusCode};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// How long a test waits for the system to settle before it calls that a failure.
+pub const SETTLE: Duration = Duration::from_secs(30);
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub data_dir: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _dir: Option<TempDir>,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(Duration::from_secs(30)).await
+    }
+
+    pub async fn start_with(payment_timeout: Duration) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let mut server = Self::start_in(&data_dir, payment_timeout).await;
+        server._dir = Some(dir);
+        server
+    }
+
+    /// A server over an existing data directory (kept when the server stops).
+    pub async fn start_in(data_dir: &Path, payment_timeout: Duration) -> TestServer {
+        let mut config = Config::with_data_dir(data_dir);
+        config.payment_timeout = payment_timeout;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let system = System::start(config).await.expect("system starts");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, system, async move {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            base: format!("http://{address}"),
+            client: client(),
+            data_dir: data_dir.to_owned(),
+            stop: Some(stop),
+            task: Some(task),
+            _dir: None,
+        }
+    }
+
+    /// Stop cleanly: drain, commit, exit.
+    pub async fn stop(mut self) -> Option<TempDir> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server stops cleanly");
+        }
+        self._dir.take()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// A test client over a base URL (an in-process server or a child process).
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl From<&TestServer> for Api {
+    fn from(server: &TestServer) -> Api {
+        Api {
+            base: server.base.clone(),
+            client: server.client.clone(),
+        }
+    }
+}
+
+pub async fn body(response: Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.expect("body");
+    let value = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, value)
+}
+
+impl Api {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn post(&self, path: &str, body_json: Value) -> (StatusCode, Value) {
+        body(self.client.post(self.url(path)).json(&body_json).send().await.expect("request")).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        body(self.client.get(self.url(path)).send().await.expect("request")).await
+    }
+
+    pub async fn restock(&self, sku: &str, quantity: i64) -> Value {
+        let (status, body) = self.post(&format!("/v1/inventory/{sku}/restock"), json!({ "quantity": quantity })).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "restock: {body}");
+        body
+    }
+
+    /// Place an order of `lines` (sku, quantity, price); its id.
+    pub async fn place(&self, customer: &str, lines: &[(&str, i64, i64)], token: &str) -> String {
+        let lines: Vec<Value> = lines
+            .iter()
+            .map(|(sku, quantity, price)| json!({ "sku": sku, "quantity": quantity, "unit_price_cents": price }))
+            .collect();
+        let (status, body) = self
+            .post("/v1/orders", json!({ "customer_id": customer, "lines": lines, "payment_token": token }))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "place order: {body}");
+        body["order_id"].as_str().expect("order id").to_owned()
+    }
+
+    pub async fn order(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/v1/orders/{id}")).await;
+        assert_eq!(status, StatusCode::OK, "order {id}: {body}");
+        body
+    }
+
+    /// Wait until `check` holds of what GET `path` answers; panics after [`SETTLE`].
+    pub async fn eventually(&self, path: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let (status, body) = self.get(path).await;
+            if status == StatusCode::OK && check(&body) {
+                return body;
+            }
+            if start.elapsed() > SETTLE {
+                panic!("{path} never became {what}; last answer {status}: {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn order_settles(&self, id: &str, status: &str) -> Value {
+        self.eventually(&format!("/v1/orders/{id}"), status, |o| o["status"] == status).await
+    }
+
+    pub async fn stock(&self, sku: &str) -> Value {
+        let (status, body) = self.get(&format!("/v1/inventory/{sku}")).await;
+        assert_eq!(status, StatusCode::OK, "stock {sku}: {body}");
+        body
+    }
+
+    /// Wait until every projection has caught up with the log and no saga command
+    /// is left to run (the log stops moving).
+    pub async fn quiesce(&self) {
+        let start = Instant::now();
+        let mut last_head = -1;
+        let mut stable_since = Instant::now();
+        loop {
+            let (_, metrics) = body(self.client.get(self.url("/metrics")).send().await.expect("metrics")).await;
+            let text = metrics.as_str().unwrap_or_default().to_owned();
+            let head = gauge(&text, "orderline_log_head{}");
+            let lagging = text
+                .lines()
+                .filter(|l| l.starts_with("orderline_projection_lag{"))
+                .any(|l| !l.ends_with(" 0"));
+            if head != last_head {
+                last_head = head;
+                stable_since = Instant::now();
+            }
+            if !lagging && stable_since.elapsed() > Duration::from_millis(300) {
+                return;
+            }
+            assert!(start.elapsed() < SETTLE, "the system never settled:\n{text}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+fn gauge(metrics: &str, name: &str) -> i64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1)
+}
+
+impl Api {
+    /// The log position of the last event (from /metrics).
+    pub async fn head(&self) -> i64 {
+        let (_, metrics) = body(self.client.get(self.url("/metrics")).send().await.expect("metrics")).await;
+        gauge(metrics.as_str().unwrap_or_default(), "orderline_log_head{}")
+    }
+}
+
+/// The real `orderline` binary as a child process.
+pub struct Process {
+    child: std::process::Child,
+    pub api: Api,
+}
+
+impl Process {
+    /// Start `orderline serve` on a random port over `data_dir`.
+    pub fn serve(data_dir: &Path, payment_timeout_ms: u64) -> Process {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orderline"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--payment-timeout-ms"])
+            .arg(payment_timeout_ms.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("orderline starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent {
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        let url = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                        let _ = tx.send(url);
+                        sent = true;
+                    }
+                }
+            }
+        });
+        let base = rx.recv_timeout(SETTLE).expect("orderline says where it listens");
+        Process {
+            child,
+            api: Api { base, client: client() },
+        }
+    }
+
+    /// SIGKILL: no drain, no clean shutdown.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("reaped");
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("exits")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every row of a table in a service database, in key order, as JSON text.
+pub async fn dump(data_dir: &Path, service: &str, table: &str, key: &str) -> Vec<String> {
+    use sqlx::{Column, Row};
+    let pool = infra::db::open_pool(&data_dir.join(format!("{service}.db")), 1)
+        .await
+        .expect("open");
+    let rows = sqlx::query(&format!("SELECT * FROM {table} ORDER BY {key}"))
+        .fetch_all(&pool)
+        .await
+        .expect("dump");
+    let out = rows
+        .iter()
+        .map(|row| {
+            let mut object = serde_json::Map::new();
+            for (i, column) in row.columns().iter().enumerate() {
+                let value: Value = row
+                    .try_get::<i64, _>(i)
+                    .map(Value::from)
+                    .or_else(|_| row.try_get::<Option<String>, _>(i).map(|s| s.map_or(Value::Null, Value::from)))
+                    .unwrap_or(Value::Null);
+                object.insert(column.name().to_owned(), value);
+            }
+            Value::Object(object).to_string()
+        })
+        .collect();
+    pool.close().await;
+    out
+}
