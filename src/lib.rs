@@ -12,7 +12,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use command_handlers::saga::SagaRunner;
 use command_handlers::Handlers;
-use infra::metrics::Metrics;
+use infra::metrics::{Gauge, Metrics};
 use infra::progress::Progress;
 use infra::shutdown::{self, Shutdown, Trigger};
 use infra::{db, Config, EventStore};
@@ -41,12 +41,21 @@ pub struct System {
 }
 
 /// Open the log and the service databases under `config.data_dir`.
-pub async fn open_storage(config: &Config) -> anyhow::Result<(EventStore, Projections, Vec<(&'static str, sqlx::SqlitePool)>)> {
+pub async fn open_storage(
+    config: &Config,
+) -> anyhow::Result<(
+    EventStore,
+    Projections,
+    Vec<(&'static str, sqlx::SqlitePool)>,
+)> {
     std::fs::create_dir_all(&config.data_dir)?;
     let store = EventStore::open(&config.events_db()).await?;
     let mut pools = vec![];
     for service in SERVICES {
-        pools.push((service, db::open_pool(&config.service_db(service), 8).await?));
+        pools.push((
+            service,
+            db::open_pool(&config.service_db(service), 8).await?,
+        ));
     }
     let pool_of = |service: &str| {
         pools
@@ -59,7 +68,13 @@ pub async fn open_storage(config: &Config) -> anyhow::Result<(EventStore, Projec
     for projection in ALL {
         databases.push((projection, pool_of(projection.service())?));
     }
-    let projections = Projections::open(store.clone(), Progress::default(), Metrics::default(), &databases).await?;
+    let projections = Projections::open(
+        store.clone(),
+        Progress::default(),
+        Metrics::default(),
+        &databases,
+    )
+    .await?;
     Ok((store, projections, pools))
 }
 
@@ -85,7 +100,8 @@ impl System {
         };
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = projections.spawn_all(&shutdown);
-        let saga = SagaRunner::new(handlers.clone(), pool("order")?, config.payment_timeout).await?;
+        let saga =
+            SagaRunner::new(handlers.clone(), pool("order")?, config.payment_timeout).await?;
         tasks.push(tokio::spawn(saga.run(shutdown.clone())));
         Ok(System {
             config,
@@ -119,7 +135,10 @@ impl System {
 pub fn router(system: &System) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
-        .route("/metrics", get(metrics).with_state(system.projections.clone()))
+        .route(
+            "/metrics",
+            get(metrics).with_state(system.projections.clone()),
+        )
         .merge(command_handlers::routes::router(system.handlers.clone()))
         .merge(query_api::router(system.queries.clone()))
         .merge(projectors::admin::router(system.projections.clone()))
@@ -139,15 +158,31 @@ async fn metrics(State(all): State<Projections>) -> impl IntoResponse {
     }
     let head = vec![(String::new(), all.store.head())];
     let body = all.metrics.render(&[
-        ("orderline_projection_lag", "Events in the log not yet applied by the projection.", lag),
-        ("orderline_projection_checkpoint", "The last log position the projection has passed.", checkpoint),
-        ("orderline_log_head", "The position of the last event in the log.", head),
+        Gauge {
+            name: "orderline_projection_lag",
+            help: "Events in the log not yet applied by the projection.",
+            samples: lag,
+        },
+        Gauge {
+            name: "orderline_projection_checkpoint",
+            help: "The last log position the projection has passed.",
+            samples: checkpoint,
+        },
+        Gauge {
+            name: "orderline_log_head",
+            help: "The position of the last event in the log.",
+            samples: head,
+        },
     ]);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 /// Serve until `stop` resolves, then drain requests and stop every task.
-pub async fn serve(listener: TcpListener, system: System, stop: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    system: System,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let app = router(&system);
     let mut internal = system.shutdown_signal();
     axum::serve(listener, app)

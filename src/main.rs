@@ -11,7 +11,11 @@ use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "orderline", version, about = "Event-sourced commerce backend: orders, inventory, payment, shipping")]
+#[command(
+    name = "orderline",
+    version,
+    about = "Event-sourced commerce backend: orders, inventory, payment, shipping"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -59,12 +63,16 @@ struct ServeArgs {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         match cli.command {
             None => run_server(cli.serve).await,
@@ -122,13 +130,21 @@ async fn replay(name: &str, data: DataArgs) -> anyhow::Result<()> {
     let config = Config::with_data_dir(data.data_dir);
     let (_, projections, _) = open_storage(&config).await?;
     let Some(handle) = projections.get(name).cloned() else {
-        let names: Vec<&str> = projectors::projection::ALL.iter().map(|p| p.name()).collect();
-        anyhow::bail!("no projection named {name:?}; the projections are {}", names.join(", "));
+        let names: Vec<&str> = projectors::projection::ALL
+            .iter()
+            .map(|p| p.name())
+            .collect();
+        anyhow::bail!(
+            "no projection named {name:?}; the projections are {}",
+            names.join(", ")
+        );
     };
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} events ({per_sec}, {eta} left)")?
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} events ({per_sec}, {eta} left)",
+        )?
+        .progress_chars("=> "),
     );
     bar.set_message(format!("replaying {name}"));
     let events = projectors::rebuild::rebuild(&projections, &handle, |p| {
@@ -137,16 +153,28 @@ async fn replay(name: &str, data: DataArgs) -> anyhow::Result<()> {
     })
     .await?;
     bar.finish_with_message(format!("replayed {name}"));
-    println!("{name}: rebuilt from {events} events; checkpoint {}", projections.progress.checkpoint(name));
+    println!(
+        "{name}: rebuilt from {events} events; checkpoint {}",
+        projections.progress.checkpoint(name)
+    );
     Ok(())
 }
 
 async fn list_projections(data: DataArgs) -> anyhow::Result<()> {
     let config = Config::with_data_dir(data.data_dir);
     let (_, projections, _) = open_storage(&config).await?;
-    println!("{:<12} {:>12} {:>10} {:>13}", "PROJECTION", "CHECKPOINT", "LAG", "DEAD LETTERS");
-    for view in projectors::admin::views(&projections).await.map_err(|e| anyhow::anyhow!(e.detail))? {
-        println!("{:<12} {:>12} {:>10} {:>13}", view.name, view.checkpoint, view.lag, view.dead_letters);
+    println!(
+        "{:<12} {:>12} {:>10} {:>13}",
+        "PROJECTION", "CHECKPOINT", "LAG", "DEAD LETTERS"
+    );
+    for view in projectors::admin::views(&projections)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.detail))?
+    {
+        println!(
+            "{:<12} {:>12} {:>10} {:>13}",
+            view.name, view.checkpoint, view.lag, view.dead_letters
+        );
     }
     Ok(())
 }

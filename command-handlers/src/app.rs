@@ -46,7 +46,9 @@ impl From<InfraError> for CommandError {
 impl From<CommandError> for ApiError {
     fn from(error: CommandError) -> Self {
         match error {
-            CommandError::Domain(DomainError::NotFound(what)) => ApiError::not_found(format!("no such {what}")),
+            CommandError::Domain(DomainError::NotFound(what)) => {
+                ApiError::not_found(format!("no such {what}"))
+            }
             CommandError::Domain(DomainError::Conflict(detail)) => ApiError::conflict(detail),
             CommandError::Domain(DomainError::Invalid(detail)) => ApiError::invalid(detail),
             CommandError::KeyReused => ApiError::idempotency_key_reused(),
@@ -138,7 +140,12 @@ impl Handlers {
     /// Load the aggregate, decide, append at the version it was loaded at; on a clash,
     /// reload and decide again, up to [`MAX_ATTEMPTS`] times.
     #[tracing::instrument(skip_all, fields(aggregate_type = A::TYPE, aggregate_id = %id, correlation_id = %meta.correlation_id))]
-    pub async fn execute<A>(&self, id: &str, command: &A::Command, meta: &Meta) -> Result<Executed, CommandError>
+    pub async fn execute<A>(
+        &self,
+        id: &str,
+        command: &A::Command,
+        meta: &Meta,
+    ) -> Result<Executed, CommandError>
     where
         A: Aggregate,
         A::Event: Serialize + DeserializeOwned + EventName,
@@ -165,7 +172,10 @@ impl Handlers {
                 })
                 .collect::<Result<Vec<_>, CommandError>>()?;
             if new_events.is_empty() && meta.idempotency.is_none() {
-                return Ok(Executed::Done { position, events: 0 });
+                return Ok(Executed::Done {
+                    position,
+                    events: 0,
+                });
             }
             let appended = self
                 .store
@@ -198,7 +208,8 @@ impl Handlers {
                     tracing::debug!(attempt, "version conflict; deciding again");
                     // Spread the retries of clashing writers apart.
                     let jitter = u64::from(Uuid::now_v7().as_bytes()[15] % 8);
-                    tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 2 + jitter)).await;
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 2 + jitter))
+                        .await;
                 }
                 Err(StoreError::KeyReused) => return Err(CommandError::KeyReused),
                 Err(error) => return Err(CommandError::Store(error)),
@@ -218,7 +229,11 @@ impl Handlers {
         let (mut version, mut position) = (0, 0);
         for recorded in &stream {
             let envelope = &recorded.envelope;
-            let event: A::Event = schemas::decode(&envelope.event_type, envelope.schema_version, &envelope.payload)?;
+            let event: A::Event = schemas::decode(
+                &envelope.event_type,
+                envelope.schema_version,
+                &envelope.payload,
+            )?;
             state.apply(&event);
             version = envelope.version;
             position = recorded.position;
@@ -227,7 +242,12 @@ impl Handlers {
     }
 
     /// Carry out a saga's command. The command id makes a redelivered command a no-op.
-    pub async fn run_saga_command(&self, command_id: Uuid, command: &SagaCommand, meta: &Meta) -> Result<Executed, CommandError> {
+    pub async fn run_saga_command(
+        &self,
+        command_id: Uuid,
+        command: &SagaCommand,
+        meta: &Meta,
+    ) -> Result<Executed, CommandError> {
         let mut meta = meta.clone();
         meta.idempotency = Some(IdempotencyRecord {
             key: format!("cmd:{command_id}"),
@@ -236,45 +256,128 @@ impl Handlers {
         });
         let order = |id: &Uuid| id.to_string();
         match command {
-            SagaCommand::ReserveStock { sku, order_id, quantity } => {
-                self.execute::<InventoryItem>(sku.as_str(), &InventoryCommand::Reserve { order_id: *order_id, quantity: *quantity }, &meta).await
+            SagaCommand::ReserveStock {
+                sku,
+                order_id,
+                quantity,
+            } => {
+                self.execute::<InventoryItem>(
+                    sku.as_str(),
+                    &InventoryCommand::Reserve {
+                        order_id: *order_id,
+                        quantity: *quantity,
+                    },
+                    &meta,
+                )
+                .await
             }
             SagaCommand::ReleaseStock { sku, order_id } => {
-                self.execute::<InventoryItem>(sku.as_str(), &InventoryCommand::Release { order_id: *order_id }, &meta).await
+                self.execute::<InventoryItem>(
+                    sku.as_str(),
+                    &InventoryCommand::Release {
+                        order_id: *order_id,
+                    },
+                    &meta,
+                )
+                .await
             }
             SagaCommand::CommitStock { sku, order_id } => {
-                self.execute::<InventoryItem>(sku.as_str(), &InventoryCommand::Commit { order_id: *order_id }, &meta).await
+                self.execute::<InventoryItem>(
+                    sku.as_str(),
+                    &InventoryCommand::Commit {
+                        order_id: *order_id,
+                    },
+                    &meta,
+                )
+                .await
             }
-            SagaCommand::RequestPayment { order_id, amount_cents, payment_token } => {
+            SagaCommand::RequestPayment {
+                order_id,
+                amount_cents,
+                payment_token,
+            } => {
                 let executed = self
-                    .execute::<Payment>(&order(order_id), &PaymentCommand::Request { amount: *amount_cents, token: payment_token.clone() }, &meta)
+                    .execute::<Payment>(
+                        &order(order_id),
+                        &PaymentCommand::Request {
+                            amount: *amount_cents,
+                            token: payment_token.clone(),
+                        },
+                        &meta,
+                    )
                     .await?;
                 self.ask_gateway(command_id, *order_id, &meta).await?;
                 Ok(executed)
             }
-            SagaCommand::AuthorizePayment { order_id } => self.execute::<Payment>(&order(order_id), &PaymentCommand::Authorize, &meta).await,
-            SagaCommand::DeclinePayment { order_id, reason } => {
-                self.execute::<Payment>(&order(order_id), &PaymentCommand::Decline { reason: reason.clone() }, &meta).await
+            SagaCommand::AuthorizePayment { order_id } => {
+                self.execute::<Payment>(&order(order_id), &PaymentCommand::Authorize, &meta)
+                    .await
             }
-            SagaCommand::CapturePayment { order_id } => self.execute::<Payment>(&order(order_id), &PaymentCommand::Capture, &meta).await,
-            SagaCommand::VoidPayment { order_id } => self.execute::<Payment>(&order(order_id), &PaymentCommand::Void, &meta).await,
-            SagaCommand::CreateShipment { order_id } => self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Create, &meta).await,
-            SagaCommand::DispatchShipment { order_id } => self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Dispatch, &meta).await,
-            SagaCommand::DeliverShipment { order_id } => self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Deliver, &meta).await,
-            SagaCommand::CancelShipment { order_id } => self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Cancel, &meta).await,
-            SagaCommand::ConfirmOrder { order_id } => self.execute::<Order>(&order(order_id), &OrderCommand::Confirm, &meta).await,
+            SagaCommand::DeclinePayment { order_id, reason } => {
+                self.execute::<Payment>(
+                    &order(order_id),
+                    &PaymentCommand::Decline {
+                        reason: reason.clone(),
+                    },
+                    &meta,
+                )
+                .await
+            }
+            SagaCommand::CapturePayment { order_id } => {
+                self.execute::<Payment>(&order(order_id), &PaymentCommand::Capture, &meta)
+                    .await
+            }
+            SagaCommand::VoidPayment { order_id } => {
+                self.execute::<Payment>(&order(order_id), &PaymentCommand::Void, &meta)
+                    .await
+            }
+            SagaCommand::CreateShipment { order_id } => {
+                self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Create, &meta)
+                    .await
+            }
+            SagaCommand::DispatchShipment { order_id } => {
+                self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Dispatch, &meta)
+                    .await
+            }
+            SagaCommand::DeliverShipment { order_id } => {
+                self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Deliver, &meta)
+                    .await
+            }
+            SagaCommand::CancelShipment { order_id } => {
+                self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Cancel, &meta)
+                    .await
+            }
+            SagaCommand::ConfirmOrder { order_id } => {
+                self.execute::<Order>(&order(order_id), &OrderCommand::Confirm, &meta)
+                    .await
+            }
             SagaCommand::CancelOrder { order_id, reason } => {
-                self.execute::<Order>(&order(order_id), &OrderCommand::Cancel { reason: *reason, note: None }, &meta).await
+                self.execute::<Order>(
+                    &order(order_id),
+                    &OrderCommand::Cancel {
+                        reason: *reason,
+                        note: None,
+                    },
+                    &meta,
+                )
+                .await
             }
         }
     }
 
     /// While a payment waits for the gateway, ask it and record its answer. Asked again
     /// when the request is redelivered, which is how a crash before the answer heals.
-    async fn ask_gateway(&self, command_id: Uuid, order_id: Uuid, meta: &Meta) -> Result<(), CommandError> {
+    async fn ask_gateway(
+        &self,
+        command_id: Uuid,
+        order_id: Uuid,
+        meta: &Meta,
+    ) -> Result<(), CommandError> {
         let id = order_id.to_string();
         let (payment, _, _) = self.load::<Payment>(&id).await?;
-        let (Some(PaymentStatus::Requested), Some(token)) = (payment.status, payment.token.as_ref()) else {
+        let (Some(PaymentStatus::Requested), Some(token)) =
+            (payment.status, payment.token.as_ref())
+        else {
             return Ok(());
         };
         let command = match self.gateway.charge(token, payment.amount).await {

@@ -31,7 +31,12 @@ pub fn router(handlers: Handlers) -> Router {
 }
 
 /// The `Idempotency-Key` of a request, with a hash of what the request asks.
-fn idempotency(headers: &HeaderMap, route: &str, body: &[u8], response: Value) -> Result<Option<IdempotencyRecord>, ApiError> {
+fn idempotency(
+    headers: &HeaderMap,
+    route: &str,
+    body: &[u8],
+    response: Value,
+) -> Result<Option<IdempotencyRecord>, ApiError> {
     let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
@@ -39,12 +44,18 @@ fn idempotency(headers: &HeaderMap, route: &str, body: &[u8], response: Value) -
         .to_str()
         .ok()
         .filter(|k| !k.is_empty() && k.len() <= 255)
-        .ok_or_else(|| ApiError::malformed("Idempotency-Key must be 1 to 255 visible ASCII characters"))?;
+        .ok_or_else(|| {
+            ApiError::malformed("Idempotency-Key must be 1 to 255 visible ASCII characters")
+        })?;
     let mut hash = Sha256::new();
     hash.update(route.as_bytes());
     hash.update([0]);
     hash.update(body);
-    let hash = hash.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let hash = hash
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
     Ok(Some(IdempotencyRecord {
         key: format!("http:{key}"),
         request_hash: hash,
@@ -54,11 +65,18 @@ fn idempotency(headers: &HeaderMap, route: &str, body: &[u8], response: Value) -
 
 /// Answer an earlier use of the key without deciding again: the first response for
 /// the same request, 422 for another one.
-async fn replay(handlers: &Handlers, record: &Option<IdempotencyRecord>) -> Result<Option<Response>, ApiError> {
-    let Some(record) = record else { return Ok(None) };
+async fn replay(
+    handlers: &Handlers,
+    record: &Option<IdempotencyRecord>,
+) -> Result<Option<Response>, ApiError> {
+    let Some(record) = record else {
+        return Ok(None);
+    };
     match handlers.store.idempotency(&record.key).await? {
         None => Ok(None),
-        Some(stored) if stored.request_hash == record.request_hash => Ok(Some(accepted(stored.response, stored.position))),
+        Some(stored) if stored.request_hash == record.request_hash => {
+            Ok(Some(accepted(stored.response, stored.position)))
+        }
         Some(_) => Err(ApiError::idempotency_key_reused()),
     }
 }
@@ -80,14 +98,17 @@ fn finish(executed: Executed, body: Value) -> Response {
 fn observe(handlers: &Handlers, command: &str, result: Result<Response, ApiError>) -> Response {
     match result {
         Ok(response) => {
-            handlers.metrics.inc(&metrics::COMMANDS_ACCEPTED, &[("command", command)]);
+            handlers
+                .metrics
+                .inc(&metrics::COMMANDS_ACCEPTED, &[("command", command)]);
             response
         }
         Err(error) => {
             let status = error.status.as_u16().to_string();
-            handlers
-                .metrics
-                .inc(&metrics::COMMANDS_REJECTED, &[("command", command), ("status", &status)]);
+            handlers.metrics.inc(
+                &metrics::COMMANDS_REJECTED,
+                &[("command", command), ("status", &status)],
+            );
             error.into_response()
         }
     }
@@ -102,7 +123,13 @@ fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
 }
 
 /// Run one command against one aggregate under the request's idempotency key.
-async fn run<A>(handlers: &Handlers, id: &str, command: A::Command, record: Option<IdempotencyRecord>, body: Value) -> Result<Response, ApiError>
+async fn run<A>(
+    handlers: &Handlers,
+    id: &str,
+    command: A::Command,
+    record: Option<IdempotencyRecord>,
+    body: Value,
+) -> Result<Response, ApiError>
 where
     A: domain::Aggregate,
     A::Event: serde::Serialize + serde::de::DeserializeOwned + domain::EventName,
@@ -112,18 +139,33 @@ where
     }
     let mut meta = Meta::fresh();
     meta.idempotency = record;
-    let executed = handlers.execute::<A>(id, &command, &meta).await.map_err(ApiError::from)?;
+    let executed = handlers
+        .execute::<A>(id, &command, &meta)
+        .await
+        .map_err(ApiError::from)?;
     Ok(finish(executed, body))
 }
 
-async fn restock(State(h): State<Handlers>, Path(sku): Path<String>, headers: HeaderMap, body: Result<JsonBody<RestockRequest>, ApiError>) -> Response {
+async fn restock(
+    State(h): State<Handlers>,
+    Path(sku): Path<String>,
+    headers: HeaderMap,
+    body: Result<JsonBody<RestockRequest>, ApiError>,
+) -> Response {
     let result = async {
         let sku = parse_sku(&sku)?;
         let JsonBody(request, raw) = body?;
         let quantity = Quantity::new(request.quantity).map_err(invalid)?;
         let response = json!({ "sku": sku.as_str() });
         let record = idempotency(&headers, &format!("restock {sku}"), &raw, response.clone())?;
-        run::<InventoryItem>(&h, sku.as_str(), InventoryCommand::Restock { quantity }, record, response).await
+        run::<InventoryItem>(
+            &h,
+            sku.as_str(),
+            InventoryCommand::Restock { quantity },
+            record,
+            response,
+        )
+        .await
     }
     .await;
     observe(&h, "restock", result)
@@ -133,7 +175,9 @@ fn parse_order(request: &PlaceOrderRequest) -> Result<OrderCommand, ApiError> {
     let customer_id = CustomerId::parse(&request.customer_id).map_err(invalid)?;
     let payment_token = PaymentToken::parse(&request.payment_token).map_err(invalid)?;
     if request.lines.is_empty() || request.lines.len() > MAX_LINES {
-        return Err(ApiError::invalid(format!("lines: an order holds 1 to {MAX_LINES} lines")));
+        return Err(ApiError::invalid(format!(
+            "lines: an order holds 1 to {MAX_LINES} lines"
+        )));
     }
     let lines = request
         .lines
@@ -155,7 +199,11 @@ fn parse_order(request: &PlaceOrderRequest) -> Result<OrderCommand, ApiError> {
     })
 }
 
-async fn place_order(State(h): State<Handlers>, headers: HeaderMap, body: Result<JsonBody<PlaceOrderRequest>, ApiError>) -> Response {
+async fn place_order(
+    State(h): State<Handlers>,
+    headers: HeaderMap,
+    body: Result<JsonBody<PlaceOrderRequest>, ApiError>,
+) -> Response {
     let result = async {
         let JsonBody(request, raw) = body?;
         let command = parse_order(&request)?;
@@ -168,13 +216,28 @@ async fn place_order(State(h): State<Handlers>, headers: HeaderMap, body: Result
     observe(&h, "place_order", result)
 }
 
-async fn cancel_order(State(h): State<Handlers>, Path(order_id): Path<String>, headers: HeaderMap, body: Result<JsonBody<CancelOrderRequest>, ApiError>) -> Response {
+async fn cancel_order(
+    State(h): State<Handlers>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<JsonBody<CancelOrderRequest>, ApiError>,
+) -> Response {
     let result = async {
         let order_id = parse_order_id(&order_id)?;
         let JsonBody(request, raw) = body?;
-        let note = request.reason.as_deref().map(parse_note).transpose().map_err(invalid)?;
+        let note = request
+            .reason
+            .as_deref()
+            .map(parse_note)
+            .transpose()
+            .map_err(invalid)?;
         let response = json!({ "order_id": order_id });
-        let record = idempotency(&headers, &format!("cancel {order_id}"), &raw, response.clone())?;
+        let record = idempotency(
+            &headers,
+            &format!("cancel {order_id}"),
+            &raw,
+            response.clone(),
+        )?;
         let command = OrderCommand::Cancel {
             reason: CancelReason::CustomerRequest,
             note,
@@ -185,24 +248,63 @@ async fn cancel_order(State(h): State<Handlers>, Path(order_id): Path<String>, h
     observe(&h, "cancel_order", result)
 }
 
-async fn shipment_step(h: &Handlers, order_id: &str, headers: &HeaderMap, raw: &Bytes, step: &str, command: OrderCommand) -> Result<Response, ApiError> {
+async fn shipment_step(
+    h: &Handlers,
+    order_id: &str,
+    headers: &HeaderMap,
+    raw: &Bytes,
+    step: &str,
+    command: OrderCommand,
+) -> Result<Response, ApiError> {
     let order_id = parse_order_id(order_id)?;
     let response = json!({ "order_id": order_id });
-    let record = idempotency(headers, &format!("{step} {order_id}"), raw, response.clone())?;
+    let record = idempotency(
+        headers,
+        &format!("{step} {order_id}"),
+        raw,
+        response.clone(),
+    )?;
     match run::<Order>(h, &order_id.to_string(), command, record, response).await {
         // The shipment's state lives on the order stream, so "no such order" is "no such shipment".
-        Err(error) if error.status == StatusCode::NOT_FOUND => Err(ApiError::not_found("no shipment for this order")),
+        Err(error) if error.status == StatusCode::NOT_FOUND => {
+            Err(ApiError::not_found("no shipment for this order"))
+        }
         other => other,
     }
 }
 
-async fn dispatch(State(h): State<Handlers>, Path(order_id): Path<String>, headers: HeaderMap, raw: Bytes) -> Response {
-    let result = shipment_step(&h, &order_id, &headers, &raw, "dispatch", OrderCommand::Ship).await;
+async fn dispatch(
+    State(h): State<Handlers>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Response {
+    let result = shipment_step(
+        &h,
+        &order_id,
+        &headers,
+        &raw,
+        "dispatch",
+        OrderCommand::Ship,
+    )
+    .await;
     observe(&h, "dispatch_shipment", result)
 }
 
-async fn deliver(State(h): State<Handlers>, Path(order_id): Path<String>, headers: HeaderMap, raw: Bytes) -> Response {
-    let result = shipment_step(&h, &order_id, &headers, &raw, "deliver", OrderCommand::Deliver).await;
+async fn deliver(
+    State(h): State<Handlers>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    raw: Bytes,
+) -> Response {
+    let result = shipment_step(
+        &h,
+        &order_id,
+        &headers,
+        &raw,
+        "deliver",
+        OrderCommand::Deliver,
+    )
+    .await;
     observe(&h, "deliver_shipment", result)
 }
-

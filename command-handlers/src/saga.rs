@@ -56,6 +56,9 @@ CREATE INDEX IF NOT EXISTS saga_deadlines_by_due ON saga_deadlines (due_at);
 
 const BATCH: i64 = 500;
 
+/// A command waiting in the outbox: row id, command id, command, who caused it.
+type Staged = (i64, Uuid, SagaCommand, Meta);
+
 pub struct SagaRunner {
     handlers: Handlers,
     db: SqlitePool,
@@ -68,7 +71,11 @@ struct Loaded {
 }
 
 impl SagaRunner {
-    pub async fn new(handlers: Handlers, db: SqlitePool, payment_timeout: Duration) -> Result<SagaRunner, InfraError> {
+    pub async fn new(
+        handlers: Handlers,
+        db: SqlitePool,
+        payment_timeout: Duration,
+    ) -> Result<SagaRunner, InfraError> {
         db::migrate(&db, SCHEMA).await?;
         checkpoints::ensure_schema(&db).await?;
         dead_letters::ensure_schema(&db).await?;
@@ -123,11 +130,15 @@ impl SagaRunner {
     /// How long to sleep when idle: until the next deadline, or a while; soon when
     /// commands are still waiting to be carried out.
     async fn idle_time(&self) -> Result<Duration, InfraError> {
-        let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM saga_outbox").fetch_one(&self.db).await?;
+        let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM saga_outbox")
+            .fetch_one(&self.db)
+            .await?;
         if pending > 0 {
             return Ok(Duration::from_millis(200));
         }
-        let next: Option<String> = sqlx::query_scalar("SELECT MIN(due_at) FROM saga_deadlines").fetch_one(&self.db).await?;
+        let next: Option<String> = sqlx::query_scalar("SELECT MIN(due_at) FROM saga_deadlines")
+            .fetch_one(&self.db)
+            .await?;
         Ok(match next {
             None => Duration::from_secs(60),
             Some(due) => (parse_timestamp(&due)? - Utc::now())
@@ -158,7 +169,9 @@ impl SagaRunner {
                 Err(error) => {
                     tracing::error!(error = %error, position = recorded.position, "saga cannot read event; dead-lettered");
                     dead_letters::record(&mut tx, NAME, recorded, &error).await?;
-                    self.handlers.metrics.inc(&metrics::DEAD_LETTERS, &[("consumer", NAME)]);
+                    self.handlers
+                        .metrics
+                        .inc(&metrics::DEAD_LETTERS, &[("consumer", NAME)]);
                     continue;
                 }
             }) else {
@@ -216,12 +229,23 @@ impl SagaRunner {
                 .bind(order_id.to_string())
                 .execute(&mut *tx)
                 .await?;
-            let Some(mut saga) = load(&mut tx, order_id).await? else { continue };
-            let transition = saga.state.handle(order_id, &Input::PaymentDeadlinePassed, now, &self.config);
-            let cause = Uuid::new_v5(&COMMAND_NAMESPACE, format!("deadline/{order_id}/{due_at}").as_bytes());
-            stage_commands(&mut tx, order_id, &transition.commands, (saga.correlation_id, cause), |i| {
-                Uuid::new_v5(&cause, i.to_string().as_bytes())
-            })
+            let Some(mut saga) = load(&mut tx, order_id).await? else {
+                continue;
+            };
+            let transition =
+                saga.state
+                    .handle(order_id, &Input::PaymentDeadlinePassed, now, &self.config);
+            let cause = Uuid::new_v5(
+                &COMMAND_NAMESPACE,
+                format!("deadline/{order_id}/{due_at}").as_bytes(),
+            );
+            stage_commands(
+                &mut tx,
+                order_id,
+                &transition.commands,
+                (saga.correlation_id, cause),
+                |i| Uuid::new_v5(&cause, i.to_string().as_bytes()),
+            )
             .await?;
             set_deadline(&mut tx, order_id, transition.deadline).await?;
             outcomes.extend(transition.outcome);
@@ -239,7 +263,9 @@ impl SagaRunner {
                 Outcome::Delivered => "delivered",
                 Outcome::Cancelled(reason) => reason.as_str(),
             };
-            self.handlers.metrics.inc(&metrics::SAGA_OUTCOMES, &[("outcome", label)]);
+            self.handlers
+                .metrics
+                .inc(&metrics::SAGA_OUTCOMES, &[("outcome", label)]);
         }
     }
 
@@ -253,7 +279,7 @@ impl SagaRunner {
         if rows.is_empty() {
             return Ok(false);
         }
-        let mut groups: BTreeMap<(&'static str, String), Vec<(i64, Uuid, SagaCommand, Meta)>> = BTreeMap::new();
+        let mut groups: BTreeMap<(&'static str, String), Vec<Staged>> = BTreeMap::new();
         let mut done = vec![];
         for row in &rows {
             let id: i64 = row.try_get("id")?;
@@ -272,7 +298,10 @@ impl SagaRunner {
                 idempotency: None,
             };
             let command_id = parse_uuid(row.try_get("command_id")?)?;
-            groups.entry(command.target()).or_default().push((id, command_id, command, meta));
+            groups
+                .entry(command.target())
+                .or_default()
+                .push((id, command_id, command, meta));
         }
         let mut tasks = JoinSet::new();
         for (_, group) in groups {
@@ -302,7 +331,8 @@ impl SagaRunner {
             }
         }
         if !done.is_empty() {
-            let ids = serde_json::to_string(&done).map_err(|e| InfraError::Corrupt(e.to_string()))?;
+            let ids =
+                serde_json::to_string(&done).map_err(|e| InfraError::Corrupt(e.to_string()))?;
             sqlx::query("DELETE FROM saga_outbox WHERE id IN (SELECT value FROM json_each(?1))")
                 .bind(ids)
                 .execute(&self.db)
@@ -317,7 +347,8 @@ impl SagaRunner {
 fn route(recorded: &RecordedEvent) -> Result<Option<(Uuid, Input)>, String> {
     let envelope = &recorded.envelope;
     let event = AnyEvent::from_envelope(envelope).map_err(|e| e.to_string())?;
-    let own_id = || Uuid::parse_str(&envelope.aggregate_id).map_err(|e| format!("aggregate id: {e}"));
+    let own_id =
+        || Uuid::parse_str(&envelope.aggregate_id).map_err(|e| format!("aggregate id: {e}"));
     Ok(match event {
         AnyEvent::Order(event) => Some((own_id()?, Input::Order(event))),
         AnyEvent::Payment(event) => Some((own_id()?, Input::Payment(event))),
@@ -340,14 +371,21 @@ async fn load(conn: &mut SqliteConnection, order_id: Uuid) -> Result<Option<Load
     let Some(row) = row else { return Ok(None) };
     let state: String = row.try_get("state")?;
     Ok(Some(Loaded {
-        state: serde_json::from_str(&state).map_err(|e| InfraError::Corrupt(format!("saga {order_id}: {e}")))?,
+        state: serde_json::from_str(&state)
+            .map_err(|e| InfraError::Corrupt(format!("saga {order_id}: {e}")))?,
         correlation_id: parse_uuid(row.try_get("correlation_id")?)?,
     }))
 }
 
-async fn save(conn: &mut SqliteConnection, order_id: Uuid, saga: &Loaded) -> Result<(), InfraError> {
-    let state = serde_json::to_string(&saga.state).map_err(|e| InfraError::Corrupt(e.to_string()))?;
-    let stage = serde_json::to_value(saga.state.stage).map_err(|e| InfraError::Corrupt(e.to_string()))?;
+async fn save(
+    conn: &mut SqliteConnection,
+    order_id: Uuid,
+    saga: &Loaded,
+) -> Result<(), InfraError> {
+    let state =
+        serde_json::to_string(&saga.state).map_err(|e| InfraError::Corrupt(e.to_string()))?;
+    let stage =
+        serde_json::to_value(saga.state.stage).map_err(|e| InfraError::Corrupt(e.to_string()))?;
     sqlx::query(
         "INSERT INTO sagas (order_id, state, stage, correlation_id, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, stage = excluded.stage, updated_at = excluded.updated_at",
@@ -371,7 +409,10 @@ async fn stage_commands(
 ) -> Result<(), InfraError> {
     for (i, command) in commands.iter().enumerate() {
         let Some(wire) = SagaCommand::from_domain(order_id, command) else {
-            tracing::error!(?command, "the saga emitted a command it may not send; dropped");
+            tracing::error!(
+                ?command,
+                "the saga emitted a command it may not send; dropped"
+            );
             continue;
         };
         let text = serde_json::to_string(&wire).map_err(|e| InfraError::Corrupt(e.to_string()))?;
@@ -391,7 +432,11 @@ async fn stage_commands(
     Ok(())
 }
 
-async fn set_deadline(conn: &mut SqliteConnection, order_id: Uuid, deadline: Deadline) -> Result<(), InfraError> {
+async fn set_deadline(
+    conn: &mut SqliteConnection,
+    order_id: Uuid,
+    deadline: Deadline,
+) -> Result<(), InfraError> {
     match deadline {
         Deadline::Keep => {}
         Deadline::Set(due) => {

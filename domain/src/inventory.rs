@@ -13,14 +13,23 @@ pub const MAX_ON_HAND: u64 = 1_000_000_000_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InventoryCommand {
-    Restock { quantity: Quantity },
+    Restock {
+        quantity: Quantity,
+    },
     /// Hold `quantity` units for an order. Not enough available stock is an answer,
     /// not an error: it is recorded as `StockReservationRejected` so the saga hears it.
-    Reserve { order_id: Uuid, quantity: u64 },
+    Reserve {
+        order_id: Uuid,
+        quantity: u64,
+    },
     /// Give an order's reservation back; nothing to release is not an error.
-    Release { order_id: Uuid },
+    Release {
+        order_id: Uuid,
+    },
     /// The reserved units leave the warehouse.
-    Commit { order_id: Uuid },
+    Commit {
+        order_id: Uuid,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,7 +133,9 @@ impl Aggregate for InventoryItem {
                     return Ok(vec![]);
                 }
                 if *quantity == 0 {
-                    return Err(DomainError::Invalid("a reservation needs at least one unit".into()));
+                    return Err(DomainError::Invalid(
+                        "a reservation needs at least one unit".into(),
+                    ));
                 }
                 let available = self.available();
                 if *quantity > available {

@@ -3,7 +3,9 @@
 //! The order stream is the one place that decides between dispatch and cancellation,
 //! so an order is never both shipped and cancelled.
 
-use crate::{Aggregate, CancelReason, CustomerId, DomainError, EventName, Money, PaymentToken, Quantity, Sku};
+use crate::{
+    Aggregate, CancelReason, CustomerId, DomainError, EventName, Money, PaymentToken, Quantity, Sku,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,9 +105,9 @@ impl EventName for OrderEvent {
 
 /// The sum of price times quantity over the lines.
 pub fn total_of(lines: &[OrderLine]) -> Money {
-    lines
-        .iter()
-        .fold(Money::ZERO, |sum, line| sum.plus(line.unit_price_cents.times(line.quantity)))
+    lines.iter().fold(Money::ZERO, |sum, line| {
+        sum.plus(line.unit_price_cents.times(line.quantity))
+    })
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -247,7 +249,9 @@ mod tests {
     fn placing_an_order_records_its_lines_and_total() {
         match given::<Order>(vec![]).when(place()) {
             Ok(events) => match &events[..] {
-                [OrderEvent::OrderPlaced { total_cents, lines, .. }] => {
+                [OrderEvent::OrderPlaced {
+                    total_cents, lines, ..
+                }] => {
                     assert_eq!(total_cents.cents(), 2 * 1299 + 500);
                     assert_eq!(lines.len(), 2);
                 }
@@ -289,7 +293,12 @@ mod tests {
 
     #[test]
     fn commands_on_a_missing_order_are_not_found() {
-        for command in [OrderCommand::Confirm, cancel(CancelReason::CustomerRequest), OrderCommand::Ship, OrderCommand::Deliver] {
+        for command in [
+            OrderCommand::Confirm,
+            cancel(CancelReason::CustomerRequest),
+            OrderCommand::Ship,
+            OrderCommand::Deliver,
+        ] {
             assert_eq!(
                 given::<Order>(vec![]).when(command),
                 Err(DomainError::NotFound("order"))
@@ -304,7 +313,8 @@ mod tests {
             Ok(vec![OrderEvent::OrderConfirmed {}])
         );
         assert_eq!(
-            given::<Order>(vec![placed(), OrderEvent::OrderConfirmed {}]).when(OrderCommand::Confirm),
+            given::<Order>(vec![placed(), OrderEvent::OrderConfirmed {}])
+                .when(OrderCommand::Confirm),
             Ok(vec![])
         );
     }
@@ -340,7 +350,11 @@ mod tests {
 
     #[test]
     fn a_shipped_order_cannot_be_cancelled() {
-        let shipped = vec![placed(), OrderEvent::OrderConfirmed {}, OrderEvent::OrderShipped {}];
+        let shipped = vec![
+            placed(),
+            OrderEvent::OrderConfirmed {},
+            OrderEvent::OrderShipped {},
+        ];
         assert!(matches!(
             given::<Order>(shipped).when(cancel(CancelReason::CustomerRequest)),
             Err(DomainError::Conflict(_))
@@ -374,12 +388,17 @@ mod tests {
     #[test]
     fn only_a_dispatched_order_is_delivered() {
         assert!(matches!(
-            given::<Order>(vec![placed(), OrderEvent::OrderConfirmed {}]).when(OrderCommand::Deliver),
+            given::<Order>(vec![placed(), OrderEvent::OrderConfirmed {}])
+                .when(OrderCommand::Deliver),
             Err(DomainError::Conflict(_))
         ));
         assert_eq!(
-            given::<Order>(vec![placed(), OrderEvent::OrderConfirmed {}, OrderEvent::OrderShipped {}])
-                .when(OrderCommand::Deliver),
+            given::<Order>(vec![
+                placed(),
+                OrderEvent::OrderConfirmed {},
+                OrderEvent::OrderShipped {}
+            ])
+            .when(OrderCommand::Deliver),
             Ok(vec![OrderEvent::OrderDelivered {}])
         );
     }

@@ -8,11 +8,16 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PaymentCommand {
-    Request { amount: Money, token: PaymentToken },
+    Request {
+        amount: Money,
+        token: PaymentToken,
+    },
     /// The gateway approved the charge.
     Authorize,
     /// The gateway refused the charge.
-    Decline { reason: String },
+    Decline {
+        reason: String,
+    },
     Capture,
     /// Give up the request or release the authorisation; harmless when already settled
     /// without a capture.
@@ -143,9 +148,7 @@ impl Aggregate for Payment {
                 }]),
                 Some(Declined) | Some(Voided) => Ok(vec![]),
                 None => Err(DomainError::NotFound("payment")),
-                Some(Captured) => Err(DomainError::conflict(
-                    "a captured payment cannot be voided",
-                )),
+                Some(Captured) => Err(DomainError::conflict("a captured payment cannot be voided")),
             },
         }
     }
@@ -284,7 +287,9 @@ mod tests {
                 token: PaymentToken::parse("tok_ok").expect("valid")
             }),
             Just(PaymentCommand::Authorize),
-            Just(PaymentCommand::Decline { reason: "no".into() }),
+            Just(PaymentCommand::Decline {
+                reason: "no".into()
+            }),
             Just(PaymentCommand::Capture),
             Just(PaymentCommand::Void),
         ]

@@ -140,9 +140,7 @@ impl Fulfilment {
     ) -> Transition {
         match input {
             Input::Order(event) => self.on_order(order_id, event),
-            Input::Inventory { sku, event } => {
-                self.on_inventory(order_id, sku, event, now, config)
-            }
+            Input::Inventory { sku, event } => self.on_inventory(order_id, sku, event, now, config),
             Input::Payment(event) => self.on_payment(event),
             Input::Shipment(event) => self.on_shipment(event),
             Input::PaymentDeadlinePassed => {
@@ -216,9 +214,7 @@ impl Fulfilment {
                     .iter()
                     .map(|sku| Command::Inventory {
                         sku: sku.clone(),
-                        command: InventoryCommand::Commit {
-                            order_id,
-                        },
+                        command: InventoryCommand::Commit { order_id },
                     })
                     .collect();
                 commands.push(Command::Payment(PaymentCommand::Capture));
@@ -404,9 +400,7 @@ impl Fulfilment {
 fn release(order_id: Uuid, sku: &Sku) -> Command {
     Command::Inventory {
         sku: sku.clone(),
-        command: InventoryCommand::Release {
-            order_id,
-        },
+        command: InventoryCommand::Release { order_id },
     }
 }
 
@@ -564,7 +558,10 @@ mod tests {
         // The cancellation releases what was held: nothing stays reserved.
         let t = when(&mut saga, cancelled(CancelReason::OutOfStock));
         assert_eq!(t.commands, vec![release_cmd("A")]);
-        assert_eq!(t.outcome, Some(Outcome::Cancelled(CancelReason::OutOfStock)));
+        assert_eq!(
+            t.outcome,
+            Some(Outcome::Cancelled(CancelReason::OutOfStock))
+        );
     }
 
     #[test]
@@ -582,7 +579,10 @@ mod tests {
             inputs.push(authorized());
             inputs
         });
-        let t = when(&mut saga, Input::Shipment(ShipmentEvent::ShipmentCreated {}));
+        let t = when(
+            &mut saga,
+            Input::Shipment(ShipmentEvent::ShipmentCreated {}),
+        );
         assert_eq!(t.commands, vec![Command::Order(OrderCommand::Confirm)]);
         let t = when(&mut saga, Input::Order(OrderEvent::OrderConfirmed {}));
         assert_eq!(t.outcome, Some(Outcome::Confirmed));
@@ -657,7 +657,10 @@ mod tests {
                 Command::Shipment(ShipmentCommand::Cancel)
             ]
         );
-        assert_eq!(t.outcome, Some(Outcome::Cancelled(CancelReason::CustomerRequest)));
+        assert_eq!(
+            t.outcome,
+            Some(Outcome::Cancelled(CancelReason::CustomerRequest))
+        );
     }
 
     #[test]
@@ -680,21 +683,34 @@ mod tests {
             ]
         );
         let t = when(&mut saga, Input::Order(OrderEvent::OrderDelivered {}));
-        assert_eq!(t.commands, vec![Command::Shipment(ShipmentCommand::Deliver)]);
+        assert_eq!(
+            t.commands,
+            vec![Command::Shipment(ShipmentCommand::Deliver)]
+        );
         assert_eq!(t.outcome, Some(Outcome::Delivered));
         assert!(saga.is_finished());
     }
 
     #[test]
     fn late_answers_for_a_cancelled_order_are_undone() {
-        let mut saga = given(vec![placed("tok_ok"), cancelled(CancelReason::CustomerRequest)]);
-        assert_eq!(when(&mut saga, reserved("A", 3)).commands, vec![release_cmd("A")]);
+        let mut saga = given(vec![
+            placed("tok_ok"),
+            cancelled(CancelReason::CustomerRequest),
+        ]);
+        assert_eq!(
+            when(&mut saga, reserved("A", 3)).commands,
+            vec![release_cmd("A")]
+        );
         assert_eq!(
             when(&mut saga, authorized()).commands,
             vec![Command::Payment(PaymentCommand::Void)]
         );
         assert_eq!(
-            when(&mut saga, Input::Shipment(ShipmentEvent::ShipmentCreated {})).commands,
+            when(
+                &mut saga,
+                Input::Shipment(ShipmentEvent::ShipmentCreated {})
+            )
+            .commands,
             vec![Command::Shipment(ShipmentCommand::Cancel)]
         );
     }
@@ -715,7 +731,9 @@ mod tests {
             Just(rejected("A")),
             Just(rejected("B")),
             Just(authorized()),
-            Just(Input::Payment(PaymentEvent::PaymentDeclined { reason: "no".into() })),
+            Just(Input::Payment(PaymentEvent::PaymentDeclined {
+                reason: "no".into()
+            })),
             Just(Input::Shipment(ShipmentEvent::ShipmentCreated {})),
             Just(Input::Order(OrderEvent::OrderConfirmed {})),
             Just(Input::Order(OrderEvent::OrderShipped {})),

@@ -110,12 +110,16 @@ mod tests {
             Ok(vec![ShipmentEvent::ShipmentCreated {}])
         );
         assert_eq!(
-            given::<Shipment>(vec![ShipmentEvent::ShipmentCreated {}]).when(ShipmentCommand::Dispatch),
+            given::<Shipment>(vec![ShipmentEvent::ShipmentCreated {}])
+                .when(ShipmentCommand::Dispatch),
             Ok(vec![ShipmentEvent::ShipmentDispatched {}])
         );
         assert_eq!(
-            given::<Shipment>(vec![ShipmentEvent::ShipmentCreated {}, ShipmentEvent::ShipmentDispatched {}])
-                .when(ShipmentCommand::Deliver),
+            given::<Shipment>(vec![
+                ShipmentEvent::ShipmentCreated {},
+                ShipmentEvent::ShipmentDispatched {}
+            ])
+            .when(ShipmentCommand::Deliver),
             Ok(vec![ShipmentEvent::ShipmentDelivered {}])
         );
     }
@@ -123,8 +127,11 @@ mod tests {
     #[test]
     fn a_dispatched_shipment_cannot_be_cancelled() {
         assert!(matches!(
-            given::<Shipment>(vec![ShipmentEvent::ShipmentCreated {}, ShipmentEvent::ShipmentDispatched {}])
-                .when(ShipmentCommand::Cancel),
+            given::<Shipment>(vec![
+                ShipmentEvent::ShipmentCreated {},
+                ShipmentEvent::ShipmentDispatched {}
+            ])
+            .when(ShipmentCommand::Cancel),
             Err(DomainError::Conflict(_))
         ));
     }
@@ -132,8 +139,11 @@ mod tests {
     #[test]
     fn a_cancelled_shipment_cannot_be_dispatched() {
         assert!(matches!(
-            given::<Shipment>(vec![ShipmentEvent::ShipmentCreated {}, ShipmentEvent::ShipmentCancelled {}])
-                .when(ShipmentCommand::Dispatch),
+            given::<Shipment>(vec![
+                ShipmentEvent::ShipmentCreated {},
+                ShipmentEvent::ShipmentCancelled {}
+            ])
+            .when(ShipmentCommand::Dispatch),
             Err(DomainError::Conflict(_))
         ));
     }
@@ -141,7 +151,8 @@ mod tests {
     #[test]
     fn an_undispatched_shipment_cannot_be_delivered() {
         assert!(matches!(
-            given::<Shipment>(vec![ShipmentEvent::ShipmentCreated {}]).when(ShipmentCommand::Deliver),
+            given::<Shipment>(vec![ShipmentEvent::ShipmentCreated {}])
+                .when(ShipmentCommand::Deliver),
             Err(DomainError::Conflict(_))
         ));
         assert_eq!(
@@ -152,6 +163,9 @@ mod tests {
 
     #[test]
     fn cancelling_is_harmless_when_nothing_was_created() {
-        assert_eq!(given::<Shipment>(vec![]).when(ShipmentCommand::Cancel), Ok(vec![]));
+        assert_eq!(
+            given::<Shipment>(vec![]).when(ShipmentCommand::Cancel),
+            Ok(vec![])
+        );
     }
 }

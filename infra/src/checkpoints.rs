@@ -15,14 +15,19 @@ pub async fn load<'e, E>(executor: E, name: &str) -> Result<i64, sqlx::Error>
 where
     E: sqlx::Executor<'e, Database = Sqlite>,
 {
-    let position: Option<i64> = sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = ?1")
-        .bind(name)
-        .fetch_optional(executor)
-        .await?;
+    let position: Option<i64> =
+        sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = ?1")
+            .bind(name)
+            .fetch_optional(executor)
+            .await?;
     Ok(position.unwrap_or(0))
 }
 
-pub async fn save(conn: &mut SqliteConnection, name: &str, position: i64) -> Result<(), sqlx::Error> {
+pub async fn save(
+    conn: &mut SqliteConnection,
+    name: &str,
+    position: i64,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO checkpoints (name, position, updated_at) VALUES (?1, ?2, ?3)
          ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",

@@ -24,7 +24,8 @@ pub async fn record(
     event: &RecordedEvent,
     error: &str,
 ) -> Result<(), sqlx::Error> {
-    let json = serde_json::to_string(event).unwrap_or_else(|e| format!("{{\"unserializable\":\"{e}\"}}"));
+    let json =
+        serde_json::to_string(event).unwrap_or_else(|e| format!("{{\"unserializable\":\"{e}\"}}"));
     sqlx::query(
         "INSERT INTO dead_letters (consumer, position, event, error, failed_at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )
@@ -49,8 +50,8 @@ pub async fn count(pool: &SqlitePool, consumer: &str) -> Result<u64, sqlx::Error
 fn view(service: &str, row: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterView, InfraError> {
     let id: i64 = row.try_get("id")?;
     let event: String = row.try_get("event")?;
-    let event: RecordedEvent =
-        serde_json::from_str(&event).map_err(|e| InfraError::Corrupt(format!("dead letter: {e}")))?;
+    let event: RecordedEvent = serde_json::from_str(&event)
+        .map_err(|e| InfraError::Corrupt(format!("dead letter: {e}")))?;
     Ok(DeadLetterView {
         id: format!("{service}:{id}"),
         consumer: row.try_get("consumer")?,
@@ -80,7 +81,10 @@ pub async fn set_error(pool: &SqlitePool, id: i64, error: &str) -> Result<(), sq
 }
 
 /// One dead letter with the event as it was read (position included).
-pub async fn get(pool: &SqlitePool, id: i64) -> Result<Option<(String, RecordedEvent)>, InfraError> {
+pub async fn get(
+    pool: &SqlitePool,
+    id: i64,
+) -> Result<Option<(String, RecordedEvent)>, InfraError> {
     let row = sqlx::query("SELECT consumer, event FROM dead_letters WHERE id = ?1")
         .bind(id)
         .fetch_optional(pool)

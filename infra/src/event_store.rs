@@ -88,7 +88,9 @@ pub enum AppendOutcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("version conflict on {aggregate_type}/{aggregate_id}: expected {expected}, found {actual}")]
+    #[error(
+        "version conflict on {aggregate_type}/{aggregate_id}: expected {expected}, found {actual}"
+    )]
     Conflict {
         aggregate_type: String,
         aggregate_id: String,
@@ -236,7 +238,11 @@ impl EventStore {
     }
 
     /// How many events of these types lie after `after` (for lag and progress).
-    pub async fn count_after(&self, after: i64, aggregate_types: &[&str]) -> Result<i64, InfraError> {
+    pub async fn count_after(
+        &self,
+        after: i64,
+        aggregate_types: &[&str],
+    ) -> Result<i64, InfraError> {
         let types = serde_json::to_string(aggregate_types)
             .map_err(|e| InfraError::Corrupt(e.to_string()))?;
         Ok(sqlx::query_scalar(
@@ -251,10 +257,11 @@ impl EventStore {
 
     /// The first answer recorded under an idempotency key, if any.
     pub async fn idempotency(&self, key: &str) -> Result<Option<StoredResponse>, InfraError> {
-        let row = sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = ?1")
-            .bind(key)
-            .fetch_optional(&self.inner.reads)
-            .await?;
+        let row =
+            sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = ?1")
+                .bind(key)
+                .fetch_optional(&self.inner.reads)
+                .await?;
         row.map(|row| stored_response(&row)).transpose()
     }
 }
@@ -263,7 +270,8 @@ fn stored_response(row: &SqliteRow) -> Result<StoredResponse, InfraError> {
     let response: String = row.try_get("response")?;
     Ok(StoredResponse {
         request_hash: row.try_get("request_hash")?,
-        response: serde_json::from_str(&response).map_err(|e| InfraError::Corrupt(e.to_string()))?,
+        response: serde_json::from_str(&response)
+            .map_err(|e| InfraError::Corrupt(e.to_string()))?,
         position: row.try_get("position")?,
     })
 }
@@ -290,7 +298,12 @@ fn recorded(row: &SqliteRow) -> Result<RecordedEvent, InfraError> {
     })
 }
 
-async fn write_loop(mut conn: SqliteConnection, mut queue: mpsc::Receiver<Job>, head: watch::Sender<i64>, commits: Arc<AtomicU64>) {
+async fn write_loop(
+    mut conn: SqliteConnection,
+    mut queue: mpsc::Receiver<Job>,
+    head: watch::Sender<i64>,
+    commits: Arc<AtomicU64>,
+) {
     let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
     while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
         match commit_group(&mut conn, &group).await {
@@ -312,9 +325,11 @@ async fn write_loop(mut conn: SqliteConnection, mut queue: mpsc::Receiver<Job>, 
                 let _ = sqlx::query("ROLLBACK").execute(&mut conn).await;
                 let message = error.to_string();
                 for job in group.drain(..) {
-                    let _ = job.reply.send(Err(StoreError::Infra(InfraError::Corrupt(format!(
-                        "commit failed: {message}"
-                    )))));
+                    let _ = job
+                        .reply
+                        .send(Err(StoreError::Infra(InfraError::Corrupt(format!(
+                            "commit failed: {message}"
+                        )))));
                 }
             }
         }
@@ -323,7 +338,10 @@ async fn write_loop(mut conn: SqliteConnection, mut queue: mpsc::Receiver<Job>, 
 
 type GroupResult = (Vec<Result<AppendOutcome, StoreError>>, Option<i64>);
 
-async fn commit_group(conn: &mut SqliteConnection, group: &[Job]) -> Result<GroupResult, sqlx::Error> {
+async fn commit_group(
+    conn: &mut SqliteConnection,
+    group: &[Job],
+) -> Result<GroupResult, sqlx::Error> {
     sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
     let mut outcomes = Vec::with_capacity(group.len());
     let mut last = None;
@@ -335,7 +353,9 @@ async fn commit_group(conn: &mut SqliteConnection, group: &[Job]) -> Result<Grou
                 last = Some(last.map_or(*position, |l: i64| l.max(*position)));
             }
             Ok(AppendOutcome::Duplicate { .. }) | Err(_) => {
-                sqlx::query("ROLLBACK TO append").execute(&mut *conn).await?;
+                sqlx::query("ROLLBACK TO append")
+                    .execute(&mut *conn)
+                    .await?;
             }
         }
         sqlx::query("RELEASE append").execute(&mut *conn).await?;
@@ -352,12 +372,16 @@ async fn commit_group(conn: &mut SqliteConnection, group: &[Job]) -> Result<Grou
     Ok((outcomes, last))
 }
 
-async fn append_one(conn: &mut SqliteConnection, request: &AppendRequest) -> Result<AppendOutcome, StoreError> {
+async fn append_one(
+    conn: &mut SqliteConnection,
+    request: &AppendRequest,
+) -> Result<AppendOutcome, StoreError> {
     if let Some(record) = &request.idempotency {
-        let existing = sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = ?1")
-            .bind(&record.key)
-            .fetch_optional(&mut *conn)
-            .await?;
+        let existing =
+            sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = ?1")
+                .bind(&record.key)
+                .fetch_optional(&mut *conn)
+                .await?;
         if let Some(row) = existing {
             let stored = stored_response(&row)?;
             if stored.request_hash != record.request_hash {

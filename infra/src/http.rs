@@ -29,7 +29,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, title: &'static str, detail: impl Into<String>) -> Self {
+    fn new(
+        status: StatusCode,
+        kind: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
         ApiError {
             status,
             kind,
@@ -40,11 +45,21 @@ impl ApiError {
     }
 
     pub fn malformed(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "malformed-request", "Malformed request", detail)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-request",
+            "Malformed request",
+            detail,
+        )
     }
 
     pub fn invalid(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-value", "Invalid value", detail)
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-value",
+            "Invalid value",
+            detail,
+        )
     }
 
     pub fn not_found(detail: impl Into<String>) -> Self {
@@ -52,11 +67,21 @@ impl ApiError {
     }
 
     pub fn conflict(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, "conflict", "Not allowed in the current state", detail)
+        Self::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "Not allowed in the current state",
+            detail,
+        )
     }
 
     pub fn too_large(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", "Request body too large", detail)
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Request body too large",
+            detail,
+        )
     }
 
     pub fn idempotency_key_reused() -> Self {
@@ -141,13 +166,15 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large(format!("the body may be at most {MAX_BODY_BYTES} bytes"))
-            } else {
-                ApiError::malformed(rejection.body_text())
-            }
-        })?;
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::too_large(format!("the body may be at most {MAX_BODY_BYTES} bytes"))
+                } else {
+                    ApiError::malformed(rejection.body_text())
+                }
+            })?;
         let text: &[u8] = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
             None => b"{}",
             Some(b'{') => &bytes,
@@ -179,7 +206,9 @@ pub fn requested_consistency(headers: &HeaderMap) -> Result<Option<(i64, Duratio
         .ok()
         .and_then(|t| t.trim().parse::<i64>().ok())
         .filter(|t| *t >= 0)
-        .ok_or_else(|| ApiError::malformed("X-Consistency-Token is not a token this server issued"))?;
+        .ok_or_else(|| {
+            ApiError::malformed("X-Consistency-Token is not a token this server issued")
+        })?;
     let wait = match headers.get(CONSISTENCY_WAIT_MS) {
         None => DEFAULT_CONSISTENCY_WAIT,
         Some(raw) => raw
@@ -189,7 +218,9 @@ pub fn requested_consistency(headers: &HeaderMap) -> Result<Option<(i64, Duratio
             .map(Duration::from_millis)
             .filter(|wait| *wait <= MAX_CONSISTENCY_WAIT)
             .ok_or_else(|| {
-                ApiError::malformed("X-Consistency-Wait-Ms must be a whole number of milliseconds up to 30000")
+                ApiError::malformed(
+                    "X-Consistency-Wait-Ms must be a whole number of milliseconds up to 30000",
+                )
             })?,
     };
     Ok(Some((token, wait)))
@@ -197,7 +228,11 @@ pub fn requested_consistency(headers: &HeaderMap) -> Result<Option<(i64, Duratio
 
 /// Wait, within the bound the client asked for, until `projection` has passed the
 /// token in `headers`; a 503 with Retry-After when it does not in time.
-pub async fn await_consistency(progress: &Progress, projection: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+pub async fn await_consistency(
+    progress: &Progress,
+    projection: &str,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
     if let Some((token, wait)) = requested_consistency(headers)? {
         if !progress.wait_for(projection, token, wait).await {
             return Err(ApiError::not_yet_consistent(1));

@@ -4,6 +4,13 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 
+/// A gauge family read at render time: its samples as (labels, value).
+pub struct Gauge {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub samples: Vec<(String, i64)>,
+}
+
 #[derive(Clone, Default)]
 pub struct Metrics {
     counters: Arc<Mutex<BTreeMap<(String, String), u64>>>,
@@ -53,15 +60,17 @@ impl Metrics {
             .collect::<Vec<_>>()
             .join(",");
         let mut counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        *counters.entry((family.name.to_owned(), labels)).or_insert(0) += by;
+        *counters
+            .entry((family.name.to_owned(), labels))
+            .or_insert(0) += by;
     }
 
     pub fn inc(&self, family: &Family, labels: &[(&str, &str)]) {
         self.add(family, labels, 1);
     }
 
-    /// The counters, then the gauges given (name, help, [(labels, value)]).
-    pub fn render(&self, gauges: &[(&str, &str, Vec<(String, i64)>)]) -> String {
+    /// The counters, then the gauges given.
+    pub fn render(&self, gauges: &[Gauge]) -> String {
         let counters = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
         let mut out = String::new();
         for family in COUNTERS {
@@ -73,7 +82,12 @@ impl Metrics {
                 }
             }
         }
-        for (name, help, samples) in gauges {
+        for Gauge {
+            name,
+            help,
+            samples,
+        } in gauges
+        {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} gauge");
             for (labels, value) in samples {

@@ -29,13 +29,21 @@ pub async fn views(all: &Projections) -> Result<Vec<ProjectionView>, ApiError> {
     for handle in &all.handles {
         let name = handle.projection.name();
         let checkpoint = all.progress.checkpoint(name);
-        let lag = all.store.count_after(checkpoint, handle.projection.topics()).await?;
+        let lag = all
+            .store
+            .count_after(checkpoint, handle.projection.topics())
+            .await?;
         let rebuild = all.progress.rebuild(name);
         views.push(ProjectionView {
             name: name.to_owned(),
             checkpoint,
             lag,
-            status: if rebuild.is_some() { "rebuilding" } else { "running" }.to_owned(),
+            status: if rebuild.is_some() {
+                "rebuilding"
+            } else {
+                "running"
+            }
+            .to_owned(),
             dead_letters: dead_letters::count(&handle.db, name).await?,
             rebuild: rebuild.map(|r| RebuildProgress {
                 processed: r.processed,
@@ -52,13 +60,18 @@ async fn list(State(all): State<Projections>) -> Result<Json<ProjectionList>, Ap
     }))
 }
 
-async fn start_rebuild(State(all): State<Projections>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn start_rebuild(
+    State(all): State<Projections>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     let handle = all
         .get(&name)
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("no projection named {name:?}")))?;
     if handle.rebuilding.swap(true, Ordering::SeqCst) {
-        return Err(ApiError::conflict(format!("{name} is being rebuilt already")));
+        return Err(ApiError::conflict(format!(
+            "{name} is being rebuilt already"
+        )));
     }
     let task_all = all.clone();
     tokio::spawn(async move {
@@ -80,7 +93,9 @@ async fn start_rebuild(State(all): State<Projections>, Path(name): Path<String>)
         .into_response())
 }
 
-async fn list_dead_letters(State(all): State<Projections>) -> Result<Json<DeadLetterList>, ApiError> {
+async fn list_dead_letters(
+    State(all): State<Projections>,
+) -> Result<Json<DeadLetterList>, ApiError> {
     let mut seen = vec![];
     let mut out = vec![];
     for handle in &all.handles {
@@ -97,7 +112,10 @@ async fn list_dead_letters(State(all): State<Projections>) -> Result<Json<DeadLe
 /// Apply a dead-lettered event to its projection's live tables again; on success it
 /// leaves the store. (The saga's dead letters are for reading: a saga's inputs must
 /// come in order, so fix and replay instead.)
-async fn retry_dead_letter(State(all): State<Projections>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn retry_dead_letter(
+    State(all): State<Projections>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let not_found = || ApiError::not_found(format!("no dead letter {id:?}"));
     let (service, number) = id.split_once(':').ok_or_else(not_found)?;
     let number: i64 = number.parse().map_err(|_| not_found())?;
@@ -107,23 +125,32 @@ async fn retry_dead_letter(State(all): State<Projections>, Path(id): Path<String
         .find(|h| h.projection.service() == service)
         .map(|h| h.db.clone())
         .ok_or_else(not_found)?;
-    let (consumer, event) = dead_letters::get(&pool, number).await?.ok_or_else(not_found)?;
-    let handle = all
-        .get(&consumer)
-        .cloned()
-        .ok_or_else(|| ApiError::conflict(format!("{consumer} does not retry dead letters; rebuild or replay instead")))?;
+    let (consumer, event) = dead_letters::get(&pool, number)
+        .await?
+        .ok_or_else(not_found)?;
+    let handle = all.get(&consumer).cloned().ok_or_else(|| {
+        ApiError::conflict(format!(
+            "{consumer} does not retry dead letters; rebuild or replay instead"
+        ))
+    })?;
     let _live = handle.lock.lock().await;
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     match apply_one(&mut tx, handle.projection, "", &event).await? {
         Ok(()) => {
             dead_letters::delete(&mut tx, number).await?;
             tx.commit().await?;
-            Ok((StatusCode::OK, Json(json!({ "id": id, "status": "applied" }))).into_response())
+            Ok((
+                StatusCode::OK,
+                Json(json!({ "id": id, "status": "applied" })),
+            )
+                .into_response())
         }
         Err(error) => {
             tx.rollback().await?;
             dead_letters::set_error(&pool, number, &error).await?;
-            Err(ApiError::conflict(format!("the event still cannot be applied: {error}")))
+            Err(ApiError::conflict(format!(
+                "the event still cannot be applied: {error}"
+            )))
         }
     }
 }

@@ -177,17 +177,33 @@ fn shipment_status(event: &ShipmentEvent) -> &'static str {
     }
 }
 
-async fn set_order_field(conn: &mut SqliteConnection, suffix: &str, id: &str, at: &str, field: &str, value: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!("UPDATE orders{suffix} SET {field} = ?2, updated_at = ?3 WHERE order_id = ?1"))
-        .bind(id)
-        .bind(value)
-        .bind(at)
-        .execute(conn)
-        .await
-        .map(|_| ())
+async fn set_order_field(
+    conn: &mut SqliteConnection,
+    suffix: &str,
+    id: &str,
+    at: &str,
+    field: &str,
+    value: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "UPDATE orders{suffix} SET {field} = ?2, updated_at = ?3 WHERE order_id = ?1"
+    ))
+    .bind(id)
+    .bind(value)
+    .bind(at)
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
-async fn apply_order(conn: &mut SqliteConnection, suffix: &str, id: &str, at: &str, occurred_at: DateTime<Utc>, event: &OrderEvent) -> Result<(), sqlx::Error> {
+async fn apply_order(
+    conn: &mut SqliteConnection,
+    suffix: &str,
+    id: &str,
+    at: &str,
+    occurred_at: DateTime<Utc>,
+    event: &OrderEvent,
+) -> Result<(), sqlx::Error> {
     let status = match event {
         OrderEvent::OrderPlaced {
             customer_id,
@@ -195,7 +211,8 @@ async fn apply_order(conn: &mut SqliteConnection, suffix: &str, id: &str, at: &s
             total_cents,
             ..
         } => {
-            let lines = serde_json::to_string(lines).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            let lines =
+                serde_json::to_string(lines).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
             return sqlx::query(&format!(
                 "INSERT INTO orders{suffix} (order_id, customer_id, status, lines, total_cents, placed_at, updated_at)
                  VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?5)"
@@ -227,12 +244,26 @@ async fn apply_order(conn: &mut SqliteConnection, suffix: &str, id: &str, at: &s
     set_order_field(conn, suffix, id, at, "status", status).await
 }
 
-async fn apply_inventory(conn: &mut SqliteConnection, suffix: &str, sku: &str, at: &str, event: &InventoryEvent) -> Result<(), sqlx::Error> {
+async fn apply_inventory(
+    conn: &mut SqliteConnection,
+    suffix: &str,
+    sku: &str,
+    at: &str,
+    event: &InventoryEvent,
+) -> Result<(), sqlx::Error> {
     let (on_hand, reserved) = match event {
-        InventoryEvent::StockRestocked { on_hand, reserved, .. }
-        | InventoryEvent::StockReserved { on_hand, reserved, .. }
-        | InventoryEvent::StockReleased { on_hand, reserved, .. }
-        | InventoryEvent::StockCommitted { on_hand, reserved, .. } => (*on_hand, *reserved),
+        InventoryEvent::StockRestocked {
+            on_hand, reserved, ..
+        }
+        | InventoryEvent::StockReserved {
+            on_hand, reserved, ..
+        }
+        | InventoryEvent::StockReleased {
+            on_hand, reserved, ..
+        }
+        | InventoryEvent::StockCommitted {
+            on_hand, reserved, ..
+        } => (*on_hand, *reserved),
         InventoryEvent::StockReservationRejected { .. } => return Ok(()),
     };
     sqlx::query(&format!(
@@ -248,7 +279,13 @@ async fn apply_inventory(conn: &mut SqliteConnection, suffix: &str, sku: &str, a
     .map(|_| ())
 }
 
-async fn apply_payment(conn: &mut SqliteConnection, suffix: &str, id: &str, at: &str, event: &PaymentEvent) -> Result<(), sqlx::Error> {
+async fn apply_payment(
+    conn: &mut SqliteConnection,
+    suffix: &str,
+    id: &str,
+    at: &str,
+    event: &PaymentEvent,
+) -> Result<(), sqlx::Error> {
     let status = payment_status(event);
     let sql = match event {
         PaymentEvent::PaymentRequested { amount_cents, .. } => {
@@ -264,7 +301,9 @@ async fn apply_payment(conn: &mut SqliteConnection, suffix: &str, id: &str, at: 
             .await
             .map(|_| ());
         }
-        PaymentEvent::PaymentAuthorized { amount_cents } => ("authorized_cents", amount_cents.cents()),
+        PaymentEvent::PaymentAuthorized { amount_cents } => {
+            ("authorized_cents", amount_cents.cents())
+        }
         PaymentEvent::PaymentCaptured { amount_cents } => ("captured_cents", amount_cents.cents()),
         PaymentEvent::PaymentVoided { amount_cents } => ("voided_cents", amount_cents.cents()),
         PaymentEvent::PaymentDeclined { reason } => {

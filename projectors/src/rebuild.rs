@@ -17,13 +17,19 @@ const SHADOW: &str = "_shadow";
 
 /// Rebuild `handle`'s projection; `report` hears (processed, total) as it goes.
 /// Returns the number of events applied.
-pub async fn rebuild(all: &Projections, handle: &ProjectionHandle, mut report: impl FnMut(Rebuild)) -> Result<u64, InfraError> {
+pub async fn rebuild(
+    all: &Projections,
+    handle: &ProjectionHandle,
+    mut report: impl FnMut(Rebuild),
+) -> Result<u64, InfraError> {
     let projection = handle.projection;
     let name = projection.name();
     let pool = &handle.db;
     let rebuild_consumer = format!("{name}@rebuild");
     for table in projection.tables() {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {table}{SHADOW}")).execute(pool).await?;
+        sqlx::query(&format!("DROP TABLE IF EXISTS {table}{SHADOW}"))
+            .execute(pool)
+            .await?;
     }
     sqlx::query("DELETE FROM dead_letters WHERE consumer = ?1")
         .bind(&rebuild_consumer)
@@ -32,14 +38,25 @@ pub async fn rebuild(all: &Projections, handle: &ProjectionHandle, mut report: i
     db::migrate(pool, &projection.create_tables(SHADOW)).await?;
 
     let total = all.store.count_after(0, projection.topics()).await?.max(0) as u64;
-    let mut progress = Rebuild { processed: 0, total };
+    let mut progress = Rebuild {
+        processed: 0,
+        total,
+    };
     all.progress.set_rebuild(name, Some(progress));
     report(progress);
 
     // Catch up without holding up the live runner...
     let mut position = 0;
     loop {
-        let (moved, reached) = fill(all, pool, handle, &rebuild_consumer, position, &mut progress).await?;
+        let (moved, reached) = fill(
+            all,
+            pool,
+            handle,
+            &rebuild_consumer,
+            position,
+            &mut progress,
+        )
+        .await?;
         position = reached;
         all.progress.set_rebuild(name, Some(progress));
         report(progress);
@@ -50,7 +67,15 @@ pub async fn rebuild(all: &Projections, handle: &ProjectionHandle, mut report: i
     // ...then pause it for the last events and the swap.
     let _paused = handle.lock.lock().await;
     loop {
-        let (moved, reached) = fill(all, pool, handle, &rebuild_consumer, position, &mut progress).await?;
+        let (moved, reached) = fill(
+            all,
+            pool,
+            handle,
+            &rebuild_consumer,
+            position,
+            &mut progress,
+        )
+        .await?;
         position = reached;
         if !moved {
             break;
@@ -58,12 +83,18 @@ pub async fn rebuild(all: &Projections, handle: &ProjectionHandle, mut report: i
     }
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     for table in projection.tables() {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {table}")).execute(&mut *tx).await?;
+        sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(&format!("ALTER TABLE {table}{SHADOW} RENAME TO {table}"))
             .execute(&mut *tx)
             .await?;
     }
-    for statement in projection.create_indexes().split(';').filter(|s| !s.trim().is_empty()) {
+    for statement in projection
+        .create_indexes()
+        .split(';')
+        .filter(|s| !s.trim().is_empty())
+    {
         sqlx::query(statement).execute(&mut *tx).await?;
     }
     sqlx::query("DELETE FROM dead_letters WHERE consumer = ?1")
@@ -94,7 +125,10 @@ async fn fill(
     progress: &mut Rebuild,
 ) -> Result<(bool, i64), InfraError> {
     let projection = handle.projection;
-    let (events, reached) = all.store.read_after(position, projection.topics(), BATCH).await?;
+    let (events, reached) = all
+        .store
+        .read_after(position, projection.topics(), BATCH)
+        .await?;
     if reached == position {
         return Ok((false, position));
     }

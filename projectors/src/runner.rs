@@ -113,7 +113,10 @@ pub async fn step(all: &Projections, handle: &ProjectionHandle) -> Result<bool, 
     let projection = handle.projection;
     let name = projection.name();
     let checkpoint = checkpoints::load(&handle.db, name).await?;
-    let (events, reached) = all.store.read_after(checkpoint, projection.topics(), BATCH).await?;
+    let (events, reached) = all
+        .store
+        .read_after(checkpoint, projection.topics(), BATCH)
+        .await?;
     if reached == checkpoint {
         all.progress.set_checkpoint(name, checkpoint);
         return Ok(false);
@@ -123,7 +126,8 @@ pub async fn step(all: &Projections, handle: &ProjectionHandle) -> Result<bool, 
         if let Err(error) = apply_guarded(&mut tx, projection, "", recorded).await? {
             tracing::error!(error = %error, projection = name, position = recorded.position, "event dead-lettered");
             dead_letters::record(&mut tx, name, recorded, &error).await?;
-            all.metrics.inc(&metrics::DEAD_LETTERS, &[("consumer", name)]);
+            all.metrics
+                .inc(&metrics::DEAD_LETTERS, &[("consumer", name)]);
         }
     }
     checkpoints::save(&mut tx, name, reached).await?;
@@ -179,11 +183,19 @@ pub async fn apply_one(
         Ok(event) => event,
         Err(error) => return Ok(Err(error.to_string())),
     };
-    sqlx::query("SAVEPOINT apply_event").execute(&mut *conn).await?;
-    let applied = projection.apply(conn, suffix, &recorded.envelope, &event).await;
+    sqlx::query("SAVEPOINT apply_event")
+        .execute(&mut *conn)
+        .await?;
+    let applied = projection
+        .apply(conn, suffix, &recorded.envelope, &event)
+        .await;
     if applied.is_err() {
-        sqlx::query("ROLLBACK TO apply_event").execute(&mut *conn).await?;
+        sqlx::query("ROLLBACK TO apply_event")
+            .execute(&mut *conn)
+            .await?;
     }
-    sqlx::query("RELEASE apply_event").execute(&mut *conn).await?;
+    sqlx::query("RELEASE apply_event")
+        .execute(&mut *conn)
+        .await?;
     Ok(applied.map_err(|e| e.to_string()))
 }

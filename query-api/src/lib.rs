@@ -49,7 +49,11 @@ fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::invalid(format!("order_id: {raw:?} is not a UUID")))
 }
 
-async fn inventory(State(s): State<QueryState>, Path(sku): Path<String>, headers: HeaderMap) -> Result<Json<InventoryView>, ApiError> {
+async fn inventory(
+    State(s): State<QueryState>,
+    Path(sku): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<InventoryView>, ApiError> {
     let sku = domain::Sku::parse(&sku).map_err(|e| ApiError::invalid(e.to_string()))?;
     await_consistency(&s.progress, "inventory", &headers).await?;
     let row = sqlx::query("SELECT on_hand, reserved FROM inventory_levels WHERE sku = ?1")
@@ -85,7 +89,11 @@ fn order_view(row: &SqliteRow) -> Result<OrderView, ApiError> {
     })
 }
 
-async fn order(State(s): State<QueryState>, Path(order_id): Path<String>, headers: HeaderMap) -> Result<Json<OrderView>, ApiError> {
+async fn order(
+    State(s): State<QueryState>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<OrderView>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     await_consistency(&s.progress, "orders", &headers).await?;
     let row = sqlx::query("SELECT * FROM orders WHERE order_id = ?1")
@@ -106,7 +114,11 @@ struct ListParams {
 }
 
 /// Newest first; `next_cursor` is the last order id of the page when more follow.
-async fn list_orders(State(s): State<QueryState>, params: Result<Query<ListParams>, QueryRejection>, headers: HeaderMap) -> Result<Json<OrderPage>, ApiError> {
+async fn list_orders(
+    State(s): State<QueryState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Json<OrderPage>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::malformed(e.body_text()))?;
     let limit = match params.limit.as_deref() {
         None => DEFAULT_PAGE,
@@ -114,7 +126,9 @@ async fn list_orders(State(s): State<QueryState>, params: Result<Query<ListParam
             .parse::<i64>()
             .ok()
             .filter(|l| (1..=MAX_PAGE).contains(l))
-            .ok_or_else(|| ApiError::invalid(format!("limit must be a whole number from 1 to {MAX_PAGE}")))?,
+            .ok_or_else(|| {
+                ApiError::invalid(format!("limit must be a whole number from 1 to {MAX_PAGE}"))
+            })?,
     };
     let status = params
         .status
@@ -123,14 +137,21 @@ async fn list_orders(State(s): State<QueryState>, params: Result<Query<ListParam
         .map(|raw| {
             domain::order::OrderStatus::parse(raw)
                 .map(|s| s.as_str())
-                .ok_or_else(|| ApiError::invalid("status must be one of pending, confirmed, shipped, delivered, cancelled"))
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "status must be one of pending, confirmed, shipped, delivered, cancelled",
+                    )
+                })
         })
         .transpose()?;
     let cursor = params
         .cursor
         .as_deref()
         .filter(|c| !c.is_empty())
-        .map(|raw| Uuid::parse_str(raw).map_err(|_| ApiError::invalid("cursor is not one this server issued")))
+        .map(|raw| {
+            Uuid::parse_str(raw)
+                .map_err(|_| ApiError::invalid("cursor is not one this server issued"))
+        })
         .transpose()?;
     let customer = params.customer_id.filter(|c| !c.is_empty());
     await_consistency(&s.progress, "orders", &headers).await?;
@@ -152,11 +173,19 @@ async fn list_orders(State(s): State<QueryState>, params: Result<Query<ListParam
         .take(limit as usize)
         .map(order_view)
         .collect::<Result<Vec<_>, _>>()?;
-    let next_cursor = if more { items.last().map(|o| o.order_id.to_string()) } else { None };
+    let next_cursor = if more {
+        items.last().map(|o| o.order_id.to_string())
+    } else {
+        None
+    };
     Ok(Json(OrderPage { items, next_cursor }))
 }
 
-async fn payment(State(s): State<QueryState>, Path(order_id): Path<String>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+async fn payment(
+    State(s): State<QueryState>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     await_consistency(&s.progress, "payments", &headers).await?;
     let row = sqlx::query("SELECT * FROM payments WHERE order_id = ?1")
@@ -175,7 +204,11 @@ async fn payment(State(s): State<QueryState>, Path(order_id): Path<String>, head
     })))
 }
 
-async fn shipment(State(s): State<QueryState>, Path(order_id): Path<String>, headers: HeaderMap) -> Result<Json<Value>, ApiError> {
+async fn shipment(
+    State(s): State<QueryState>,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     await_consistency(&s.progress, "shipments", &headers).await?;
     let row = sqlx::query("SELECT status, updated_at FROM shipments WHERE order_id = ?1")
@@ -190,7 +223,10 @@ async fn shipment(State(s): State<QueryState>, Path(order_id): Path<String>, hea
     })))
 }
 
-async fn stream(State(s): State<QueryState>, Path((aggregate_type, aggregate_id)): Path<(String, String)>) -> Result<Json<StreamView>, ApiError> {
+async fn stream(
+    State(s): State<QueryState>,
+    Path((aggregate_type, aggregate_id)): Path<(String, String)>,
+) -> Result<Json<StreamView>, ApiError> {
     if !AGGREGATE_TYPES.contains(&aggregate_type.as_str()) {
         return Err(ApiError::not_found(format!(
             "no aggregate type {aggregate_type:?}; the types are {}",
@@ -199,7 +235,9 @@ async fn stream(State(s): State<QueryState>, Path((aggregate_type, aggregate_id)
     }
     let events = s.store.load_stream(&aggregate_type, &aggregate_id).await?;
     if events.is_empty() {
-        return Err(ApiError::not_found(format!("no stream {aggregate_type}/{aggregate_id}")));
+        return Err(ApiError::not_found(format!(
+            "no stream {aggregate_type}/{aggregate_id}"
+        )));
     }
     Ok(Json(StreamView { events }))
 }

@@ -13,20 +13,56 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum SagaCommand {
-    ReserveStock { sku: Sku, order_id: Uuid, quantity: u64 },
-    ReleaseStock { sku: Sku, order_id: Uuid },
-    CommitStock { sku: Sku, order_id: Uuid },
-    RequestPayment { order_id: Uuid, amount_cents: Money, payment_token: PaymentToken },
-    AuthorizePayment { order_id: Uuid },
-    DeclinePayment { order_id: Uuid, reason: String },
-    CapturePayment { order_id: Uuid },
-    VoidPayment { order_id: Uuid },
-    CreateShipment { order_id: Uuid },
-    DispatchShipment { order_id: Uuid },
-    DeliverShipment { order_id: Uuid },
-    CancelShipment { order_id: Uuid },
-    ConfirmOrder { order_id: Uuid },
-    CancelOrder { order_id: Uuid, reason: CancelReason },
+    ReserveStock {
+        sku: Sku,
+        order_id: Uuid,
+        quantity: u64,
+    },
+    ReleaseStock {
+        sku: Sku,
+        order_id: Uuid,
+    },
+    CommitStock {
+        sku: Sku,
+        order_id: Uuid,
+    },
+    RequestPayment {
+        order_id: Uuid,
+        amount_cents: Money,
+        payment_token: PaymentToken,
+    },
+    AuthorizePayment {
+        order_id: Uuid,
+    },
+    DeclinePayment {
+        order_id: Uuid,
+        reason: String,
+    },
+    CapturePayment {
+        order_id: Uuid,
+    },
+    VoidPayment {
+        order_id: Uuid,
+    },
+    CreateShipment {
+        order_id: Uuid,
+    },
+    DispatchShipment {
+        order_id: Uuid,
+    },
+    DeliverShipment {
+        order_id: Uuid,
+    },
+    CancelShipment {
+        order_id: Uuid,
+    },
+    ConfirmOrder {
+        order_id: Uuid,
+    },
+    CancelOrder {
+        order_id: Uuid,
+        reason: CancelReason,
+    },
 }
 
 impl SagaCommand {
@@ -102,7 +138,9 @@ impl SagaCommand {
             | DispatchShipment { order_id }
             | DeliverShipment { order_id }
             | CancelShipment { order_id } => ("shipment", order_id.to_string()),
-            ConfirmOrder { order_id } | CancelOrder { order_id, .. } => ("order", order_id.to_string()),
+            ConfirmOrder { order_id } | CancelOrder { order_id, .. } => {
+                ("order", order_id.to_string())
+            }
         }
     }
 }

@@ -133,7 +133,9 @@ fn upcast_order_placed_v1(mut payload: Value) -> Option<Value> {
         let price = line.get("unit_price_cents")?.as_u64()?;
         total = total.checked_add(quantity.checked_mul(price)?)?;
     }
-    payload.as_object_mut()?.insert("total_cents".into(), json!(total));
+    payload
+        .as_object_mut()?
+        .insert("total_cents".into(), json!(total));
     Some(payload)
 }
 

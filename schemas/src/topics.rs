@@ -18,6 +18,9 @@ mod tests {
     #[test]
     fn topics_are_named_by_aggregate_type() {
         assert_eq!(super::events_topic("order"), "orderline.order.events");
-        assert_eq!(super::commands_topic("payment"), "orderline.payment.commands");
+        assert_eq!(
+            super::commands_topic("payment"),
+            "orderline.payment.commands"
+        );
     }
 }

@@ -15,7 +15,9 @@ async fn an_order_goes_from_restock_to_delivery() {
     let api = Api::from(&server);
     api.restock("S-1", 10).await;
     api.restock("S-2", 3).await;
-    let id = api.place("c-1", &[("S-1", 2, 1299), ("S-2", 1, 500)], "tok_ok").await;
+    let id = api
+        .place("c-1", &[("S-1", 2, 1299), ("S-2", 1, 500)], "tok_ok")
+        .await;
 
     let order = api.order_settles(&id, "confirmed").await;
     assert_eq!(price(&order), 2 * 1299 + 500);
@@ -23,15 +25,27 @@ async fn an_order_goes_from_restock_to_delivery() {
     assert_eq!(order["payment_status"], "authorized");
     assert_eq!(order["shipment_status"], "created");
     assert_eq!(order["cancel_reason"], Value::Null);
-    assert_eq!(order["lines"][0], json!({ "sku": "S-1", "quantity": 2, "unit_price_cents": 1299 }));
-    let stock = api.eventually("/v1/inventory/S-1", "reserved", |s| s["reserved"] == 2).await;
-    assert_eq!(stock, json!({ "sku": "S-1", "on_hand": 10, "reserved": 2, "available": 8 }));
+    assert_eq!(
+        order["lines"][0],
+        json!({ "sku": "S-1", "quantity": 2, "unit_price_cents": 1299 })
+    );
+    let stock = api
+        .eventually("/v1/inventory/S-1", "reserved", |s| s["reserved"] == 2)
+        .await;
+    assert_eq!(
+        stock,
+        json!({ "sku": "S-1", "on_hand": 10, "reserved": 2, "available": 8 })
+    );
 
-    let (status, accepted) = api.post(&format!("/v1/shipments/{id}/dispatch"), json!({})).await;
+    let (status, accepted) = api
+        .post(&format!("/v1/shipments/{id}/dispatch"), json!({}))
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
     let order = api
         .eventually(&format!("/v1/orders/{id}"), "shipped and captured", |o| {
-            o["status"] == "shipped" && o["payment_status"] == "captured" && o["shipment_status"] == "dispatched"
+            o["status"] == "shipped"
+                && o["payment_status"] == "captured"
+                && o["shipment_status"] == "dispatched"
         })
         .await;
     assert_eq!(order["status"], "shipped");
@@ -40,13 +54,19 @@ async fn an_order_goes_from_restock_to_delivery() {
     })
     .await;
 
-    let (status, _) = api.post(&format!("/v1/shipments/{id}/deliver"), json!({})).await;
+    let (status, _) = api
+        .post(&format!("/v1/shipments/{id}/deliver"), json!({}))
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     api.eventually(&format!("/v1/orders/{id}"), "delivered", |o| {
         o["status"] == "delivered" && o["shipment_status"] == "delivered"
     })
     .await;
-    let payment = api.eventually(&format!("/v1/payments/{id}"), "captured", |p| p["status"] == "captured").await;
+    let payment = api
+        .eventually(&format!("/v1/payments/{id}"), "captured", |p| {
+            p["status"] == "captured"
+        })
+        .await;
     assert_eq!(payment["captured_cents"], json!(2 * 1299 + 500));
     server.stop().await;
 }
@@ -57,16 +77,31 @@ async fn an_order_for_missing_stock_is_cancelled_as_out_of_stock_and_holds_nothi
     let api = Api::from(&server);
     api.restock("A", 5).await;
     api.restock("B", 1).await;
-    let id = api.place("c-1", &[("A", 2, 100), ("B", 3, 100)], "tok_ok").await;
+    let id = api
+        .place("c-1", &[("A", 2, 100), ("B", 3, 100)], "tok_ok")
+        .await;
     let order = api.order_settles(&id, "cancelled").await;
     assert_eq!(order["cancel_reason"], "out_of_stock");
-    assert_eq!(order["payment_status"], Value::Null, "no payment is asked for");
+    assert_eq!(
+        order["payment_status"],
+        Value::Null,
+        "no payment is asked for"
+    );
     api.quiesce().await;
-    assert_eq!(api.stock("A").await, json!({ "sku": "A", "on_hand": 5, "reserved": 0, "available": 5 }));
-    assert_eq!(api.stock("B").await, json!({ "sku": "B", "on_hand": 1, "reserved": 0, "available": 1 }));
+    assert_eq!(
+        api.stock("A").await,
+        json!({ "sku": "A", "on_hand": 5, "reserved": 0, "available": 5 })
+    );
+    assert_eq!(
+        api.stock("B").await,
+        json!({ "sku": "B", "on_hand": 1, "reserved": 0, "available": 1 })
+    );
     // A sku never stocked is out of stock too.
     let id = api.place("c-1", &[("NEVER", 1, 100)], "tok_ok").await;
-    assert_eq!(api.order_settles(&id, "cancelled").await["cancel_reason"], "out_of_stock");
+    assert_eq!(
+        api.order_settles(&id, "cancelled").await["cancel_reason"],
+        "out_of_stock"
+    );
     server.stop().await;
 }
 
@@ -106,13 +141,24 @@ async fn a_customer_cancel_before_dispatch_releases_the_stock_and_voids_the_paym
     api.restock("A", 5).await;
     let id = api.place("c-1", &[("A", 2, 100)], "tok_ok").await;
     api.order_settles(&id, "confirmed").await;
-    let (status, body) = api.post(&format!("/v1/orders/{id}/cancel"), json!({ "reason": "changed my mind" })).await;
+    let (status, body) = api
+        .post(
+            &format!("/v1/orders/{id}/cancel"),
+            json!({ "reason": "changed my mind" }),
+        )
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["order_id"], id.as_str());
     let order = api
-        .eventually(&format!("/v1/orders/{id}"), "cancelled and compensated", |o| {
-            o["status"] == "cancelled" && o["payment_status"] == "voided" && o["shipment_status"] == "cancelled"
-        })
+        .eventually(
+            &format!("/v1/orders/{id}"),
+            "cancelled and compensated",
+            |o| {
+                o["status"] == "cancelled"
+                    && o["payment_status"] == "voided"
+                    && o["shipment_status"] == "cancelled"
+            },
+        )
         .await;
     assert_eq!(order["cancel_reason"], "customer_request");
     api.quiesce().await;
@@ -123,8 +169,13 @@ async fn a_customer_cancel_before_dispatch_releases_the_stock_and_voids_the_paym
 
     // A pending order can be cancelled too (its payment never answers).
     let id = api.place("c-1", &[("A", 1, 100)], "tok_no_answer").await;
-    api.eventually(&format!("/v1/orders/{id}"), "awaiting payment", |o| o["payment_status"] == "requested").await;
-    let (status, _) = api.post(&format!("/v1/orders/{id}/cancel"), json!({})).await;
+    api.eventually(&format!("/v1/orders/{id}"), "awaiting payment", |o| {
+        o["payment_status"] == "requested"
+    })
+    .await;
+    let (status, _) = api
+        .post(&format!("/v1/orders/{id}/cancel"), json!({}))
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     api.eventually(&format!("/v1/orders/{id}"), "cancelled", |o| {
         o["status"] == "cancelled" && o["payment_status"] == "voided"
@@ -142,17 +193,34 @@ async fn a_shipped_order_cannot_be_cancelled() {
     api.restock("A", 5).await;
     let id = api.place("c-1", &[("A", 1, 100)], "tok_ok").await;
     api.order_settles(&id, "confirmed").await;
-    assert_eq!(api.post(&format!("/v1/shipments/{id}/dispatch"), json!({})).await.0, StatusCode::ACCEPTED);
+    assert_eq!(
+        api.post(&format!("/v1/shipments/{id}/dispatch"), json!({}))
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
     let head = api.head().await;
-    let (status, problem) = api.post(&format!("/v1/orders/{id}/cancel"), json!({})).await;
+    let (status, problem) = api
+        .post(&format!("/v1/orders/{id}/cancel"), json!({}))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{problem}");
     assert_eq!(problem["status"], 409);
     api.quiesce().await;
     assert_eq!(api.order(&id).await["status"], "shipped");
     // Cancelling twice is refused as well.
     let id2 = api.place("c-1", &[("A", 1, 100)], "tok_ok").await;
-    assert_eq!(api.post(&format!("/v1/orders/{id2}/cancel"), json!({})).await.0, StatusCode::ACCEPTED);
-    assert_eq!(api.post(&format!("/v1/orders/{id2}/cancel"), json!({})).await.0, StatusCode::CONFLICT);
+    assert_eq!(
+        api.post(&format!("/v1/orders/{id2}/cancel"), json!({}))
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        api.post(&format!("/v1/orders/{id2}/cancel"), json!({}))
+            .await
+            .0,
+        StatusCode::CONFLICT
+    );
     assert!(api.head().await > head);
     server.stop().await;
 }
@@ -163,18 +231,53 @@ async fn dispatch_needs_a_confirmed_order_and_delivery_a_dispatched_one() {
     let api = Api::from(&server);
     api.restock("A", 5).await;
     let pending = api.place("c-1", &[("A", 1, 100)], "tok_no_answer").await;
-    api.eventually(&format!("/v1/orders/{pending}"), "awaiting payment", |o| o["payment_status"] == "requested").await;
-    let (status, problem) = api.post(&format!("/v1/shipments/{pending}/dispatch"), json!({})).await;
+    api.eventually(&format!("/v1/orders/{pending}"), "awaiting payment", |o| {
+        o["payment_status"] == "requested"
+    })
+    .await;
+    let (status, problem) = api
+        .post(&format!("/v1/shipments/{pending}/dispatch"), json!({}))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{problem}");
-    assert_eq!(api.post(&format!("/v1/shipments/{pending}/deliver"), json!({})).await.0, StatusCode::CONFLICT);
+    assert_eq!(
+        api.post(&format!("/v1/shipments/{pending}/deliver"), json!({}))
+            .await
+            .0,
+        StatusCode::CONFLICT
+    );
 
     let confirmed = api.place("c-1", &[("A", 1, 100)], "tok_ok").await;
     api.order_settles(&confirmed, "confirmed").await;
-    assert_eq!(api.post(&format!("/v1/shipments/{confirmed}/deliver"), json!({})).await.0, StatusCode::CONFLICT);
-    assert_eq!(api.post(&format!("/v1/shipments/{confirmed}/dispatch"), json!({})).await.0, StatusCode::ACCEPTED);
-    assert_eq!(api.post(&format!("/v1/shipments/{confirmed}/dispatch"), json!({})).await.0, StatusCode::CONFLICT);
-    assert_eq!(api.post(&format!("/v1/shipments/{confirmed}/deliver"), json!({})).await.0, StatusCode::ACCEPTED);
-    assert_eq!(api.post(&format!("/v1/shipments/{confirmed}/deliver"), json!({})).await.0, StatusCode::CONFLICT);
+    assert_eq!(
+        api.post(&format!("/v1/shipments/{confirmed}/deliver"), json!({}))
+            .await
+            .0,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        api.post(&format!("/v1/shipments/{confirmed}/dispatch"), json!({}))
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        api.post(&format!("/v1/shipments/{confirmed}/dispatch"), json!({}))
+            .await
+            .0,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        api.post(&format!("/v1/shipments/{confirmed}/deliver"), json!({}))
+            .await
+            .0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        api.post(&format!("/v1/shipments/{confirmed}/deliver"), json!({}))
+            .await
+            .0,
+        StatusCode::CONFLICT
+    );
     server.stop().await;
 }
 
@@ -182,7 +285,10 @@ fn assert_problem(status: StatusCode, body: &Value, expected: StatusCode) {
     assert_eq!(status, expected, "{body}");
     assert_eq!(body["status"], expected.as_u16(), "{body}");
     for field in ["type", "title", "detail"] {
-        assert!(body[field].as_str().is_some_and(|s| !s.is_empty()), "problem lacks {field}: {body}");
+        assert!(
+            body[field].as_str().is_some_and(|s| !s.is_empty()),
+            "problem lacks {field}: {body}"
+        );
     }
 }
 
@@ -211,9 +317,17 @@ async fn unknown_resources_are_404_problems() {
         let (status, body) = api.post(&path, json!({})).await;
         assert_problem(status, &body, StatusCode::NOT_FOUND);
     }
-    let response = server.client.get(server.url("/v1/orders/x/y/z")).send().await.expect("request");
+    let response = server
+        .client
+        .get(server.url("/v1/orders/x/y/z"))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(
-        response.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
         Some("application/problem+json")
     );
     assert_eq!(api.head().await, 0, "nothing was written");
@@ -254,7 +368,13 @@ async fn malformed_bodies_are_400_and_write_nothing() {
     }
     let (status, problem) = post_raw(&api, "/v1/orders", "{\"lines\": 1}").await;
     assert_problem(status, &problem, StatusCode::BAD_REQUEST);
-    assert!(problem["detail"].as_str().unwrap_or_default().contains("lines"), "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("lines"),
+        "{problem}"
+    );
     assert_eq!(api.head().await, 0, "nothing was written");
     server.stop().await;
 }
@@ -267,18 +387,55 @@ async fn invalid_values_are_422_and_write_nothing() {
     let order = |customer: &str, lines: Vec<Value>, token: &str| json!({ "customer_id": customer, "lines": lines, "payment_token": token });
     let long_sku = "A".repeat(65);
     let cases = vec![
-        ("/v1/inventory/S-1/restock".to_owned(), json!({ "quantity": 0 })),
-        ("/v1/inventory/S-1/restock".to_owned(), json!({ "quantity": -5 })),
-        ("/v1/inventory/S-1/restock".to_owned(), json!({ "quantity": 1_000_001 })),
-        ("/v1/inventory/bad%20sku/restock".to_owned(), json!({ "quantity": 1 })),
-        (format!("/v1/inventory/{long_sku}/restock"), json!({ "quantity": 1 })),
+        (
+            "/v1/inventory/S-1/restock".to_owned(),
+            json!({ "quantity": 0 }),
+        ),
+        (
+            "/v1/inventory/S-1/restock".to_owned(),
+            json!({ "quantity": -5 }),
+        ),
+        (
+            "/v1/inventory/S-1/restock".to_owned(),
+            json!({ "quantity": 1_000_001 }),
+        ),
+        (
+            "/v1/inventory/bad%20sku/restock".to_owned(),
+            json!({ "quantity": 1 }),
+        ),
+        (
+            format!("/v1/inventory/{long_sku}/restock"),
+            json!({ "quantity": 1 }),
+        ),
         ("/v1/orders".to_owned(), order("c-1", vec![], "tok_ok")),
-        ("/v1/orders".to_owned(), order("c-1", (0..101).map(|i| line(&format!("S{i}"), 1, 1)).collect(), "tok_ok")),
-        ("/v1/orders".to_owned(), order("c-1", vec![line("S 1", 1, 1)], "tok_ok")),
-        ("/v1/orders".to_owned(), order("c-1", vec![line("S-1", 0, 1)], "tok_ok")),
-        ("/v1/orders".to_owned(), order("c-1", vec![line("S-1", 1, -1)], "tok_ok")),
-        ("/v1/orders".to_owned(), order("   ", vec![line("S-1", 1, 1)], "tok_ok")),
-        ("/v1/orders".to_owned(), order("c-1", vec![line("S-1", 1, 1)], "")),
+        (
+            "/v1/orders".to_owned(),
+            order(
+                "c-1",
+                (0..101).map(|i| line(&format!("S{i}"), 1, 1)).collect(),
+                "tok_ok",
+            ),
+        ),
+        (
+            "/v1/orders".to_owned(),
+            order("c-1", vec![line("S 1", 1, 1)], "tok_ok"),
+        ),
+        (
+            "/v1/orders".to_owned(),
+            order("c-1", vec![line("S-1", 0, 1)], "tok_ok"),
+        ),
+        (
+            "/v1/orders".to_owned(),
+            order("c-1", vec![line("S-1", 1, -1)], "tok_ok"),
+        ),
+        (
+            "/v1/orders".to_owned(),
+            order("   ", vec![line("S-1", 1, 1)], "tok_ok"),
+        ),
+        (
+            "/v1/orders".to_owned(),
+            order("c-1", vec![line("S-1", 1, 1)], ""),
+        ),
         ("/v1/orders/not-a-uuid/cancel".to_owned(), json!({})),
         ("/v1/shipments/not-a-uuid/dispatch".to_owned(), json!({})),
     ];
@@ -287,9 +444,20 @@ async fn invalid_values_are_422_and_write_nothing() {
         assert_problem(status, &problem, StatusCode::UNPROCESSABLE_ENTITY);
         let _ = request;
     }
-    let (status, problem) = api.post("/v1/orders", order("c-1", vec![line("S-1", 1, 1), line("S 2", 1, 1)], "tok_ok")).await;
+    let (status, problem) = api
+        .post(
+            "/v1/orders",
+            order("c-1", vec![line("S-1", 1, 1), line("S 2", 1, 1)], "tok_ok"),
+        )
+        .await;
     assert_problem(status, &problem, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(problem["detail"].as_str().unwrap_or_default().contains("lines[1].sku"), "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("lines[1].sku"),
+        "{problem}"
+    );
     let (status, problem) = api.get("/v1/orders?limit=0").await;
     assert_problem(status, &problem, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, problem) = api.get("/v1/orders?status=lost").await;
@@ -340,17 +508,29 @@ async fn the_same_idempotency_key_returns_the_first_answer_and_changes_nothing()
     assert_eq!(again, first, "the retry answers as the first time");
     api.quiesce().await;
     let (_, page) = api.get("/v1/orders?customer_id=c-1").await;
-    assert_eq!(page["items"].as_array().map(Vec::len), Some(1), "one order, not two");
+    assert_eq!(
+        page["items"].as_array().map(Vec::len),
+        Some(1),
+        "one order, not two"
+    );
     let head = api.head().await;
 
     let mut other = request.clone();
     other["lines"][0]["quantity"] = json!(2);
     let (status, problem) = send("key-1", other).await;
     assert_problem(status, &problem, StatusCode::UNPROCESSABLE_ENTITY);
-    assert!(problem["type"].as_str().unwrap_or_default().contains("idempotency"), "{problem}");
+    assert!(
+        problem["type"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("idempotency"),
+        "{problem}"
+    );
 
     // Retried in parallel, a key still places one order.
-    let racers: Vec<_> = (0..8).map(|_| tokio::spawn(send("key-2", request.clone()))).collect();
+    let racers: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(send("key-2", request.clone())))
+        .collect();
     let mut ids = vec![];
     for racer in racers {
         let (status, answer) = racer.await.expect("task");
@@ -420,7 +600,10 @@ async fn a_read_with_a_consistency_token_reflects_the_write() {
         .await
         .expect("request");
     let (_, accepted) = body(response).await;
-    let token = accepted["consistency_token"].as_str().expect("token").to_owned();
+    let token = accepted["consistency_token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
     let id = accepted["order_id"].as_str().expect("id").to_owned();
     let read = api
         .client
@@ -517,12 +700,23 @@ async fn a_stream_shows_every_envelope_field_in_version_order() {
     let (status, stream) = api.get(&format!("/v1/streams/order/{id}")).await;
     assert_eq!(status, StatusCode::OK);
     let events = stream["events"].as_array().expect("events");
-    let types: Vec<&str> = events.iter().filter_map(|e| e["event_type"].as_str()).collect();
+    let types: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["event_type"].as_str())
+        .collect();
     assert_eq!(types, ["OrderPlaced", "OrderConfirmed"]);
     for (i, event) in events.iter().enumerate() {
         for field in [
-            "event_id", "aggregate_type", "aggregate_id", "version", "event_type", "schema_version",
-            "occurred_at", "correlation_id", "causation_id", "payload",
+            "event_id",
+            "aggregate_type",
+            "aggregate_id",
+            "version",
+            "event_type",
+            "schema_version",
+            "occurred_at",
+            "correlation_id",
+            "causation_id",
+            "payload",
         ] {
             assert!(!event[field].is_null(), "envelope lacks {field}: {event}");
         }
@@ -534,7 +728,10 @@ async fn a_stream_shows_every_envelope_field_in_version_order() {
     assert_eq!(events[1]["correlation_id"], events[0]["correlation_id"]);
     let (_, stock) = api.get("/v1/streams/inventory/A").await;
     assert_eq!(stock["events"][1]["event_type"], "StockReserved");
-    assert_eq!(stock["events"][1]["correlation_id"], events[0]["correlation_id"]);
+    assert_eq!(
+        stock["events"][1]["correlation_id"],
+        events[0]["correlation_id"]
+    );
     server.stop().await;
 }
 
@@ -546,7 +743,9 @@ async fn operators_see_health_projections_and_metrics() {
     api.restock("A", 3).await;
     let id = api.place("c-1", &[("A", 1, 10)], "tok_decline").await;
     api.order_settles(&id, "cancelled").await;
-    let _ = api.post("/v1/inventory/A/restock", json!({ "quantity": 0 })).await;
+    let _ = api
+        .post("/v1/inventory/A/restock", json!({ "quantity": 0 }))
+        .await;
     api.quiesce().await;
     let (_, listing) = api.get("/v1/projections").await;
     let names: Vec<&str> = listing["projections"]
@@ -577,7 +776,10 @@ async fn operators_see_health_projections_and_metrics() {
         "orderline_saga_outcomes_total{outcome=\"payment_declined\"} 1",
         "orderline_projection_lag{projection=\"orders\"} 0",
     ] {
-        assert!(metrics.contains(needle), "metrics lack {needle}:\n{metrics}");
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
     }
     server.stop().await;
 }

@@ -12,7 +12,10 @@ async fn thirty_parallel_orders_for_ten_units_confirm_exactly_ten() {
     let orders: Vec<_> = (0..30)
         .map(|i| {
             let api = api.clone();
-            tokio::spawn(async move { api.place(&format!("c-{i}"), &[("HOT", 1, 100)], "tok_ok").await })
+            tokio::spawn(async move {
+                api.place(&format!("c-{i}"), &[("HOT", 1, 100)], "tok_ok")
+                    .await
+            })
         })
         .collect();
     let mut ids = vec![];
@@ -36,7 +39,10 @@ async fn thirty_parallel_orders_for_ten_units_confirm_exactly_ten() {
     }
     assert_eq!((confirmed, cancelled), (10, 20));
     api.quiesce().await;
-    assert_eq!(api.stock("HOT").await, json!({ "sku": "HOT", "on_hand": 10, "reserved": 10, "available": 0 }));
+    assert_eq!(
+        api.stock("HOT").await,
+        json!({ "sku": "HOT", "on_hand": 10, "reserved": 10, "available": 0 })
+    );
     server.stop().await;
 }
 
@@ -47,7 +53,10 @@ async fn parallel_restocks_of_one_sku_all_count() {
     let restocks: Vec<_> = (0..40)
         .map(|_| {
             let api = api.clone();
-            tokio::spawn(async move { api.post("/v1/inventory/BUSY/restock", json!({ "quantity": 3 })).await })
+            tokio::spawn(async move {
+                api.post("/v1/inventory/BUSY/restock", json!({ "quantity": 3 }))
+                    .await
+            })
         })
         .collect();
     for restock in restocks {

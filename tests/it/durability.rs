@@ -7,7 +7,12 @@ async fn count_events(api: &Api, aggregate: &str, id: &str, event_type: &str) ->
     let (_, stream) = api.get(&format!("/v1/streams/{aggregate}/{id}")).await;
     stream["events"]
         .as_array()
-        .map(|events| events.iter().filter(|e| e["event_type"] == event_type).count())
+        .map(|events| {
+            events
+                .iter()
+                .filter(|e| e["event_type"] == event_type)
+                .count()
+        })
         .unwrap_or(0)
 }
 
@@ -23,16 +28,25 @@ async fn a_killed_server_keeps_every_acknowledged_order_and_finishes_pending_sag
     // Orders whose payment never answers: killed while they wait on the deadline.
     let mut waiting = vec![];
     for i in 0..3 {
-        waiting.push(api.place(&format!("w-{i}"), &[("S", 1, 100)], "tok_no_answer").await);
+        waiting.push(
+            api.place(&format!("w-{i}"), &[("S", 1, 100)], "tok_no_answer")
+                .await,
+        );
     }
     for id in &waiting {
-        api.eventually(&format!("/v1/orders/{id}"), "awaiting payment", |o| o["payment_status"] == "requested").await;
+        api.eventually(&format!("/v1/orders/{id}"), "awaiting payment", |o| {
+            o["payment_status"] == "requested"
+        })
+        .await;
     }
     // Orders acknowledged right before the kill, their sagas anywhere in flight.
     let placing: Vec<_> = (0..20)
         .map(|i| {
             let api = api.clone();
-            tokio::spawn(async move { api.place(&format!("c-{i}"), &[("S", 1, 100)], "tok_ok").await })
+            tokio::spawn(async move {
+                api.place(&format!("c-{i}"), &[("S", 1, 100)], "tok_ok")
+                    .await
+            })
         })
         .collect();
     let mut acknowledged = vec![];
@@ -59,11 +73,23 @@ async fn a_killed_server_keeps_every_acknowledged_order_and_finishes_pending_sag
     // Exactly once: no saga step was applied twice across the crash.
     for id in &acknowledged {
         assert_eq!(count_events(&api, "order", id, "OrderConfirmed").await, 1);
-        assert_eq!(count_events(&api, "payment", id, "PaymentAuthorized").await, 1);
-        assert_eq!(count_events(&api, "shipment", id, "ShipmentCreated").await, 1);
+        assert_eq!(
+            count_events(&api, "payment", id, "PaymentAuthorized").await,
+            1
+        );
+        assert_eq!(
+            count_events(&api, "shipment", id, "ShipmentCreated").await,
+            1
+        );
     }
-    assert_eq!(count_events(&api, "inventory", "S", "StockReserved").await, 23);
-    assert_eq!(count_events(&api, "inventory", "S", "StockReleased").await, 3);
+    assert_eq!(
+        count_events(&api, "inventory", "S", "StockReserved").await,
+        23
+    );
+    assert_eq!(
+        count_events(&api, "inventory", "S", "StockReleased").await,
+        3
+    );
 
     // A clean stop (SIGTERM) exits 0, and a third start sees the same state.
     assert!(second.terminate().success());

@@ -33,14 +33,36 @@ fn request(id: &str, expected: i64, events: Vec<NewEvent>) -> AppendRequest {
 #[tokio::test]
 async fn an_append_at_a_stale_version_is_a_conflict_and_writes_nothing() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db")).await.expect("open");
-    let first = store.append(request("A", 0, vec![event(1), event(2)])).await.expect("append");
-    assert_eq!(first, AppendOutcome::Appended { position: 2, version: 2 });
+    let store = EventStore::open(&dir.path().join("events.db"))
+        .await
+        .expect("open");
+    let first = store
+        .append(request("A", 0, vec![event(1), event(2)]))
+        .await
+        .expect("append");
+    assert_eq!(
+        first,
+        AppendOutcome::Appended {
+            position: 2,
+            version: 2
+        }
+    );
     match store.append(request("A", 1, vec![event(3)])).await {
-        Err(StoreError::Conflict { expected: 1, actual: 2, .. }) => {}
+        Err(StoreError::Conflict {
+            expected: 1,
+            actual: 2,
+            ..
+        }) => {}
         other => panic!("expected a conflict, got {other:?}"),
     }
-    assert_eq!(store.load_stream("inventory", "A").await.expect("load").len(), 2);
+    assert_eq!(
+        store
+            .load_stream("inventory", "A")
+            .await
+            .expect("load")
+            .len(),
+        2
+    );
     assert_eq!(store.head(), 2);
     // Another stream is independent.
     assert!(store.append(request("B", 0, vec![event(1)])).await.is_ok());
@@ -51,7 +73,10 @@ async fn the_database_refuses_two_events_with_one_version() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("events.db");
     let store = EventStore::open(&path).await.expect("open");
-    store.append(request("A", 0, vec![event(1)])).await.expect("append");
+    store
+        .append(request("A", 0, vec![event(1)]))
+        .await
+        .expect("append");
     let pool = infra::db::open_pool(&path, 1).await.expect("pool");
     let duplicate = sqlx::query(
         "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version,
@@ -67,7 +92,9 @@ async fn the_database_refuses_two_events_with_one_version() {
 #[tokio::test]
 async fn an_idempotency_key_answers_as_the_first_time_and_refuses_another_request() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db")).await.expect("open");
+    let store = EventStore::open(&dir.path().join("events.db"))
+        .await
+        .expect("open");
     let keyed = |hash: &str, expected: i64| {
         let mut r = request("A", expected, vec![event(1)]);
         r.idempotency = Some(IdempotencyRecord {
@@ -77,36 +104,64 @@ async fn an_idempotency_key_answers_as_the_first_time_and_refuses_another_reques
         });
         r
     };
-    assert!(matches!(store.append(keyed("h1", 0)).await, Ok(AppendOutcome::Appended { .. })));
+    assert!(matches!(
+        store.append(keyed("h1", 0)).await,
+        Ok(AppendOutcome::Appended { .. })
+    ));
     assert_eq!(
         store.append(keyed("h1", 1)).await.expect("duplicate"),
-        AppendOutcome::Duplicate { response: json!({ "sku": "A" }), position: 1 }
+        AppendOutcome::Duplicate {
+            response: json!({ "sku": "A" }),
+            position: 1
+        }
     );
-    assert!(matches!(store.append(keyed("h2", 1)).await, Err(StoreError::KeyReused)));
+    assert!(matches!(
+        store.append(keyed("h2", 1)).await,
+        Err(StoreError::KeyReused)
+    ));
     assert_eq!(store.head(), 1, "neither retry appended");
-    let stored = store.idempotency("http:k").await.expect("read").expect("stored");
+    let stored = store
+        .idempotency("http:k")
+        .await
+        .expect("read")
+        .expect("stored");
     assert_eq!(stored.position, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_share_commits() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db")).await.expect("open");
+    let store = EventStore::open(&dir.path().join("events.db"))
+        .await
+        .expect("open");
     let before = store.commits();
     let appends: Vec<_> = (0..300)
         .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move { store.append(request(&format!("S{i}"), 0, vec![event(i)])).await })
+            tokio::spawn(async move {
+                store
+                    .append(request(&format!("S{i}"), 0, vec![event(i)]))
+                    .await
+            })
         })
         .collect();
     for append in appends {
-        assert!(matches!(append.await.expect("task"), Ok(AppendOutcome::Appended { .. })));
+        assert!(matches!(
+            append.await.expect("task"),
+            Ok(AppendOutcome::Appended { .. })
+        ));
     }
     let commits = store.commits() - before;
     assert_eq!(store.head(), 300);
-    assert!(commits < 300, "300 appends took {commits} commits: no group commit");
+    assert!(
+        commits < 300,
+        "300 appends took {commits} commits: no group commit"
+    );
     // Positions are unique and dense.
-    let (events, reached) = store.read_after(0, &["inventory"], 1000).await.expect("read");
+    let (events, reached) = store
+        .read_after(0, &["inventory"], 1000)
+        .await
+        .expect("read");
     let positions: Vec<i64> = events.iter().map(|e| e.position).collect();
     assert_eq!(positions, (1..=300).collect::<Vec<i64>>());
     assert_eq!(reached, 300);
@@ -115,22 +170,36 @@ async fn concurrent_appends_share_commits() {
 #[tokio::test]
 async fn a_conflict_in_a_group_fails_only_its_own_append() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db")).await.expect("open");
+    let store = EventStore::open(&dir.path().join("events.db"))
+        .await
+        .expect("open");
     let (a, b, c) = tokio::join!(
         store.append(request("X", 0, vec![event(1)])),
         store.append(request("X", 0, vec![event(2)])),
         store.append(request("Y", 0, vec![event(3)])),
     );
-    let conflicts = [&a, &b].iter().filter(|r| matches!(r, Err(StoreError::Conflict { .. }))).count();
+    let conflicts = [&a, &b]
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::Conflict { .. })))
+        .count();
     assert_eq!(conflicts, 1, "{a:?} {b:?}");
     assert!(c.is_ok());
-    assert_eq!(store.load_stream("inventory", "X").await.expect("load").len(), 1);
+    assert_eq!(
+        store
+            .load_stream("inventory", "X")
+            .await
+            .expect("load")
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
 async fn subscribers_are_woken_by_an_append() {
     let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db")).await.expect("open");
+    let store = EventStore::open(&dir.path().join("events.db"))
+        .await
+        .expect("open");
     let mut head = store.subscribe();
     head.borrow_and_update();
     let writer = store.clone();
@@ -148,7 +217,10 @@ async fn events_survive_reopening_and_readers_pass_over_other_topics() {
     let path = dir.path().join("events.db");
     {
         let store = EventStore::open(&path).await.expect("open");
-        store.append(request("A", 0, vec![event(1)])).await.expect("append");
+        store
+            .append(request("A", 0, vec![event(1)]))
+            .await
+            .expect("append");
         let mut order = request("o-1", 0, vec![event(2)]);
         order.aggregate_type = "order".into();
         store.append(order).await.expect("append");
@@ -158,6 +230,13 @@ async fn events_survive_reopening_and_readers_pass_over_other_topics() {
     let (events, reached) = store.read_after(0, &["inventory"], 10).await.expect("read");
     assert_eq!(events.len(), 1);
     assert_eq!(reached, 2, "the checkpoint moves past the order event too");
-    let (events, reached) = store.read_after(0, &["inventory", "order"], 1).await.expect("read");
-    assert_eq!((events.len(), reached), (1, 1), "a cut-short batch checkpoints its last event");
+    let (events, reached) = store
+        .read_after(0, &["inventory", "order"], 1)
+        .await
+        .expect("read");
+    assert_eq!(
+        (events.len(), reached),
+        (1, 1),
+        "a cut-short batch checkpoints its last event"
+    );
 }

@@ -23,7 +23,14 @@ async fn workload(api: &Api) {
             0 => "tok_decline",
             _ => "tok_ok",
         };
-        ids.push(api.place(&format!("c-{}", i % 4), &[("A", 1, 250), ("B", 1 + i % 2, 99)], token).await);
+        ids.push(
+            api.place(
+                &format!("c-{}", i % 4),
+                &[("A", 1, 250), ("B", 1 + i % 2, 99)],
+                token,
+            )
+            .await,
+        );
     }
     api.quiesce().await;
     for (i, id) in ids.iter().enumerate() {
@@ -33,11 +40,17 @@ async fn workload(api: &Api) {
         }
         match i % 3 {
             0 => {
-                api.post(&format!("/v1/shipments/{id}/dispatch"), json!({})).await;
-                api.post(&format!("/v1/shipments/{id}/deliver"), json!({})).await;
+                api.post(&format!("/v1/shipments/{id}/dispatch"), json!({}))
+                    .await;
+                api.post(&format!("/v1/shipments/{id}/deliver"), json!({}))
+                    .await;
             }
             1 => {
-                api.post(&format!("/v1/orders/{id}/cancel"), json!({ "reason": "no longer needed" })).await;
+                api.post(
+                    &format!("/v1/orders/{id}/cancel"),
+                    json!({ "reason": "no longer needed" }),
+                )
+                .await;
             }
             _ => {}
         }
@@ -61,14 +74,22 @@ async fn an_online_rebuild_equals_the_live_projection_and_queries_keep_answering
     let live = dump_all(&server.data_dir).await;
     assert!(live.iter().all(|rows| !rows.is_empty()));
     let (_, page) = api.get("/v1/orders?limit=1").await;
-    let some_order = page["items"][0]["order_id"].as_str().expect("an order").to_owned();
+    let some_order = page["items"][0]["order_id"]
+        .as_str()
+        .expect("an order")
+        .to_owned();
 
     for (name, _, _, _) in TABLES {
-        let (status, body) = api.post(&format!("/v1/projections/{name}/rebuild"), json!({})).await;
+        let (status, body) = api
+            .post(&format!("/v1/projections/{name}/rebuild"), json!({}))
+            .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         // Queries keep answering while it runs, and the listing shows it.
         loop {
-            assert_eq!(api.get(&format!("/v1/orders/{some_order}")).await.0, StatusCode::OK);
+            assert_eq!(
+                api.get(&format!("/v1/orders/{some_order}")).await.0,
+                StatusCode::OK
+            );
             let (_, listing) = api.get("/v1/projections").await;
             let view = listing["projections"]
                 .as_array()
@@ -82,7 +103,11 @@ async fn an_online_rebuild_equals_the_live_projection_and_queries_keep_answering
         }
     }
     api.quiesce().await;
-    assert_eq!(dump_all(&server.data_dir).await, live, "rebuilt equals live");
+    assert_eq!(
+        dump_all(&server.data_dir).await,
+        live,
+        "rebuilt equals live"
+    );
 
     // The live projections go on after the swap.
     let before = api.stock("A").await["on_hand"].as_i64().expect("on hand");
@@ -107,8 +132,15 @@ async fn the_offline_replay_command_equals_the_live_projection() {
             .output()
             .expect("replay runs");
         let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(output.status.success(), "replay {name} failed: {}", String::from_utf8_lossy(&output.stderr));
-        assert!(stdout.contains(&format!("{name}: rebuilt from")), "{stdout}");
+        assert!(
+            output.status.success(),
+            "replay {name} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("{name}: rebuilt from")),
+            "{stdout}"
+        );
     }
     assert_eq!(dump_all(&data).await, live, "replayed equals live");
     let unknown = std::process::Command::new(env!("CARGO_BIN_EXE_orderline"))
@@ -135,7 +167,9 @@ async fn an_event_a_projection_cannot_apply_is_dead_lettered_and_the_projection_
     first.api.restock("A", 1).await;
     first.kill();
     // An event of a shape no version of the code wrote, as a damaged log would hold.
-    let pool = infra::db::open_pool(&data.join("events.db"), 1).await.expect("open");
+    let pool = infra::db::open_pool(&data.join("events.db"), 1)
+        .await
+        .expect("open");
     sqlx::query(
         "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version,
             occurred_at, correlation_id, causation_id, payload)
@@ -152,18 +186,36 @@ async fn an_event_a_projection_cannot_apply_is_dead_lettered_and_the_projection_
     let api = second.api.clone();
     api.restock("B", 2).await;
     api.quiesce().await;
-    assert_eq!(api.stock("B").await["on_hand"], 2, "later events still apply");
+    assert_eq!(
+        api.stock("B").await["on_hand"],
+        2,
+        "later events still apply"
+    );
     let (_, letters) = api.get("/v1/dead-letters").await;
     let letters = letters["dead_letters"].as_array().expect("list").clone();
-    let ours: Vec<_> = letters.iter().filter(|l| l["consumer"] == "inventory").collect();
+    let ours: Vec<_> = letters
+        .iter()
+        .filter(|l| l["consumer"] == "inventory")
+        .collect();
     assert_eq!(ours.len(), 1, "{letters:?}");
-    assert_eq!(ours[0]["event"]["event_id"], "0190a0e4-1f00-7000-8000-00000000dead");
-    assert!(ours[0]["error"].as_str().unwrap_or_default().contains("StockRestocked"));
+    assert_eq!(
+        ours[0]["event"]["event_id"],
+        "0190a0e4-1f00-7000-8000-00000000dead"
+    );
+    assert!(ours[0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("StockRestocked"));
     let (_, listing) = api.get("/v1/projections").await;
     assert_eq!(listing["projections"][1]["dead_letters"], 1);
     let id = ours[0]["id"].as_str().expect("id");
-    let (status, problem) = api.post(&format!("/v1/dead-letters/{id}/retry"), json!({})).await;
+    let (status, problem) = api
+        .post(&format!("/v1/dead-letters/{id}/retry"), json!({}))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT, "{problem}");
-    assert!(problem["detail"].as_str().unwrap_or_default().contains("still cannot be applied"));
+    assert!(problem["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("still cannot be applied"));
     second.kill();
 }

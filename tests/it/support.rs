@@ -39,7 +39,9 @@ impl TestServer {
     pub async fn start_in(data_dir: &Path, payment_timeout: Duration) -> TestServer {
         let mut config = Config::with_data_dir(data_dir);
         config.payment_timeout = payment_timeout;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let address = listener.local_addr().expect("address");
         let system = System::start(config).await.expect("system starts");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -62,7 +64,9 @@ impl TestServer {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            task.await.expect("server task").expect("server stops cleanly");
+            task.await
+                .expect("server task")
+                .expect("server stops cleanly");
         }
         self._dir.take()
     }
@@ -112,15 +116,35 @@ impl Api {
     }
 
     pub async fn post(&self, path: &str, body_json: Value) -> (StatusCode, Value) {
-        body(self.client.post(self.url(path)).json(&body_json).send().await.expect("request")).await
+        body(
+            self.client
+                .post(self.url(path))
+                .json(&body_json)
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        body(self.client.get(self.url(path)).send().await.expect("request")).await
+        body(
+            self.client
+                .get(self.url(path))
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await
     }
 
     pub async fn restock(&self, sku: &str, quantity: i64) -> Value {
-        let (status, body) = self.post(&format!("/v1/inventory/{sku}/restock"), json!({ "quantity": quantity })).await;
+        let (status, body) = self
+            .post(
+                &format!("/v1/inventory/{sku}/restock"),
+                json!({ "quantity": quantity }),
+            )
+            .await;
         assert_eq!(status, StatusCode::ACCEPTED, "restock: {body}");
         body
     }
@@ -132,7 +156,10 @@ impl Api {
             .map(|(sku, quantity, price)| json!({ "sku": sku, "quantity": quantity, "unit_price_cents": price }))
             .collect();
         let (status, body) = self
-            .post("/v1/orders", json!({ "customer_id": customer, "lines": lines, "payment_token": token }))
+            .post(
+                "/v1/orders",
+                json!({ "customer_id": customer, "lines": lines, "payment_token": token }),
+            )
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "place order: {body}");
         body["order_id"].as_str().expect("order id").to_owned()
@@ -145,7 +172,12 @@ impl Api {
     }
 
     /// Wait until `check` holds of what GET `path` answers; panics after [`SETTLE`].
-    pub async fn eventually(&self, path: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    pub async fn eventually(
+        &self,
+        path: &str,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
         let start = Instant::now();
         loop {
             let (status, body) = self.get(path).await;
@@ -160,7 +192,10 @@ impl Api {
     }
 
     pub async fn order_settles(&self, id: &str, status: &str) -> Value {
-        self.eventually(&format!("/v1/orders/{id}"), status, |o| o["status"] == status).await
+        self.eventually(&format!("/v1/orders/{id}"), status, |o| {
+            o["status"] == status
+        })
+        .await
     }
 
     pub async fn stock(&self, sku: &str) -> Value {
@@ -176,7 +211,14 @@ impl Api {
         let mut last_head = -1;
         let mut stable_since = Instant::now();
         loop {
-            let (_, metrics) = body(self.client.get(self.url("/metrics")).send().await.expect("metrics")).await;
+            let (_, metrics) = body(
+                self.client
+                    .get(self.url("/metrics"))
+                    .send()
+                    .await
+                    .expect("metrics"),
+            )
+            .await;
             let text = metrics.as_str().unwrap_or_default().to_owned();
             let head = gauge(&text, "orderline_log_head{}");
             let lagging = text
@@ -190,7 +232,10 @@ impl Api {
             if !lagging && stable_since.elapsed() > Duration::from_millis(300) {
                 return;
             }
-            assert!(start.elapsed() < SETTLE, "the system never settled:\n{text}");
+            assert!(
+                start.elapsed() < SETTLE,
+                "the system never settled:\n{text}"
+            );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
@@ -207,7 +252,14 @@ fn gauge(metrics: &str, name: &str) -> i64 {
 impl Api {
     /// The log position of the last event (from /metrics).
     pub async fn head(&self) -> i64 {
-        let (_, metrics) = body(self.client.get(self.url("/metrics")).send().await.expect("metrics")).await;
+        let (_, metrics) = body(
+            self.client
+                .get(self.url("/metrics"))
+                .send()
+                .await
+                .expect("metrics"),
+        )
+        .await;
         gauge(metrics.as_str().unwrap_or_default(), "orderline_log_head{}")
     }
 }
@@ -239,17 +291,26 @@ impl Process {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if !sent {
                     if let Some(rest) = line.split("listening on ").nth(1) {
-                        let url = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                        let url = rest
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .to_owned();
                         let _ = tx.send(url);
                         sent = true;
                     }
                 }
             }
         });
-        let base = rx.recv_timeout(SETTLE).expect("orderline says where it listens");
+        let base = rx
+            .recv_timeout(SETTLE)
+            .expect("orderline says where it listens");
         Process {
             child,
-            api: Api { base, client: client() },
+            api: Api {
+                base,
+                client: client(),
+            },
         }
     }
 
@@ -293,7 +354,10 @@ pub async fn dump(data_dir: &Path, service: &str, table: &str, key: &str) -> Vec
                 let value: Value = row
                     .try_get::<i64, _>(i)
                     .map(Value::from)
-                    .or_else(|_| row.try_get::<Option<String>, _>(i).map(|s| s.map_or(Value::Null, Value::from)))
+                    .or_else(|_| {
+                        row.try_get::<Option<String>, _>(i)
+                            .map(|s| s.map_or(Value::Null, Value::from))
+                    })
                     .unwrap_or(Value::Null);
                 object.insert(column.name().to_owned(), value);
             }

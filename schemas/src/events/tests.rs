@@ -148,12 +148,22 @@ fn every_event_type_has_a_sample_and_a_schema_for_each_version() {
 #[test]
 fn every_schema_file_belongs_to_a_known_event_version() {
     for entry in std::fs::read_dir(root().join("events")).expect("events folder") {
-        let name = entry.expect("entry").file_name().to_string_lossy().into_owned();
+        let name = entry
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
         let (event_type, rest) = name.split_once(".v").expect("name is <Type>.v<N>.json");
-        let version: u32 = rest.trim_end_matches(".json").parse().expect("version number");
+        let version: u32 = rest
+            .trim_end_matches(".json")
+            .parse()
+            .expect("version number");
         let current = current_version(event_type)
             .unwrap_or_else(|| panic!("{name} names no known event type"));
-        assert!(version <= current, "{name} is newer than the code's version {current}");
+        assert!(
+            version <= current,
+            "{name} is newer than the code's version {current}"
+        );
     }
 }
 
@@ -243,7 +253,9 @@ fn stored_v1_order_placed_events_are_upcast_with_their_total() {
         assert_eq!(envelope.schema_version, 1);
         assert!(violations(&v1, &envelope.payload).is_empty());
         match AnyEvent::from_envelope(envelope).expect("v1 stays readable") {
-            AnyEvent::Order(OrderEvent::OrderPlaced { total_cents, lines, .. }) => {
+            AnyEvent::Order(OrderEvent::OrderPlaced {
+                total_cents, lines, ..
+            }) => {
                 assert_eq!(total_cents, domain::order::total_of(&lines));
                 totals.push(total_cents.cents());
             }
