@@ -14,6 +14,7 @@ use schemas::commands::SagaCommand;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
 use std::time::Duration;
@@ -118,6 +119,52 @@ impl StreamLocks {
     }
 }
 
+/// What an aggregate's state needs to be cached and snapshotted.
+pub trait Stateful: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> Stateful for T {}
+
+/// A snapshot is stored each time a stream crosses a multiple of this many events.
+pub const SNAPSHOT_EVERY: i64 = 64;
+
+/// The most aggregates whose state is kept in memory.
+const CACHE_CAPACITY: usize = 50_000;
+
+/// The last committed state of recently used aggregates, with its version and
+/// position: a load reads only the events after it. Only states this process
+/// committed (or read) go in, so a cached state is always one the log holds.
+#[derive(Clone, Default)]
+struct StateCache(Arc<StdMutex<HashMap<String, Cached>>>);
+
+struct Cached {
+    version: i64,
+    position: i64,
+    state: Arc<dyn Any + Send + Sync>,
+}
+
+impl StateCache {
+    fn get<A: Clone + 'static>(&self, key: &str) -> Option<(A, i64, i64)> {
+        let cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let cached = cache.get(key)?;
+        let state = cached.state.downcast_ref::<A>()?.clone();
+        Some((state, cached.version, cached.position))
+    }
+
+    fn put<A: Send + Sync + 'static>(&self, key: String, state: A, version: i64, position: i64) {
+        let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= CACHE_CAPACITY && !cache.contains_key(&key) {
+            cache.clear();
+        }
+        cache.insert(
+            key,
+            Cached {
+                version,
+                position,
+                state: Arc::new(state),
+            },
+        );
+    }
+}
+
 /// The application services of every bounded context; cheap to clone.
 #[derive(Clone)]
 pub struct Handlers {
@@ -125,6 +172,7 @@ pub struct Handlers {
     pub metrics: Metrics,
     pub gateway: SimulatedGateway,
     locks: StreamLocks,
+    cache: StateCache,
 }
 
 impl Handlers {
@@ -134,6 +182,7 @@ impl Handlers {
             metrics,
             gateway: SimulatedGateway,
             locks: StreamLocks::default(),
+            cache: StateCache::default(),
         }
     }
 
@@ -147,14 +196,21 @@ impl Handlers {
         meta: &Meta,
     ) -> Result<Executed, CommandError>
     where
-        A: Aggregate,
+        A: Aggregate + Stateful,
         A::Event: Serialize + DeserializeOwned + EventName,
     {
-        let lock = self.locks.get(format!("{}/{id}", A::TYPE));
+        let key = format!("{}/{id}", A::TYPE);
+        let lock = self.locks.get(key.clone());
         let _turn = lock.lock().await;
         for attempt in 0..MAX_ATTEMPTS {
-            let (state, version, position) = self.load::<A>(id).await?;
+            let (mut state, version, position) = self.load::<A>(id).await?;
             let events = state.decide(command)?;
+            if events.is_empty() && meta.idempotency.is_none() {
+                return Ok(Executed::Done {
+                    position,
+                    events: 0,
+                });
+            }
             let occurred_at = chrono::Utc::now();
             let new_events = events
                 .iter()
@@ -171,12 +227,13 @@ impl Handlers {
                     })
                 })
                 .collect::<Result<Vec<_>, CommandError>>()?;
-            if new_events.is_empty() && meta.idempotency.is_none() {
-                return Ok(Executed::Done {
-                    position,
-                    events: 0,
-                });
+            for event in &events {
+                state.apply(event);
             }
+            let new_version = version + events.len() as i64;
+            let snapshot = (new_version / SNAPSHOT_EVERY > version / SNAPSHOT_EVERY)
+                .then(|| serde_json::to_value(&state).ok())
+                .flatten();
             let appended = self
                 .store
                 .append(AppendRequest {
@@ -185,6 +242,7 @@ impl Handlers {
                     expected_version: version,
                     events: new_events,
                     idempotency: meta.idempotency.clone(),
+                    snapshot,
                 })
                 .await;
             match appended {
@@ -195,6 +253,7 @@ impl Handlers {
                             &[("aggregate_type", A::TYPE)],
                             events.len() as u64,
                         );
+                        self.cache.put(key, state, new_version, position);
                     }
                     return Ok(Executed::Done {
                         position,
@@ -215,19 +274,33 @@ impl Handlers {
                 Err(error) => return Err(CommandError::Store(error)),
             }
         }
-        Err(CommandError::Contention(format!("{}/{id}", A::TYPE)))
+        Err(CommandError::Contention(key))
     }
 
-    /// The aggregate's state, version and last position.
+    /// The aggregate's state, version and last position: from the cache or the latest
+    /// snapshot, plus the events after it. A snapshot that no longer reads (the state's
+    /// shape changed) is passed over and the stream is folded from the start.
     pub async fn load<A>(&self, id: &str) -> Result<(A, i64, i64), CommandError>
     where
-        A: Aggregate,
+        A: Aggregate + Stateful,
         A::Event: DeserializeOwned,
     {
-        let stream = self.store.load_stream(A::TYPE, id).await?;
-        let mut state = A::default();
-        let (mut version, mut position) = (0, 0);
-        for recorded in &stream {
+        let key = format!("{}/{id}", A::TYPE);
+        let (mut state, mut version, mut position) = match self.cache.get::<A>(&key) {
+            Some(cached) => cached,
+            None => match self.store.snapshot(A::TYPE, id).await? {
+                Some(snapshot) => match serde_json::from_value::<A>(snapshot.state) {
+                    Ok(state) => (state, snapshot.version, snapshot.position),
+                    Err(error) => {
+                        tracing::warn!(error = %error, aggregate = %key, "snapshot unreadable; folding the whole stream");
+                        (A::default(), 0, 0)
+                    }
+                },
+                None => (A::default(), 0, 0),
+            },
+        };
+        let loaded_from = version;
+        for recorded in self.store.load_stream_after(A::TYPE, id, version).await? {
             let envelope = &recorded.envelope;
             let event: A::Event = schemas::decode(
                 &envelope.event_type,
@@ -237,6 +310,9 @@ impl Handlers {
             state.apply(&event);
             version = envelope.version;
             position = recorded.position;
+        }
+        if version != loaded_from {
+            self.cache.put(key, state.clone(), version, position);
         }
         Ok((state, version, position))
     }

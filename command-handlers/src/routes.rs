@@ -131,7 +131,7 @@ async fn run<A>(
     body: Value,
 ) -> Result<Response, ApiError>
 where
-    A: domain::Aggregate,
+    A: domain::Aggregate + crate::app::Stateful,
     A::Event: serde::Serialize + serde::de::DeserializeOwned + domain::EventName,
 {
     if let Some(response) = replay(handlers, &record).await? {

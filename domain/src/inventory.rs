@@ -90,7 +90,7 @@ impl InventoryEvent {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InventoryItem {
     pub exists: bool,
     pub on_hand: u64,

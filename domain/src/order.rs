@@ -110,7 +110,7 @@ pub fn total_of(lines: &[OrderLine]) -> Money {
     })
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
     pub status: Option<OrderStatus>,
     pub customer_id: Option<CustomerId>,

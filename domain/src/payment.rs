@@ -80,7 +80,7 @@ impl PaymentStatus {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Payment {
     pub status: Option<PaymentStatus>,
     pub amount: Money,

@@ -53,7 +53,7 @@ impl ShipmentStatus {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Shipment {
     pub status: Option<ShipmentStatus>,
 }

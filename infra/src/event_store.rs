@@ -35,6 +35,14 @@ CREATE TABLE IF NOT EXISTS events (
     UNIQUE (aggregate_type, aggregate_id, version)
 );
 CREATE INDEX IF NOT EXISTS events_by_type ON events (aggregate_type, position);
+CREATE TABLE IF NOT EXISTS snapshots (
+    aggregate_type  TEXT    NOT NULL,
+    aggregate_id    TEXT    NOT NULL,
+    version         INTEGER NOT NULL,
+    position        INTEGER NOT NULL,
+    state           TEXT    NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS idempotency (
     key           TEXT    PRIMARY KEY,
     request_hash  TEXT    NOT NULL,
@@ -76,6 +84,16 @@ pub struct AppendRequest {
     pub expected_version: i64,
     pub events: Vec<NewEvent>,
     pub idempotency: Option<IdempotencyRecord>,
+    /// The aggregate's state after these events, to store as its snapshot.
+    pub snapshot: Option<Value>,
+}
+
+/// An aggregate's state as of a version, so a load reads only the events after it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub version: i64,
+    pub position: i64,
+    pub state: Value,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +218,48 @@ impl EventStore {
         .fetch_all(&self.inner.reads)
         .await?;
         rows.iter().map(recorded).collect()
+    }
+
+    /// The events of one stream after `version`, in version order.
+    pub async fn load_stream_after(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        version: i64,
+    ) -> Result<Vec<RecordedEvent>, InfraError> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version > ?3
+             ORDER BY version",
+        )
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(version)
+        .fetch_all(&self.inner.reads)
+        .await?;
+        rows.iter().map(recorded).collect()
+    }
+
+    /// The latest snapshot of one aggregate, if one was taken.
+    pub async fn snapshot(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+    ) -> Result<Option<Snapshot>, InfraError> {
+        let row = sqlx::query(
+            "SELECT version, position, state FROM snapshots WHERE aggregate_type = ?1 AND aggregate_id = ?2",
+        )
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .fetch_optional(&self.inner.reads)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let state: String = row.try_get("state")?;
+        Ok(Some(Snapshot {
+            version: row.try_get("version")?,
+            position: row.try_get("position")?,
+            state: serde_json::from_str(&state)
+                .map_err(|e| InfraError::Corrupt(format!("snapshot: {e}")))?,
+        }))
     }
 
     /// Up to `limit` events of the given aggregate types after `after`, and the
@@ -429,6 +489,21 @@ async fn append_one(
         .bind(event.causation_id.to_string())
         .bind(event.payload.to_string())
         .fetch_one(&mut *conn)
+        .await?;
+    }
+    if let (Some(state), false) = (&request.snapshot, request.events.is_empty()) {
+        sqlx::query(
+            "INSERT INTO snapshots (aggregate_type, aggregate_id, version, position, state)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
+                version = excluded.version, position = excluded.position, state = excluded.state",
+        )
+        .bind(&request.aggregate_type)
+        .bind(&request.aggregate_id)
+        .bind(version)
+        .bind(position)
+        .bind(state.to_string())
+        .execute(&mut *conn)
         .await?;
     }
     if let Some(record) = &request.idempotency {

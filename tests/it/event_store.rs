@@ -27,6 +27,7 @@ fn request(id: &str, expected: i64, events: Vec<NewEvent>) -> AppendRequest {
         expected_version: expected,
         events,
         idempotency: None,
+        snapshot: None,
     }
 }
 
@@ -239,4 +240,56 @@ async fn events_survive_reopening_and_readers_pass_over_other_topics() {
         (1, 1),
         "a cut-short batch checkpoints its last event"
     );
+}
+
+#[tokio::test]
+async fn an_aggregate_loads_from_its_snapshot_and_the_events_after_it() {
+    use command_handlers::app::SNAPSHOT_EVERY;
+    use command_handlers::{Handlers, Meta};
+    use domain::inventory::{InventoryCommand, InventoryItem};
+    use domain::Quantity;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("events.db");
+    let store = EventStore::open(&path).await.expect("open");
+    let handlers = Handlers::new(store.clone(), infra::metrics::Metrics::default());
+    let restock = InventoryCommand::Restock {
+        quantity: Quantity::new(2).expect("valid"),
+    };
+    for _ in 0..150 {
+        handlers
+            .execute::<InventoryItem>("A", &restock, &Meta::fresh())
+            .await
+            .expect("restock");
+    }
+    let snapshot = store
+        .snapshot("inventory", "A")
+        .await
+        .expect("read")
+        .expect("taken");
+    assert_eq!(snapshot.version, 150 / SNAPSHOT_EVERY * SNAPSHOT_EVERY);
+    assert_eq!(snapshot.state["on_hand"], snapshot.version * 2);
+
+    // A process with nothing cached starts from the snapshot.
+    let fresh = Handlers::new(store.clone(), infra::metrics::Metrics::default());
+    let (item, version, position) = fresh.load::<InventoryItem>("A").await.expect("load");
+    assert_eq!((item.on_hand, version, position), (300, 150, 150));
+
+    // A snapshot that no longer reads is passed over.
+    let pool = infra::db::open_pool(&path, 1).await.expect("pool");
+    sqlx::query("UPDATE snapshots SET state = '{\"shape\": \"old\"}'")
+        .execute(&pool)
+        .await
+        .expect("update");
+    let again = Handlers::new(store.clone(), infra::metrics::Metrics::default());
+    let (item, version, _) = again.load::<InventoryItem>("A").await.expect("load");
+    assert_eq!((item.on_hand, version), (300, 150));
+
+    // Another writer's events are seen past a cached state.
+    store
+        .append(request("A", 150, vec![event(0)]))
+        .await
+        .expect("append");
+    let (_, version, _) = handlers.load::<InventoryItem>("A").await.expect("load");
+    assert_eq!(version, 151);
 }
