@@ -279,15 +279,15 @@ async fn dispatch(
     headers: HeaderMap,
     raw: Bytes,
 ) -> Response {
-    let result = shipment_step(
+    let step = shipment_step(
         &h,
         &order_id,
         &headers,
         &raw,
         "dispatch",
         OrderCommand::Ship,
-    )
-    .await;
+    );
+    let result = step.await;
     observe(&h, "dispatch_shipment", result)
 }
 
@@ -297,14 +297,14 @@ async fn deliver(
     headers: HeaderMap,
     raw: Bytes,
 ) -> Response {
-    let result = shipment_step(
+    let step = shipment_step(
         &h,
         &order_id,
         &headers,
         &raw,
         "deliver",
         OrderCommand::Deliver,
-    )
-    .await;
+    );
+    let result = step.await;
     observe(&h, "deliver_shipment", result)
 }

@@ -46,41 +46,26 @@ pub async fn rebuild(
     report(progress);
 
     // Catch up without holding up the live runner...
-    let mut position = 0;
-    loop {
-        let (moved, reached) = fill(
-            all,
-            pool,
-            handle,
-            &rebuild_consumer,
-            position,
-            &mut progress,
-        )
-        .await?;
-        position = reached;
-        all.progress.set_rebuild(name, Some(progress));
-        report(progress);
-        if !moved {
-            break;
-        }
-    }
+    let position = catch_up(
+        all,
+        handle,
+        &rebuild_consumer,
+        0,
+        &mut progress,
+        &mut report,
+    )
+    .await?;
     // ...then pause it for the last events and the swap.
     let _paused = handle.lock.lock().await;
-    loop {
-        let (moved, reached) = fill(
-            all,
-            pool,
-            handle,
-            &rebuild_consumer,
-            position,
-            &mut progress,
-        )
-        .await?;
-        position = reached;
-        if !moved {
-            break;
-        }
-    }
+    let position = catch_up(
+        all,
+        handle,
+        &rebuild_consumer,
+        position,
+        &mut progress,
+        &mut report,
+    )
+    .await?;
     let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
     for table in projection.tables() {
         sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
@@ -113,6 +98,35 @@ pub async fn rebuild(
     progress.total = progress.total.max(progress.processed);
     report(progress);
     Ok(progress.processed)
+}
+
+/// Fill the shadow from `position` until it has reached the head; the position reached.
+async fn catch_up(
+    all: &Projections,
+    handle: &ProjectionHandle,
+    dead_letter_consumer: &str,
+    mut position: i64,
+    progress: &mut Rebuild,
+    report: &mut impl FnMut(Rebuild),
+) -> Result<i64, InfraError> {
+    loop {
+        let (moved, reached) = fill(
+            all,
+            &handle.db,
+            handle,
+            dead_letter_consumer,
+            position,
+            progress,
+        )
+        .await?;
+        position = reached;
+        all.progress
+            .set_rebuild(handle.projection.name(), Some(*progress));
+        report(*progress);
+        if !moved {
+            return Ok(position);
+        }
+    }
 }
 
 /// Apply one batch to the shadow; (whether it moved, position reached).
