@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS snapshots (
     state           TEXT    NOT NULL,
     PRIMARY KEY (aggregate_type, aggregate_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS relay_positions (
+    name        TEXT    PRIMARY KEY,
+    position    INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS idempotency (
     key           TEXT    PRIMARY KEY,
     request_hash  TEXT    NOT NULL,
@@ -313,6 +317,29 @@ impl EventStore {
         .bind(types)
         .fetch_one(&self.inner.reads)
         .await?)
+    }
+
+    /// How far the relay `name` has published the log.
+    pub async fn relay_position(&self, name: &str) -> Result<i64, InfraError> {
+        let position: Option<i64> =
+            sqlx::query_scalar("SELECT position FROM relay_positions WHERE name = ?1")
+                .bind(name)
+                .fetch_optional(&self.inner.reads)
+                .await?;
+        Ok(position.unwrap_or(0))
+    }
+
+    /// Record that the relay `name` has published everything up to `position`.
+    pub async fn set_relay_position(&self, name: &str, position: i64) -> Result<(), InfraError> {
+        sqlx::query(
+            "INSERT INTO relay_positions (name, position) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+        )
+        .bind(name)
+        .bind(position)
+        .execute(&self.inner.reads)
+        .await?;
+        Ok(())
     }
 
     /// The first answer recorded under an idempotency key, if any.

@@ -17,6 +17,7 @@ pub mod db;
 pub mod dead_letters;
 pub mod event_store;
 pub mod http;
+pub mod kafka;
 pub mod metrics;
 pub mod progress;
 pub mod shutdown;

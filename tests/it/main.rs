@@ -6,5 +6,6 @@ mod api;
 mod concurrency;
 mod durability;
 mod event_store;
+mod kafka;
 mod replay;
 mod support;

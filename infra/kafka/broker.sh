@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# A Kafka-protocol broker for development and tests: Tansu (from crates.io) on
+# 127.0.0.1:9092 with its SQLite storage engine.
+#
+#   infra/kafka/broker.sh ensure   install when missing, start when down (idempotent)
+#   infra/kafka/broker.sh install  build Tansu once into the cache (about 10 minutes)
+#   infra/kafka/broker.sh start | stop | status
+#
+# ORDERLINE_CACHE_DIR  where the binary is cached     (default ~/.cache/orderline)
+# ORDERLINE_BROKER_DIR where data, log and pid live   (default $ORDERLINE_CACHE_DIR/broker)
+# ORDERLINE_BROKER     host:port to listen on         (default 127.0.0.1:9092)
+set -euo pipefail
+
+TANSU_VERSION=0.6.0
+cache="${ORDERLINE_CACHE_DIR:-$HOME/.cache/orderline}"
+root="$cache/tansu-$TANSU_VERSION"
+bin="$root/bin/tansu"
+run="${ORDERLINE_BROKER_DIR:-$cache/broker}"
+address="${ORDERLINE_BROKER:-127.0.0.1:9092}"
+host="${address%:*}"
+port="${address##*:}"
+
+listening() {
+  (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
+}
+
+running_pid() {
+  local pid
+  [ -f "$run/tansu.pid" ] || return 1
+  pid=$(cat "$run/tansu.pid")
+  kill -0 "$pid" 2>/dev/null && echo "$pid"
+}
+
+install() {
+  if [ -x "$bin" ]; then
+    echo "tansu $TANSU_VERSION: installed at $bin"
+    return
+  fi
+  echo "tansu $TANSU_VERSION: building into $root (once; about 10 minutes on 2 cores)"
+  mkdir -p "$root"
+  cargo install --locked tansu --version "$TANSU_VERSION" --features libsql --root "$root" --quiet
+  echo "tansu $TANSU_VERSION: installed at $bin"
+}
+
+start() {
+  if listening; then
+    echo "broker: already listening on $address"
+    return
+  fi
+  [ -x "$bin" ] || { echo "broker: tansu is not installed; run '$0 install'" >&2; exit 1; }
+  mkdir -p "$run"
+  (
+    cd "$run"
+    nohup "$bin" broker \
+      --listener-url "tcp://$address" \
+      --advertised-listener-url "tcp://$address" \
+      --storage-engine "sqlite://tansu.db" \
+      >>"$run/tansu.log" 2>&1 &
+    echo $! >"$run/tansu.pid"
+  )
+  for _ in $(seq 1 100); do
+    if listening; then
+      echo "broker: listening on $address (pid $(cat "$run/tansu.pid"), log $run/tansu.log)"
+      return
+    fi
+    sleep 0.1
+  done
+  echo "broker: did not start; last lines of $run/tansu.log:" >&2
+  tail -n 20 "$run/tansu.log" >&2 || true
+  exit 1
+}
+
+stop() {
+  local pid
+  if pid=$(running_pid); then
+    kill "$pid"
+    for _ in $(seq 1 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+    echo "broker: stopped (pid $pid)"
+  else
+    echo "broker: not running"
+  fi
+  rm -f "$run/tansu.pid"
+}
+
+status() {
+  if listening; then
+    echo "broker: listening on $address${1:+}"
+  else
+    echo "broker: not listening on $address"
+    return 1
+  fi
+}
+
+case "${1:-ensure}" in
+  ensure) install; start ;;
+  install) install ;;
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 ensure|install|start|stop|status" >&2; exit 2 ;;
+esac

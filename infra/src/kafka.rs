@@ -1,0 +1,478 @@
+//! Kafka adapters (rdkafka) for the distributed deployment:
+//!
+//! - [`ensure_topics`]: one topic per aggregate type, created when missing, with the
+//!   configured partition count and unlimited retention (the log is the history a
+//!   replay reads).
+//! - [`Relay`]: publishes the event store's log, in order, to those topics. Record
+//!   key = aggregate id; idempotent producer with `acks=all`; the published position
+//!   advances only after the broker acknowledged every record before it, so a crash
+//!   republishes (consumers skip duplicates by version) and never loses.
+//! - [`KafkaConsumer`]: a consumer-group member whose offsets live in the consumer's
+//!   own database, written with its effects; on every assignment it seeks to them.
+//!   Offsets are never committed to Kafka.
+
+use crate::shutdown::Shutdown;
+use crate::{EventStore, InfraError};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use schemas::topics::{events_topic, AGGREGATE_TYPES};
+use schemas::RecordedEvent;
+use sqlx::{SqliteConnection, SqlitePool};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where the brokers are and how topics are made.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`, e.g. `127.0.0.1:9092`.
+    pub brokers: String,
+    /// Partitions of each topic created here.
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// The first part of every topic name: `<prefix>.<aggregate>.events`
+    /// (`orderline` unless several systems share the brokers).
+    pub prefix: String,
+}
+
+impl KafkaConfig {
+    pub fn local(brokers: impl Into<String>) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.into(),
+            partitions: 3,
+            replication_factor: 1,
+            prefix: "orderline".into(),
+        }
+    }
+
+    /// The event topic of an aggregate type.
+    pub fn events_topic(&self, aggregate_type: &str) -> String {
+        events_topic(aggregate_type).replacen("orderline", &self.prefix, 1)
+    }
+
+    /// The event topic of every aggregate type.
+    pub fn event_topics(&self) -> Vec<String> {
+        AGGREGATE_TYPES
+            .iter()
+            .map(|t| self.events_topic(t))
+            .collect()
+    }
+
+    fn client(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        config
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaAdapterError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Infra(#[from] InfraError),
+    #[error("cannot create topic {topic}: {code}")]
+    Topic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+}
+
+impl From<sqlx::Error> for KafkaAdapterError {
+    fn from(error: sqlx::Error) -> Self {
+        KafkaAdapterError::Infra(InfraError::Database(error))
+    }
+}
+
+/// Create the topics that are missing.
+pub async fn ensure_topics(
+    config: &KafkaConfig,
+    topics: &[String],
+) -> Result<(), KafkaAdapterError> {
+    let admin: AdminClient<DefaultClientContext> = config.client().create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                config.partitions,
+                TopicReplication::Fixed(config.replication_factor),
+            )
+            .set("retention.ms", "-1")
+            .set("retention.bytes", "-1")
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics(new.iter(), &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaAdapterError::Topic { topic, code }),
+        }
+    }
+    Ok(())
+}
+
+/// An idempotent producer waiting for every in-sync replica (`acks=all`), retrying
+/// without limit: a record is either delivered, in order, or not acknowledged.
+pub fn producer(config: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    config
+        .client()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("max.in.flight.requests.per.connection", "5")
+        .set("message.timeout.ms", "0")
+        .set("linger.ms", "2")
+        .create()
+}
+
+const HEADERS: [&str; 6] = [
+    "event_id",
+    "event_type",
+    "schema_version",
+    "correlation_id",
+    "causation_id",
+    "aggregate_type",
+];
+
+/// The record an event travels as: (topic, key, payload, headers).
+pub fn record_of(
+    config: &KafkaConfig,
+    event: &RecordedEvent,
+) -> Result<(String, String, Vec<u8>, OwnedHeaders), InfraError> {
+    let envelope = &event.envelope;
+    let payload = serde_json::to_vec(event).map_err(|e| InfraError::Corrupt(e.to_string()))?;
+    let values = [
+        envelope.event_id.to_string(),
+        envelope.event_type.clone(),
+        envelope.schema_version.to_string(),
+        envelope.correlation_id.to_string(),
+        envelope.causation_id.to_string(),
+        envelope.aggregate_type.clone(),
+    ];
+    let mut headers = OwnedHeaders::new_with_capacity(HEADERS.len());
+    for (key, value) in HEADERS.iter().zip(values.iter()) {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_str()),
+        });
+    }
+    Ok((
+        config.events_topic(&envelope.aggregate_type),
+        envelope.aggregate_id.clone(),
+        payload,
+        headers,
+    ))
+}
+
+/// A header's value as text.
+pub fn header<'a>(message: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Publishes the event store's log to Kafka, in order, resuming where it stopped.
+pub struct Relay {
+    store: EventStore,
+    producer: FutureProducer,
+    config: KafkaConfig,
+    name: String,
+}
+
+const RELAY_BATCH: i64 = 500;
+
+impl Relay {
+    pub fn new(
+        store: EventStore,
+        config: &KafkaConfig,
+        name: impl Into<String>,
+    ) -> Result<Relay, KafkaError> {
+        Ok(Relay {
+            store,
+            producer: producer(config)?,
+            config: config.clone(),
+            name: name.into(),
+        })
+    }
+
+    /// Publish the next batch; true when the published position moved.
+    pub async fn publish_batch(&self) -> Result<bool, KafkaAdapterError> {
+        let published = self.store.relay_position(&self.name).await?;
+        let (events, reached) = self
+            .store
+            .read_after(published, &AGGREGATE_TYPES, RELAY_BATCH)
+            .await?;
+        let mut deliveries = Vec::with_capacity(events.len());
+        for event in &events {
+            let (topic, key, payload, headers) = record_of(&self.config, event)?;
+            let record = FutureRecord::to(&topic)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers);
+            let delivery = match self.producer.send_result(record) {
+                Ok(delivery) => delivery,
+                Err((error, _)) => return Err(error.into()),
+            };
+            deliveries.push(delivery);
+        }
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => return Err(error.into()),
+                Err(_) => return Err(KafkaError::Canceled.into()),
+            }
+        }
+        if reached == published {
+            return Ok(false);
+        }
+        // Every record up to `reached` is acknowledged: only now does the position move.
+        self.store.set_relay_position(&self.name, reached).await?;
+        Ok(true)
+    }
+
+    /// Publish until shutdown, waking on appends; on a broker error, back off and
+    /// publish again from the last acknowledged position.
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let mut head = self.store.subscribe();
+        let mut failures: u32 = 0;
+        while !shutdown.is_set() {
+            head.borrow_and_update();
+            let pause = match self.publish_batch().await {
+                Ok(true) => {
+                    failures = 0;
+                    continue;
+                }
+                Ok(false) => Duration::from_secs(60),
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(error = %error, relay = %self.name, "publishing failed; retrying");
+                    Duration::from_millis(100 * u64::from(failures.min(50)))
+                }
+            };
+            tokio::select! {
+                _ = head.changed() => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.wait() => {}
+            }
+        }
+    }
+}
+
+pub const OFFSETS_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS kafka_offsets (
+    consumer    TEXT    NOT NULL,
+    topic       TEXT    NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (consumer, topic, partition)
+);
+"#;
+
+/// A consumer's Kafka offsets, kept in its own database.
+#[derive(Clone)]
+pub struct OffsetStore {
+    pub pool: SqlitePool,
+    pub consumer: String,
+}
+
+impl OffsetStore {
+    pub async fn open(
+        pool: SqlitePool,
+        consumer: impl Into<String>,
+    ) -> Result<OffsetStore, sqlx::Error> {
+        crate::db::migrate(&pool, OFFSETS_SCHEMA).await?;
+        Ok(OffsetStore {
+            pool,
+            consumer: consumer.into(),
+        })
+    }
+
+    /// The next offset to read of a partition, if the consumer has been there.
+    pub async fn next_offset(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar("SELECT next_offset FROM kafka_offsets WHERE consumer = ?1 AND topic = ?2 AND partition = ?3")
+            .bind(&self.consumer)
+            .bind(topic)
+            .bind(partition)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    /// Record, inside the caller's transaction, that `offset` of a partition is done.
+    pub async fn save(
+        &self,
+        conn: &mut SqliteConnection,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO kafka_offsets (consumer, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+        )
+        .bind(&self.consumer)
+        .bind(topic)
+        .bind(partition)
+        .bind(offset + 1)
+        .execute(conn)
+        .await
+        .map(|_| ())
+    }
+}
+
+/// Seeks every assigned partition to the offset in the consumer's database.
+pub struct SeekToStored {
+    offsets: OffsetStore,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ClientContext for SeekToStored {}
+
+impl ConsumerContext for SeekToStored {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let assigned: Vec<(String, i32)> = partitions
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                for (topic, partition) in assigned {
+                    // Rebalances run on the polling thread, never on the runtime's.
+                    let stored = self
+                        .runtime
+                        .block_on(self.offsets.next_offset(&topic, partition));
+                    let offset = match stored {
+                        Ok(Some(next)) => Offset::Offset(next),
+                        Ok(None) => Offset::Beginning,
+                        Err(error) => {
+                            tracing::error!(error = %error, topic, partition, "cannot read stored offset; starting the partition over");
+                            Offset::Beginning
+                        }
+                    };
+                    if let Err(error) = partitions.set_partition_offset(&topic, partition, offset) {
+                        tracing::error!(error = %error, topic, partition, "cannot seek partition");
+                    }
+                }
+                if let Err(error) = consumer.assign(partitions) {
+                    tracing::error!(error = %error, "assignment failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                if let Err(error) = consumer.unassign() {
+                    tracing::error!(error = %error, "unassignment failed");
+                }
+            }
+            other => tracing::error!(error = ?other, "rebalance failed"),
+        }
+    }
+}
+
+/// One record read from a topic.
+#[derive(Debug, Clone)]
+pub struct Polled {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// The event, or why the record is not one.
+    pub event: Result<RecordedEvent, String>,
+}
+
+/// A consumer-group member that never commits offsets to Kafka.
+#[derive(Clone)]
+pub struct KafkaConsumer {
+    consumer: Arc<BaseConsumer<SeekToStored>>,
+    pub offsets: OffsetStore,
+}
+
+impl KafkaConsumer {
+    /// Join `group` on `topics`. Call from within the runtime.
+    pub fn subscribe(
+        config: &KafkaConfig,
+        group: &str,
+        topics: &[String],
+        offsets: OffsetStore,
+    ) -> Result<KafkaConsumer, KafkaError> {
+        let context = SeekToStored {
+            offsets: offsets.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let consumer: BaseConsumer<SeekToStored> = config
+            .client()
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "range")
+            .set("session.timeout.ms", "10000")
+            .create_with_context(context)?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names)?;
+        Ok(KafkaConsumer {
+            consumer: Arc::new(consumer),
+            offsets,
+        })
+    }
+
+    /// Up to `max` records, waiting at most `wait` for the first. Transient errors the
+    /// client retries by itself end the batch early and are logged.
+    pub async fn poll_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Polled>, KafkaAdapterError> {
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut timeout = wait;
+            while out.len() < max {
+                match consumer.poll(timeout) {
+                    None => break,
+                    // Consumption errors are reports: librdkafka retries the fetch itself.
+                    Some(Err(error)) => {
+                        tracing::warn!(error = %error, "kafka consumer reported an error; it retries");
+                        break;
+                    }
+                    Some(Ok(message)) => {
+                        let event = message
+                            .payload()
+                            .ok_or_else(|| "a record without a payload".to_owned())
+                            .and_then(|p| serde_json::from_slice::<RecordedEvent>(p).map_err(|e| e.to_string()));
+                        out.push(Polled {
+                            topic: message.topic().to_owned(),
+                            partition: message.partition(),
+                            offset: message.offset(),
+                            event,
+                        });
+                        timeout = Duration::ZERO;
+                    }
+                }
+            }
+            Ok::<_, KafkaAdapterError>(out)
+        })
+        .await
+        .map_err(|e| KafkaAdapterError::Infra(InfraError::Corrupt(format!("poll task: {e}"))))?
+    }
+
+    /// Leave the group.
+    pub fn close(&self) {
+        self.consumer.unsubscribe();
+    }
+}
