@@ -12,11 +12,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use command_handlers::saga::SagaRunner;
 use command_handlers::Handlers;
+use infra::db::Db;
 use infra::metrics::{Gauge, Metrics};
 use infra::progress::Progress;
 use infra::shutdown::{self, Shutdown, Trigger};
-use infra::{db, Config, EventStore};
-use projectors::projection::{Projection, ALL};
+use infra::{Config, EventStore};
+use projectors::projection::ALL;
 use projectors::Projections;
 use query_api::QueryState;
 use serde_json::json;
@@ -40,68 +41,80 @@ pub struct System {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Open the log and the service databases under `config.data_dir`.
-pub async fn open_storage(
-    config: &Config,
-) -> anyhow::Result<(
-    EventStore,
-    Projections,
-    Vec<(&'static str, sqlx::SqlitePool)>,
-)> {
-    std::fs::create_dir_all(&config.data_dir)?;
-    let store = EventStore::open(&config.events_db()).await?;
-    let mut pools = vec![];
-    for service in SERVICES {
-        pools.push((
-            service,
-            db::open_pool(&config.service_db(service), 8).await?,
-        ));
+/// The log and every service's database, open.
+pub struct Storage {
+    pub store: EventStore,
+    pub projections: Projections,
+    services: Vec<(&'static str, Db)>,
+}
+
+impl Storage {
+    /// Open (creating what is missing) the log and the service databases: SQLite
+    /// files under `config.data_dir`, or PostgreSQL databases when configured.
+    pub async fn open(config: &Config) -> anyhow::Result<Storage> {
+        if config.postgres.is_none() {
+            std::fs::create_dir_all(&config.data_dir)?;
+        }
+        let store = EventStore::with_db(Db::open(&config.database_url("events"), 8).await?).await?;
+        let mut services = vec![];
+        for service in SERVICES {
+            services.push((service, Db::open(&config.database_url(service), 8).await?));
+        }
+        let mut databases = vec![];
+        for projection in ALL {
+            databases.push((projection, service_db(&services, projection.service())?));
+        }
+        let projections = Projections::open(
+            store.clone(),
+            Progress::default(),
+            Metrics::default(),
+            &databases,
+        )
+        .await?;
+        Ok(Storage {
+            store,
+            projections,
+            services,
+        })
     }
-    let pool_of = |service: &str| {
-        pools
-            .iter()
-            .find(|(s, _)| *s == service)
-            .map(|(_, p)| p.clone())
-            .ok_or_else(|| anyhow::anyhow!("no database for service {service}"))
-    };
-    let mut databases: Vec<(Projection, sqlx::SqlitePool)> = vec![];
-    for projection in ALL {
-        databases.push((projection, pool_of(projection.service())?));
+
+    /// The database of one service.
+    pub fn db(&self, service: &str) -> anyhow::Result<Db> {
+        service_db(&self.services, service)
     }
-    let projections = Projections::open(
-        store.clone(),
-        Progress::default(),
-        Metrics::default(),
-        &databases,
-    )
-    .await?;
-    Ok((store, projections, pools))
+}
+
+fn service_db(services: &[(&'static str, Db)], service: &str) -> anyhow::Result<Db> {
+    services
+        .iter()
+        .find(|(s, _)| *s == service)
+        .map(|(_, db)| db.clone())
+        .ok_or_else(|| anyhow::anyhow!("no database for service {service}"))
 }
 
 impl System {
     pub async fn start(config: Config) -> anyhow::Result<System> {
-        let (store, projections, pools) = open_storage(&config).await?;
+        let storage = Storage::open(&config).await?;
+        let store = storage.store.clone();
+        let projections = storage.projections.clone();
         let metrics = projections.metrics.clone();
         let handlers = Handlers::new(store.clone(), metrics.clone());
-        let pool = |service: &str| {
-            pools
-                .iter()
-                .find(|(s, _)| *s == service)
-                .map(|(_, p)| p.clone())
-                .ok_or_else(|| anyhow::anyhow!("no database for service {service}"))
-        };
         let queries = QueryState {
             store: store.clone(),
             progress: projections.progress.clone(),
-            orders: pool("order")?,
-            inventory: pool("inventory")?,
-            payments: pool("payment")?,
-            shipments: pool("shipping")?,
+            orders: storage.db("order")?.pool,
+            inventory: storage.db("inventory")?.pool,
+            payments: storage.db("payment")?.pool,
+            shipments: storage.db("shipping")?.pool,
         };
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = projections.spawn_all(&shutdown);
-        let saga =
-            SagaRunner::new(handlers.clone(), pool("order")?, config.payment_timeout).await?;
+        let saga = SagaRunner::new(
+            handlers.clone(),
+            storage.db("order")?,
+            config.payment_timeout,
+        )
+        .await?;
         tasks.push(tokio::spawn(saga.run(shutdown.clone())));
         Ok(System {
             config,

@@ -3,7 +3,7 @@
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use infra::Config;
-use orderline::{open_storage, serve, System};
+use orderline::{serve, Storage, System};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -44,9 +44,25 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct DataArgs {
-    /// Where the log and the service databases live.
+    /// Where the log and the service databases live (SQLite files).
     #[arg(long, env = "ORDERLINE_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
+    /// Keep the log and each service's database on this PostgreSQL server instead
+    /// (e.g. postgres://postgres@127.0.0.1:5432); databases are created when missing.
+    #[arg(long, env = "ORDERLINE_POSTGRES_URL")]
+    postgres_url: Option<String>,
+    /// The first part of every PostgreSQL database name.
+    #[arg(long, env = "ORDERLINE_DATABASE_PREFIX", default_value = "orderline")]
+    database_prefix: String,
+}
+
+impl DataArgs {
+    fn config(self) -> Config {
+        let mut config = Config::with_data_dir(self.data_dir);
+        config.postgres = self.postgres_url;
+        config.database_prefix = self.database_prefix;
+        config
+    }
 }
 
 #[derive(Args, Clone)]
@@ -87,11 +103,9 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     if args.payment_timeout_ms == 0 {
         anyhow::bail!("--payment-timeout-ms must be at least 1");
     }
-    let config = Config {
-        listen: args.listen,
-        data_dir: args.data.data_dir,
-        payment_timeout: Duration::from_millis(args.payment_timeout_ms),
-    };
+    let mut config = args.data.config();
+    config.listen = args.listen;
+    config.payment_timeout = Duration::from_millis(args.payment_timeout_ms);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -127,8 +141,7 @@ async fn stop_signal() {
 }
 
 async fn replay(name: &str, data: DataArgs) -> anyhow::Result<()> {
-    let config = Config::with_data_dir(data.data_dir);
-    let (_, projections, _) = open_storage(&config).await?;
+    let projections = Storage::open(&data.config()).await?.projections;
     let Some(handle) = projections.get(name).cloned() else {
         let names: Vec<&str> = projectors::projection::ALL
             .iter()
@@ -161,8 +174,7 @@ async fn replay(name: &str, data: DataArgs) -> anyhow::Result<()> {
 }
 
 async fn list_projections(data: DataArgs) -> anyhow::Result<()> {
-    let config = Config::with_data_dir(data.data_dir);
-    let (_, projections, _) = open_storage(&config).await?;
+    let projections = Storage::open(&data.config()).await?.projections;
     println!(
         "{:<12} {:>12} {:>10} {:>13}",
         "PROJECTION", "CHECKPOINT", "LAG", "DEAD LETTERS"

@@ -12,13 +12,14 @@ use crate::app::{CommandError, Handlers, Meta};
 use chrono::{DateTime, Utc};
 use domain::saga::{Config, Deadline, Fulfilment, Input, Outcome, Stage};
 use domain::Sku;
+use infra::db::Db;
 use infra::metrics;
 use infra::shutdown::Shutdown;
-use infra::{checkpoints, db, dead_letters, parse_timestamp, parse_uuid, timestamp, InfraError};
+use infra::{checkpoints, dead_letters, parse_timestamp, parse_uuid, timestamp, InfraError};
 use schemas::commands::SagaCommand;
 use schemas::topics::AGGREGATE_TYPES;
 use schemas::{AnyEvent, RecordedEvent};
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -39,7 +40,7 @@ CREATE TABLE IF NOT EXISTS sagas (
     updated_at      TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS saga_outbox (
-    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    id              {serial},
     command_id      TEXT NOT NULL UNIQUE,
     order_id        TEXT NOT NULL,
     command         TEXT NOT NULL,
@@ -61,7 +62,7 @@ type Staged = (i64, Uuid, SagaCommand, Meta);
 
 pub struct SagaRunner {
     handlers: Handlers,
-    db: SqlitePool,
+    db: Db,
     config: Config,
 }
 
@@ -73,10 +74,10 @@ struct Loaded {
 impl SagaRunner {
     pub async fn new(
         handlers: Handlers,
-        db: SqlitePool,
+        db: Db,
         payment_timeout: Duration,
     ) -> Result<SagaRunner, InfraError> {
-        db::migrate(&db, SCHEMA).await?;
+        db.migrate(SCHEMA).await?;
         checkpoints::ensure_schema(&db).await?;
         dead_letters::ensure_schema(&db).await?;
         let payment_timeout = chrono::Duration::from_std(payment_timeout)
@@ -131,13 +132,13 @@ impl SagaRunner {
     /// commands are still waiting to be carried out.
     async fn idle_time(&self) -> Result<Duration, InfraError> {
         let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM saga_outbox")
-            .fetch_one(&self.db)
+            .fetch_one(&self.db.pool)
             .await?;
         if pending > 0 {
             return Ok(Duration::from_millis(200));
         }
         let next: Option<String> = sqlx::query_scalar("SELECT MIN(due_at) FROM saga_deadlines")
-            .fetch_one(&self.db)
+            .fetch_one(&self.db.pool)
             .await?;
         Ok(match next {
             None => Duration::from_secs(60),
@@ -150,7 +151,7 @@ impl SagaRunner {
 
     /// Fold the next batch of the log into the sagas; true when the checkpoint moved.
     async fn consume(&self) -> Result<bool, InfraError> {
-        let checkpoint = checkpoints::load(&self.db, NAME).await?;
+        let checkpoint = checkpoints::load(&self.db.pool, NAME).await?;
         let (events, reached) = self
             .handlers
             .store
@@ -160,7 +161,7 @@ impl SagaRunner {
             return Ok(false);
         }
         let now = Utc::now();
-        let mut tx = self.db.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.begin_write().await?;
         let mut sagas: HashMap<Uuid, Loaded> = HashMap::new();
         let mut outcomes = vec![];
         for recorded in &events {
@@ -214,18 +215,18 @@ impl SagaRunner {
 
     /// Fire every deadline due by `now`; true when one fired.
     pub async fn fire_deadlines(&self, now: DateTime<Utc>) -> Result<bool, InfraError> {
-        let due: Vec<(String, String)> = sqlx::query_as("SELECT order_id, due_at FROM saga_deadlines WHERE due_at <= ?1 ORDER BY due_at LIMIT 500")
+        let due: Vec<(String, String)> = sqlx::query_as("SELECT order_id, due_at FROM saga_deadlines WHERE due_at <= $1 ORDER BY due_at LIMIT 500")
             .bind(timestamp(now))
-            .fetch_all(&self.db)
+            .fetch_all(&self.db.pool)
             .await?;
         if due.is_empty() {
             return Ok(false);
         }
-        let mut tx = self.db.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.db.begin_write().await?;
         let mut outcomes = vec![];
         for (order_id, due_at) in &due {
             let order_id = parse_uuid(order_id)?;
-            sqlx::query("DELETE FROM saga_deadlines WHERE order_id = ?1")
+            sqlx::query("DELETE FROM saga_deadlines WHERE order_id = $1")
                 .bind(order_id.to_string())
                 .execute(&mut *tx)
                 .await?;
@@ -274,7 +275,7 @@ impl SagaRunner {
     /// one that fails for another reason stays for the next round.
     pub async fn dispatch(&self) -> Result<bool, InfraError> {
         let rows = sqlx::query("SELECT id, command_id, command, correlation_id, causation_id FROM saga_outbox ORDER BY id LIMIT 2000")
-            .fetch_all(&self.db)
+            .fetch_all(&self.db.pool)
             .await?;
         if rows.is_empty() {
             return Ok(false);
@@ -333,10 +334,11 @@ impl SagaRunner {
         if !done.is_empty() {
             let ids =
                 serde_json::to_string(&done).map_err(|e| InfraError::Corrupt(e.to_string()))?;
-            sqlx::query("DELETE FROM saga_outbox WHERE id IN (SELECT value FROM json_each(?1))")
-                .bind(ids)
-                .execute(&self.db)
-                .await?;
+            let sql = format!(
+                "DELETE FROM saga_outbox WHERE id IN ({})",
+                self.db.dialect.integer_list("$1")
+            );
+            sqlx::query(&sql).bind(ids).execute(&self.db.pool).await?;
         }
         Ok(!done.is_empty())
     }
@@ -363,8 +365,8 @@ fn route(recorded: &RecordedEvent) -> Result<Option<(Uuid, Input)>, String> {
     })
 }
 
-async fn load(conn: &mut SqliteConnection, order_id: Uuid) -> Result<Option<Loaded>, InfraError> {
-    let row = sqlx::query("SELECT state, correlation_id FROM sagas WHERE order_id = ?1")
+async fn load(conn: &mut AnyConnection, order_id: Uuid) -> Result<Option<Loaded>, InfraError> {
+    let row = sqlx::query("SELECT state, correlation_id FROM sagas WHERE order_id = $1")
         .bind(order_id.to_string())
         .fetch_optional(&mut *conn)
         .await?;
@@ -377,17 +379,13 @@ async fn load(conn: &mut SqliteConnection, order_id: Uuid) -> Result<Option<Load
     }))
 }
 
-async fn save(
-    conn: &mut SqliteConnection,
-    order_id: Uuid,
-    saga: &Loaded,
-) -> Result<(), InfraError> {
+async fn save(conn: &mut AnyConnection, order_id: Uuid, saga: &Loaded) -> Result<(), InfraError> {
     let state =
         serde_json::to_string(&saga.state).map_err(|e| InfraError::Corrupt(e.to_string()))?;
     let stage =
         serde_json::to_value(saga.state.stage).map_err(|e| InfraError::Corrupt(e.to_string()))?;
     sqlx::query(
-        "INSERT INTO sagas (order_id, state, stage, correlation_id, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+        "INSERT INTO sagas (order_id, state, stage, correlation_id, updated_at) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, stage = excluded.stage, updated_at = excluded.updated_at",
     )
     .bind(order_id.to_string())
@@ -401,7 +399,7 @@ async fn save(
 }
 
 async fn stage_commands(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     order_id: Uuid,
     commands: &[domain::saga::Command],
     (correlation_id, causation_id): (Uuid, Uuid),
@@ -418,7 +416,7 @@ async fn stage_commands(
         let text = serde_json::to_string(&wire).map_err(|e| InfraError::Corrupt(e.to_string()))?;
         sqlx::query(
             "INSERT INTO saga_outbox (command_id, order_id, command, correlation_id, causation_id, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (command_id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (command_id) DO NOTHING",
         )
         .bind(command_id(i).to_string())
         .bind(order_id.to_string())
@@ -433,7 +431,7 @@ async fn stage_commands(
 }
 
 async fn set_deadline(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     order_id: Uuid,
     deadline: Deadline,
 ) -> Result<(), InfraError> {
@@ -441,7 +439,7 @@ async fn set_deadline(
         Deadline::Keep => {}
         Deadline::Set(due) => {
             sqlx::query(
-                "INSERT INTO saga_deadlines (order_id, due_at) VALUES (?1, ?2)
+                "INSERT INTO saga_deadlines (order_id, due_at) VALUES ($1, $2)
                  ON CONFLICT (order_id) DO UPDATE SET due_at = excluded.due_at",
             )
             .bind(order_id.to_string())
@@ -450,7 +448,7 @@ async fn set_deadline(
             .await?;
         }
         Deadline::Clear => {
-            sqlx::query("DELETE FROM saga_deadlines WHERE order_id = ?1")
+            sqlx::query("DELETE FROM saga_deadlines WHERE order_id = $1")
                 .bind(order_id.to_string())
                 .execute(&mut *conn)
                 .await?;

@@ -1,35 +1,32 @@
 //! Consumer checkpoints, kept in the consumer's own database and written in the same
 //! transaction as the consumer's effects.
 
-use sqlx::{Sqlite, SqliteConnection, SqlitePool};
+use crate::db::Db;
+use sqlx::{Any, AnyConnection};
 
 pub const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS checkpoints (
     name        TEXT    PRIMARY KEY,
-    position    INTEGER NOT NULL,
+    position    BIGINT NOT NULL,
     updated_at  TEXT    NOT NULL
 );
 "#;
 
 pub async fn load<'e, E>(executor: E, name: &str) -> Result<i64, sqlx::Error>
 where
-    E: sqlx::Executor<'e, Database = Sqlite>,
+    E: sqlx::Executor<'e, Database = Any>,
 {
     let position: Option<i64> =
-        sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = ?1")
+        sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
             .bind(name)
             .fetch_optional(executor)
             .await?;
     Ok(position.unwrap_or(0))
 }
 
-pub async fn save(
-    conn: &mut SqliteConnection,
-    name: &str,
-    position: i64,
-) -> Result<(), sqlx::Error> {
+pub async fn save(conn: &mut AnyConnection, name: &str, position: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO checkpoints (name, position, updated_at) VALUES (?1, ?2, ?3)
+        "INSERT INTO checkpoints (name, position, updated_at) VALUES ($1, $2, $3)
          ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",
     )
     .bind(name)
@@ -40,6 +37,6 @@ pub async fn save(
     .map(|_| ())
 }
 
-pub async fn ensure_schema(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    crate::db::migrate(pool, SCHEMA).await
+pub async fn ensure_schema(db: &Db) -> Result<(), sqlx::Error> {
+    db.migrate(SCHEMA).await
 }

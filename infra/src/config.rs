@@ -12,6 +12,12 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// How long the saga waits for the payment gateway (`ORDERLINE_PAYMENT_TIMEOUT_MS`, 30 s).
     pub payment_timeout: Duration,
+    /// A PostgreSQL server (`postgres://user@host:port`) to keep the log and each
+    /// service's database on, instead of SQLite files (`ORDERLINE_POSTGRES_URL`).
+    pub postgres: Option<String>,
+    /// The first part of every PostgreSQL database name (`ORDERLINE_DATABASE_PREFIX`,
+    /// `orderline`): `<prefix>_events`, `<prefix>_order`, ...
+    pub database_prefix: String,
 }
 
 impl Config {
@@ -20,14 +26,20 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: data_dir.into(),
             payment_timeout: Duration::from_millis(30_000),
+            postgres: None,
+            database_prefix: "orderline".into(),
         }
     }
 
-    pub fn events_db(&self) -> PathBuf {
-        self.data_dir.join("events.db")
-    }
-
-    pub fn service_db(&self, service: &str) -> PathBuf {
-        self.data_dir.join(format!("{service}.db"))
+    /// The URL of one database: `events` (the log) or a service's.
+    pub fn database_url(&self, name: &str) -> String {
+        match &self.postgres {
+            Some(server) => format!(
+                "{}/{}_{name}",
+                server.trim_end_matches('/'),
+                self.database_prefix
+            ),
+            None => crate::db::sqlite_url(&self.data_dir.join(format!("{name}.db"))),
+        }
     }
 }

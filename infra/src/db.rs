@@ -1,45 +1,169 @@
-//! Opening SQLite databases the way every part of Orderline needs them: WAL, fsync on
-//! every commit (`synchronous=FULL`), a busy timeout instead of immediate failures.
+//! Databases: SQLite files for the embedded deployment, PostgreSQL for the
+//! distributed one, behind one handle ([`Db`]) so every adapter is written once.
+//!
+//! SQL is written with `$1`-style parameters, which both engines read. The few
+//! differences go through [`Dialect`]: auto-increment keys in DDL (`{serial}`), a
+//! JSON list bound as one parameter, and how a writing transaction begins. SQLite
+//! runs in WAL mode with `synchronous=FULL`: a commit is on disk when it returns.
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{ConnectOptions, SqliteConnection, SqlitePool};
+use sqlx::any::{install_default_drivers, AnyPoolOptions};
+use sqlx::migrate::MigrateDatabase;
+use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Transaction};
 use std::path::Path;
 use std::time::Duration;
 
-fn options(path: &Path) -> SqliteConnectOptions {
-    SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(10))
-        .foreign_keys(true)
-        .pragma("cache_size", "-16000")
-        .disable_statement_logging()
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+     PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA cache_size = -16000;";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
 }
 
-/// A pool on a database file, created when missing.
-pub async fn open_pool(path: &Path, max_connections: u32) -> Result<SqlitePool, sqlx::Error> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(sqlx::Error::Io)?;
+impl Dialect {
+    pub fn of_url(url: &str) -> Result<Dialect, sqlx::Error> {
+        if url.starts_with("sqlite:") {
+            Ok(Dialect::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Dialect::Postgres)
+        } else {
+            Err(sqlx::Error::Configuration(
+                format!("unsupported database URL {url:?}: use sqlite:// or postgres://").into(),
+            ))
+        }
     }
-    SqlitePoolOptions::new()
-        .max_connections(max_connections)
-        .min_connections(1)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_with(options(path))
-        .await
-}
 
-/// One connection, for a task that owns its writes (the event store's writer).
-pub async fn open_connection(path: &Path) -> Result<SqliteConnection, sqlx::Error> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(sqlx::Error::Io)?;
+    /// DDL for this engine: `{serial}` becomes an auto-increment primary key.
+    pub fn ddl(self, script: &str) -> String {
+        match self {
+            Dialect::Sqlite => script.replace("{serial}", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+            Dialect::Postgres => script.replace("{serial}", "BIGSERIAL PRIMARY KEY"),
+        }
     }
-    options(path).connect().await
+
+    /// A sub-select of the elements of the JSON array of strings bound as `param`.
+    pub fn text_list(self, param: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("SELECT value FROM json_each({param})"),
+            Dialect::Postgres => {
+                format!("SELECT jsonb_array_elements_text(CAST({param} AS jsonb))")
+            }
+        }
+    }
+
+    /// A sub-select of the elements of the JSON array of integers bound as `param`.
+    pub fn integer_list(self, param: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("SELECT value FROM json_each({param})"),
+            Dialect::Postgres => {
+                format!("SELECT CAST(jsonb_array_elements_text(CAST({param} AS jsonb)) AS BIGINT)")
+            }
+        }
+    }
+
+    /// How a transaction that will write begins: SQLite takes the write lock at once,
+    /// so two writers never deadlock upgrading a read lock.
+    pub fn begin_write(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "BEGIN IMMEDIATE",
+            Dialect::Postgres => "BEGIN",
+        }
+    }
 }
 
-/// Run a migration script of `CREATE ... IF NOT EXISTS` statements.
-pub async fn migrate(pool: &SqlitePool, script: &str) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(script).execute(pool).await.map(|_| ())
+/// A database: its pool and its dialect. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pub pool: AnyPool,
+    pub dialect: Dialect,
+    pub url: String,
+}
+
+/// The URL of an SQLite file, created when missing.
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+impl Db {
+    /// Open (creating when missing: the file, or the PostgreSQL database) `url`.
+    pub async fn open(url: &str, max_connections: u32) -> Result<Db, sqlx::Error> {
+        install_default_drivers();
+        let dialect = Dialect::of_url(url)?;
+        match dialect {
+            Dialect::Sqlite => {
+                if let Some(parent) = sqlite_path(url).and_then(|p| p.parent().map(Path::to_owned))
+                {
+                    std::fs::create_dir_all(parent).map_err(sqlx::Error::Io)?;
+                }
+            }
+            Dialect::Postgres => {
+                if !Any::database_exists(url).await? {
+                    if let Err(error) = Any::create_database(url).await {
+                        // Another process may have created it meanwhile.
+                        if !Any::database_exists(url).await? {
+                            return Err(error);
+                        }
+                    }
+                }
+            }
+        }
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        conn.execute(SQLITE_PRAGMAS).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await?;
+        Ok(Db {
+            pool,
+            dialect,
+            url: url.to_owned(),
+        })
+    }
+
+    /// An SQLite file's database.
+    pub async fn open_sqlite(path: &Path, max_connections: u32) -> Result<Db, sqlx::Error> {
+        Db::open(&sqlite_url(path), max_connections).await
+    }
+
+    /// One connection of its own, for a task that owns its writes.
+    pub async fn connection(&self) -> Result<AnyConnection, sqlx::Error> {
+        let options: sqlx::any::AnyConnectOptions = self.url.parse()?;
+        let mut conn = options.disable_statement_logging().connect().await?;
+        if self.dialect == Dialect::Sqlite {
+            conn.execute(SQLITE_PRAGMAS).await?;
+        }
+        conn.ping().await?;
+        Ok(conn)
+    }
+
+    /// A transaction that will write.
+    pub async fn begin_write(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+        self.pool.begin_with(self.dialect.begin_write()).await
+    }
+
+    /// Run a script of `CREATE ... IF NOT EXISTS` statements (with `{serial}`).
+    pub async fn migrate(&self, script: &str) -> Result<(), sqlx::Error> {
+        let script = self.dialect.ddl(script);
+        for statement in script.split(';').filter(|s| !s.trim().is_empty()) {
+            sqlx::query(statement).execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+}
+
+fn sqlite_path(url: &str) -> Option<&Path> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && path != ":memory:").then(|| Path::new(path))
 }

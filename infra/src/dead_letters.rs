@@ -1,16 +1,17 @@
 //! Events a consumer could not apply, with the error, for an operator to inspect and
 //! retry. The consumer records one and goes on.
 
+use crate::db::Db;
 use crate::{parse_timestamp, timestamp, InfraError};
 use schemas::http::DeadLetterView;
 use schemas::RecordedEvent;
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, AnyPool, Row};
 
 pub const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          {serial},
     consumer    TEXT    NOT NULL,
-    position    INTEGER NOT NULL,
+    position    BIGINT NOT NULL,
     event       TEXT    NOT NULL,
     error       TEXT    NOT NULL,
     failed_at   TEXT    NOT NULL
@@ -19,7 +20,7 @@ CREATE INDEX IF NOT EXISTS dead_letters_by_consumer ON dead_letters (consumer, i
 "#;
 
 pub async fn record(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     consumer: &str,
     event: &RecordedEvent,
     error: &str,
@@ -27,7 +28,7 @@ pub async fn record(
     let json =
         serde_json::to_string(event).unwrap_or_else(|e| format!("{{\"unserializable\":\"{e}\"}}"));
     sqlx::query(
-        "INSERT INTO dead_letters (consumer, position, event, error, failed_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO dead_letters (consumer, position, event, error, failed_at) VALUES ($1, $2, $3, $4, $5)",
     )
     .bind(consumer)
     .bind(event.position)
@@ -39,15 +40,15 @@ pub async fn record(
     .map(|_| ())
 }
 
-pub async fn count(pool: &SqlitePool, consumer: &str) -> Result<u64, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dead_letters WHERE consumer = ?1")
+pub async fn count(pool: &AnyPool, consumer: &str) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dead_letters WHERE consumer = $1")
         .bind(consumer)
         .fetch_one(pool)
         .await?;
     Ok(n.max(0) as u64)
 }
 
-fn view(service: &str, row: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterView, InfraError> {
+fn view(service: &str, row: &sqlx::any::AnyRow) -> Result<DeadLetterView, InfraError> {
     let id: i64 = row.try_get("id")?;
     let event: String = row.try_get("event")?;
     let event: RecordedEvent = serde_json::from_str(&event)
@@ -63,15 +64,15 @@ fn view(service: &str, row: &sqlx::sqlite::SqliteRow) -> Result<DeadLetterView, 
 }
 
 /// Every dead letter in one service's database, oldest first.
-pub async fn list(pool: &SqlitePool, service: &str) -> Result<Vec<DeadLetterView>, InfraError> {
+pub async fn list(pool: &AnyPool, service: &str) -> Result<Vec<DeadLetterView>, InfraError> {
     let rows = sqlx::query("SELECT * FROM dead_letters ORDER BY id")
         .fetch_all(pool)
         .await?;
     rows.iter().map(|row| view(service, row)).collect()
 }
 
-pub async fn set_error(pool: &SqlitePool, id: i64, error: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE dead_letters SET error = ?2, failed_at = ?3 WHERE id = ?1")
+pub async fn set_error(pool: &AnyPool, id: i64, error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE dead_letters SET error = $2, failed_at = $3 WHERE id = $1")
         .bind(id)
         .bind(error)
         .bind(timestamp(chrono::Utc::now()))
@@ -81,11 +82,8 @@ pub async fn set_error(pool: &SqlitePool, id: i64, error: &str) -> Result<(), sq
 }
 
 /// One dead letter with the event as it was read (position included).
-pub async fn get(
-    pool: &SqlitePool,
-    id: i64,
-) -> Result<Option<(String, RecordedEvent)>, InfraError> {
-    let row = sqlx::query("SELECT consumer, event FROM dead_letters WHERE id = ?1")
+pub async fn get(pool: &AnyPool, id: i64) -> Result<Option<(String, RecordedEvent)>, InfraError> {
+    let row = sqlx::query("SELECT consumer, event FROM dead_letters WHERE id = $1")
         .bind(id)
         .fetch_optional(pool)
         .await?;
@@ -100,14 +98,14 @@ pub async fn get(
     }
 }
 
-pub async fn delete(conn: &mut SqliteConnection, id: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM dead_letters WHERE id = ?1")
+pub async fn delete(conn: &mut AnyConnection, id: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM dead_letters WHERE id = $1")
         .bind(id)
         .execute(conn)
         .await
         .map(|_| ())
 }
 
-pub async fn ensure_schema(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    crate::db::migrate(pool, SCHEMA).await
+pub async fn ensure_schema(db: &Db) -> Result<(), sqlx::Error> {
+    db.migrate(SCHEMA).await
 }

@@ -7,12 +7,13 @@
 //! one fsync: group commit. Because one task commits, positions become visible in
 //! order, and a subscriber that has read up to the published head has missed nothing.
 
-use crate::{db, parse_timestamp, parse_uuid, timestamp, InfraError};
+use crate::db::{Db, Dialect};
+use crate::{parse_timestamp, parse_uuid, timestamp, InfraError};
 use chrono::{DateTime, Utc};
 use schemas::{Envelope, RecordedEvent};
 use serde_json::Value;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,13 +22,13 @@ use uuid::Uuid;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS events (
-    position        INTEGER PRIMARY KEY AUTOINCREMENT,
+    position        {serial},
     event_id        TEXT    NOT NULL UNIQUE,
     aggregate_type  TEXT    NOT NULL,
     aggregate_id    TEXT    NOT NULL,
-    version         INTEGER NOT NULL,
+    version         BIGINT NOT NULL,
     event_type      TEXT    NOT NULL,
-    schema_version  INTEGER NOT NULL,
+    schema_version  BIGINT NOT NULL,
     occurred_at     TEXT    NOT NULL,
     correlation_id  TEXT    NOT NULL,
     causation_id    TEXT    NOT NULL,
@@ -38,20 +39,20 @@ CREATE INDEX IF NOT EXISTS events_by_type ON events (aggregate_type, position);
 CREATE TABLE IF NOT EXISTS snapshots (
     aggregate_type  TEXT    NOT NULL,
     aggregate_id    TEXT    NOT NULL,
-    version         INTEGER NOT NULL,
-    position        INTEGER NOT NULL,
+    version         BIGINT NOT NULL,
+    position        BIGINT NOT NULL,
     state           TEXT    NOT NULL,
     PRIMARY KEY (aggregate_type, aggregate_id)
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS relay_positions (
     name        TEXT    PRIMARY KEY,
-    position    INTEGER NOT NULL
+    position    BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS idempotency (
     key           TEXT    PRIMARY KEY,
     request_hash  TEXT    NOT NULL,
     response      TEXT    NOT NULL,
-    position      INTEGER NOT NULL,
+    position      BIGINT NOT NULL,
     created_at    TEXT    NOT NULL
 );
 "#;
@@ -153,28 +154,38 @@ pub struct EventStore {
 }
 
 struct Inner {
-    reads: SqlitePool,
+    db: Db,
     jobs: mpsc::Sender<Job>,
     head: watch::Receiver<i64>,
     commits: Arc<AtomicU64>,
 }
 
 impl EventStore {
-    /// Open (creating when missing) the log at `path` and start its writer.
+    /// Open (creating when missing) the log in the SQLite file at `path`.
     pub async fn open(path: &Path) -> Result<EventStore, InfraError> {
-        let reads = db::open_pool(path, 8).await?;
-        db::migrate(&reads, SCHEMA).await?;
+        EventStore::with_db(Db::open_sqlite(path, 8).await?).await
+    }
+
+    /// Open the log in `db` (creating its tables when missing) and start its writer.
+    pub async fn with_db(db: Db) -> Result<EventStore, InfraError> {
+        db.migrate(SCHEMA).await?;
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
-            .fetch_one(&reads)
+            .fetch_one(&db.pool)
             .await?;
-        let writer = db::open_connection(path).await?;
+        let writer = db.connection().await?;
         let (head_tx, head_rx) = watch::channel(head);
         let (jobs, queue) = mpsc::channel(4096);
         let commits = Arc::new(AtomicU64::new(0));
-        tokio::spawn(write_loop(writer, queue, head_tx, commits.clone()));
+        tokio::spawn(write_loop(
+            writer,
+            db.dialect,
+            queue,
+            head_tx,
+            commits.clone(),
+        ));
         Ok(EventStore {
             inner: Arc::new(Inner {
-                reads,
+                db,
                 jobs,
                 head: head_rx,
                 commits,
@@ -215,11 +226,11 @@ impl EventStore {
         aggregate_id: &str,
     ) -> Result<Vec<RecordedEvent>, InfraError> {
         let rows = sqlx::query(
-            "SELECT * FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 ORDER BY version",
+            "SELECT * FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY version",
         )
         .bind(aggregate_type)
         .bind(aggregate_id)
-        .fetch_all(&self.inner.reads)
+        .fetch_all(&self.inner.db.pool)
         .await?;
         rows.iter().map(recorded).collect()
     }
@@ -232,13 +243,13 @@ impl EventStore {
         version: i64,
     ) -> Result<Vec<RecordedEvent>, InfraError> {
         let rows = sqlx::query(
-            "SELECT * FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version > ?3
+            "SELECT * FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3
              ORDER BY version",
         )
         .bind(aggregate_type)
         .bind(aggregate_id)
         .bind(version)
-        .fetch_all(&self.inner.reads)
+        .fetch_all(&self.inner.db.pool)
         .await?;
         rows.iter().map(recorded).collect()
     }
@@ -250,11 +261,11 @@ impl EventStore {
         aggregate_id: &str,
     ) -> Result<Option<Snapshot>, InfraError> {
         let row = sqlx::query(
-            "SELECT version, position, state FROM snapshots WHERE aggregate_type = ?1 AND aggregate_id = ?2",
+            "SELECT version, position, state FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2",
         )
         .bind(aggregate_type)
         .bind(aggregate_id)
-        .fetch_optional(&self.inner.reads)
+        .fetch_optional(&self.inner.db.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
         let state: String = row.try_get("state")?;
@@ -281,17 +292,18 @@ impl EventStore {
         }
         let types = serde_json::to_string(aggregate_types)
             .map_err(|e| InfraError::Corrupt(e.to_string()))?;
-        let rows = sqlx::query(
-            "SELECT * FROM events WHERE position > ?1 AND position <= ?2
-               AND aggregate_type IN (SELECT value FROM json_each(?3))
-             ORDER BY position LIMIT ?4",
-        )
-        .bind(after)
-        .bind(head)
-        .bind(types)
-        .bind(limit)
-        .fetch_all(&self.inner.reads)
-        .await?;
+        let sql = format!(
+            "SELECT * FROM events WHERE position > $1 AND position <= $2
+               AND aggregate_type IN ({}) ORDER BY position LIMIT $4",
+            self.inner.db.dialect.text_list("$3")
+        );
+        let rows = sqlx::query(&sql)
+            .bind(after)
+            .bind(head)
+            .bind(types)
+            .bind(limit)
+            .fetch_all(&self.inner.db.pool)
+            .await?;
         let events: Vec<RecordedEvent> = rows.iter().map(recorded).collect::<Result<_, _>>()?;
         let reached = if (events.len() as i64) < limit {
             head
@@ -309,22 +321,23 @@ impl EventStore {
     ) -> Result<i64, InfraError> {
         let types = serde_json::to_string(aggregate_types)
             .map_err(|e| InfraError::Corrupt(e.to_string()))?;
-        Ok(sqlx::query_scalar(
-            "SELECT COUNT(*) FROM events WHERE position > ?1
-               AND aggregate_type IN (SELECT value FROM json_each(?2))",
-        )
-        .bind(after)
-        .bind(types)
-        .fetch_one(&self.inner.reads)
-        .await?)
+        let sql = format!(
+            "SELECT COUNT(*) FROM events WHERE position > $1 AND aggregate_type IN ({})",
+            self.inner.db.dialect.text_list("$2")
+        );
+        Ok(sqlx::query_scalar(&sql)
+            .bind(after)
+            .bind(types)
+            .fetch_one(&self.inner.db.pool)
+            .await?)
     }
 
     /// How far the relay `name` has published the log.
     pub async fn relay_position(&self, name: &str) -> Result<i64, InfraError> {
         let position: Option<i64> =
-            sqlx::query_scalar("SELECT position FROM relay_positions WHERE name = ?1")
+            sqlx::query_scalar("SELECT position FROM relay_positions WHERE name = $1")
                 .bind(name)
-                .fetch_optional(&self.inner.reads)
+                .fetch_optional(&self.inner.db.pool)
                 .await?;
         Ok(position.unwrap_or(0))
     }
@@ -332,12 +345,12 @@ impl EventStore {
     /// Record that the relay `name` has published everything up to `position`.
     pub async fn set_relay_position(&self, name: &str, position: i64) -> Result<(), InfraError> {
         sqlx::query(
-            "INSERT INTO relay_positions (name, position) VALUES (?1, ?2)
+            "INSERT INTO relay_positions (name, position) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET position = excluded.position",
         )
         .bind(name)
         .bind(position)
-        .execute(&self.inner.reads)
+        .execute(&self.inner.db.pool)
         .await?;
         Ok(())
     }
@@ -345,15 +358,15 @@ impl EventStore {
     /// The first answer recorded under an idempotency key, if any.
     pub async fn idempotency(&self, key: &str) -> Result<Option<StoredResponse>, InfraError> {
         let row =
-            sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = ?1")
+            sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = $1")
                 .bind(key)
-                .fetch_optional(&self.inner.reads)
+                .fetch_optional(&self.inner.db.pool)
                 .await?;
         row.map(|row| stored_response(&row)).transpose()
     }
 }
 
-fn stored_response(row: &SqliteRow) -> Result<StoredResponse, InfraError> {
+fn stored_response(row: &AnyRow) -> Result<StoredResponse, InfraError> {
     let response: String = row.try_get("response")?;
     Ok(StoredResponse {
         request_hash: row.try_get("request_hash")?,
@@ -363,7 +376,7 @@ fn stored_response(row: &SqliteRow) -> Result<StoredResponse, InfraError> {
     })
 }
 
-fn recorded(row: &SqliteRow) -> Result<RecordedEvent, InfraError> {
+fn recorded(row: &AnyRow) -> Result<RecordedEvent, InfraError> {
     let payload: String = row.try_get("payload")?;
     let schema_version: i64 = row.try_get("schema_version")?;
     Ok(RecordedEvent {
@@ -386,14 +399,15 @@ fn recorded(row: &SqliteRow) -> Result<RecordedEvent, InfraError> {
 }
 
 async fn write_loop(
-    mut conn: SqliteConnection,
+    mut conn: AnyConnection,
+    dialect: Dialect,
     mut queue: mpsc::Receiver<Job>,
     head: watch::Sender<i64>,
     commits: Arc<AtomicU64>,
 ) {
     let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
     while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
-        match commit_group(&mut conn, &group).await {
+        match commit_group(&mut conn, dialect, &group).await {
             Ok((outcomes, last)) => {
                 commits.fetch_add(1, Ordering::Relaxed);
                 if let Some(last) = last {
@@ -426,10 +440,20 @@ async fn write_loop(
 type GroupResult = (Vec<Result<AppendOutcome, StoreError>>, Option<i64>);
 
 async fn commit_group(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
+    dialect: Dialect,
     group: &[Job],
 ) -> Result<GroupResult, sqlx::Error> {
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    sqlx::query(dialect.begin_write())
+        .execute(&mut *conn)
+        .await?;
+    if dialect == Dialect::Postgres {
+        // Writers in other processes wait here, so positions become visible in the
+        // order they were taken and a reader bounded by the head never skips one.
+        sqlx::query("SELECT pg_advisory_xact_lock(7306249455123)")
+            .execute(&mut *conn)
+            .await?;
+    }
     let mut outcomes = Vec::with_capacity(group.len());
     let mut last = None;
     for job in group {
@@ -460,12 +484,12 @@ async fn commit_group(
 }
 
 async fn append_one(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     request: &AppendRequest,
 ) -> Result<AppendOutcome, StoreError> {
     if let Some(record) = &request.idempotency {
         let existing =
-            sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = ?1")
+            sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = $1")
                 .bind(&record.key)
                 .fetch_optional(&mut *conn)
                 .await?;
@@ -482,7 +506,7 @@ async fn append_one(
     }
     let (actual, stream_position): (i64, i64) = sqlx::query_as(
         "SELECT COALESCE(MAX(version), 0), COALESCE(MAX(position), 0) FROM events
-          WHERE aggregate_type = ?1 AND aggregate_id = ?2",
+          WHERE aggregate_type = $1 AND aggregate_id = $2",
     )
     .bind(&request.aggregate_type)
     .bind(&request.aggregate_id)
@@ -503,7 +527,7 @@ async fn append_one(
         position = sqlx::query_scalar(
             "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type,
                 schema_version, occurred_at, correlation_id, causation_id, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) RETURNING position",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING position",
         )
         .bind(event.event_id.to_string())
         .bind(&request.aggregate_type)
@@ -521,7 +545,7 @@ async fn append_one(
     if let (Some(state), false) = (&request.snapshot, request.events.is_empty()) {
         sqlx::query(
             "INSERT INTO snapshots (aggregate_type, aggregate_id, version, position, state)
-             VALUES (?1, ?2, ?3, ?4, ?5)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
                 version = excluded.version, position = excluded.position, state = excluded.state",
         )
@@ -536,7 +560,7 @@ async fn append_one(
     if let Some(record) = &request.idempotency {
         sqlx::query(
             "INSERT INTO idempotency (key, request_hash, response, position, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(&record.key)
         .bind(&record.request_hash)

@@ -11,6 +11,7 @@
 //!   own database, written with its effects; on every assignment it seeks to them.
 //!   Offsets are never committed to Kafka.
 
+use crate::db::Db;
 use crate::shutdown::Shutdown;
 use crate::{EventStore, InfraError};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -24,7 +25,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use schemas::topics::{events_topic, AGGREGATE_TYPES};
 use schemas::RecordedEvent;
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::{AnyConnection, AnyPool};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -271,8 +272,8 @@ pub const OFFSETS_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS kafka_offsets (
     consumer    TEXT    NOT NULL,
     topic       TEXT    NOT NULL,
-    partition   INTEGER NOT NULL,
-    next_offset INTEGER NOT NULL,
+    partition   BIGINT  NOT NULL,
+    next_offset BIGINT  NOT NULL,
     PRIMARY KEY (consumer, topic, partition)
 );
 "#;
@@ -280,18 +281,15 @@ CREATE TABLE IF NOT EXISTS kafka_offsets (
 /// A consumer's Kafka offsets, kept in its own database.
 #[derive(Clone)]
 pub struct OffsetStore {
-    pub pool: SqlitePool,
+    pub pool: AnyPool,
     pub consumer: String,
 }
 
 impl OffsetStore {
-    pub async fn open(
-        pool: SqlitePool,
-        consumer: impl Into<String>,
-    ) -> Result<OffsetStore, sqlx::Error> {
-        crate::db::migrate(&pool, OFFSETS_SCHEMA).await?;
+    pub async fn open(db: &Db, consumer: impl Into<String>) -> Result<OffsetStore, sqlx::Error> {
+        db.migrate(OFFSETS_SCHEMA).await?;
         Ok(OffsetStore {
-            pool,
+            pool: db.pool.clone(),
             consumer: consumer.into(),
         })
     }
@@ -302,10 +300,10 @@ impl OffsetStore {
         topic: &str,
         partition: i32,
     ) -> Result<Option<i64>, sqlx::Error> {
-        sqlx::query_scalar("SELECT next_offset FROM kafka_offsets WHERE consumer = ?1 AND topic = ?2 AND partition = ?3")
+        sqlx::query_scalar("SELECT next_offset FROM kafka_offsets WHERE consumer = $1 AND topic = $2 AND partition = $3")
             .bind(&self.consumer)
             .bind(topic)
-            .bind(partition)
+            .bind(i64::from(partition))
             .fetch_optional(&self.pool)
             .await
     }
@@ -313,18 +311,18 @@ impl OffsetStore {
     /// Record, inside the caller's transaction, that `offset` of a partition is done.
     pub async fn save(
         &self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         topic: &str,
         partition: i32,
         offset: i64,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(
-            "INSERT INTO kafka_offsets (consumer, topic, partition, next_offset) VALUES (?1, ?2, ?3, ?4)
+            "INSERT INTO kafka_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
              ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
         )
         .bind(&self.consumer)
         .bind(topic)
-        .bind(partition)
+        .bind(i64::from(partition))
         .bind(offset + 1)
         .execute(conn)
         .await

@@ -44,7 +44,7 @@ pub async fn views(all: &Projections) -> Result<Vec<ProjectionView>, ApiError> {
                 "running"
             }
             .to_owned(),
-            dead_letters: dead_letters::count(&handle.db, name).await?,
+            dead_letters: dead_letters::count(&handle.db.pool, name).await?,
             rebuild: rebuild.map(|r| RebuildProgress {
                 processed: r.processed,
                 total: r.total,
@@ -104,7 +104,7 @@ async fn list_dead_letters(
             continue;
         }
         seen.push(service);
-        out.extend(dead_letters::list(&handle.db, service).await?);
+        out.extend(dead_letters::list(&handle.db.pool, service).await?);
     }
     Ok(Json(DeadLetterList { dead_letters: out }))
 }
@@ -119,13 +119,13 @@ async fn retry_dead_letter(
     let not_found = || ApiError::not_found(format!("no dead letter {id:?}"));
     let (service, number) = id.split_once(':').ok_or_else(not_found)?;
     let number: i64 = number.parse().map_err(|_| not_found())?;
-    let pool = all
+    let db = all
         .handles
         .iter()
         .find(|h| h.projection.service() == service)
         .map(|h| h.db.clone())
         .ok_or_else(not_found)?;
-    let (consumer, event) = dead_letters::get(&pool, number)
+    let (consumer, event) = dead_letters::get(&db.pool, number)
         .await?
         .ok_or_else(not_found)?;
     let handle = all.get(&consumer).cloned().ok_or_else(|| {
@@ -134,7 +134,7 @@ async fn retry_dead_letter(
         ))
     })?;
     let _live = handle.lock.lock().await;
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = db.begin_write().await?;
     match apply_one(&mut tx, handle.projection, "", &event).await? {
         Ok(()) => {
             dead_letters::delete(&mut tx, number).await?;
@@ -147,7 +147,7 @@ async fn retry_dead_letter(
         }
         Err(error) => {
             tx.rollback().await?;
-            dead_letters::set_error(&pool, number, &error).await?;
+            dead_letters::set_error(&db.pool, number, &error).await?;
             Err(ApiError::conflict(format!(
                 "the event still cannot be applied: {error}"
             )))

@@ -8,7 +8,7 @@ use domain::payment::PaymentEvent;
 use domain::shipment::ShipmentEvent;
 use infra::timestamp;
 use schemas::{AnyEvent, Envelope};
-use sqlx::SqliteConnection;
+use sqlx::AnyConnection;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Projection {
@@ -78,28 +78,28 @@ impl Projection {
     pub fn create_tables(self, suffix: &str) -> String {
         let guard = format!(
             "CREATE TABLE IF NOT EXISTS {} (
-                aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, version INTEGER NOT NULL,
-                PRIMARY KEY (aggregate_type, aggregate_id)) WITHOUT ROWID;",
+                aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, version BIGINT NOT NULL,
+                PRIMARY KEY (aggregate_type, aggregate_id));",
             self.guard_table(suffix)
         );
         let main = match self {
             Projection::Orders => format!(
                 "CREATE TABLE IF NOT EXISTS orders{suffix} (
                     order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, status TEXT NOT NULL,
-                    lines TEXT NOT NULL, total_cents INTEGER NOT NULL, payment_status TEXT,
+                    lines TEXT NOT NULL, total_cents BIGINT NOT NULL, payment_status TEXT,
                     shipment_status TEXT, cancel_reason TEXT, placed_at TEXT NOT NULL,
                     updated_at TEXT NOT NULL);"
             ),
             Projection::Inventory => format!(
                 "CREATE TABLE IF NOT EXISTS inventory_levels{suffix} (
-                    sku TEXT PRIMARY KEY, on_hand INTEGER NOT NULL, reserved INTEGER NOT NULL,
+                    sku TEXT PRIMARY KEY, on_hand BIGINT NOT NULL, reserved BIGINT NOT NULL,
                     updated_at TEXT NOT NULL);"
             ),
             Projection::Payments => format!(
                 "CREATE TABLE IF NOT EXISTS payments{suffix} (
-                    order_id TEXT PRIMARY KEY, status TEXT NOT NULL, amount_cents INTEGER NOT NULL,
-                    authorized_cents INTEGER NOT NULL DEFAULT 0, captured_cents INTEGER NOT NULL DEFAULT 0,
-                    voided_cents INTEGER NOT NULL DEFAULT 0, decline_reason TEXT, updated_at TEXT NOT NULL);"
+                    order_id TEXT PRIMARY KEY, status TEXT NOT NULL, amount_cents BIGINT NOT NULL,
+                    authorized_cents BIGINT NOT NULL DEFAULT 0, captured_cents BIGINT NOT NULL DEFAULT 0,
+                    voided_cents BIGINT NOT NULL DEFAULT 0, decline_reason TEXT, updated_at TEXT NOT NULL);"
             ),
             Projection::Shipments => format!(
                 "CREATE TABLE IF NOT EXISTS shipments{suffix} (
@@ -124,7 +124,7 @@ impl Projection {
     /// roll back this event's changes and dead-letter it.
     pub async fn apply(
         self,
-        conn: &mut SqliteConnection,
+        conn: &mut AnyConnection,
         suffix: &str,
         envelope: &Envelope,
         event: &AnyEvent,
@@ -143,7 +143,7 @@ impl Projection {
             (Projection::Payments, AnyEvent::Payment(event)) => apply_payment(conn, suffix, id, &at, event).await,
             (Projection::Shipments, AnyEvent::Shipment(event)) => {
                 sqlx::query(&format!(
-                    "INSERT INTO shipments{suffix} (order_id, status, updated_at) VALUES (?1, ?2, ?3)
+                    "INSERT INTO shipments{suffix} (order_id, status, updated_at) VALUES ($1, $2, $3)
                      ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at"
                 ))
                 .bind(id)
@@ -178,7 +178,7 @@ fn shipment_status(event: &ShipmentEvent) -> &'static str {
 }
 
 async fn set_order_field(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     suffix: &str,
     id: &str,
     at: &str,
@@ -186,7 +186,7 @@ async fn set_order_field(
     value: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(&format!(
-        "UPDATE orders{suffix} SET {field} = ?2, updated_at = ?3 WHERE order_id = ?1"
+        "UPDATE orders{suffix} SET {field} = $2, updated_at = $3 WHERE order_id = $1"
     ))
     .bind(id)
     .bind(value)
@@ -197,7 +197,7 @@ async fn set_order_field(
 }
 
 async fn apply_order(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     suffix: &str,
     id: &str,
     at: &str,
@@ -215,7 +215,7 @@ async fn apply_order(
                 serde_json::to_string(lines).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
             return sqlx::query(&format!(
                 "INSERT INTO orders{suffix} (order_id, customer_id, status, lines, total_cents, placed_at, updated_at)
-                 VALUES (?1, ?2, 'pending', ?3, ?4, ?5, ?5)"
+                 VALUES ($1, $2, 'pending', $3, $4, $5, $5)"
             ))
             .bind(id)
             .bind(customer_id.as_str())
@@ -231,7 +231,7 @@ async fn apply_order(
         OrderEvent::OrderDelivered {} => "delivered",
         OrderEvent::OrderCancelled { reason, .. } => {
             return sqlx::query(&format!(
-                "UPDATE orders{suffix} SET status = 'cancelled', cancel_reason = ?2, updated_at = ?3 WHERE order_id = ?1"
+                "UPDATE orders{suffix} SET status = 'cancelled', cancel_reason = $2, updated_at = $3 WHERE order_id = $1"
             ))
             .bind(id)
             .bind(reason.as_str())
@@ -245,7 +245,7 @@ async fn apply_order(
 }
 
 async fn apply_inventory(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     suffix: &str,
     sku: &str,
     at: &str,
@@ -267,7 +267,7 @@ async fn apply_inventory(
         InventoryEvent::StockReservationRejected { .. } => return Ok(()),
     };
     sqlx::query(&format!(
-        "INSERT INTO inventory_levels{suffix} (sku, on_hand, reserved, updated_at) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO inventory_levels{suffix} (sku, on_hand, reserved, updated_at) VALUES ($1, $2, $3, $4)
          ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, reserved = excluded.reserved, updated_at = excluded.updated_at"
     ))
     .bind(sku)
@@ -280,7 +280,7 @@ async fn apply_inventory(
 }
 
 async fn apply_payment(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     suffix: &str,
     id: &str,
     at: &str,
@@ -290,7 +290,7 @@ async fn apply_payment(
     let sql = match event {
         PaymentEvent::PaymentRequested { amount_cents, .. } => {
             return sqlx::query(&format!(
-                "INSERT INTO payments{suffix} (order_id, status, amount_cents, updated_at) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO payments{suffix} (order_id, status, amount_cents, updated_at) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (order_id) DO NOTHING"
             ))
             .bind(id)
@@ -308,7 +308,7 @@ async fn apply_payment(
         PaymentEvent::PaymentVoided { amount_cents } => ("voided_cents", amount_cents.cents()),
         PaymentEvent::PaymentDeclined { reason } => {
             return sqlx::query(&format!(
-                "UPDATE payments{suffix} SET status = ?2, decline_reason = ?3, updated_at = ?4 WHERE order_id = ?1"
+                "UPDATE payments{suffix} SET status = $2, decline_reason = $3, updated_at = $4 WHERE order_id = $1"
             ))
             .bind(id)
             .bind(status)
@@ -321,7 +321,7 @@ async fn apply_payment(
     };
     let (column, cents) = sql;
     sqlx::query(&format!(
-        "UPDATE payments{suffix} SET status = ?2, {column} = ?3, updated_at = ?4 WHERE order_id = ?1"
+        "UPDATE payments{suffix} SET status = $2, {column} = $3, updated_at = $4 WHERE order_id = $1"
     ))
     .bind(id)
     .bind(status)

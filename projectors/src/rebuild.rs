@@ -9,8 +9,7 @@
 
 use crate::runner::{apply_guarded, ProjectionHandle, Projections};
 use infra::progress::Rebuild;
-use infra::{checkpoints, db, dead_letters, InfraError};
-use sqlx::SqlitePool;
+use infra::{checkpoints, dead_letters, InfraError};
 
 const BATCH: i64 = 1000;
 const SHADOW: &str = "_shadow";
@@ -24,18 +23,19 @@ pub async fn rebuild(
 ) -> Result<u64, InfraError> {
     let projection = handle.projection;
     let name = projection.name();
-    let pool = &handle.db;
+    let db = &handle.db;
+    let pool = &db.pool;
     let rebuild_consumer = format!("{name}@rebuild");
     for table in projection.tables() {
         sqlx::query(&format!("DROP TABLE IF EXISTS {table}{SHADOW}"))
             .execute(pool)
             .await?;
     }
-    sqlx::query("DELETE FROM dead_letters WHERE consumer = ?1")
+    sqlx::query("DELETE FROM dead_letters WHERE consumer = $1")
         .bind(&rebuild_consumer)
         .execute(pool)
         .await?;
-    db::migrate(pool, &projection.create_tables(SHADOW)).await?;
+    db.migrate(&projection.create_tables(SHADOW)).await?;
 
     let total = all.store.count_after(0, projection.topics()).await?.max(0) as u64;
     let mut progress = Rebuild {
@@ -66,7 +66,7 @@ pub async fn rebuild(
         &mut report,
     )
     .await?;
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = db.begin_write().await?;
     for table in projection.tables() {
         sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
             .execute(&mut *tx)
@@ -82,11 +82,11 @@ pub async fn rebuild(
     {
         sqlx::query(statement).execute(&mut *tx).await?;
     }
-    sqlx::query("DELETE FROM dead_letters WHERE consumer = ?1")
+    sqlx::query("DELETE FROM dead_letters WHERE consumer = $1")
         .bind(name)
         .execute(&mut *tx)
         .await?;
-    sqlx::query("UPDATE dead_letters SET consumer = ?1 WHERE consumer = ?2")
+    sqlx::query("UPDATE dead_letters SET consumer = $1 WHERE consumer = $2")
         .bind(name)
         .bind(&rebuild_consumer)
         .execute(&mut *tx)
@@ -110,15 +110,7 @@ async fn catch_up(
     report: &mut impl FnMut(Rebuild),
 ) -> Result<i64, InfraError> {
     loop {
-        let (moved, reached) = fill(
-            all,
-            &handle.db,
-            handle,
-            dead_letter_consumer,
-            position,
-            progress,
-        )
-        .await?;
+        let (moved, reached) = fill(all, handle, dead_letter_consumer, position, progress).await?;
         position = reached;
         all.progress
             .set_rebuild(handle.projection.name(), Some(*progress));
@@ -132,7 +124,6 @@ async fn catch_up(
 /// Apply one batch to the shadow; (whether it moved, position reached).
 async fn fill(
     all: &Projections,
-    pool: &SqlitePool,
     handle: &ProjectionHandle,
     dead_letter_consumer: &str,
     position: i64,
@@ -146,7 +137,7 @@ async fn fill(
     if reached == position {
         return Ok((false, position));
     }
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = handle.db.begin_write().await?;
     for recorded in &events {
         if let Err(error) = apply_guarded(&mut tx, projection, SHADOW, recorded).await? {
             dead_letters::record(&mut tx, dead_letter_consumer, recorded, &error).await?;

@@ -2,12 +2,13 @@
 //! savepoint, and commit the changes with the new checkpoint in one transaction.
 
 use crate::projection::Projection;
+use infra::db::Db;
 use infra::metrics::{self, Metrics};
 use infra::progress::Progress;
 use infra::shutdown::Shutdown;
-use infra::{checkpoints, db, dead_letters, EventStore, InfraError};
+use infra::{checkpoints, dead_letters, EventStore, InfraError};
 use schemas::{AnyEvent, RecordedEvent};
-use sqlx::{SqliteConnection, SqlitePool};
+use sqlx::AnyConnection;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,7 @@ const BATCH: i64 = 500;
 #[derive(Clone)]
 pub struct ProjectionHandle {
     pub projection: Projection,
-    pub db: SqlitePool,
+    pub db: Db,
     /// Held by the live runner for each batch, and by a rebuild while it swaps.
     pub lock: Arc<Mutex<()>>,
     /// Set while a rebuild runs: one at a time.
@@ -41,19 +42,19 @@ impl Projections {
         store: EventStore,
         progress: Progress,
         metrics: Metrics,
-        databases: &[(Projection, SqlitePool)],
+        databases: &[(Projection, Db)],
     ) -> Result<Projections, InfraError> {
         let mut handles = vec![];
-        for (projection, pool) in databases {
-            db::migrate(pool, &projection.create_tables("")).await?;
-            db::migrate(pool, projection.create_indexes()).await?;
-            checkpoints::ensure_schema(pool).await?;
-            dead_letters::ensure_schema(pool).await?;
-            let checkpoint = checkpoints::load(pool, projection.name()).await?;
+        for (projection, db) in databases {
+            db.migrate(&projection.create_tables("")).await?;
+            db.migrate(projection.create_indexes()).await?;
+            checkpoints::ensure_schema(db).await?;
+            dead_letters::ensure_schema(db).await?;
+            let checkpoint = checkpoints::load(&db.pool, projection.name()).await?;
             progress.set_checkpoint(projection.name(), checkpoint);
             handles.push(ProjectionHandle {
                 projection: *projection,
-                db: pool.clone(),
+                db: db.clone(),
                 lock: Arc::new(Mutex::new(())),
                 rebuilding: Arc::new(AtomicBool::new(false)),
             });
@@ -112,7 +113,7 @@ pub async fn step(all: &Projections, handle: &ProjectionHandle) -> Result<bool, 
     let _live = handle.lock.lock().await;
     let projection = handle.projection;
     let name = projection.name();
-    let checkpoint = checkpoints::load(&handle.db, name).await?;
+    let checkpoint = checkpoints::load(&handle.db.pool, name).await?;
     let (events, reached) = all
         .store
         .read_after(checkpoint, projection.topics(), BATCH)
@@ -121,7 +122,7 @@ pub async fn step(all: &Projections, handle: &ProjectionHandle) -> Result<bool, 
         all.progress.set_checkpoint(name, checkpoint);
         return Ok(false);
     }
-    let mut tx = handle.db.begin_with("BEGIN IMMEDIATE").await?;
+    let mut tx = handle.db.begin_write().await?;
     for recorded in &events {
         if let Err(error) = apply_guarded(&mut tx, projection, "", recorded).await? {
             tracing::error!(error = %error, projection = name, position = recorded.position, "event dead-lettered");
@@ -140,7 +141,7 @@ pub async fn step(all: &Projections, handle: &ProjectionHandle) -> Result<bool, 
 /// error is the database failing (retry the batch); the inner one is this event
 /// failing (its changes are undone; dead-letter it and go on).
 pub async fn apply_guarded(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     projection: Projection,
     suffix: &str,
     recorded: &RecordedEvent,
@@ -148,7 +149,7 @@ pub async fn apply_guarded(
     let envelope = &recorded.envelope;
     let guard = projection.guard_table(suffix);
     let applied: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT version FROM {guard} WHERE aggregate_type = ?1 AND aggregate_id = ?2"
+        "SELECT version FROM {guard} WHERE aggregate_type = $1 AND aggregate_id = $2"
     ))
     .bind(&envelope.aggregate_type)
     .bind(&envelope.aggregate_id)
@@ -161,7 +162,7 @@ pub async fn apply_guarded(
     // The guard moves past a dead-lettered event too: a later event of the stream
     // still applies, and a retry from the dead-letter store bypasses the guard.
     sqlx::query(&format!(
-        "INSERT INTO {guard} (aggregate_type, aggregate_id, version) VALUES (?1, ?2, ?3)
+        "INSERT INTO {guard} (aggregate_type, aggregate_id, version) VALUES ($1, $2, $3)
          ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version"
     ))
     .bind(&envelope.aggregate_type)
@@ -174,7 +175,7 @@ pub async fn apply_guarded(
 
 /// Decode and apply one event under a savepoint, without the version guard.
 pub async fn apply_one(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     projection: Projection,
     suffix: &str,
     recorded: &RecordedEvent,

@@ -15,8 +15,8 @@ use schemas::http::{InventoryView, OrderLineView, OrderPage, OrderView, StreamVi
 use schemas::topics::AGGREGATE_TYPES;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqlitePool};
+use sqlx::any::AnyRow;
+use sqlx::{AnyPool, Row};
 use uuid::Uuid;
 
 /// What the query routes read from.
@@ -24,10 +24,10 @@ use uuid::Uuid;
 pub struct QueryState {
     pub store: EventStore,
     pub progress: Progress,
-    pub orders: SqlitePool,
-    pub inventory: SqlitePool,
-    pub payments: SqlitePool,
-    pub shipments: SqlitePool,
+    pub orders: AnyPool,
+    pub inventory: AnyPool,
+    pub payments: AnyPool,
+    pub shipments: AnyPool,
 }
 
 pub fn router(state: QueryState) -> Router {
@@ -56,7 +56,7 @@ async fn inventory(
 ) -> Result<Json<InventoryView>, ApiError> {
     let sku = domain::Sku::parse(&sku).map_err(|e| ApiError::invalid(e.to_string()))?;
     await_consistency(&s.progress, "inventory", &headers).await?;
-    let row = sqlx::query("SELECT on_hand, reserved FROM inventory_levels WHERE sku = ?1")
+    let row = sqlx::query("SELECT on_hand, reserved FROM inventory_levels WHERE sku = $1")
         .bind(sku.as_str())
         .fetch_optional(&s.inventory)
         .await?
@@ -71,7 +71,7 @@ async fn inventory(
     }))
 }
 
-fn order_view(row: &SqliteRow) -> Result<OrderView, ApiError> {
+fn order_view(row: &AnyRow) -> Result<OrderView, ApiError> {
     let lines: String = row.try_get("lines")?;
     let lines: Vec<OrderLineView> = serde_json::from_str(&lines).map_err(ApiError::internal)?;
     let order_id: String = row.try_get("order_id")?;
@@ -96,7 +96,7 @@ async fn order(
 ) -> Result<Json<OrderView>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     await_consistency(&s.progress, "orders", &headers).await?;
-    let row = sqlx::query("SELECT * FROM orders WHERE order_id = ?1")
+    let row = sqlx::query("SELECT * FROM orders WHERE order_id = $1")
         .bind(order_id.to_string())
         .fetch_optional(&s.orders)
         .await?
@@ -157,9 +157,9 @@ async fn list_orders(
     await_consistency(&s.progress, "orders", &headers).await?;
     let rows = sqlx::query(
         "SELECT * FROM orders
-          WHERE (?1 IS NULL OR customer_id = ?1) AND (?2 IS NULL OR status = ?2)
-            AND (?3 IS NULL OR order_id < ?3)
-          ORDER BY order_id DESC LIMIT ?4",
+          WHERE ($1 IS NULL OR customer_id = $1) AND ($2 IS NULL OR status = $2)
+            AND ($3 IS NULL OR order_id < $3)
+          ORDER BY order_id DESC LIMIT $4",
     )
     .bind(customer)
     .bind(status)
@@ -188,7 +188,7 @@ async fn payment(
 ) -> Result<Json<Value>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     await_consistency(&s.progress, "payments", &headers).await?;
-    let row = sqlx::query("SELECT * FROM payments WHERE order_id = ?1")
+    let row = sqlx::query("SELECT * FROM payments WHERE order_id = $1")
         .bind(order_id.to_string())
         .fetch_optional(&s.payments)
         .await?
@@ -211,7 +211,7 @@ async fn shipment(
 ) -> Result<Json<Value>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     await_consistency(&s.progress, "shipments", &headers).await?;
-    let row = sqlx::query("SELECT status, updated_at FROM shipments WHERE order_id = ?1")
+    let row = sqlx::query("SELECT status, updated_at FROM shipments WHERE order_id = $1")
         .bind(order_id.to_string())
         .fetch_optional(&s.shipments)
         .await?

@@ -78,11 +78,14 @@ async fn the_database_refuses_two_events_with_one_version() {
         .append(request("A", 0, vec![event(1)]))
         .await
         .expect("append");
-    let pool = infra::db::open_pool(&path, 1).await.expect("pool");
+    let pool = infra::db::Db::open_sqlite(&path, 1)
+        .await
+        .expect("pool")
+        .pool;
     let duplicate = sqlx::query(
         "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version,
             occurred_at, correlation_id, causation_id, payload)
-         VALUES (?1, 'inventory', 'A', 1, 'StockRestocked', 1, '2026-01-01T00:00:00Z', ?1, ?1, '{}')",
+         VALUES ($1, 'inventory', 'A', 1, 'StockRestocked', 1, '2026-01-01T00:00:00Z', $1, $1, '{}')",
     )
     .bind(Uuid::now_v7().to_string())
     .execute(&pool)
@@ -276,7 +279,10 @@ async fn an_aggregate_loads_from_its_snapshot_and_the_events_after_it() {
     assert_eq!((item.on_hand, version, position), (300, 150, 150));
 
     // A snapshot that no longer reads is passed over.
-    let pool = infra::db::open_pool(&path, 1).await.expect("pool");
+    let pool = infra::db::Db::open_sqlite(&path, 1)
+        .await
+        .expect("pool")
+        .pool;
     sqlx::query("UPDATE snapshots SET state = '{\"shape\": \"old\"}'")
         .execute(&pool)
         .await
@@ -292,4 +298,31 @@ async fn an_aggregate_loads_from_its_snapshot_and_the_events_after_it() {
         .expect("append");
     let (_, version, _) = handlers.load::<InventoryItem>("A").await.expect("load");
     assert_eq!(version, 151);
+}
+
+#[tokio::test]
+async fn sqlite_databases_are_durable_by_default() {
+    use sqlx::{Connection, Row};
+    let dir = tempfile::tempdir().expect("dir");
+    let db = infra::db::Db::open_sqlite(&dir.path().join("x.db"), 1)
+        .await
+        .expect("open");
+    let mut writer = db.connection().await.expect("connection");
+    for conn in [&mut *db.pool.acquire().await.expect("pooled"), &mut writer] {
+        let mode: String = sqlx::query("PRAGMA journal_mode")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("pragma")
+            .try_get(0)
+            .expect("text");
+        assert_eq!(mode, "wal");
+        let synchronous: i64 = sqlx::query("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("pragma")
+            .try_get(0)
+            .expect("number");
+        assert_eq!(synchronous, 2, "synchronous=FULL");
+    }
+    writer.close().await.expect("close");
 }

@@ -41,10 +41,10 @@ fn isolated(brokers: &str) -> KafkaConfig {
 }
 
 async fn offsets(dir: &tempfile::TempDir, consumer: &str) -> OffsetStore {
-    let pool = infra::db::open_pool(&dir.path().join("consumer.db"), 2)
+    let db = infra::db::Db::open_sqlite(&dir.path().join("consumer.db"), 2)
         .await
         .expect("db");
-    OffsetStore::open(pool, consumer).await.expect("offsets")
+    OffsetStore::open(&db, consumer).await.expect("offsets")
 }
 
 /// Poll until `enough` holds of everything read, or fail after a while.

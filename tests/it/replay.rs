@@ -167,9 +167,10 @@ async fn an_event_a_projection_cannot_apply_is_dead_lettered_and_the_projection_
     first.api.restock("A", 1).await;
     first.kill();
     // An event of a shape no version of the code wrote, as a damaged log would hold.
-    let pool = infra::db::open_pool(&data.join("events.db"), 1)
+    let pool = infra::db::Db::open_sqlite(&data.join("events.db"), 1)
         .await
-        .expect("open");
+        .expect("open")
+        .pool;
     sqlx::query(
         "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version,
             occurred_at, correlation_id, causation_id, payload)

@@ -339,9 +339,10 @@ impl Drop for Process {
 /// Every row of a table in a service database, in key order, as JSON text.
 pub async fn dump(data_dir: &Path, service: &str, table: &str, key: &str) -> Vec<String> {
     use sqlx::{Column, Row};
-    let pool = infra::db::open_pool(&data_dir.join(format!("{service}.db")), 1)
+    let pool = infra::db::Db::open_sqlite(&data_dir.join(format!("{service}.db")), 1)
         .await
-        .expect("open");
+        .expect("open")
+        .pool;
     let rows = sqlx::query(&format!("SELECT * FROM {table} ORDER BY {key}"))
         .fetch_all(&pool)
         .await
