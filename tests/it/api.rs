@@ -1,17 +1,36 @@
 //! Every row of the public contract, through a real server.
 
-use crate::support::{body, Api, TestServer};
+use crate::support::{body, on_both_backends, Api, Backend, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::Duration;
+
+on_both_backends!(
+    an_order_goes_from_restock_to_delivery,
+    an_order_for_missing_stock_is_cancelled_as_out_of_stock_and_holds_nothing,
+    a_declined_payment_cancels_the_order_and_releases_the_stock,
+    an_unanswered_payment_times_out_releases_the_stock_and_voids_the_request,
+    a_customer_cancel_before_dispatch_releases_the_stock_and_voids_the_payment,
+    a_shipped_order_cannot_be_cancelled,
+    dispatch_needs_a_confirmed_order_and_delivery_a_dispatched_one,
+    unknown_resources_are_404_problems,
+    malformed_bodies_are_400_and_write_nothing,
+    invalid_values_are_422_and_write_nothing,
+    a_body_over_the_limit_is_413,
+    the_same_idempotency_key_returns_the_first_answer_and_changes_nothing,
+    a_read_with_a_consistency_token_reflects_the_write,
+    a_token_not_yet_reached_answers_503_with_retry_after,
+    orders_are_listed_by_customer_and_status_page_by_page,
+    a_stream_shows_every_envelope_field_in_version_order,
+    operators_see_health_projections_and_metrics,
+);
 
 fn price(order: &Value) -> u64 {
     order["total_cents"].as_u64().expect("total")
 }
 
-#[tokio::test]
-async fn an_order_goes_from_restock_to_delivery() {
-    let server = TestServer::start().await;
+async fn an_order_goes_from_restock_to_delivery(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     api.restock("S-1", 10).await;
     api.restock("S-2", 3).await;
@@ -68,12 +87,13 @@ async fn an_order_goes_from_restock_to_delivery() {
         })
         .await;
     assert_eq!(payment["captured_cents"], json!(2 * 1299 + 500));
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn an_order_for_missing_stock_is_cancelled_as_out_of_stock_and_holds_nothing() {
-    let server = TestServer::start().await;
+async fn an_order_for_missing_stock_is_cancelled_as_out_of_stock_and_holds_nothing(
+    backend: Backend,
+) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     api.restock("A", 5).await;
     api.restock("B", 1).await;
@@ -102,12 +122,11 @@ async fn an_order_for_missing_stock_is_cancelled_as_out_of_stock_and_holds_nothi
         api.order_settles(&id, "cancelled").await["cancel_reason"],
         "out_of_stock"
     );
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn a_declined_payment_cancels_the_order_and_releases_the_stock() {
-    let server = TestServer::start().await;
+async fn a_declined_payment_cancels_the_order_and_releases_the_stock(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     api.restock("A", 5).await;
     let id = api.place("c-1", &[("A", 2, 100)], "tok_decline").await;
@@ -117,12 +136,13 @@ async fn a_declined_payment_cancels_the_order_and_releases_the_stock() {
     api.quiesce().await;
     assert_eq!(api.stock("A").await["available"], 5);
     assert_eq!(api.stock("A").await["reserved"], 0);
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn an_unanswered_payment_times_out_releases_the_stock_and_voids_the_request() {
-    let server = TestServer::start_with(Duration::from_millis(300)).await;
+async fn an_unanswered_payment_times_out_releases_the_stock_and_voids_the_request(
+    backend: Backend,
+) {
+    let server = TestServer::on_with(backend, Duration::from_millis(300)).await;
     let api = Api::from(&server);
     api.restock("A", 5).await;
     let id = api.place("c-1", &[("A", 2, 100)], "tok_no_answer").await;
@@ -131,12 +151,13 @@ async fn an_unanswered_payment_times_out_releases_the_stock_and_voids_the_reques
     api.quiesce().await;
     assert_eq!(api.order(&id).await["payment_status"], "voided");
     assert_eq!(api.stock("A").await["available"], 5);
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn a_customer_cancel_before_dispatch_releases_the_stock_and_voids_the_payment() {
-    let server = TestServer::start().await;
+async fn a_customer_cancel_before_dispatch_releases_the_stock_and_voids_the_payment(
+    backend: Backend,
+) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     api.restock("A", 5).await;
     let id = api.place("c-1", &[("A", 2, 100)], "tok_ok").await;
@@ -183,12 +204,11 @@ async fn a_customer_cancel_before_dispatch_releases_the_stock_and_voids_the_paym
     .await;
     api.quiesce().await;
     assert_eq!(api.stock("A").await["available"], 5);
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn a_shipped_order_cannot_be_cancelled() {
-    let server = TestServer::start().await;
+async fn a_shipped_order_cannot_be_cancelled(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     api.restock("A", 5).await;
     let id = api.place("c-1", &[("A", 1, 100)], "tok_ok").await;
@@ -222,12 +242,11 @@ async fn a_shipped_order_cannot_be_cancelled() {
         StatusCode::CONFLICT
     );
     assert!(api.head().await > head);
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn dispatch_needs_a_confirmed_order_and_delivery_a_dispatched_one() {
-    let server = TestServer::start().await;
+async fn dispatch_needs_a_confirmed_order_and_delivery_a_dispatched_one(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     api.restock("A", 5).await;
     let pending = api.place("c-1", &[("A", 1, 100)], "tok_no_answer").await;
@@ -278,7 +297,7 @@ async fn dispatch_needs_a_confirmed_order_and_delivery_a_dispatched_one() {
             .0,
         StatusCode::CONFLICT
     );
-    server.stop().await;
+    server.finish().await;
 }
 
 fn assert_problem(status: StatusCode, body: &Value, expected: StatusCode) {
@@ -292,9 +311,8 @@ fn assert_problem(status: StatusCode, body: &Value, expected: StatusCode) {
     }
 }
 
-#[tokio::test]
-async fn unknown_resources_are_404_problems() {
-    let server = TestServer::start().await;
+async fn unknown_resources_are_404_problems(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     let missing = "0190a0e4-1f00-7000-8000-000000000000";
     for path in [
@@ -331,7 +349,7 @@ async fn unknown_resources_are_404_problems() {
         Some("application/problem+json")
     );
     assert_eq!(api.head().await, 0, "nothing was written");
-    server.stop().await;
+    server.finish().await;
 }
 
 async fn post_raw(api: &Api, path: &str, raw: &str) -> (StatusCode, Value) {
@@ -347,9 +365,8 @@ async fn post_raw(api: &Api, path: &str, raw: &str) -> (StatusCode, Value) {
     .await
 }
 
-#[tokio::test]
-async fn malformed_bodies_are_400_and_write_nothing() {
-    let server = TestServer::start().await;
+async fn malformed_bodies_are_400_and_write_nothing(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     let cases = [
         ("/v1/inventory/S-1/restock", "{\"quantity\": "),
@@ -376,12 +393,11 @@ async fn malformed_bodies_are_400_and_write_nothing() {
         "{problem}"
     );
     assert_eq!(api.head().await, 0, "nothing was written");
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn invalid_values_are_422_and_write_nothing() {
-    let server = TestServer::start().await;
+async fn invalid_values_are_422_and_write_nothing(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     let line = |sku: &str, quantity: i64, price: i64| json!({ "sku": sku, "quantity": quantity, "unit_price_cents": price });
     let order = |customer: &str, lines: Vec<Value>, token: &str| json!({ "customer_id": customer, "lines": lines, "payment_token": token });
@@ -465,23 +481,21 @@ async fn invalid_values_are_422_and_write_nothing() {
     let (status, problem) = api.get("/v1/orders?colour=red").await;
     assert_problem(status, &problem, StatusCode::BAD_REQUEST);
     assert_eq!(api.head().await, 0, "nothing was written");
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn a_body_over_the_limit_is_413() {
-    let server = TestServer::start().await;
+async fn a_body_over_the_limit_is_413(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     let huge = format!("{{\"customer_id\": \"{}\"}}", "x".repeat(100 * 1024));
     let (status, problem) = post_raw(&api, "/v1/orders", &huge).await;
     assert_problem(status, &problem, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(api.head().await, 0);
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn the_same_idempotency_key_returns_the_first_answer_and_changes_nothing() {
-    let server = TestServer::start().await;
+async fn the_same_idempotency_key_returns_the_first_answer_and_changes_nothing(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     let send = |key: &str, request: Value| {
         let api = api.clone();
@@ -558,12 +572,11 @@ async fn the_same_idempotency_key_returns_the_first_answer_and_changes_nothing()
     }
     api.quiesce().await;
     assert_eq!(api.stock("B").await["on_hand"], 4);
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn a_read_with_a_consistency_token_reflects_the_write() {
-    let server = TestServer::start().await;
+async fn a_read_with_a_consistency_token_reflects_the_write(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     for round in 1..=20 {
         let response = api
@@ -613,12 +626,11 @@ async fn a_read_with_a_consistency_token_reflects_the_write() {
         .await
         .expect("request");
     assert_eq!(read.status(), StatusCode::OK);
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn a_token_not_yet_reached_answers_503_with_retry_after() {
-    let server = TestServer::start().await;
+async fn a_token_not_yet_reached_answers_503_with_retry_after(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     api.restock("A", 1).await;
     let response = api
@@ -641,12 +653,11 @@ async fn a_token_not_yet_reached_answers_503_with_retry_after() {
         .await
         .expect("request");
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn orders_are_listed_by_customer_and_status_page_by_page() {
-    let server = TestServer::start().await;
+async fn orders_are_listed_by_customer_and_status_page_by_page(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     api.restock("A", 100).await;
     let mut mine = vec![];
@@ -687,12 +698,11 @@ async fn orders_are_listed_by_customer_and_status_page_by_page() {
     assert_eq!(all_alice["items"].as_array().map(Vec::len), Some(6));
     let (_, cancelled) = api.get("/v1/orders?status=cancelled").await;
     assert_eq!(cancelled["items"][0]["order_id"], declined.as_str());
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn a_stream_shows_every_envelope_field_in_version_order() {
-    let server = TestServer::start().await;
+async fn a_stream_shows_every_envelope_field_in_version_order(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     api.restock("A", 3).await;
     let id = api.place("c-1", &[("A", 1, 10)], "tok_ok").await;
@@ -732,12 +742,11 @@ async fn a_stream_shows_every_envelope_field_in_version_order() {
         stock["events"][1]["correlation_id"],
         events[0]["correlation_id"]
     );
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test]
-async fn operators_see_health_projections_and_metrics() {
-    let server = TestServer::start().await;
+async fn operators_see_health_projections_and_metrics(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     assert_eq!(api.get("/health").await.0, StatusCode::OK);
     api.restock("A", 3).await;
@@ -781,5 +790,5 @@ async fn operators_see_health_projections_and_metrics() {
             "metrics lack {needle}:\n{metrics}"
         );
     }
-    server.stop().await;
+    server.finish().await;
 }

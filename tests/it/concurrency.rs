@@ -1,12 +1,16 @@
 //! Many clients at once: nothing oversold, nothing lost.
 
-use crate::support::{Api, TestServer};
+use crate::support::{on_both_backends, Api, Backend, TestServer};
+
+on_both_backends!(
+    thirty_parallel_orders_for_ten_units_confirm_exactly_ten,
+    parallel_restocks_of_one_sku_all_count
+);
 use reqwest::StatusCode;
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thirty_parallel_orders_for_ten_units_confirm_exactly_ten() {
-    let server = TestServer::start().await;
+async fn thirty_parallel_orders_for_ten_units_confirm_exactly_ten(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     api.restock("HOT", 10).await;
     let orders: Vec<_> = (0..30)
@@ -43,12 +47,11 @@ async fn thirty_parallel_orders_for_ten_units_confirm_exactly_ten() {
         api.stock("HOT").await,
         json!({ "sku": "HOT", "on_hand": 10, "reserved": 10, "available": 0 })
     );
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn parallel_restocks_of_one_sku_all_count() {
-    let server = TestServer::start().await;
+async fn parallel_restocks_of_one_sku_all_count(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     let restocks: Vec<_> = (0..40)
         .map(|_| {
@@ -73,5 +76,5 @@ async fn parallel_restocks_of_one_sku_all_count() {
         .filter_map(|e| e["version"].as_u64())
         .collect();
     assert_eq!(versions, (1..=40).collect::<Vec<u64>>());
-    server.stop().await;
+    server.finish().await;
 }

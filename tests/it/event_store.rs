@@ -1,11 +1,23 @@
 //! The SQLite event store on real files.
 
+use crate::support::{on_both_backends, postgres_server, Backend};
 use chrono::Utc;
 use infra::event_store::{AppendOutcome, AppendRequest, IdempotencyRecord, NewEvent, StoreError};
 use infra::EventStore;
 use serde_json::json;
 use std::time::Duration;
 use uuid::Uuid;
+
+on_both_backends!(
+    an_append_at_a_stale_version_is_a_conflict_and_writes_nothing,
+    the_database_refuses_two_events_with_one_version,
+    an_idempotency_key_answers_as_the_first_time_and_refuses_another_request,
+    concurrent_appends_share_commits,
+    a_conflict_in_a_group_fails_only_its_own_append,
+    subscribers_are_woken_by_an_append,
+    events_survive_reopening_and_readers_pass_over_other_topics,
+    an_aggregate_loads_from_its_snapshot_and_the_events_after_it,
+);
 
 fn event(n: i64) -> NewEvent {
     let id = Uuid::now_v7();
@@ -20,6 +32,49 @@ fn event(n: i64) -> NewEvent {
     }
 }
 
+/// A fresh, empty log on `backend`; `finish` drops a PostgreSQL one.
+struct Fresh {
+    url: String,
+    store: EventStore,
+    _dir: tempfile::TempDir,
+}
+
+impl Fresh {
+    async fn on(backend: Backend) -> Fresh {
+        let dir = tempfile::tempdir().expect("dir");
+        let url = match backend {
+            Backend::Sqlite => infra::db::sqlite_url(&dir.path().join("events.db")),
+            Backend::Postgres => format!(
+                "{}/orderline_t{}_events",
+                postgres_server(),
+                Uuid::now_v7().simple()
+            ),
+        };
+        let store = Fresh::open(&url).await;
+        Fresh {
+            url,
+            store,
+            _dir: dir,
+        }
+    }
+
+    async fn open(url: &str) -> EventStore {
+        let db = infra::db::Db::open(url, 8).await.expect("db");
+        EventStore::with_db(db).await.expect("store")
+    }
+
+    async fn pool(&self) -> sqlx::AnyPool {
+        infra::db::Db::open(&self.url, 1).await.expect("db").pool
+    }
+
+    async fn finish(self) {
+        use sqlx::migrate::MigrateDatabase;
+        if self.url.starts_with("postgres") {
+            let _ = sqlx::Any::force_drop_database(&self.url).await;
+        }
+    }
+}
+
 fn request(id: &str, expected: i64, events: Vec<NewEvent>) -> AppendRequest {
     AppendRequest {
         aggregate_type: "inventory".into(),
@@ -31,12 +86,9 @@ fn request(id: &str, expected: i64, events: Vec<NewEvent>) -> AppendRequest {
     }
 }
 
-#[tokio::test]
-async fn an_append_at_a_stale_version_is_a_conflict_and_writes_nothing() {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db"))
-        .await
-        .expect("open");
+async fn an_append_at_a_stale_version_is_a_conflict_and_writes_nothing(backend: Backend) {
+    let fresh = Fresh::on(backend).await;
+    let store = fresh.store.clone();
     let first = store
         .append(request("A", 0, vec![event(1), event(2)]))
         .await
@@ -67,21 +119,17 @@ async fn an_append_at_a_stale_version_is_a_conflict_and_writes_nothing() {
     assert_eq!(store.head(), 2);
     // Another stream is independent.
     assert!(store.append(request("B", 0, vec![event(1)])).await.is_ok());
+    fresh.finish().await;
 }
 
-#[tokio::test]
-async fn the_database_refuses_two_events_with_one_version() {
-    let dir = tempfile::tempdir().expect("dir");
-    let path = dir.path().join("events.db");
-    let store = EventStore::open(&path).await.expect("open");
+async fn the_database_refuses_two_events_with_one_version(backend: Backend) {
+    let fresh = Fresh::on(backend).await;
+    let store = fresh.store.clone();
     store
         .append(request("A", 0, vec![event(1)]))
         .await
         .expect("append");
-    let pool = infra::db::Db::open_sqlite(&path, 1)
-        .await
-        .expect("pool")
-        .pool;
+    let pool = fresh.pool().await;
     let duplicate = sqlx::query(
         "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type, schema_version,
             occurred_at, correlation_id, causation_id, payload)
@@ -91,14 +139,14 @@ async fn the_database_refuses_two_events_with_one_version() {
     .execute(&pool)
     .await;
     assert!(duplicate.is_err(), "a second version 1 must be refused");
+    fresh.finish().await;
 }
 
-#[tokio::test]
-async fn an_idempotency_key_answers_as_the_first_time_and_refuses_another_request() {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db"))
-        .await
-        .expect("open");
+async fn an_idempotency_key_answers_as_the_first_time_and_refuses_another_request(
+    backend: Backend,
+) {
+    let fresh = Fresh::on(backend).await;
+    let store = fresh.store.clone();
     let keyed = |hash: &str, expected: i64| {
         let mut r = request("A", expected, vec![event(1)]);
         r.idempotency = Some(IdempotencyRecord {
@@ -130,14 +178,12 @@ async fn an_idempotency_key_answers_as_the_first_time_and_refuses_another_reques
         .expect("read")
         .expect("stored");
     assert_eq!(stored.position, 1);
+    fresh.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_appends_share_commits() {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db"))
-        .await
-        .expect("open");
+async fn concurrent_appends_share_commits(backend: Backend) {
+    let fresh = Fresh::on(backend).await;
+    let store = fresh.store.clone();
     let before = store.commits();
     let appends: Vec<_> = (0..300)
         .map(|i| {
@@ -169,14 +215,12 @@ async fn concurrent_appends_share_commits() {
     let positions: Vec<i64> = events.iter().map(|e| e.position).collect();
     assert_eq!(positions, (1..=300).collect::<Vec<i64>>());
     assert_eq!(reached, 300);
+    fresh.finish().await;
 }
 
-#[tokio::test]
-async fn a_conflict_in_a_group_fails_only_its_own_append() {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db"))
-        .await
-        .expect("open");
+async fn a_conflict_in_a_group_fails_only_its_own_append(backend: Backend) {
+    let fresh = Fresh::on(backend).await;
+    let store = fresh.store.clone();
     let (a, b, c) = tokio::join!(
         store.append(request("X", 0, vec![event(1)])),
         store.append(request("X", 0, vec![event(2)])),
@@ -196,14 +240,12 @@ async fn a_conflict_in_a_group_fails_only_its_own_append() {
             .len(),
         1
     );
+    fresh.finish().await;
 }
 
-#[tokio::test]
-async fn subscribers_are_woken_by_an_append() {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db"))
-        .await
-        .expect("open");
+async fn subscribers_are_woken_by_an_append(backend: Backend) {
+    let fresh = Fresh::on(backend).await;
+    let store = fresh.store.clone();
     let mut head = store.subscribe();
     head.borrow_and_update();
     let writer = store.clone();
@@ -213,14 +255,13 @@ async fn subscribers_are_woken_by_an_append() {
         .expect("woken without polling")
         .expect("store alive");
     assert_eq!(*head.borrow(), 1);
+    fresh.finish().await;
 }
 
-#[tokio::test]
-async fn events_survive_reopening_and_readers_pass_over_other_topics() {
-    let dir = tempfile::tempdir().expect("dir");
-    let path = dir.path().join("events.db");
+async fn events_survive_reopening_and_readers_pass_over_other_topics(backend: Backend) {
+    let fresh = Fresh::on(backend).await;
     {
-        let store = EventStore::open(&path).await.expect("open");
+        let store = Fresh::open(&fresh.url).await;
         store
             .append(request("A", 0, vec![event(1)]))
             .await
@@ -229,7 +270,7 @@ async fn events_survive_reopening_and_readers_pass_over_other_topics() {
         order.aggregate_type = "order".into();
         store.append(order).await.expect("append");
     }
-    let store = EventStore::open(&path).await.expect("reopen");
+    let store = Fresh::open(&fresh.url).await;
     assert_eq!(store.head(), 2);
     let (events, reached) = store.read_after(0, &["inventory"], 10).await.expect("read");
     assert_eq!(events.len(), 1);
@@ -243,18 +284,17 @@ async fn events_survive_reopening_and_readers_pass_over_other_topics() {
         (1, 1),
         "a cut-short batch checkpoints its last event"
     );
+    fresh.finish().await;
 }
 
-#[tokio::test]
-async fn an_aggregate_loads_from_its_snapshot_and_the_events_after_it() {
+async fn an_aggregate_loads_from_its_snapshot_and_the_events_after_it(backend: Backend) {
     use command_handlers::app::SNAPSHOT_EVERY;
     use command_handlers::{Handlers, Meta};
     use domain::inventory::{InventoryCommand, InventoryItem};
     use domain::Quantity;
 
-    let dir = tempfile::tempdir().expect("dir");
-    let path = dir.path().join("events.db");
-    let store = EventStore::open(&path).await.expect("open");
+    let fresh_log = Fresh::on(backend).await;
+    let store = fresh_log.store.clone();
     let handlers = Handlers::new(store.clone(), infra::metrics::Metrics::default());
     let restock = InventoryCommand::Restock {
         quantity: Quantity::new(2).expect("valid"),
@@ -279,10 +319,7 @@ async fn an_aggregate_loads_from_its_snapshot_and_the_events_after_it() {
     assert_eq!((item.on_hand, version, position), (300, 150, 150));
 
     // A snapshot that no longer reads is passed over.
-    let pool = infra::db::Db::open_sqlite(&path, 1)
-        .await
-        .expect("pool")
-        .pool;
+    let pool = fresh_log.pool().await;
     sqlx::query("UPDATE snapshots SET state = '{\"shape\": \"old\"}'")
         .execute(&pool)
         .await
@@ -298,6 +335,7 @@ async fn an_aggregate_loads_from_its_snapshot_and_the_events_after_it() {
         .expect("append");
     let (_, version, _) = handlers.load::<InventoryItem>("A").await.expect("load");
     assert_eq!(version, 151);
+    fresh_log.finish().await;
 }
 
 #[tokio::test]

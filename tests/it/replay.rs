@@ -1,9 +1,11 @@
 //! Rebuilds and replays: a rebuilt projection equals the live one, row for row.
 
-use crate::support::{dump, Api, Process, TestServer};
+use crate::support::{
+    drop_databases, dump, on_both_backends, storage_args, Api, Backend, Process, TestServer,
+};
+use infra::Config;
 use reqwest::StatusCode;
 use serde_json::json;
-use std::path::Path;
 use std::time::Duration;
 
 const TABLES: [(&str, &str, &str, &str); 4] = [
@@ -58,20 +60,24 @@ async fn workload(api: &Api) {
     api.quiesce().await;
 }
 
-async fn dump_all(data: &Path) -> Vec<Vec<String>> {
+on_both_backends!(
+    an_online_rebuild_equals_the_live_projection_and_queries_keep_answering,
+    the_offline_replay_command_equals_the_live_projection,
+);
+
+async fn dump_all(config: &Config) -> Vec<Vec<String>> {
     let mut out = vec![];
     for (_, service, table, key) in TABLES {
-        out.push(dump(data, service, table, key).await);
+        out.push(dump(config, service, table, key).await);
     }
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_online_rebuild_equals_the_live_projection_and_queries_keep_answering() {
-    let server = TestServer::start().await;
+async fn an_online_rebuild_equals_the_live_projection_and_queries_keep_answering(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     workload(&api).await;
-    let live = dump_all(&server.data_dir).await;
+    let live = dump_all(&server.config).await;
     assert!(live.iter().all(|rows| !rows.is_empty()));
     let (_, page) = api.get("/v1/orders?limit=1").await;
     let some_order = page["items"][0]["order_id"]
@@ -103,32 +109,27 @@ async fn an_online_rebuild_equals_the_live_projection_and_queries_keep_answering
         }
     }
     api.quiesce().await;
-    assert_eq!(
-        dump_all(&server.data_dir).await,
-        live,
-        "rebuilt equals live"
-    );
+    assert_eq!(dump_all(&server.config).await, live, "rebuilt equals live");
 
     // The live projections go on after the swap.
     let before = api.stock("A").await["on_hand"].as_i64().expect("on hand");
     api.restock("A", 1).await;
     api.quiesce().await;
     assert_eq!(api.stock("A").await["on_hand"], before + 1);
-    server.stop().await;
+    server.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_offline_replay_command_equals_the_live_projection() {
-    let server = TestServer::start().await;
+async fn the_offline_replay_command_equals_the_live_projection(backend: Backend) {
+    let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     workload(&api).await;
-    let data = server.data_dir.clone();
+    let config = server.config.clone();
     let dir = server.stop().await;
-    let live = dump_all(&data).await;
+    let live = dump_all(&config).await;
     for (name, _, _, _) in TABLES {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_orderline"))
-            .args(["replay", "--projection", name, "--data-dir"])
-            .arg(&data)
+            .args(["replay", "--projection", name])
+            .args(storage_args(&config))
             .output()
             .expect("replay runs");
         let stdout = String::from_utf8_lossy(&output.stdout);
@@ -142,20 +143,21 @@ async fn the_offline_replay_command_equals_the_live_projection() {
             "{stdout}"
         );
     }
-    assert_eq!(dump_all(&data).await, live, "replayed equals live");
+    assert_eq!(dump_all(&config).await, live, "replayed equals live");
     let unknown = std::process::Command::new(env!("CARGO_BIN_EXE_orderline"))
-        .args(["replay", "--projection", "nope", "--data-dir"])
-        .arg(&data)
+        .args(["replay", "--projection", "nope"])
+        .args(storage_args(&config))
         .output()
         .expect("runs");
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no projection named"));
     let listing = std::process::Command::new(env!("CARGO_BIN_EXE_orderline"))
-        .args(["projections", "--data-dir"])
-        .arg(&data)
+        .arg("projections")
+        .args(storage_args(&config))
         .output()
         .expect("runs");
     assert!(String::from_utf8_lossy(&listing.stdout).contains("orders"));
+    drop_databases(&config).await;
     drop(dir);
 }
 

@@ -4,7 +4,7 @@ use infra::Config;
 use orderline::{serve, System};
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -13,37 +13,80 @@ use tokio::task::JoinHandle;
 /// How long a test waits for the system to settle before it calls that a failure.
 pub const SETTLE: Duration = Duration::from_secs(30);
 
+/// Where a test server keeps its log and service databases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite files in a fresh temporary directory.
+    Sqlite,
+    /// Fresh databases on the PostgreSQL server at [`postgres_server`], dropped after.
+    Postgres,
+}
+
+/// The PostgreSQL server tests use: `ORDERLINE_TEST_POSTGRES`, else 127.0.0.1:5432.
+pub fn postgres_server() -> String {
+    std::env::var("ORDERLINE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// Generates, for each scenario `async fn name(backend: Backend)`, one test on SQLite
+/// (`sqlite::name`) and one on PostgreSQL (`postgres::name`).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::support::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::support::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_both_backends;
+
 pub struct TestServer {
     pub base: String,
     pub client: reqwest::Client,
-    pub data_dir: PathBuf,
+    pub config: Config,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: Option<TempDir>,
 }
 
 impl TestServer {
-    pub async fn start() -> TestServer {
-        Self::start_with(Duration::from_secs(30)).await
+    pub async fn on(backend: Backend) -> TestServer {
+        Self::on_with(backend, Duration::from_secs(30)).await
     }
 
-    pub async fn start_with(payment_timeout: Duration) -> TestServer {
+    /// A server on fresh storage of `backend`.
+    pub async fn on_with(backend: Backend, payment_timeout: Duration) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let data_dir = dir.path().join("data");
-        let mut server = Self::start_in(&data_dir, payment_timeout).await;
+        let mut config = Config::with_data_dir(dir.path().join("data"));
+        config.payment_timeout = payment_timeout;
+        if backend == Backend::Postgres {
+            config.postgres = Some(postgres_server());
+            config.database_prefix = format!("orderline_t{}", uuid::Uuid::now_v7().simple());
+        }
+        let mut server = Self::start_in(config).await;
         server._dir = Some(dir);
         server
     }
 
-    /// A server over an existing data directory (kept when the server stops).
-    pub async fn start_in(data_dir: &Path, payment_timeout: Duration) -> TestServer {
-        let mut config = Config::with_data_dir(data_dir);
-        config.payment_timeout = payment_timeout;
+    /// A server with this configuration (its storage is kept when it stops).
+    pub async fn start_in(config: Config) -> TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address");
-        let system = System::start(config).await.expect("system starts");
+        let system = System::start(config.clone()).await.expect("system starts");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, system, async move {
             let _ = stopped.await;
@@ -51,7 +94,7 @@ impl TestServer {
         TestServer {
             base: format!("http://{address}"),
             client: client(),
-            data_dir: data_dir.to_owned(),
+            config,
             stop: Some(stop),
             task: Some(task),
             _dir: None,
@@ -71,10 +114,46 @@ impl TestServer {
         self._dir.take()
     }
 
+    /// Stop, and drop the PostgreSQL databases it made.
+    pub async fn finish(self) {
+        let config = self.config.clone();
+        self.stop().await;
+        drop_databases(&config).await;
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 }
+
+/// Drop the PostgreSQL databases of a configuration (nothing for SQLite files).
+pub async fn drop_databases(config: &Config) {
+    if config.postgres.is_some() {
+        use sqlx::migrate::MigrateDatabase;
+        for name in ["events", "order", "inventory", "payment", "shipping"] {
+            let _ = sqlx::Any::force_drop_database(&config.database_url(name)).await;
+        }
+    }
+}
+
+/// The command-line flags that point `orderline` at a configuration's storage.
+pub fn storage_args(config: &Config) -> Vec<String> {
+    let mut args = vec![
+        "--data-dir".to_owned(),
+        config.data_dir.display().to_string(),
+    ];
+    if let Some(server) = &config.postgres {
+        args.extend([
+            "--postgres-url".to_owned(),
+            server.clone(),
+            "--database-prefix".to_owned(),
+            config.database_prefix.clone(),
+        ]);
+    }
+    args
+}
+
+impl TestServer {}
 
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -337,9 +416,9 @@ impl Drop for Process {
 }
 
 /// Every row of a table in a service database, in key order, as JSON text.
-pub async fn dump(data_dir: &Path, service: &str, table: &str, key: &str) -> Vec<String> {
+pub async fn dump(config: &Config, service: &str, table: &str, key: &str) -> Vec<String> {
     use sqlx::{Column, Row};
-    let pool = infra::db::Db::open_sqlite(&data_dir.join(format!("{service}.db")), 1)
+    let pool = infra::db::Db::open(&config.database_url(service), 1)
         .await
         .expect("open")
         .pool;
