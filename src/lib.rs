@@ -102,10 +102,10 @@ impl System {
         let queries = QueryState {
             store: store.clone(),
             progress: projections.progress.clone(),
-            orders: storage.db("order")?.pool,
-            inventory: storage.db("inventory")?.pool,
-            payments: storage.db("payment")?.pool,
-            shipments: storage.db("shipping")?.pool,
+            orders: Some(storage.db("order")?.pool),
+            inventory: Some(storage.db("inventory")?.pool),
+            payments: Some(storage.db("payment")?.pool),
+            shipments: Some(storage.db("shipping")?.pool),
         };
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = projections.spawn_all(&shutdown);

@@ -84,18 +84,10 @@ impl Meta {
 /// What an executed command left behind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Executed {
-    /// Appended now (maybe nothing); `position` is the stream's last position.
-    Done { position: i64, events: usize },
-    /// A retry of a command already done: the first answer.
-    Repeated { response: Value, position: i64 },
-}
-
-impl Executed {
-    pub fn position(&self) -> i64 {
-        match self {
-            Executed::Done { position, .. } | Executed::Repeated { position, .. } => *position,
-        }
-    }
+    /// Appended now (maybe nothing); `token` names the stream's state after it.
+    Done { token: String, events: usize },
+    /// A retry of a command already done: the first answer, with its token.
+    Repeated { response: Value, token: String },
 }
 
 /// One lock per aggregate that has a command in flight in this process: commands on
@@ -165,12 +157,23 @@ impl StateCache {
     }
 }
 
+/// What a consistency token names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenStyle {
+    /// A position in the one log (embedded deployment).
+    Position,
+    /// A version of the written stream (distributed deployment, where positions are
+    /// per service).
+    Stream,
+}
+
 /// The application services of every bounded context; cheap to clone.
 #[derive(Clone)]
 pub struct Handlers {
     pub store: EventStore,
     pub metrics: Metrics,
     pub gateway: SimulatedGateway,
+    pub tokens: TokenStyle,
     locks: StreamLocks,
     cache: StateCache,
 }
@@ -181,6 +184,7 @@ impl Handlers {
             store,
             metrics,
             gateway: SimulatedGateway,
+            tokens: TokenStyle::Position,
             locks: StreamLocks::default(),
             cache: StateCache::default(),
         }
@@ -207,7 +211,7 @@ impl Handlers {
             let events = state.decide(command)?;
             if events.is_empty() && meta.idempotency.is_none() {
                 return Ok(Executed::Done {
-                    position,
+                    token: self.token::<A>(id, position, version),
                     events: 0,
                 });
             }
@@ -234,6 +238,13 @@ impl Handlers {
             let snapshot = (new_version / SNAPSHOT_EVERY > version / SNAPSHOT_EVERY)
                 .then(|| serde_json::to_value(&state).ok())
                 .flatten();
+            let mut idempotency = meta.idempotency.clone();
+            if let (TokenStyle::Stream, Some(record)) = (self.tokens, idempotency.as_mut()) {
+                if let Some(response) = record.response.as_object_mut() {
+                    let token = self.token::<A>(id, 0, new_version);
+                    response.insert("consistency_token".into(), Value::String(token));
+                }
+            }
             let appended = self
                 .store
                 .append(AppendRequest {
@@ -241,7 +252,7 @@ impl Handlers {
                     aggregate_id: id.to_owned(),
                     expected_version: version,
                     events: new_events,
-                    idempotency: meta.idempotency.clone(),
+                    idempotency,
                     snapshot,
                 })
                 .await;
@@ -256,12 +267,15 @@ impl Handlers {
                         self.cache.put(key, state, new_version, position);
                     }
                     return Ok(Executed::Done {
-                        position,
+                        token: self.token::<A>(id, position, new_version),
                         events: events.len(),
                     });
                 }
                 Ok(AppendOutcome::Duplicate { response, position }) => {
-                    return Ok(Executed::Repeated { response, position })
+                    return Ok(Executed::Repeated {
+                        token: self.stored_token(&response, position),
+                        response,
+                    })
                 }
                 Err(StoreError::Conflict { .. }) => {
                     tracing::debug!(attempt, "version conflict; deciding again");
@@ -275,6 +289,22 @@ impl Handlers {
             }
         }
         Err(CommandError::Contention(key))
+    }
+
+    /// The consistency token of a stream at `version`, last written at `position`.
+    pub fn token<A: Aggregate>(&self, id: &str, position: i64, version: i64) -> String {
+        match self.tokens {
+            TokenStyle::Position => position.to_string(),
+            TokenStyle::Stream => format!("{}:{id}:{version}", A::TYPE),
+        }
+    }
+
+    /// The token of an answer kept under an idempotency key.
+    pub fn stored_token(&self, response: &Value, position: i64) -> String {
+        match response.get("consistency_token").and_then(Value::as_str) {
+            Some(token) => token.to_owned(),
+            None => position.to_string(),
+        }
     }
 
     /// The aggregate's state, version and last position: from the cache or the latest

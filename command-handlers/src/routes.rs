@@ -75,23 +75,24 @@ async fn replay(
     match handlers.store.idempotency(&record.key).await? {
         None => Ok(None),
         Some(stored) if stored.request_hash == record.request_hash => {
-            Ok(Some(accepted(stored.response, stored.position)))
+            let token = handlers.stored_token(&stored.response, stored.position);
+            Ok(Some(accepted(stored.response, &token)))
         }
         Some(_) => Err(ApiError::idempotency_key_reused()),
     }
 }
 
-fn accepted(mut body: Value, position: i64) -> Response {
+fn accepted(mut body: Value, token: &str) -> Response {
     if let Some(object) = body.as_object_mut() {
-        object.insert("consistency_token".into(), json!(position.to_string()));
+        object.insert("consistency_token".into(), json!(token));
     }
-    (StatusCode::ACCEPTED, token_header(position), Json(body)).into_response()
+    (StatusCode::ACCEPTED, token_header(token), Json(body)).into_response()
 }
 
 fn finish(executed: Executed, body: Value) -> Response {
     match executed {
-        Executed::Done { position, .. } => accepted(body, position),
-        Executed::Repeated { response, position } => accepted(response, position),
+        Executed::Done { token, .. } => accepted(body, &token),
+        Executed::Repeated { response, token } => accepted(response, &token),
     }
 }
 

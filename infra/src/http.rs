@@ -196,19 +196,61 @@ where
     }
 }
 
+/// A consistency token: what a read must reflect to reflect a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    /// Embedded deployment: a position in the one log (`"42"`).
+    Position(i64),
+    /// Distributed deployment: a version of one stream (`"order:<id>:3"`); only
+    /// read models that read that stream's topic have anything to wait for.
+    Stream {
+        aggregate_type: String,
+        aggregate_id: String,
+        version: i64,
+    },
+}
+
+impl Token {
+    pub fn parse(raw: &str) -> Option<Token> {
+        let raw = raw.trim();
+        if let Ok(position) = raw.parse::<i64>() {
+            return (position >= 0).then_some(Token::Position(position));
+        }
+        let (aggregate_type, rest) = raw.split_once(':')?;
+        let (aggregate_id, version) = rest.rsplit_once(':')?;
+        let version = version.parse::<i64>().ok().filter(|v| *v >= 0)?;
+        if !schemas::topics::AGGREGATE_TYPES.contains(&aggregate_type) || aggregate_id.is_empty() {
+            return None;
+        }
+        Some(Token::Stream {
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            version,
+        })
+    }
+}
+
+impl std::fmt::Display for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Token::Position(position) => write!(f, "{position}"),
+            Token::Stream {
+                aggregate_type,
+                aggregate_id,
+                version,
+            } => write!(f, "{aggregate_type}:{aggregate_id}:{version}"),
+        }
+    }
+}
+
 /// The consistency token a read sent, with how long it may wait.
-pub fn requested_consistency(headers: &HeaderMap) -> Result<Option<(i64, Duration)>, ApiError> {
+pub fn requested_consistency(headers: &HeaderMap) -> Result<Option<(Token, Duration)>, ApiError> {
     let Some(token) = headers.get(CONSISTENCY_TOKEN) else {
         return Ok(None);
     };
-    let token = token
-        .to_str()
-        .ok()
-        .and_then(|t| t.trim().parse::<i64>().ok())
-        .filter(|t| *t >= 0)
-        .ok_or_else(|| {
-            ApiError::malformed("X-Consistency-Token is not a token this server issued")
-        })?;
+    let token = token.to_str().ok().and_then(Token::parse).ok_or_else(|| {
+        ApiError::malformed("X-Consistency-Token is not a token this server issued")
+    })?;
     let wait = match headers.get(CONSISTENCY_WAIT_MS) {
         None => DEFAULT_CONSISTENCY_WAIT,
         Some(raw) => raw
@@ -226,24 +268,62 @@ pub fn requested_consistency(headers: &HeaderMap) -> Result<Option<(i64, Duratio
     Ok(Some((token, wait)))
 }
 
-/// Wait, within the bound the client asked for, until `projection` has passed the
-/// token in `headers`; a 503 with Retry-After when it does not in time.
+/// Wait, within the bound the client asked for, until `projection` (whose tables are
+/// in `db`) reflects the token in `headers`; a 503 with Retry-After when it does not
+/// in time.
 pub async fn await_consistency(
     progress: &Progress,
     projection: &str,
+    db: &sqlx::AnyPool,
     headers: &HeaderMap,
 ) -> Result<(), ApiError> {
-    if let Some((token, wait)) = requested_consistency(headers)? {
-        if !progress.wait_for(projection, token, wait).await {
-            return Err(ApiError::not_yet_consistent(1));
+    let Some((token, wait)) = requested_consistency(headers)? else {
+        return Ok(());
+    };
+    let reflected = match token {
+        Token::Position(position) => progress.wait_for(projection, position, wait).await,
+        Token::Stream {
+            aggregate_type,
+            aggregate_id,
+            version,
+        } => {
+            if !schemas::topics::projection_topics(projection).contains(&aggregate_type.as_str()) {
+                // The write did not touch anything this read model shows.
+                return Ok(());
+            }
+            let mut changes = progress.watch(projection);
+            let deadline = tokio::time::Instant::now() + wait;
+            let sql = format!(
+                "SELECT version FROM {} WHERE aggregate_type = $1 AND aggregate_id = $2",
+                schemas::topics::applied_table(projection, "")
+            );
+            loop {
+                changes.borrow_and_update();
+                let applied: Option<i64> = sqlx::query_scalar(&sql)
+                    .bind(&aggregate_type)
+                    .bind(&aggregate_id)
+                    .fetch_optional(db)
+                    .await?;
+                if applied.is_some_and(|v| v >= version) {
+                    break true;
+                }
+                match tokio::time::timeout_at(deadline, changes.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => break false,
+                }
+            }
         }
+    };
+    if reflected {
+        Ok(())
+    } else {
+        Err(ApiError::not_yet_consistent(1))
     }
-    Ok(())
 }
 
-/// The consistency token header for a write at `position`.
-pub fn token_header(position: i64) -> [(&'static str, String); 1] {
-    [(CONSISTENCY_TOKEN, position.to_string())]
+/// The consistency token header for a write.
+pub fn token_header(token: &str) -> [(&'static str, String); 1] {
+    [(CONSISTENCY_TOKEN, token.to_owned())]
 }
 
 /// The answer for any path no route serves.

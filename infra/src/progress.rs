@@ -55,6 +55,11 @@ impl Progress {
         self.with(name, |e| e.rebuild)
     }
 
+    /// Changes whenever `name` applies a batch.
+    pub fn watch(&self, name: &str) -> watch::Receiver<i64> {
+        self.with(name, |e| e.checkpoint.subscribe())
+    }
+
     /// Wait until `name` has passed `position`, at most `limit`. True when it has.
     pub async fn wait_for(&self, name: &str, position: i64, limit: Duration) -> bool {
         let mut rx = self.with(name, |e| e.checkpoint.subscribe());

@@ -51,12 +51,7 @@ impl Projection {
 
     /// The aggregate types (topics) it reads.
     pub fn topics(self) -> &'static [&'static str] {
-        match self {
-            Projection::Orders => &["order", "payment", "shipment"],
-            Projection::Inventory => &["inventory"],
-            Projection::Payments => &["payment"],
-            Projection::Shipments => &["shipment"],
-        }
+        schemas::topics::projection_topics(self.name())
     }
 
     /// Base names of its tables; the version guard is always the last.
@@ -72,7 +67,7 @@ impl Projection {
 
     /// The per-aggregate version guard: the last version applied of each stream.
     pub fn guard_table(self, suffix: &str) -> String {
-        format!("{}_applied{suffix}", self.name())
+        schemas::topics::applied_table(self.name(), suffix)
     }
 
     pub fn create_tables(self, suffix: &str) -> String {

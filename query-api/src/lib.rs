@@ -19,26 +19,43 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 use uuid::Uuid;
 
-/// What the query routes read from.
+/// What the query routes read from: the event store (for `/v1/streams`) and the
+/// databases of the read models this process serves (all four when embedded, its
+/// own service's when distributed).
 #[derive(Clone)]
 pub struct QueryState {
     pub store: EventStore,
     pub progress: Progress,
-    pub orders: AnyPool,
-    pub inventory: AnyPool,
-    pub payments: AnyPool,
-    pub shipments: AnyPool,
+    pub orders: Option<AnyPool>,
+    pub inventory: Option<AnyPool>,
+    pub payments: Option<AnyPool>,
+    pub shipments: Option<AnyPool>,
 }
 
+/// Routes for the read models present in `state`, and the stream view.
 pub fn router(state: QueryState) -> Router {
-    Router::new()
-        .route("/v1/inventory/{sku}", get(inventory))
-        .route("/v1/orders", get(list_orders))
-        .route("/v1/orders/{order_id}", get(order))
-        .route("/v1/payments/{order_id}", get(payment))
-        .route("/v1/shipments/{order_id}", get(shipment))
-        .route("/v1/streams/{aggregate_type}/{aggregate_id}", get(stream))
-        .with_state(state)
+    let mut router =
+        Router::new().route("/v1/streams/{aggregate_type}/{aggregate_id}", get(stream));
+    if state.orders.is_some() {
+        router = router
+            .route("/v1/orders", get(list_orders))
+            .route("/v1/orders/{order_id}", get(order));
+    }
+    if state.inventory.is_some() {
+        router = router.route("/v1/inventory/{sku}", get(inventory));
+    }
+    if state.payments.is_some() {
+        router = router.route("/v1/payments/{order_id}", get(payment));
+    }
+    if state.shipments.is_some() {
+        router = router.route("/v1/shipments/{order_id}", get(shipment));
+    }
+    router.with_state(state)
+}
+
+fn served(pool: &Option<AnyPool>) -> Result<&AnyPool, ApiError> {
+    pool.as_ref()
+        .ok_or_else(|| ApiError::not_found("this process does not serve that read model"))
 }
 
 /// Most orders one page holds, and how many when not asked.
@@ -55,10 +72,11 @@ async fn inventory(
     headers: HeaderMap,
 ) -> Result<Json<InventoryView>, ApiError> {
     let sku = domain::Sku::parse(&sku).map_err(|e| ApiError::invalid(e.to_string()))?;
-    await_consistency(&s.progress, "inventory", &headers).await?;
+    let db = served(&s.inventory)?;
+    await_consistency(&s.progress, "inventory", db, &headers).await?;
     let row = sqlx::query("SELECT on_hand, reserved FROM inventory_levels WHERE sku = $1")
         .bind(sku.as_str())
-        .fetch_optional(&s.inventory)
+        .fetch_optional(db)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no stock recorded for sku {sku}")))?;
     let on_hand = row.try_get::<i64, _>("on_hand")?.max(0) as u64;
@@ -95,10 +113,11 @@ async fn order(
     headers: HeaderMap,
 ) -> Result<Json<OrderView>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
-    await_consistency(&s.progress, "orders", &headers).await?;
+    let db = served(&s.orders)?;
+    await_consistency(&s.progress, "orders", db, &headers).await?;
     let row = sqlx::query("SELECT * FROM orders WHERE order_id = $1")
         .bind(order_id.to_string())
-        .fetch_optional(&s.orders)
+        .fetch_optional(db)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no order {order_id}")))?;
     Ok(Json(order_view(&row)?))
@@ -154,7 +173,8 @@ async fn list_orders(
         })
         .transpose()?;
     let customer = params.customer_id.filter(|c| !c.is_empty());
-    await_consistency(&s.progress, "orders", &headers).await?;
+    let db = served(&s.orders)?;
+    await_consistency(&s.progress, "orders", db, &headers).await?;
     let rows = sqlx::query(
         "SELECT * FROM orders
           WHERE ($1 IS NULL OR customer_id = $1) AND ($2 IS NULL OR status = $2)
@@ -165,7 +185,7 @@ async fn list_orders(
     .bind(status)
     .bind(cursor.map(|c| c.to_string()))
     .bind(limit + 1)
-    .fetch_all(&s.orders)
+    .fetch_all(db)
     .await?;
     let more = rows.len() as i64 > limit;
     let items = rows
@@ -187,10 +207,11 @@ async fn payment(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
-    await_consistency(&s.progress, "payments", &headers).await?;
+    let db = served(&s.payments)?;
+    await_consistency(&s.progress, "payments", db, &headers).await?;
     let row = sqlx::query("SELECT * FROM payments WHERE order_id = $1")
         .bind(order_id.to_string())
-        .fetch_optional(&s.payments)
+        .fetch_optional(db)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no payment for order {order_id}")))?;
     Ok(Json(json!({
@@ -210,10 +231,11 @@ async fn shipment(
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
-    await_consistency(&s.progress, "shipments", &headers).await?;
+    let db = served(&s.shipments)?;
+    await_consistency(&s.progress, "shipments", db, &headers).await?;
     let row = sqlx::query("SELECT status, updated_at FROM shipments WHERE order_id = $1")
         .bind(order_id.to_string())
-        .fetch_optional(&s.shipments)
+        .fetch_optional(db)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no shipment for order {order_id}")))?;
     Ok(Json(json!({
