@@ -69,6 +69,7 @@ impl Storage {
             Progress::default(),
             Metrics::default(),
             &databases,
+            None,
         )
         .await?;
         Ok(Storage {

@@ -40,6 +40,28 @@ pub async fn record(
     .map(|_| ())
 }
 
+/// Record a record that could not even be read as an event (`raw` says where it
+/// was and what it held).
+pub async fn record_unreadable(
+    conn: &mut AnyConnection,
+    consumer: &str,
+    position: i64,
+    raw: &serde_json::Value,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO dead_letters (consumer, position, event, error, failed_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(consumer)
+    .bind(position)
+    .bind(raw.to_string())
+    .bind(error)
+    .bind(timestamp(chrono::Utc::now()))
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 pub async fn count(pool: &AnyPool, consumer: &str) -> Result<u64, sqlx::Error> {
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM dead_letters WHERE consumer = $1")
         .bind(consumer)
@@ -51,13 +73,16 @@ pub async fn count(pool: &AnyPool, consumer: &str) -> Result<u64, sqlx::Error> {
 fn view(service: &str, row: &sqlx::any::AnyRow) -> Result<DeadLetterView, InfraError> {
     let id: i64 = row.try_get("id")?;
     let event: String = row.try_get("event")?;
-    let event: RecordedEvent = serde_json::from_str(&event)
+    let mut event: serde_json::Value = serde_json::from_str(&event)
         .map_err(|e| InfraError::Corrupt(format!("dead letter: {e}")))?;
+    if let Some(object) = event.as_object_mut() {
+        object.remove("position");
+    }
     Ok(DeadLetterView {
         id: format!("{service}:{id}"),
         consumer: row.try_get("consumer")?,
         position: row.try_get("position")?,
-        event: event.envelope,
+        event,
         error: row.try_get("error")?,
         failed_at: parse_timestamp(row.try_get("failed_at")?)?,
     })
@@ -81,8 +106,12 @@ pub async fn set_error(pool: &AnyPool, id: i64, error: &str) -> Result<(), sqlx:
         .map(|_| ())
 }
 
-/// One dead letter with the event as it was read (position included).
-pub async fn get(pool: &AnyPool, id: i64) -> Result<Option<(String, RecordedEvent)>, InfraError> {
+/// One dead letter: its consumer, and the event as it was read (position included),
+/// or why it is not one.
+pub async fn get(
+    pool: &AnyPool,
+    id: i64,
+) -> Result<Option<(String, Result<RecordedEvent, String>)>, InfraError> {
     let row = sqlx::query("SELECT consumer, event FROM dead_letters WHERE id = $1")
         .bind(id)
         .fetch_optional(pool)
@@ -91,8 +120,7 @@ pub async fn get(pool: &AnyPool, id: i64) -> Result<Option<(String, RecordedEven
         None => Ok(None),
         Some(row) => {
             let event: String = row.try_get("event")?;
-            let event: RecordedEvent = serde_json::from_str(&event)
-                .map_err(|e| InfraError::Corrupt(format!("dead letter: {e}")))?;
+            let event = serde_json::from_str::<RecordedEvent>(&event).map_err(|e| e.to_string());
             Ok(Some((row.try_get("consumer")?, event)))
         }
     }

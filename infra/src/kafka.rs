@@ -308,6 +308,14 @@ impl OffsetStore {
             .await
     }
 
+    /// Sum of the next offsets over every partition: grows with every batch.
+    pub async fn total(&self) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT CAST(COALESCE(SUM(next_offset), 0) AS BIGINT) FROM kafka_offsets WHERE consumer = $1")
+            .bind(&self.consumer)
+            .fetch_one(&self.pool)
+            .await
+    }
+
     /// Record, inside the caller's transaction, that `offset` of a partition is done.
     pub async fn save(
         &self,
@@ -467,6 +475,73 @@ impl KafkaConsumer {
         })
         .await
         .map_err(|e| KafkaAdapterError::Infra(InfraError::Corrupt(format!("poll task: {e}"))))?
+    }
+
+    /// Seek every assigned partition back to the offset stored in the database:
+    /// after a batch failed to commit, its records are read again.
+    pub async fn rewind(&self) -> Result<(), KafkaAdapterError> {
+        let assigned: Vec<(String, i32)> = self
+            .consumer
+            .assignment()?
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let mut targets = vec![];
+        for (topic, partition) in assigned {
+            let next = self.offsets.next_offset(&topic, partition).await?;
+            targets.push((
+                topic,
+                partition,
+                next.map_or(Offset::Beginning, Offset::Offset),
+            ));
+        }
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            for (topic, partition, offset) in targets {
+                consumer.seek(&topic, partition, offset, Duration::from_secs(10))?;
+            }
+            Ok::<_, KafkaError>(())
+        })
+        .await
+        .map_err(|e| KafkaAdapterError::Infra(InfraError::Corrupt(format!("seek task: {e}"))))??;
+        Ok(())
+    }
+
+    /// (sum of stored next offsets, records not yet consumed) over every partition
+    /// of `topics`, whichever member of the group holds it.
+    pub async fn progress(&self, topics: &[String]) -> Result<(i64, i64), KafkaAdapterError> {
+        let consumer = self.consumer.clone();
+        let topics = topics.to_vec();
+        let watermarks = tokio::task::spawn_blocking(move || {
+            let mut out = vec![];
+            for topic in topics {
+                let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+                for t in metadata.topics() {
+                    for p in t.partitions() {
+                        let (_, high) =
+                            consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                        out.push((topic.clone(), p.id(), high));
+                    }
+                }
+            }
+            Ok::<_, KafkaError>(out)
+        })
+        .await
+        .map_err(|e| {
+            KafkaAdapterError::Infra(InfraError::Corrupt(format!("watermark task: {e}")))
+        })??;
+        let (mut done, mut lag) = (0, 0);
+        for (topic, partition, high) in watermarks {
+            let next = self
+                .offsets
+                .next_offset(&topic, partition)
+                .await?
+                .unwrap_or(0);
+            done += next;
+            lag += (high - next).max(0);
+        }
+        Ok((done, lag))
     }
 
     /// Leave the group.

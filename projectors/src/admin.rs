@@ -28,11 +28,7 @@ pub async fn views(all: &Projections) -> Result<Vec<ProjectionView>, ApiError> {
     let mut views = vec![];
     for handle in &all.handles {
         let name = handle.projection.name();
-        let checkpoint = all.progress.checkpoint(name);
-        let lag = all
-            .store
-            .count_after(checkpoint, handle.projection.topics())
-            .await?;
+        let (checkpoint, lag) = all.standing(handle).await?;
         let rebuild = all.progress.rebuild(name);
         views.push(ProjectionView {
             name: name.to_owned(),
@@ -128,6 +124,11 @@ async fn retry_dead_letter(
     let (consumer, event) = dead_letters::get(&db.pool, number)
         .await?
         .ok_or_else(not_found)?;
+    let event = event.map_err(|e| {
+        ApiError::conflict(format!(
+            "the record is not an event ({e}); it cannot be applied"
+        ))
+    })?;
     let handle = all.get(&consumer).cloned().ok_or_else(|| {
         ApiError::conflict(format!(
             "{consumer} does not retry dead letters; rebuild or replay instead"

@@ -1,14 +1,19 @@
-//! The projection runner: read the log after the checkpoint, apply each event under a
-//! savepoint, and commit the changes with the new checkpoint in one transaction.
+//! The projection runner: read the next events (from the embedded log after the
+//! checkpoint, or from Kafka after the offsets kept in the projection's database),
+//! apply each under a savepoint, and commit the changes with the new checkpoint or
+//! offsets in one transaction.
 
 use crate::projection::Projection;
 use infra::db::Db;
+use infra::kafka::{KafkaConfig, KafkaConsumer, OffsetStore, Polled};
 use infra::metrics::{self, Metrics};
 use infra::progress::Progress;
 use infra::shutdown::Shutdown;
 use infra::{checkpoints, dead_letters, EventStore, InfraError};
 use schemas::{AnyEvent, RecordedEvent};
+use serde_json::json;
 use sqlx::AnyConnection;
+use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,11 +21,25 @@ use tokio::sync::Mutex;
 
 const BATCH: i64 = 500;
 
+/// Where a projection's events come from.
+#[derive(Clone)]
+pub enum Feed {
+    /// The embedded log (the event store's table); the checkpoint is a position.
+    Log,
+    /// Kafka topics; the checkpoint is the offsets kept in the projection's database.
+    Kafka {
+        consumer: KafkaConsumer,
+        topics: Vec<String>,
+        config: KafkaConfig,
+    },
+}
+
 /// One projection with its database and the lock a rebuild takes to swap tables.
 #[derive(Clone)]
 pub struct ProjectionHandle {
     pub projection: Projection,
     pub db: Db,
+    pub feed: Feed,
     /// Held by the live runner for each batch, and by a rebuild while it swaps.
     pub lock: Arc<Mutex<()>>,
     /// Set while a rebuild runs: one at a time.
@@ -37,24 +56,52 @@ pub struct Projections {
 }
 
 impl Projections {
-    /// Open each projection's tables (creating them when missing) in its service's db.
+    /// Open each projection's tables (creating them when missing) in its service's
+    /// db; with `kafka`, each reads its topics as a member of its own consumer group.
     pub async fn open(
         store: EventStore,
         progress: Progress,
         metrics: Metrics,
         databases: &[(Projection, Db)],
+        kafka: Option<&KafkaConfig>,
     ) -> Result<Projections, InfraError> {
         let mut handles = vec![];
         for (projection, db) in databases {
+            let name = projection.name();
             db.migrate(&projection.create_tables("")).await?;
             db.migrate(projection.create_indexes()).await?;
             checkpoints::ensure_schema(db).await?;
             dead_letters::ensure_schema(db).await?;
-            let checkpoint = checkpoints::load(&db.pool, projection.name()).await?;
-            progress.set_checkpoint(projection.name(), checkpoint);
+            let feed = match kafka {
+                None => {
+                    let checkpoint = checkpoints::load(&db.pool, name).await?;
+                    progress.set_checkpoint(name, checkpoint);
+                    Feed::Log
+                }
+                Some(config) => {
+                    let offsets = OffsetStore::open(db, name).await?;
+                    progress.set_checkpoint(name, offsets.total().await?);
+                    let topics: Vec<String> = projection
+                        .topics()
+                        .iter()
+                        .map(|t| config.events_topic(t))
+                        .collect();
+                    let group = format!("{}.projection.{name}", config.prefix);
+                    let consumer = KafkaConsumer::subscribe(config, &group, &topics, offsets)
+                        .map_err(|e| {
+                            InfraError::Corrupt(format!("kafka consumer for {name}: {e}"))
+                        })?;
+                    Feed::Kafka {
+                        consumer,
+                        topics,
+                        config: config.clone(),
+                    }
+                }
+            };
             handles.push(ProjectionHandle {
                 projection: *projection,
                 db: db.clone(),
+                feed,
                 lock: Arc::new(Mutex::new(())),
                 rebuilding: Arc::new(AtomicBool::new(false)),
             });
@@ -78,9 +125,30 @@ impl Projections {
             .map(|handle| tokio::spawn(run(self.clone(), handle.clone(), shutdown.clone())))
             .collect()
     }
+
+    /// (checkpoint, lag) of a projection: a position and the events after it, or the
+    /// sum of its offsets and the records not yet consumed.
+    pub async fn standing(&self, handle: &ProjectionHandle) -> Result<(i64, i64), InfraError> {
+        match &handle.feed {
+            Feed::Log => {
+                let checkpoint = self.progress.checkpoint(handle.projection.name());
+                let lag = self
+                    .store
+                    .count_after(checkpoint, handle.projection.topics())
+                    .await?;
+                Ok((checkpoint, lag))
+            }
+            Feed::Kafka {
+                consumer, topics, ..
+            } => consumer
+                .progress(topics)
+                .await
+                .map_err(|e| InfraError::Corrupt(format!("kafka: {e}"))),
+        }
+    }
 }
 
-/// Follow the log until shutdown.
+/// Follow the feed until shutdown.
 pub async fn run(all: Projections, handle: ProjectionHandle, mut shutdown: Shutdown) {
     let name = handle.projection.name();
     let mut head = all.store.subscribe();
@@ -92,10 +160,17 @@ pub async fn run(all: Projections, handle: ProjectionHandle, mut shutdown: Shutd
                 failures = 0;
                 continue;
             }
+            // Kafka polls wait by themselves; the log wakes the runner on appends.
+            Ok(false) if matches!(handle.feed, Feed::Kafka { .. }) => continue,
             Ok(false) => Duration::from_secs(60),
             Err(error) => {
                 failures += 1;
                 tracing::error!(error = %error, projection = name, "projection batch failed; retrying");
+                if let Feed::Kafka { consumer, .. } = &handle.feed {
+                    if let Err(error) = consumer.rewind().await {
+                        tracing::error!(error = %error, projection = name, "cannot rewind to the stored offsets");
+                    }
+                }
                 Duration::from_millis(100 * u64::from(failures.min(50)))
             }
         };
@@ -105,11 +180,21 @@ pub async fn run(all: Projections, handle: ProjectionHandle, mut shutdown: Shutd
             _ = shutdown.wait() => {}
         }
     }
+    if let Feed::Kafka { consumer, .. } = &handle.feed {
+        consumer.close();
+    }
     tracing::info!(projection = name, "projection runner stopped");
 }
 
 /// Apply the next batch; true when the checkpoint moved.
 pub async fn step(all: &Projections, handle: &ProjectionHandle) -> Result<bool, InfraError> {
+    match &handle.feed {
+        Feed::Log => step_log(all, handle).await,
+        Feed::Kafka { consumer, .. } => step_kafka(all, handle, consumer).await,
+    }
+}
+
+async fn step_log(all: &Projections, handle: &ProjectionHandle) -> Result<bool, InfraError> {
     let _live = handle.lock.lock().await;
     let projection = handle.projection;
     let name = projection.name();
@@ -124,17 +209,93 @@ pub async fn step(all: &Projections, handle: &ProjectionHandle) -> Result<bool, 
     }
     let mut tx = handle.db.begin_write().await?;
     for recorded in &events {
-        if let Err(error) = apply_guarded(&mut tx, projection, "", recorded).await? {
-            tracing::error!(error = %error, projection = name, position = recorded.position, "event dead-lettered");
-            dead_letters::record(&mut tx, name, recorded, &error).await?;
-            all.metrics
-                .inc(&metrics::DEAD_LETTERS, &[("consumer", name)]);
-        }
+        apply_or_dead_letter(&mut tx, all, projection, recorded).await?;
     }
     checkpoints::save(&mut tx, name, reached).await?;
     tx.commit().await?;
     all.progress.set_checkpoint(name, reached);
     Ok(true)
+}
+
+async fn step_kafka(
+    all: &Projections,
+    handle: &ProjectionHandle,
+    consumer: &KafkaConsumer,
+) -> Result<bool, InfraError> {
+    let polled = consumer
+        .poll_batch(BATCH as usize, Duration::from_millis(500))
+        .await
+        .map_err(|e| InfraError::Corrupt(format!("kafka: {e}")))?;
+    if polled.is_empty() {
+        return Ok(false);
+    }
+    let _live = handle.lock.lock().await;
+    let projection = handle.projection;
+    let name = projection.name();
+    let mut tx = handle.db.begin_write().await?;
+    for record in &polled {
+        match &record.event {
+            Ok(event) => apply_or_dead_letter(&mut tx, all, projection, event).await?,
+            Err(error) => {
+                tracing::error!(error = %error, projection = name, topic = %record.topic, offset = record.offset, "unreadable record dead-lettered");
+                dead_letters::record_unreadable(
+                    &mut tx,
+                    name,
+                    record.offset,
+                    &where_from(record),
+                    error,
+                )
+                .await?;
+                all.metrics
+                    .inc(&metrics::DEAD_LETTERS, &[("consumer", name)]);
+            }
+        }
+    }
+    save_offsets(&mut tx, &consumer.offsets, &polled).await?;
+    tx.commit().await?;
+    all.progress
+        .set_checkpoint(name, consumer.offsets.total().await?);
+    Ok(true)
+}
+
+/// Where a record was read, for a dead letter that is not an event.
+pub fn where_from(record: &Polled) -> serde_json::Value {
+    json!({ "topic": record.topic, "partition": record.partition, "offset": record.offset })
+}
+
+/// Store, in the caller's transaction, the highest offset read of each partition.
+pub async fn save_offsets(
+    conn: &mut AnyConnection,
+    offsets: &OffsetStore,
+    polled: &[Polled],
+) -> Result<(), sqlx::Error> {
+    let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for record in polled {
+        let entry = last
+            .entry((record.topic.as_str(), record.partition))
+            .or_insert(record.offset);
+        *entry = (*entry).max(record.offset);
+    }
+    for ((topic, partition), offset) in last {
+        offsets.save(conn, topic, partition, offset).await?;
+    }
+    Ok(())
+}
+
+async fn apply_or_dead_letter(
+    conn: &mut AnyConnection,
+    all: &Projections,
+    projection: Projection,
+    recorded: &RecordedEvent,
+) -> Result<(), InfraError> {
+    let name = projection.name();
+    if let Err(error) = apply_guarded(conn, projection, "", recorded).await? {
+        tracing::error!(error = %error, projection = name, position = recorded.position, "event dead-lettered");
+        dead_letters::record(conn, name, recorded, &error).await?;
+        all.metrics
+            .inc(&metrics::DEAD_LETTERS, &[("consumer", name)]);
+    }
+    Ok(())
 }
 
 /// Apply one event unless the version guard says it was applied already. The outer

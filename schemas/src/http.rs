@@ -120,8 +120,10 @@ pub struct DeadLetterView {
     pub id: String,
     /// The projection (or saga) that could not apply the event.
     pub consumer: String,
+    /// The log position (embedded) or the Kafka offset (distributed) of the event.
     pub position: i64,
-    pub event: crate::Envelope,
+    /// The event's envelope, or the record as read when it was not an event.
+    pub event: serde_json::Value,
     pub error: String,
     pub failed_at: chrono::DateTime<chrono::Utc>,
 }
