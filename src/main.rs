@@ -1,4 +1,4 @@
-//! The `orderline` command: `serve` (the default), `replay`, `projections`.
+//! The `orderline` command: `serve` (the default), `gateway`, `replay`, `projections`.
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -40,6 +40,49 @@ enum Command {
         #[command(flatten)]
         data: DataArgs,
     },
+    /// The public API on one port in front of the service processes of the
+    /// distributed deployment.
+    Gateway {
+        /// Address to listen on.
+        #[arg(
+            long,
+            env = "ORDERLINE_GATEWAY_LISTEN",
+            default_value = "127.0.0.1:8090"
+        )]
+        listen: SocketAddr,
+        /// The order service (http://host:port).
+        #[arg(long, env = "ORDERLINE_ORDER_URL")]
+        order: String,
+        /// The inventory service.
+        #[arg(long, env = "ORDERLINE_INVENTORY_URL")]
+        inventory: String,
+        /// The payment service.
+        #[arg(long, env = "ORDERLINE_PAYMENT_URL")]
+        payment: String,
+        /// The shipping service.
+        #[arg(long, env = "ORDERLINE_SHIPPING_URL")]
+        shipping: String,
+    },
+}
+
+#[derive(Args, Clone)]
+struct KafkaArgs {
+    /// Run one service of the distributed deployment (order, inventory, payment,
+    /// shipping) instead of every service embedded. Needs --kafka-brokers.
+    #[arg(long, env = "ORDERLINE_SERVICE")]
+    service: Option<String>,
+    /// Kafka bootstrap servers (host:port,...).
+    #[arg(long, env = "ORDERLINE_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Partitions of each topic created at start-up.
+    #[arg(long, env = "ORDERLINE_KAFKA_PARTITIONS", default_value_t = 3)]
+    kafka_partitions: i32,
+    /// Replication factor of each topic created at start-up.
+    #[arg(long, env = "ORDERLINE_KAFKA_REPLICATION", default_value_t = 1)]
+    kafka_replication: i32,
+    /// The first part of every topic name: <prefix>.<aggregate>.events.
+    #[arg(long, env = "ORDERLINE_TOPIC_PREFIX", default_value = "orderline")]
+    topic_prefix: String,
 }
 
 #[derive(Args, Clone)]
@@ -75,6 +118,8 @@ struct ServeArgs {
     /// How long the saga waits for the payment gateway before cancelling, in ms.
     #[arg(long, env = "ORDERLINE_PAYMENT_TIMEOUT_MS", default_value_t = 30_000)]
     payment_timeout_ms: u64,
+    #[command(flatten)]
+    kafka: KafkaArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -95,6 +140,23 @@ fn main() -> anyhow::Result<()> {
             Some(Command::Serve(args)) => run_server(args).await,
             Some(Command::Replay { projection, data }) => replay(&projection, data).await,
             Some(Command::Projections { data }) => list_projections(data).await,
+            Some(Command::Gateway {
+                listen,
+                order,
+                inventory,
+                payment,
+                shipping,
+            }) => {
+                let upstreams = orderline::gateway::Upstreams {
+                    services: vec![
+                        ("order", order),
+                        ("inventory", inventory),
+                        ("payment", payment),
+                        ("shipping", shipping),
+                    ],
+                };
+                run_gateway(listen, upstreams).await
+            }
         }
     })
 }
@@ -106,15 +168,50 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = args.data.config();
     config.listen = args.listen;
     config.payment_timeout = Duration::from_millis(args.payment_timeout_ms);
+    if let Some(brokers) = args.kafka.kafka_brokers {
+        let mut kafka = infra::kafka::KafkaConfig::local(brokers);
+        kafka.partitions = args.kafka.kafka_partitions;
+        kafka.replication_factor = args.kafka.kafka_replication;
+        kafka.prefix = args.kafka.topic_prefix;
+        config.kafka = Some(kafka);
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let address = listener.local_addr()?;
-    let data_dir = config.data_dir.clone();
-    let system = System::start(config).await?;
-    tracing::info!(data_dir = %data_dir.display(), "orderline listening on http://{address}");
+    let storage = match &config.postgres {
+        Some(_) => format!("postgres databases {}_*", config.database_prefix),
+        None => config.data_dir.display().to_string(),
+    };
+    let (system, what) = match &args.kafka.service {
+        None => (System::start(config).await?, "every service".to_owned()),
+        Some(service) => (
+            System::start_service(config, service).await?,
+            format!("the {service} service"),
+        ),
+    };
+    tracing::info!(storage, serving = %what, "orderline listening on http://{address}");
     serve(listener, system, stop_signal()).await?;
     tracing::info!("orderline stopped");
+    Ok(())
+}
+
+async fn run_gateway(
+    listen: SocketAddr,
+    upstreams: orderline::gateway::Upstreams,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let address = listener.local_addr()?;
+    let app = orderline::gateway::router(upstreams)?.layer(axum::extract::DefaultBodyLimit::max(
+        infra::http::MAX_BODY_BYTES,
+    ));
+    tracing::info!("orderline gateway listening on http://{address}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop_signal())
+        .await?;
+    tracing::info!("orderline gateway stopped");
     Ok(())
 }
 

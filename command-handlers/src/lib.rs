@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod gateway;
+pub mod inbox;
 pub mod routes;
 pub mod saga;
 

@@ -20,13 +20,26 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+/// Every command route (embedded: one process serves them all).
 pub fn router(handlers: Handlers) -> Router {
+    orders_router(handlers.clone()).merge(inventory_router(handlers))
+}
+
+/// The order service's commands: the order stream decides placing, cancelling,
+/// dispatching and delivering.
+pub fn orders_router(handlers: Handlers) -> Router {
     Router::new()
-        .route("/v1/inventory/{sku}/restock", post(restock))
         .route("/v1/orders", post(place_order))
         .route("/v1/orders/{order_id}/cancel", post(cancel_order))
         .route("/v1/shipments/{order_id}/dispatch", post(dispatch))
         .route("/v1/shipments/{order_id}/deliver", post(deliver))
+        .with_state(handlers)
+}
+
+/// The inventory service's commands.
+pub fn inventory_router(handlers: Handlers) -> Router {
+    Router::new()
+        .route("/v1/inventory/{sku}/restock", post(restock))
         .with_state(handlers)
 }
 

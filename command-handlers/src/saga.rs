@@ -13,10 +13,12 @@ use chrono::{DateTime, Utc};
 use domain::saga::{Config, Deadline, Fulfilment, Input, Outcome, Stage};
 use domain::Sku;
 use infra::db::Db;
+use infra::kafka::{KafkaConfig, KafkaConsumer, OffsetStore};
 use infra::metrics;
 use infra::shutdown::Shutdown;
 use infra::{checkpoints, dead_letters, parse_timestamp, parse_uuid, timestamp, InfraError};
-use schemas::commands::SagaCommand;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use schemas::commands::{CommandMessage, SagaCommand};
 use schemas::topics::AGGREGATE_TYPES;
 use schemas::{AnyEvent, RecordedEvent};
 use sqlx::{AnyConnection, Row};
@@ -64,6 +66,27 @@ pub struct SagaRunner {
     handlers: Handlers,
     db: Db,
     config: Config,
+    feed: Feed,
+    dispatch: Dispatch,
+}
+
+/// Where the saga hears events from.
+enum Feed {
+    /// The embedded log; the checkpoint is a position.
+    Log,
+    /// The event topics; the checkpoint is the offsets kept in the order database.
+    Kafka(KafkaConsumer),
+}
+
+/// How the saga's commands reach the services that carry them out.
+enum Dispatch {
+    /// Called directly (embedded: every service is in this process).
+    InProcess,
+    /// Produced to the owning service's command topic, keyed by target aggregate.
+    Kafka {
+        producer: FutureProducer,
+        config: KafkaConfig,
+    },
 }
 
 struct Loaded {
@@ -86,7 +109,24 @@ impl SagaRunner {
             handlers,
             db,
             config: Config { payment_timeout },
+            feed: Feed::Log,
+            dispatch: Dispatch::InProcess,
         })
+    }
+
+    /// Hear events from the Kafka topics and send commands over command topics.
+    pub async fn with_kafka(mut self, config: &KafkaConfig) -> Result<SagaRunner, InfraError> {
+        let kafka = |e: rdkafka::error::KafkaError| InfraError::Corrupt(format!("kafka: {e}"));
+        let offsets = OffsetStore::open(&self.db, NAME).await?;
+        let group = format!("{}.saga.{NAME}", config.prefix);
+        let consumer = KafkaConsumer::subscribe(config, &group, &config.event_topics(), offsets)
+            .map_err(kafka)?;
+        self.feed = Feed::Kafka(consumer);
+        self.dispatch = Dispatch::Kafka {
+            producer: infra::kafka::producer(config).map_err(kafka)?,
+            config: config.clone(),
+        };
+        Ok(self)
     }
 
     /// Run until shutdown: follow the log, fire deadlines, dispatch commands.
@@ -101,6 +141,11 @@ impl SagaRunner {
                     failures = 0;
                     continue;
                 }
+                // A Kafka poll has waited already.
+                Ok(false) if matches!(self.feed, Feed::Kafka(_)) => {
+                    failures = 0;
+                    continue;
+                }
                 Ok(false) => {
                     failures = 0;
                     self.idle_time().await.unwrap_or(Duration::from_secs(1))
@@ -108,6 +153,11 @@ impl SagaRunner {
                 Err(error) => {
                     failures += 1;
                     tracing::error!(error = %error, saga = NAME, "saga round failed; retrying");
+                    if let Feed::Kafka(consumer) = &self.feed {
+                        if let Err(error) = consumer.rewind().await {
+                            tracing::error!(error = %error, "cannot rewind to the stored offsets");
+                        }
+                    }
                     Duration::from_millis(100 * u64::from(failures.min(50)))
                 }
             };
@@ -116,6 +166,9 @@ impl SagaRunner {
                 _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.wait() => {}
             }
+        }
+        if let Feed::Kafka(consumer) = &self.feed {
+            consumer.close();
         }
         tracing::info!(saga = NAME, "saga runner stopped");
     }
@@ -149,27 +202,76 @@ impl SagaRunner {
         })
     }
 
-    /// Fold the next batch of the log into the sagas; true when the checkpoint moved.
+    /// Fold the next batch of events into the sagas; true when the checkpoint moved.
     async fn consume(&self) -> Result<bool, InfraError> {
-        let checkpoint = checkpoints::load(&self.db.pool, NAME).await?;
-        let (events, reached) = self
-            .handlers
-            .store
-            .read_after(checkpoint, &AGGREGATE_TYPES, BATCH)
-            .await?;
-        if reached == checkpoint {
-            return Ok(false);
+        match &self.feed {
+            Feed::Log => {
+                let checkpoint = checkpoints::load(&self.db.pool, NAME).await?;
+                let (events, reached) = self
+                    .handlers
+                    .store
+                    .read_after(checkpoint, &AGGREGATE_TYPES, BATCH)
+                    .await?;
+                if reached == checkpoint {
+                    return Ok(false);
+                }
+                let mut tx = self.db.begin_write().await?;
+                let outcomes = self.fold(&mut tx, &events).await?;
+                checkpoints::save(&mut tx, NAME, reached).await?;
+                tx.commit().await?;
+                self.count(&outcomes);
+            }
+            Feed::Kafka(consumer) => {
+                let polled = consumer
+                    .poll_batch(BATCH as usize, Duration::from_millis(200))
+                    .await
+                    .map_err(|e| InfraError::Corrupt(format!("kafka: {e}")))?;
+                if polled.is_empty() {
+                    return Ok(false);
+                }
+                let mut tx = self.db.begin_write().await?;
+                let mut events = Vec::with_capacity(polled.len());
+                for record in &polled {
+                    match record.event() {
+                        Ok(event) => events.push(event),
+                        Err(error) => {
+                            tracing::error!(error = %error, topic = %record.topic, offset = record.offset, "saga cannot read record; dead-lettered");
+                            dead_letters::record_unreadable(
+                                &mut tx,
+                                NAME,
+                                record.offset,
+                                &record.origin(),
+                                &error,
+                            )
+                            .await?;
+                        }
+                    }
+                }
+                let outcomes = self.fold(&mut tx, &events).await?;
+                consumer.offsets.save_batch(&mut tx, &polled).await?;
+                tx.commit().await?;
+                self.count(&outcomes);
+            }
         }
+        Ok(true)
+    }
+
+    /// Run the transitions of `events` in the caller's transaction: new states,
+    /// staged commands, deadlines. The outcomes, to count once committed.
+    async fn fold(
+        &self,
+        tx: &mut AnyConnection,
+        events: &[RecordedEvent],
+    ) -> Result<Vec<Outcome>, InfraError> {
         let now = Utc::now();
-        let mut tx = self.db.begin_write().await?;
         let mut sagas: HashMap<Uuid, Loaded> = HashMap::new();
         let mut outcomes = vec![];
-        for recorded in &events {
+        for recorded in events {
             let Some((order_id, input)) = (match route(recorded) {
                 Ok(routed) => routed,
                 Err(error) => {
                     tracing::error!(error = %error, position = recorded.position, "saga cannot read event; dead-lettered");
-                    dead_letters::record(&mut tx, NAME, recorded, &error).await?;
+                    dead_letters::record(tx, NAME, recorded, &error).await?;
                     self.handlers
                         .metrics
                         .inc(&metrics::DEAD_LETTERS, &[("consumer", NAME)]);
@@ -181,7 +283,7 @@ impl SagaRunner {
             let saga = match sagas.entry(order_id) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
-                    let loaded = load(&mut tx, order_id).await?.unwrap_or(Loaded {
+                    let loaded = load(tx, order_id).await?.unwrap_or(Loaded {
                         state: Fulfilment::default(),
                         correlation_id: recorded.envelope.correlation_id,
                     });
@@ -195,22 +297,19 @@ impl SagaRunner {
             let transition = saga.state.handle(order_id, &input, now, &self.config);
             let cause = recorded.envelope.event_id;
             let meta = (saga.correlation_id, cause);
-            stage_commands(&mut tx, order_id, &transition.commands, meta, |i| {
+            stage_commands(tx, order_id, &transition.commands, meta, |i| {
                 Uuid::new_v5(&COMMAND_NAMESPACE, format!("{cause}/{i}").as_bytes())
             })
             .await?;
-            set_deadline(&mut tx, order_id, transition.deadline).await?;
+            set_deadline(tx, order_id, transition.deadline).await?;
             outcomes.extend(transition.outcome);
         }
         for (order_id, saga) in &sagas {
             if saga.state.stage != Stage::NotStarted {
-                save(&mut tx, *order_id, saga).await?;
+                save(tx, *order_id, saga).await?;
             }
         }
-        checkpoints::save(&mut tx, NAME, reached).await?;
-        tx.commit().await?;
-        self.count(&outcomes);
-        Ok(true)
+        Ok(outcomes)
     }
 
     /// Fire every deadline due by `now`; true when one fired.
@@ -304,6 +403,10 @@ impl SagaRunner {
                 .or_default()
                 .push((id, command_id, command, meta));
         }
+        if let Dispatch::Kafka { producer, config } = &self.dispatch {
+            done.extend(publish(producer, config, groups).await);
+            return self.forget(done).await;
+        }
         let mut tasks = JoinSet::new();
         for (_, group) in groups {
             let handlers = self.handlers.clone();
@@ -331,17 +434,68 @@ impl SagaRunner {
                 Err(error) => tracing::error!(error = %error, "saga dispatch task failed"),
             }
         }
-        if !done.is_empty() {
-            let ids =
-                serde_json::to_string(&done).map_err(|e| InfraError::Corrupt(e.to_string()))?;
-            let sql = format!(
-                "DELETE FROM saga_outbox WHERE id IN ({})",
-                self.db.dialect.integer_list("$1")
-            );
-            sqlx::query(&sql).bind(ids).execute(&self.db.pool).await?;
-        }
-        Ok(!done.is_empty())
+        self.forget(done).await
     }
+
+    /// Delete the outbox rows that were carried out (or handed to the broker).
+    async fn forget(&self, done: Vec<i64>) -> Result<bool, InfraError> {
+        if done.is_empty() {
+            return Ok(false);
+        }
+        let ids = serde_json::to_string(&done).map_err(|e| InfraError::Corrupt(e.to_string()))?;
+        let sql = format!(
+            "DELETE FROM saga_outbox WHERE id IN ({})",
+            self.db.dialect.integer_list("$1")
+        );
+        sqlx::query(&sql).bind(ids).execute(&self.db.pool).await?;
+        Ok(true)
+    }
+}
+
+/// Produce staged commands to their services' command topics, keyed by target
+/// aggregate (one target's commands stay in order); the ids the broker acknowledged.
+async fn publish(
+    producer: &FutureProducer,
+    config: &KafkaConfig,
+    groups: BTreeMap<(&'static str, String), Vec<Staged>>,
+) -> Vec<i64> {
+    let mut deliveries = vec![];
+    for ((aggregate_type, target), group) in groups {
+        let Some(service) = schemas::topics::owning_service(aggregate_type) else {
+            continue;
+        };
+        let topic = config.commands_topic(service);
+        for (id, command_id, command, meta) in group {
+            let message = CommandMessage {
+                command_id,
+                correlation_id: meta.correlation_id,
+                causation_id: meta.causation_id,
+                command,
+            };
+            let Ok(payload) = serde_json::to_vec(&message) else {
+                continue;
+            };
+            let record = FutureRecord::to(&topic).key(&target).payload(&payload);
+            match producer.send_result(record) {
+                Ok(delivery) => deliveries.push((id, delivery)),
+                Err((error, _)) => {
+                    tracing::warn!(error = %error, "cannot queue saga command; will retry");
+                    break;
+                }
+            }
+        }
+    }
+    let mut done = vec![];
+    for (id, delivery) in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => done.push(id),
+            Ok(Err((error, _))) => {
+                tracing::warn!(error = %error, "saga command not acknowledged; will retry")
+            }
+            Err(_) => tracing::warn!("saga command delivery cancelled; will retry"),
+        }
+    }
+    done
 }
 
 /// The order an event concerns and what the saga hears of it; `None` for events no

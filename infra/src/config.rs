@@ -18,6 +18,8 @@ pub struct Config {
     /// The first part of every PostgreSQL database name (`ORDERLINE_DATABASE_PREFIX`,
     /// `orderline`): `<prefix>_events`, `<prefix>_order`, ...
     pub database_prefix: String,
+    /// The brokers and topics of the distributed deployment.
+    pub kafka: Option<crate::kafka::KafkaConfig>,
 }
 
 impl Config {
@@ -28,6 +30,7 @@ impl Config {
             payment_timeout: Duration::from_millis(30_000),
             postgres: None,
             database_prefix: "orderline".into(),
+            kafka: None,
         }
     }
 

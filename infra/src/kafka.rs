@@ -57,6 +57,11 @@ impl KafkaConfig {
         events_topic(aggregate_type).replacen("orderline", &self.prefix, 1)
     }
 
+    /// The command topic of a service: `<prefix>.<service>.commands`.
+    pub fn commands_topic(&self, service: &str) -> String {
+        format!("{}.{service}.commands", self.prefix)
+    }
+
     /// The event topic of every aggregate type.
     pub fn event_topics(&self) -> Vec<String> {
         AGGREGATE_TYPES
@@ -316,6 +321,25 @@ impl OffsetStore {
             .await
     }
 
+    /// Record, in the caller's transaction, the highest offset read of each partition.
+    pub async fn save_batch(
+        &self,
+        conn: &mut AnyConnection,
+        polled: &[Polled],
+    ) -> Result<(), sqlx::Error> {
+        let mut last: std::collections::BTreeMap<(&str, i32), i64> = Default::default();
+        for record in polled {
+            let entry = last
+                .entry((record.topic.as_str(), record.partition))
+                .or_insert(record.offset);
+            *entry = (*entry).max(record.offset);
+        }
+        for ((topic, partition), offset) in last {
+            self.save(conn, topic, partition, offset).await?;
+        }
+        Ok(())
+    }
+
     /// Record, inside the caller's transaction, that `offset` of a partition is done.
     pub async fn save(
         &self,
@@ -397,8 +421,28 @@ pub struct Polled {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-    /// The event, or why the record is not one.
-    pub event: Result<RecordedEvent, String>,
+    pub payload: Option<Vec<u8>>,
+}
+
+impl Polled {
+    /// The record read as an event, or why it is not one.
+    pub fn event(&self) -> Result<RecordedEvent, String> {
+        self.read()
+    }
+
+    /// The record read as JSON of type `T`, or why it is not one.
+    pub fn read<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
+        let payload = self
+            .payload
+            .as_deref()
+            .ok_or("a record without a payload")?;
+        serde_json::from_slice(payload).map_err(|e| e.to_string())
+    }
+
+    /// Where the record was read, for a dead letter that is not an event.
+    pub fn origin(&self) -> serde_json::Value {
+        serde_json::json!({ "topic": self.topic, "partition": self.partition, "offset": self.offset })
+    }
 }
 
 /// A consumer-group member that never commits offsets to Kafka.
@@ -457,15 +501,11 @@ impl KafkaConsumer {
                         break;
                     }
                     Some(Ok(message)) => {
-                        let event = message
-                            .payload()
-                            .ok_or_else(|| "a record without a payload".to_owned())
-                            .and_then(|p| serde_json::from_slice::<RecordedEvent>(p).map_err(|e| e.to_string()));
                         out.push(Polled {
                             topic: message.topic().to_owned(),
                             partition: message.partition(),
                             offset: message.offset(),
-                            event,
+                            payload: message.payload().map(<[u8]>::to_vec),
                         });
                         timeout = Duration::ZERO;
                     }

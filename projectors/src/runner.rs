@@ -5,15 +5,13 @@
 
 use crate::projection::Projection;
 use infra::db::Db;
-use infra::kafka::{KafkaConfig, KafkaConsumer, OffsetStore, Polled};
+use infra::kafka::{KafkaConfig, KafkaConsumer, OffsetStore};
 use infra::metrics::{self, Metrics};
 use infra::progress::Progress;
 use infra::shutdown::Shutdown;
 use infra::{checkpoints, dead_letters, EventStore, InfraError};
 use schemas::{AnyEvent, RecordedEvent};
-use serde_json::json;
 use sqlx::AnyConnection;
-use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -234,16 +232,16 @@ async fn step_kafka(
     let name = projection.name();
     let mut tx = handle.db.begin_write().await?;
     for record in &polled {
-        match &record.event {
-            Ok(event) => apply_or_dead_letter(&mut tx, all, projection, event).await?,
+        match record.event() {
+            Ok(event) => apply_or_dead_letter(&mut tx, all, projection, &event).await?,
             Err(error) => {
                 tracing::error!(error = %error, projection = name, topic = %record.topic, offset = record.offset, "unreadable record dead-lettered");
                 dead_letters::record_unreadable(
                     &mut tx,
                     name,
                     record.offset,
-                    &where_from(record),
-                    error,
+                    &record.origin(),
+                    &error,
                 )
                 .await?;
                 all.metrics
@@ -251,35 +249,11 @@ async fn step_kafka(
             }
         }
     }
-    save_offsets(&mut tx, &consumer.offsets, &polled).await?;
+    consumer.offsets.save_batch(&mut tx, &polled).await?;
     tx.commit().await?;
     all.progress
         .set_checkpoint(name, consumer.offsets.total().await?);
     Ok(true)
-}
-
-/// Where a record was read, for a dead letter that is not an event.
-pub fn where_from(record: &Polled) -> serde_json::Value {
-    json!({ "topic": record.topic, "partition": record.partition, "offset": record.offset })
-}
-
-/// Store, in the caller's transaction, the highest offset read of each partition.
-pub async fn save_offsets(
-    conn: &mut AnyConnection,
-    offsets: &OffsetStore,
-    polled: &[Polled],
-) -> Result<(), sqlx::Error> {
-    let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    for record in polled {
-        let entry = last
-            .entry((record.topic.as_str(), record.partition))
-            .or_insert(record.offset);
-        *entry = (*entry).max(record.offset);
-    }
-    for ((topic, partition), offset) in last {
-        offsets.save(conn, topic, partition, offset).await?;
-    }
-    Ok(())
 }
 
 async fn apply_or_dead_letter(

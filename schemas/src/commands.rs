@@ -10,6 +10,16 @@ use domain::{CancelReason, Money, PaymentToken, Sku};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+/// A saga's command as it travels on a command topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandMessage {
+    /// Deterministic (UUIDv5 of what caused it): the participant's dedupe key.
+    pub command_id: Uuid,
+    pub correlation_id: Uuid,
+    pub causation_id: Uuid,
+    pub command: SagaCommand,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "snake_case")]
 pub enum SagaCommand {

@@ -69,7 +69,7 @@ async fn read_until(consumer: &KafkaConsumer, enough: impl Fn(&[Polled]) -> bool
 
 /// (key, sequence) of a test record.
 fn key_and_sequence(polled: &Polled) -> (String, i64) {
-    let event = polled.event.as_ref().expect("an event");
+    let event = polled.event().expect("an event");
     (event.envelope.aggregate_id.clone(), event.envelope.version)
 }
 
@@ -237,7 +237,7 @@ async fn the_relay_publishes_the_log_in_order_and_republishes_rather_than_loses(
     let records = read_until(&consumer, |all| all.len() >= 30).await;
     assert_in_order_per_key(&records, 3, 10);
     for record in &records {
-        let event = record.event.as_ref().expect("event");
+        let event = record.event().expect("event");
         assert_eq!(record.topic, config.events_topic("inventory"));
         assert!(event.envelope.event_type == "StockRestocked");
     }

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# The distributed deployment on this machine: the Kafka-protocol broker on
+# 127.0.0.1:9092, PostgreSQL on 127.0.0.1:5432, one process per service, and the
+# gateway with the public API on 127.0.0.1:8090.
+#
+#   infra/dev/distributed.sh up       start what is not running (idempotent)
+#   infra/dev/distributed.sh down     stop the services and the gateway
+#   infra/dev/distributed.sh status   what runs, and whether it answers
+#
+# ORDERLINE_RUN_DIR        logs and pid files          (default target/distributed)
+# ORDERLINE_BIN            the orderline binary        (default target/release/orderline, built when missing)
+# ORDERLINE_POSTGRES_URL   the PostgreSQL server       (default postgres://postgres@127.0.0.1:5432)
+# ORDERLINE_DATABASE_PREFIX, ORDERLINE_TOPIC_PREFIX, ORDERLINE_KAFKA_BROKERS,
+# ORDERLINE_PAYMENT_TIMEOUT_MS are passed on to the services.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+run="${ORDERLINE_RUN_DIR:-$PWD/target/distributed}"
+bin="${ORDERLINE_BIN:-$PWD/target/release/orderline}"
+export ORDERLINE_POSTGRES_URL="${ORDERLINE_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}"
+export ORDERLINE_KAFKA_BROKERS="${ORDERLINE_KAFKA_BROKERS:-127.0.0.1:9092}"
+gateway_port="${ORDERLINE_GATEWAY_PORT:-8090}"
+declare -A ports=([order]=8091 [inventory]=8092 [payment]=8093 [shipping]=8094)
+services=(order inventory payment shipping)
+
+alive() {
+  [ -f "$run/$1.pid" ] && kill -0 "$(cat "$run/$1.pid")" 2>/dev/null
+}
+
+healthy() {
+  curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$1/health"
+}
+
+wait_healthy() {
+  local name=$1 port=$2
+  for _ in $(seq 1 300); do
+    if healthy "$port"; then
+      echo "$name: answering on 127.0.0.1:$port"
+      return
+    fi
+    if ! alive "$name"; then
+      echo "$name: exited; last lines of $run/$name.log:" >&2
+      tail -n 20 "$run/$name.log" >&2 || true
+      exit 1
+    fi
+    sleep 0.1
+  done
+  echo "$name: not answering on 127.0.0.1:$port; see $run/$name.log" >&2
+  exit 1
+}
+
+start() {
+  local name=$1 port=$2
+  shift 2
+  if alive "$name"; then
+    echo "$name: already running (pid $(cat "$run/$name.pid"))"
+    return
+  fi
+  nohup "$bin" "$@" >>"$run/$name.log" 2>&1 &
+  echo $! >"$run/$name.pid"
+  wait_healthy "$name" "$port"
+}
+
+up() {
+  mkdir -p "$run"
+  infra/kafka/broker.sh ensure
+  infra/dev/postgres.sh
+  if [ ! -x "$bin" ]; then
+    echo "building $bin"
+    cargo build --release --quiet
+  fi
+  for service in "${services[@]}"; do
+    start "$service" "${ports[$service]}" serve --service "$service" \
+      --listen "127.0.0.1:${ports[$service]}"
+  done
+  start gateway "$gateway_port" gateway --listen "127.0.0.1:$gateway_port" \
+    --order "http://127.0.0.1:${ports[order]}" \
+    --inventory "http://127.0.0.1:${ports[inventory]}" \
+    --payment "http://127.0.0.1:${ports[payment]}" \
+    --shipping "http://127.0.0.1:${ports[shipping]}"
+  echo "the public API: http://127.0.0.1:$gateway_port (logs and pids in $run)"
+}
+
+down() {
+  for name in gateway "${services[@]}"; do
+    if alive "$name"; then
+      local pid
+      pid=$(cat "$run/$name.pid")
+      kill -TERM "$pid"
+      for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+      done
+      kill -9 "$pid" 2>/dev/null || true
+      echo "$name: stopped"
+    fi
+    rm -f "$run/$name.pid"
+  done
+}
+
+status() {
+  local ok=0
+  for name in "${services[@]}" gateway; do
+    local port=$gateway_port
+    [ "$name" = gateway ] || port=${ports[$name]}
+    if alive "$name" && healthy "$port"; then
+      echo "$name: running (pid $(cat "$run/$name.pid")), answering on 127.0.0.1:$port"
+    else
+      echo "$name: not running"
+      ok=1
+    fi
+  done
+  infra/kafka/broker.sh status || ok=1
+  return $ok
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac

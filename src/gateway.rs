@@ -1,0 +1,283 @@
+//! The gateway: the whole public API on one port, in front of the service processes
+//! of the distributed deployment. Each request goes to the service that owns what it
+//! names; the operator listings (`/v1/projections`, `/v1/dead-letters`), `/health`
+//! and `/metrics` gather every service's.
+
+use axum::body::to_bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use infra::http::{ApiError, MAX_BODY_BYTES};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where each service listens (`http://host:port`).
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    pub services: Vec<(&'static str, String)>,
+}
+
+impl Upstreams {
+    fn url(&self, service: &str) -> Option<&str> {
+        self.services
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, url)| url.trim_end_matches('/'))
+    }
+}
+
+struct Gateway {
+    upstreams: Upstreams,
+    client: reqwest::Client,
+}
+
+pub fn router(upstreams: Upstreams) -> anyhow::Result<Router> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let gateway = Arc::new(Gateway { upstreams, client });
+    Ok(Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/projections", get(projections))
+        .route("/v1/dead-letters", get(dead_letters))
+        .fallback(proxy)
+        .with_state(gateway))
+}
+
+/// The service that owns what a request names.
+pub fn owner(method: &Method, path: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["v1", "inventory", ..] => Some("inventory"),
+        ["v1", "orders", ..] => Some("order"),
+        ["v1", "shipments", _, "dispatch" | "deliver"] if method == Method::POST => Some("order"),
+        ["v1", "shipments", ..] => Some("shipping"),
+        ["v1", "payments", ..] => Some("payment"),
+        ["v1", "streams", aggregate_type, ..] => schemas::topics::owning_service(aggregate_type),
+        ["v1", "projections", name, ..] => match *name {
+            "orders" => Some("order"),
+            "inventory" => Some("inventory"),
+            "payments" => Some("payment"),
+            "shipments" => Some("shipping"),
+            _ => None,
+        },
+        ["v1", "dead-letters", id, ..] => {
+            let service = id.split(':').next()?;
+            crate::SERVICES.iter().copied().find(|s| *s == service)
+        }
+        _ => None,
+    }
+}
+
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+];
+
+fn unavailable(service: &str, error: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(service, error = %error, "upstream unavailable");
+    let mut problem = ApiError::not_yet_consistent(1);
+    problem.status = StatusCode::BAD_GATEWAY;
+    problem.kind = "upstream-unavailable";
+    problem.title = "Service unavailable";
+    problem.detail = format!("the {service} service did not answer; retry");
+    problem
+}
+
+async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_owned();
+    let Some(service) = owner(&parts.method, &path) else {
+        return ApiError::not_found("no such resource").into_response();
+    };
+    let Some(base) = gateway.upstreams.url(service) else {
+        return unavailable(service, "no address configured").into_response();
+    };
+    let body = match to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(_) => {
+            return ApiError::too_large(format!("the body may be at most {MAX_BODY_BYTES} bytes"))
+                .into_response()
+        }
+    };
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let mut upstream = gateway
+        .client
+        .request(parts.method.clone(), format!("{base}{path}{query}"))
+        .body(body);
+    for (name, value) in &parts.headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            upstream = upstream.header(name, value);
+        }
+    }
+    match upstream.send().await {
+        Err(error) => unavailable(service, error).into_response(),
+        Ok(answer) => {
+            let status = answer.status();
+            let headers = forwarded(answer.headers());
+            match answer.bytes().await {
+                Ok(bytes) => (status, headers, bytes).into_response(),
+                Err(error) => unavailable(service, error).into_response(),
+            }
+        }
+    }
+}
+
+fn forwarded(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, value) in headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            out.insert(HeaderName::from(name), value.clone());
+        }
+    }
+    out
+}
+
+/// GET `path` from every service: (service, status, JSON body).
+async fn gather(gateway: &Gateway, path: &str) -> Vec<(&'static str, Result<Value, String>)> {
+    let mut out = vec![];
+    for (service, base) in &gateway.upstreams.services {
+        let answer = async {
+            let response = gateway
+                .client
+                .get(format!("{}{path}", base.trim_end_matches('/')))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("answered {}", response.status()));
+            }
+            response.json::<Value>().await.map_err(|e| e.to_string())
+        }
+        .await;
+        out.push((*service, answer));
+    }
+    out
+}
+
+async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
+    let mut services = serde_json::Map::new();
+    let mut healthy = true;
+    for (service, answer) in gather(&gateway, "/health").await {
+        healthy &= answer.is_ok();
+        services.insert(
+            service.into(),
+            match answer {
+                Ok(_) => json!("ok"),
+                Err(error) => json!(error),
+            },
+        );
+    }
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({ "status": if healthy { "ok" } else { "degraded" }, "services": services });
+    (status, Json(body)).into_response()
+}
+
+/// Concatenate a list field of every service's answer.
+async fn listing(gateway: &Gateway, path: &str, field: &str) -> Response {
+    let mut items = vec![];
+    for (service, answer) in gather(gateway, path).await {
+        match answer {
+            Ok(body) => items.extend(body[field].as_array().cloned().unwrap_or_default()),
+            Err(error) => return unavailable(service, error).into_response(),
+        }
+    }
+    Json(json!({ field: items })).into_response()
+}
+
+async fn projections(State(gateway): State<Arc<Gateway>>) -> Response {
+    listing(&gateway, "/v1/projections", "projections").await
+}
+
+async fn dead_letters(State(gateway): State<Arc<Gateway>>) -> Response {
+    listing(&gateway, "/v1/dead-letters", "dead_letters").await
+}
+
+/// Every service's metrics as one exposition, each sample labelled with its service.
+async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    let mut families: Vec<(String, Vec<String>, Vec<String>)> = vec![];
+    for (service, base) in &gateway.upstreams.services {
+        let text = match gateway
+            .client
+            .get(format!("{}/metrics", base.trim_end_matches('/')))
+            .send()
+            .await
+        {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(error) => return unavailable(service, error).into_response(),
+        };
+        merge_exposition(&mut families, service, &text);
+    }
+    let mut out = String::new();
+    for (_, meta, samples) in families {
+        for line in meta.iter().chain(samples.iter()) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Fold one service's Prometheus text into `families` (name, HELP/TYPE lines,
+/// samples), adding `service="<name>"` to each sample.
+pub fn merge_exposition(
+    families: &mut Vec<(String, Vec<String>, Vec<String>)>,
+    service: &str,
+    text: &str,
+) {
+    for line in text.lines() {
+        let (name, is_meta) = if let Some(rest) = line.strip_prefix("# ") {
+            let mut words = rest.split_whitespace();
+            let _kind = words.next();
+            (words.next().unwrap_or_default().to_owned(), true)
+        } else {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            (line[..end].to_owned(), false)
+        };
+        if name.is_empty() {
+            continue;
+        }
+        let index = match families.iter().position(|(n, _, _)| *n == name) {
+            Some(index) => index,
+            None => {
+                families.push((name.clone(), vec![], vec![]));
+                families.len() - 1
+            }
+        };
+        let family = &mut families[index];
+        if is_meta {
+            if !family.1.contains(&line.to_owned()) {
+                family.1.push(line.to_owned());
+            }
+        } else if let Some(open) = line.find('{') {
+            let labels = &line[open + 1..];
+            let separator = if labels.starts_with('}') { "" } else { "," };
+            family.2.push(format!(
+                "{}{{service=\"{service}\"{separator}{labels}",
+                &line[..open]
+            ));
+        } else if let Some(space) = line.find(' ') {
+            family.2.push(format!(
+                "{}{{service=\"{service}\"}}{}",
+                &line[..space],
+                &line[space..]
+            ));
+        }
+    }
+}
