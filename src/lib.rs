@@ -102,6 +102,37 @@ impl Storage {
         })
     }
 
+    /// The projections of the distributed deployment, for tools (replay, listing):
+    /// each in its service's database, fed from Kafka, without joining any group.
+    pub async fn open_distributed(config: &Config) -> anyhow::Result<Storage> {
+        let kafka = config
+            .kafka
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the distributed deployment needs Kafka brokers"))?;
+        let mut services = vec![];
+        for service in SERVICES {
+            services.push((service, Db::open(&config.database_url(service), 4).await?));
+        }
+        let store = EventStore::with_db(service_db(&services, "order")?).await?;
+        let mut databases = vec![];
+        for projection in ALL {
+            databases.push((projection, service_db(&services, projection.service())?));
+        }
+        let projections = Projections::open(
+            store.clone(),
+            Progress::default(),
+            Metrics::default(),
+            &databases,
+            Some(&kafka),
+        )
+        .await?;
+        Ok(Storage {
+            store,
+            projections,
+            services,
+        })
+    }
+
     /// The database of one service.
     pub fn db(&self, service: &str) -> anyhow::Result<Db> {
         service_db(&self.services, service)

@@ -71,22 +71,23 @@ struct KafkaArgs {
     /// shipping) instead of every service embedded. Needs --kafka-brokers.
     #[arg(long, env = "ORDERLINE_SERVICE")]
     service: Option<String>,
-    /// Kafka bootstrap servers (host:port,...).
-    #[arg(long, env = "ORDERLINE_KAFKA_BROKERS")]
-    kafka_brokers: Option<String>,
     /// Partitions of each topic created at start-up.
     #[arg(long, env = "ORDERLINE_KAFKA_PARTITIONS", default_value_t = 3)]
     kafka_partitions: i32,
     /// Replication factor of each topic created at start-up.
     #[arg(long, env = "ORDERLINE_KAFKA_REPLICATION", default_value_t = 1)]
     kafka_replication: i32,
-    /// The first part of every topic name: <prefix>.<aggregate>.events.
-    #[arg(long, env = "ORDERLINE_TOPIC_PREFIX", default_value = "orderline")]
-    topic_prefix: String,
 }
 
 #[derive(Args, Clone)]
 struct DataArgs {
+    /// The distributed deployment's Kafka bootstrap servers: projections are read
+    /// from, and rebuilt from, Kafka (each in its service's database).
+    #[arg(long, env = "ORDERLINE_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// The first part of every topic name: <prefix>.<aggregate>.events.
+    #[arg(long, env = "ORDERLINE_TOPIC_PREFIX", default_value = "orderline")]
+    topic_prefix: String,
     /// Where the log and the service databases live (SQLite files).
     #[arg(long, env = "ORDERLINE_DATA_DIR", default_value = "./data")]
     data_dir: PathBuf,
@@ -104,7 +105,22 @@ impl DataArgs {
         let mut config = Config::with_data_dir(self.data_dir);
         config.postgres = self.postgres_url;
         config.database_prefix = self.database_prefix;
+        if let Some(brokers) = self.kafka_brokers {
+            let mut kafka = infra::kafka::KafkaConfig::local(brokers);
+            kafka.prefix = self.topic_prefix;
+            config.kafka = Some(kafka);
+        }
         config
+    }
+}
+
+/// The storage a tool works on: the embedded layout, or the distributed one.
+async fn storage(data: DataArgs) -> anyhow::Result<Storage> {
+    let config = data.config();
+    if config.kafka.is_some() {
+        Storage::open_distributed(&config).await
+    } else {
+        Storage::open(&config).await
     }
 }
 
@@ -168,12 +184,9 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = args.data.config();
     config.listen = args.listen;
     config.payment_timeout = Duration::from_millis(args.payment_timeout_ms);
-    if let Some(brokers) = args.kafka.kafka_brokers {
-        let mut kafka = infra::kafka::KafkaConfig::local(brokers);
+    if let Some(kafka) = config.kafka.as_mut() {
         kafka.partitions = args.kafka.kafka_partitions;
         kafka.replication_factor = args.kafka.kafka_replication;
-        kafka.prefix = args.kafka.topic_prefix;
-        config.kafka = Some(kafka);
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -238,7 +251,7 @@ async fn stop_signal() {
 }
 
 async fn replay(name: &str, data: DataArgs) -> anyhow::Result<()> {
-    let projections = Storage::open(&data.config()).await?.projections;
+    let projections = storage(data).await?.projections;
     let Some(handle) = projections.get(name).cloned() else {
         let names: Vec<&str> = projectors::projection::ALL
             .iter()
@@ -271,7 +284,7 @@ async fn replay(name: &str, data: DataArgs) -> anyhow::Result<()> {
 }
 
 async fn list_projections(data: DataArgs) -> anyhow::Result<()> {
-    let projections = Storage::open(&data.config()).await?.projections;
+    let projections = storage(data).await?.projections;
     println!(
         "{:<12} {:>12} {:>10} {:>13}",
         "PROJECTION", "CHECKPOINT", "LAG", "DEAD LETTERS"

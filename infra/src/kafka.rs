@@ -449,12 +449,27 @@ impl Polled {
 #[derive(Clone)]
 pub struct KafkaConsumer {
     consumer: Arc<BaseConsumer<SeekToStored>>,
+    topics: Vec<String>,
     pub offsets: OffsetStore,
 }
 
 impl KafkaConsumer {
     /// Join `group` on `topics`. Call from within the runtime.
     pub fn subscribe(
+        config: &KafkaConfig,
+        group: &str,
+        topics: &[String],
+        offsets: OffsetStore,
+    ) -> Result<KafkaConsumer, KafkaError> {
+        let consumer = KafkaConsumer::member(config, group, topics, offsets)?;
+        consumer.join()?;
+        Ok(consumer)
+    }
+
+    /// Join `group` on `topics`. Call from within the runtime.
+    /// A would-be member of `group` on `topics` that has not joined yet (so a tool
+    /// that only needs its offsets does not make the group rebalance).
+    pub fn member(
         config: &KafkaConfig,
         group: &str,
         topics: &[String],
@@ -473,12 +488,17 @@ impl KafkaConsumer {
             .set("partition.assignment.strategy", "range")
             .set("session.timeout.ms", "10000")
             .create_with_context(context)?;
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&names)?;
         Ok(KafkaConsumer {
             consumer: Arc::new(consumer),
+            topics: topics.to_vec(),
             offsets,
         })
+    }
+
+    /// Join the group: partitions get assigned, each sought to its stored offset.
+    pub fn join(&self) -> Result<(), KafkaError> {
+        let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        self.consumer.subscribe(&names)
     }
 
     /// Up to `max` records, waiting at most `wait` for the first. Transient errors the
@@ -488,33 +508,7 @@ impl KafkaConsumer {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Polled>, KafkaAdapterError> {
-        let consumer = self.consumer.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            let mut timeout = wait;
-            while out.len() < max {
-                match consumer.poll(timeout) {
-                    None => break,
-                    // Consumption errors are reports: librdkafka retries the fetch itself.
-                    Some(Err(error)) => {
-                        tracing::warn!(error = %error, "kafka consumer reported an error; it retries");
-                        break;
-                    }
-                    Some(Ok(message)) => {
-                        out.push(Polled {
-                            topic: message.topic().to_owned(),
-                            partition: message.partition(),
-                            offset: message.offset(),
-                            payload: message.payload().map(<[u8]>::to_vec),
-                        });
-                        timeout = Duration::ZERO;
-                    }
-                }
-            }
-            Ok::<_, KafkaAdapterError>(out)
-        })
-        .await
-        .map_err(|e| KafkaAdapterError::Infra(InfraError::Corrupt(format!("poll task: {e}"))))?
+        poll_batch(self.consumer.clone(), max, wait).await
     }
 
     /// Seek every assigned partition back to the offset stored in the database:
@@ -587,5 +581,114 @@ impl KafkaConsumer {
     /// Leave the group.
     pub fn close(&self) {
         self.consumer.unsubscribe();
+    }
+}
+
+/// Up to `max` records from `consumer`, waiting at most `wait` for the first.
+async fn poll_batch<C: ConsumerContext + 'static>(
+    consumer: Arc<BaseConsumer<C>>,
+    max: usize,
+    wait: Duration,
+) -> Result<Vec<Polled>, KafkaAdapterError> {
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut timeout = wait;
+        while out.len() < max {
+            match consumer.poll(timeout) {
+                None => break,
+                // Consumption errors are reports: librdkafka retries the fetch itself.
+                Some(Err(error)) => {
+                    tracing::warn!(error = %error, "kafka consumer reported an error; it retries");
+                    break;
+                }
+                Some(Ok(message)) => {
+                    out.push(Polled {
+                        topic: message.topic().to_owned(),
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        payload: message.payload().map(<[u8]>::to_vec),
+                    });
+                    timeout = Duration::ZERO;
+                }
+            }
+        }
+        Ok::<_, KafkaAdapterError>(out)
+    })
+    .await
+    .map_err(|e| KafkaAdapterError::Infra(InfraError::Corrupt(format!("poll task: {e}"))))?
+}
+
+/// The (topic, partition) -> (low, high) watermarks of every partition of `topics`.
+async fn watermarks<C: ConsumerContext + 'static>(
+    consumer: Arc<BaseConsumer<C>>,
+    topics: Vec<String>,
+) -> Result<std::collections::BTreeMap<(String, i32), (i64, i64)>, KafkaAdapterError> {
+    tokio::task::spawn_blocking(move || {
+        let mut out = std::collections::BTreeMap::new();
+        for topic in topics {
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            for t in metadata.topics() {
+                for p in t.partitions() {
+                    let marks =
+                        consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                    out.insert((topic.clone(), p.id()), marks);
+                }
+            }
+        }
+        Ok::<_, KafkaError>(out)
+    })
+    .await
+    .map_err(|e| KafkaAdapterError::Infra(InfraError::Corrupt(format!("watermark task: {e}"))))?
+    .map_err(KafkaAdapterError::from)
+}
+
+/// Reads topics from their beginning outside any consumer group, for replays: it
+/// commits nothing and moves no group's offsets.
+pub struct TopicReader {
+    consumer: Arc<BaseConsumer>,
+    topics: Vec<String>,
+}
+
+impl TopicReader {
+    pub async fn from_beginning(
+        config: &KafkaConfig,
+        topics: &[String],
+    ) -> Result<TopicReader, KafkaAdapterError> {
+        let consumer: BaseConsumer = config
+            .client()
+            .set(
+                "group.id",
+                format!("{}.replay.{}", config.prefix, uuid::Uuid::now_v7().simple()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        let consumer = Arc::new(consumer);
+        let partitions = watermarks(consumer.clone(), topics.to_vec()).await?;
+        let mut assignment = TopicPartitionList::new();
+        for (topic, partition) in partitions.keys() {
+            assignment.add_partition_offset(topic, *partition, Offset::Beginning)?;
+        }
+        consumer.assign(&assignment)?;
+        Ok(TopicReader {
+            consumer,
+            topics: topics.to_vec(),
+        })
+    }
+
+    /// (low, high) watermarks of every partition now.
+    pub async fn watermarks(
+        &self,
+    ) -> Result<std::collections::BTreeMap<(String, i32), (i64, i64)>, KafkaAdapterError> {
+        watermarks(self.consumer.clone(), self.topics.clone()).await
+    }
+
+    pub async fn poll_batch(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Polled>, KafkaAdapterError> {
+        poll_batch(self.consumer.clone(), max, wait).await
     }
 }

@@ -85,7 +85,7 @@ impl Projections {
                         .map(|t| config.events_topic(t))
                         .collect();
                     let group = format!("{}.projection.{name}", config.prefix);
-                    let consumer = KafkaConsumer::subscribe(config, &group, &topics, offsets)
+                    let consumer = KafkaConsumer::member(config, &group, &topics, offsets)
                         .map_err(|e| {
                             InfraError::Corrupt(format!("kafka consumer for {name}: {e}"))
                         })?;
@@ -149,6 +149,12 @@ impl Projections {
 /// Follow the feed until shutdown.
 pub async fn run(all: Projections, handle: ProjectionHandle, mut shutdown: Shutdown) {
     let name = handle.projection.name();
+    if let Feed::Kafka { consumer, .. } = &handle.feed {
+        if let Err(error) = consumer.join() {
+            tracing::error!(error = %error, projection = name, "cannot join the consumer group");
+            return;
+        }
+    }
     let mut head = all.store.subscribe();
     let mut failures: u32 = 0;
     while !shutdown.is_set() {
