@@ -62,11 +62,11 @@ pub async fn rebuild(
                 all.store.count_after(0, projection.topics()).await?.max(0) as u64;
             shadow.report(&mut report);
             // Catch up without holding up the live runner...
-            let position = shadow.from_log(0, &mut report).await?;
+            let position = shadow.fill_from_log(0, &mut report).await?;
             // ...then pause it for the last events and the swap.
             let paused = handle.lock.lock().await;
             (
-                Reached::Position(shadow.from_log(position, &mut report).await?),
+                Reached::Position(shadow.fill_from_log(position, &mut report).await?),
                 paused,
             )
         }
@@ -82,12 +82,12 @@ pub async fn rebuild(
                 .sum();
             shadow.report(&mut report);
             shadow
-                .from_kafka(&reader, marks, &mut next, &mut report)
+                .fill_from_kafka(&reader, marks, &mut next, &mut report)
                 .await?;
             let paused = handle.lock.lock().await;
             let marks = reader.watermarks().await.map_err(kafka_error)?;
             shadow
-                .from_kafka(&reader, marks, &mut next, &mut report)
+                .fill_from_kafka(&reader, marks, &mut next, &mut report)
                 .await?;
             (Reached::Offsets(next), paused)
         }
@@ -185,7 +185,7 @@ impl Shadow<'_> {
     }
 
     /// Apply events from the log after `position` until the head; the position reached.
-    async fn from_log(
+    async fn fill_from_log(
         &mut self,
         mut position: i64,
         report: &mut impl FnMut(Rebuild),
@@ -208,7 +208,7 @@ impl Shadow<'_> {
     }
 
     /// Apply records until every partition has reached its high watermark in `marks`.
-    async fn from_kafka(
+    async fn fill_from_kafka(
         &mut self,
         reader: &TopicReader,
         marks: BTreeMap<(String, i32), (i64, i64)>,
