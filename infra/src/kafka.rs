@@ -487,6 +487,9 @@ impl KafkaConsumer {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "range")
             .set("session.timeout.ms", "10000")
+            // A command or an event waits at most this long in the broker before it
+            // is fetched: the saga's round trips go through several fetches.
+            .set("fetch.wait.max.ms", "50")
             .create_with_context(context)?;
         Ok(KafkaConsumer {
             consumer: Arc::new(consumer),
@@ -660,6 +663,7 @@ impl TopicReader {
                 "group.id",
                 format!("{}.replay.{}", config.prefix, uuid::Uuid::now_v7().simple()),
             )
+            .set("fetch.wait.max.ms", "50")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")

@@ -34,7 +34,7 @@ pub async fn views(all: &Projections) -> Result<Vec<ProjectionView>, ApiError> {
             name: name.to_owned(),
             checkpoint,
             lag,
-            status: if rebuild.is_some() {
+            status: if rebuild.is_some() || handle.rebuilding.load(Ordering::SeqCst) {
                 "rebuilding"
             } else {
                 "running"

@@ -56,13 +56,15 @@ impl Projection {
 
     /// Base names of its tables; the version guard is always the last.
     pub fn tables(self) -> Vec<String> {
-        let main = match self {
-            Projection::Orders => "orders",
-            Projection::Inventory => "inventory_levels",
-            Projection::Payments => "payments",
-            Projection::Shipments => "shipments",
+        let main: &[&str] = match self {
+            Projection::Orders => &["orders", "order_progress"],
+            Projection::Inventory => &["inventory_levels"],
+            Projection::Payments => &["payments"],
+            Projection::Shipments => &["shipments"],
         };
-        vec![main.to_owned(), self.guard_table("")]
+        let mut tables: Vec<String> = main.iter().map(|t| (*t).to_owned()).collect();
+        tables.push(self.guard_table(""));
+        tables
     }
 
     /// The per-aggregate version guard: the last version applied of each stream.
@@ -78,11 +80,16 @@ impl Projection {
             self.guard_table(suffix)
         );
         let main = match self {
+            // The order's own stream and its payment's and shipment's go to separate
+            // tables, joined when read: streams of different aggregates may be read in
+            // any order (from Kafka, or in a replay), and each table depends on one.
             Projection::Orders => format!(
                 "CREATE TABLE IF NOT EXISTS orders{suffix} (
                     order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL, status TEXT NOT NULL,
-                    lines TEXT NOT NULL, total_cents BIGINT NOT NULL, payment_status TEXT,
-                    shipment_status TEXT, cancel_reason TEXT, placed_at TEXT NOT NULL,
+                    lines TEXT NOT NULL, total_cents BIGINT NOT NULL, cancel_reason TEXT,
+                    placed_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS order_progress{suffix} (
+                    order_id TEXT PRIMARY KEY, payment_status TEXT, shipment_status TEXT,
                     updated_at TEXT NOT NULL);"
             ),
             Projection::Inventory => format!(
@@ -129,10 +136,10 @@ impl Projection {
         match (self, event) {
             (Projection::Orders, AnyEvent::Order(event)) => apply_order(conn, suffix, id, &at, envelope.occurred_at, event).await,
             (Projection::Orders, AnyEvent::Payment(event)) => {
-                set_order_field(conn, suffix, id, &at, "payment_status", payment_status(event)).await
+                set_progress(conn, suffix, id, &at, "payment_status", payment_status(event)).await
             }
             (Projection::Orders, AnyEvent::Shipment(event)) => {
-                set_order_field(conn, suffix, id, &at, "shipment_status", shipment_status(event)).await
+                set_progress(conn, suffix, id, &at, "shipment_status", shipment_status(event)).await
             }
             (Projection::Inventory, AnyEvent::Inventory(event)) => apply_inventory(conn, suffix, id, &at, event).await,
             (Projection::Payments, AnyEvent::Payment(event)) => apply_payment(conn, suffix, id, &at, event).await,
@@ -170,6 +177,29 @@ fn shipment_status(event: &ShipmentEvent) -> &'static str {
         ShipmentEvent::ShipmentDelivered {} => "delivered",
         ShipmentEvent::ShipmentCancelled {} => "cancelled",
     }
+}
+
+/// The payment or shipment status of an order, kept apart from the order's row.
+async fn set_progress(
+    conn: &mut AnyConnection,
+    suffix: &str,
+    id: &str,
+    at: &str,
+    field: &str,
+    value: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO order_progress{suffix} (order_id, {field}, updated_at) VALUES ($1, $2, $3)
+         ON CONFLICT (order_id) DO UPDATE SET {field} = excluded.{field},
+            updated_at = CASE WHEN excluded.updated_at > order_progress{suffix}.updated_at
+                              THEN excluded.updated_at ELSE order_progress{suffix}.updated_at END"
+    ))
+    .bind(id)
+    .bind(value)
+    .bind(at)
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
 async fn set_order_field(

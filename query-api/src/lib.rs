@@ -89,6 +89,12 @@ async fn inventory(
     }))
 }
 
+/// An order's row joined with its payment's and shipment's progress.
+const ORDER_VIEW: &str = "SELECT o.order_id, o.customer_id, o.status, o.lines, o.total_cents,
+        o.cancel_reason, o.placed_at, o.updated_at, p.payment_status, p.shipment_status,
+        p.updated_at AS progress_at
+   FROM orders o LEFT JOIN order_progress p ON p.order_id = o.order_id";
+
 fn order_view(row: &AnyRow) -> Result<OrderView, ApiError> {
     let lines: String = row.try_get("lines")?;
     let lines: Vec<OrderLineView> = serde_json::from_str(&lines).map_err(ApiError::internal)?;
@@ -103,7 +109,13 @@ fn order_view(row: &AnyRow) -> Result<OrderView, ApiError> {
         shipment_status: row.try_get("shipment_status")?,
         cancel_reason: row.try_get("cancel_reason")?,
         placed_at: parse_timestamp(row.try_get("placed_at")?)?,
-        updated_at: parse_timestamp(row.try_get("updated_at")?)?,
+        updated_at: {
+            let order_at = parse_timestamp(row.try_get("updated_at")?)?;
+            match row.try_get::<Option<String>, _>("progress_at")? {
+                Some(progress_at) => order_at.max(parse_timestamp(&progress_at)?),
+                None => order_at,
+            }
+        },
     })
 }
 
@@ -115,7 +127,7 @@ async fn order(
     let order_id = parse_order_id(&order_id)?;
     let db = served(&s.orders)?;
     await_consistency(&s.progress, "orders", db, &headers).await?;
-    let row = sqlx::query("SELECT * FROM orders WHERE order_id = $1")
+    let row = sqlx::query(&format!("{ORDER_VIEW} WHERE o.order_id = $1"))
         .bind(order_id.to_string())
         .fetch_optional(db)
         .await?
@@ -175,12 +187,12 @@ async fn list_orders(
     let customer = params.customer_id.filter(|c| !c.is_empty());
     let db = served(&s.orders)?;
     await_consistency(&s.progress, "orders", db, &headers).await?;
-    let rows = sqlx::query(
-        "SELECT * FROM orders
-          WHERE ($1 IS NULL OR customer_id = $1) AND ($2 IS NULL OR status = $2)
-            AND ($3 IS NULL OR order_id < $3)
-          ORDER BY order_id DESC LIMIT $4",
-    )
+    let rows = sqlx::query(&format!(
+        "{ORDER_VIEW}
+          WHERE ($1 IS NULL OR o.customer_id = $1) AND ($2 IS NULL OR o.status = $2)
+            AND ($3 IS NULL OR o.order_id < $3)
+          ORDER BY o.order_id DESC LIMIT $4"
+    ))
     .bind(customer)
     .bind(status)
     .bind(cursor.map(|c| c.to_string()))

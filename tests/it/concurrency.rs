@@ -1,8 +1,8 @@
 //! Many clients at once: nothing oversold, nothing lost.
 
-use crate::support::{on_both_backends, Api, Backend, TestServer};
+use crate::support::{on_every_backend, Api, Backend, TestServer};
 
-on_both_backends!(
+on_every_backend!(
     thirty_parallel_orders_for_ten_units_confirm_exactly_ten,
     parallel_restocks_of_one_sku_all_count
 );

@@ -44,7 +44,7 @@ impl Fresh {
         let dir = tempfile::tempdir().expect("dir");
         let url = match backend {
             Backend::Sqlite => infra::db::sqlite_url(&dir.path().join("events.db")),
-            Backend::Postgres => format!(
+            Backend::Postgres | Backend::Distributed => format!(
                 "{}/orderline_t{}_events",
                 postgres_server(),
                 Uuid::now_v7().simple()

@@ -20,6 +20,24 @@ pub enum Backend {
     Sqlite,
     /// Fresh databases on the PostgreSQL server at [`postgres_server`], dropped after.
     Postgres,
+    /// One process per service (the real binary), each with a fresh PostgreSQL
+    /// database, topics of their own on the Kafka-protocol broker, and the gateway.
+    Distributed,
+}
+
+/// The broker the tests use: `ORDERLINE_TEST_KAFKA`, else 127.0.0.1:9092.
+pub fn kafka_broker() -> String {
+    let address = std::env::var("ORDERLINE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    assert!(
+        std::net::TcpStream::connect_timeout(
+            &address.parse().expect("host:port"),
+            Duration::from_secs(2)
+        )
+        .is_ok(),
+        "no Kafka-protocol broker on {address}: start one with infra/kafka/broker.sh ensure \
+         (the README's test command does)"
+    );
+    address
 }
 
 /// The PostgreSQL server tests use: `ORDERLINE_TEST_POSTGRES`, else 127.0.0.1:5432.
@@ -29,7 +47,24 @@ pub fn postgres_server() -> String {
 }
 
 /// Generates, for each scenario `async fn name(backend: Backend)`, one test on SQLite
-/// (`sqlite::name`) and one on PostgreSQL (`postgres::name`).
+/// (`sqlite::name`), one on PostgreSQL (`postgres::name`) and one on the distributed
+/// deployment (`distributed::name`).
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        crate::support::on_both_backends!($($name),*);
+        mod distributed {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::support::Backend::Distributed).await
+                }
+            )*
+        }
+    };
+}
+pub(crate) use on_every_backend;
+
+/// Like [`on_every_backend`], for scenarios that need the embedded process.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -58,6 +93,8 @@ pub struct TestServer {
     pub config: Config,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The service processes and the gateway, when distributed.
+    processes: Vec<Process>,
     _dir: Option<TempDir>,
 }
 
@@ -71,13 +108,60 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::with_data_dir(dir.path().join("data"));
         config.payment_timeout = payment_timeout;
-        if backend == Backend::Postgres {
+        if backend != Backend::Sqlite {
             config.postgres = Some(postgres_server());
             config.database_prefix = format!("orderline_t{}", uuid::Uuid::now_v7().simple());
         }
-        let mut server = Self::start_in(config).await;
+        let mut server = if backend == Backend::Distributed {
+            let mut kafka = infra::kafka::KafkaConfig::local(kafka_broker());
+            kafka.prefix = format!("orderline-t{}", uuid::Uuid::now_v7().simple());
+            config.kafka = Some(kafka);
+            Self::start_distributed(config).await
+        } else {
+            Self::start_in(config).await
+        };
         server._dir = Some(dir);
         server
+    }
+
+    /// Every service as a process of its own, and the gateway in front.
+    pub async fn start_distributed(config: Config) -> TestServer {
+        let mut processes = vec![];
+        let mut upstreams = vec![];
+        for service in orderline::SERVICES {
+            let mut args = vec![
+                "serve".to_owned(),
+                "--service".to_owned(),
+                service.to_owned(),
+                "--listen".to_owned(),
+                "127.0.0.1:0".to_owned(),
+                "--payment-timeout-ms".to_owned(),
+                config.payment_timeout.as_millis().to_string(),
+            ];
+            args.extend(storage_args(&config));
+            let process = Process::spawn(&args);
+            upstreams.push(format!("--{service}"));
+            upstreams.push(process.api.base.clone());
+            processes.push(process);
+        }
+        let mut args = vec![
+            "gateway".to_owned(),
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ];
+        args.extend(upstreams);
+        let gateway = Process::spawn(&args);
+        let base = gateway.api.base.clone();
+        processes.push(gateway);
+        TestServer {
+            base,
+            client: client(),
+            config,
+            stop: None,
+            task: None,
+            processes,
+            _dir: None,
+        }
     }
 
     /// A server with this configuration (its storage is kept when it stops).
@@ -97,12 +181,19 @@ impl TestServer {
             config,
             stop: Some(stop),
             task: Some(task),
+            processes: vec![],
             _dir: None,
         }
     }
 
     /// Stop cleanly: drain, commit, exit.
     pub async fn stop(mut self) -> Option<TempDir> {
+        for process in self.processes.drain(..).rev() {
+            assert!(
+                process.terminate().success(),
+                "a process did not stop cleanly"
+            );
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -130,6 +221,7 @@ impl TestServer {
 pub async fn drop_databases(config: &Config) {
     if config.postgres.is_some() {
         use sqlx::migrate::MigrateDatabase;
+        sqlx::any::install_default_drivers();
         for name in ["events", "order", "inventory", "payment", "shipping"] {
             let _ = sqlx::Any::force_drop_database(&config.database_url(name)).await;
         }
@@ -142,6 +234,14 @@ pub fn storage_args(config: &Config) -> Vec<String> {
         "--data-dir".to_owned(),
         config.data_dir.display().to_string(),
     ];
+    if let Some(kafka) = &config.kafka {
+        args.extend([
+            "--kafka-brokers".to_owned(),
+            kafka.brokers.clone(),
+            "--topic-prefix".to_owned(),
+            kafka.prefix.clone(),
+        ]);
+    }
     if let Some(server) = &config.postgres {
         args.extend([
             "--postgres-url".to_owned(),
@@ -152,8 +252,6 @@ pub fn storage_args(config: &Config) -> Vec<String> {
     }
     args
 }
-
-impl TestServer {}
 
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -299,11 +397,19 @@ impl Api {
             )
             .await;
             let text = metrics.as_str().unwrap_or_default().to_owned();
-            let head = gauge(&text, "orderline_log_head{}");
-            let lagging = text
-                .lines()
-                .filter(|l| l.starts_with("orderline_projection_lag{"))
-                .any(|l| !l.ends_with(" 0"));
+            let head = sum(&text, "orderline_log_head");
+            let lagging = [
+                "orderline_projection_lag{",
+                "orderline_relay_lag{",
+                "orderline_saga_pending_commands{",
+                "orderline_command_inbox_lag{",
+            ]
+            .iter()
+            .any(|family| {
+                text.lines()
+                    .filter(|l| l.starts_with(family))
+                    .any(|l| !l.ends_with(" 0"))
+            });
             if head != last_head {
                 last_head = head;
                 stable_since = Instant::now();
@@ -320,12 +426,19 @@ impl Api {
     }
 }
 
-fn gauge(metrics: &str, name: &str) -> i64 {
+/// The sum of a metric over every sample whose labels hold all of `labels`
+/// (e.g. `command="restock"`), across services.
+pub fn metric(metrics: &str, name: &str, labels: &[&str]) -> i64 {
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1)
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<i64>().ok()))
+        .sum()
+}
+
+fn sum(metrics: &str, name: &str) -> i64 {
+    metric(metrics, name, &[])
 }
 
 impl Api {
@@ -339,7 +452,7 @@ impl Api {
                 .expect("metrics"),
         )
         .await;
-        gauge(metrics.as_str().unwrap_or_default(), "orderline_log_head{}")
+        sum(metrics.as_str().unwrap_or_default(), "orderline_log_head")
     }
 }
 
@@ -352,13 +465,23 @@ pub struct Process {
 impl Process {
     /// Start `orderline serve` on a random port over `data_dir`.
     pub fn serve(data_dir: &Path, payment_timeout_ms: u64) -> Process {
+        Process::spawn(&[
+            "serve".to_owned(),
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--payment-timeout-ms".to_owned(),
+            payment_timeout_ms.to_string(),
+            "--data-dir".to_owned(),
+            data_dir.display().to_string(),
+        ])
+    }
+
+    /// Start `orderline` with `args`; it must log where it listens.
+    pub fn spawn(args: &[String]) -> Process {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orderline"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--payment-timeout-ms"])
-            .arg(payment_timeout_ms.to_string())
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("RUST_LOG", "info")
+            .args(args)
+            .env("RUST_LOG", "info,rdkafka=warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
