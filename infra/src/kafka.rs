@@ -19,7 +19,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -174,16 +174,6 @@ pub fn record_of(
         payload,
         headers,
     ))
-}
-
-/// A header's value as text.
-pub fn header<'a>(message: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
 }
 
 /// Publishes the event store's log to Kafka, in order, resuming where it stopped.
@@ -422,6 +412,8 @@ pub struct Polled {
     pub partition: i32,
     pub offset: i64,
     pub payload: Option<Vec<u8>>,
+    /// The record's headers whose values are text.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Polled {
@@ -605,11 +597,24 @@ async fn poll_batch<C: ConsumerContext + 'static>(
                     break;
                 }
                 Some(Ok(message)) => {
+                    let headers = message
+                        .headers()
+                        .map(|headers| {
+                            headers
+                                .iter()
+                                .filter_map(|h| {
+                                    let value = std::str::from_utf8(h.value?).ok()?;
+                                    Some((h.key.to_owned(), value.to_owned()))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     out.push(Polled {
                         topic: message.topic().to_owned(),
                         partition: message.partition(),
                         offset: message.offset(),
                         payload: message.payload().map(<[u8]>::to_vec),
+                        headers,
                     });
                     timeout = Duration::ZERO;
                 }

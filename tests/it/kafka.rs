@@ -240,6 +240,28 @@ async fn the_relay_publishes_the_log_in_order_and_republishes_rather_than_loses(
         let event = record.event().expect("event");
         assert_eq!(record.topic, config.events_topic("inventory"));
         assert!(event.envelope.event_type == "StockRestocked");
+        let header = |name: &str| {
+            record
+                .headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let envelope = &event.envelope;
+        assert_eq!(header("event_type").as_deref(), Some("StockRestocked"));
+        assert_eq!(
+            header("schema_version"),
+            Some(envelope.schema_version.to_string())
+        );
+        assert_eq!(header("event_id"), Some(envelope.event_id.to_string()));
+        assert_eq!(
+            header("correlation_id"),
+            Some(envelope.correlation_id.to_string())
+        );
+        assert_eq!(
+            header("causation_id"),
+            Some(envelope.causation_id.to_string())
+        );
     }
 
     // A relay that died after producing and before recording its position publishes
