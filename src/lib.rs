@@ -14,7 +14,7 @@
 pub mod gateway;
 
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -55,13 +55,15 @@ pub struct System {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// What `/metrics` reports on besides the counters.
+/// What `/metrics` and `/health` report on besides the counters.
 #[derive(Clone)]
 struct Watched {
     projections: Projections,
     relay: bool,
     saga: Option<Db>,
     inbox: Option<(KafkaConsumer, String)>,
+    /// Every consumer-group member of the process: ready once all have joined.
+    members: Vec<KafkaConsumer>,
 }
 
 /// The log and every service's database, open.
@@ -176,6 +178,7 @@ impl System {
             relay: false,
             saga: Some(storage.db("order")?),
             inbox: None,
+            members: vec![],
         };
         let router = api(
             command_handlers::routes::router(handlers.clone()),
@@ -260,12 +263,22 @@ impl System {
             db.clone(),
             shutdown.clone(),
         )));
+        let mut members: Vec<KafkaConsumer> = projections
+            .handles
+            .iter()
+            .filter_map(|h| match &h.feed {
+                projectors::runner::Feed::Kafka { consumer, .. } => Some(consumer.clone()),
+                projectors::runner::Feed::Log => None,
+            })
+            .collect();
+        members.push(inbox.clone());
         let mut saga_db = None;
         if service == "order" {
             let saga = SagaRunner::new(handlers.clone(), db.clone(), config.payment_timeout)
                 .await?
                 .with_kafka(&kafka)
                 .await?;
+            members.extend(saga.kafka_consumer());
             tasks.push(tokio::spawn(saga.run(shutdown.clone())));
             saga_db = Some(db.clone());
         }
@@ -279,6 +292,7 @@ impl System {
             relay: true,
             saga: saga_db,
             inbox: Some((inbox, inbox_topic)),
+            members,
         };
         let router = api(commands, &queries, watched);
         Ok(System {
@@ -318,13 +332,26 @@ impl System {
 /// A process's API: its commands, its queries, the operator routes.
 fn api(commands: Router, queries: &QueryState, watched: Watched) -> Router {
     Router::new()
-        .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
+        .route("/health", get(health).with_state(watched.clone()))
         .route("/metrics", get(metrics).with_state(watched.clone()))
         .merge(commands)
         .merge(query_api::router(queries.clone()))
         .merge(projectors::admin::router(watched.projections))
         .fallback(infra::http::not_found_fallback)
         .layer(DefaultBodyLimit::max(infra::http::MAX_BODY_BYTES))
+}
+
+/// 200 once every consumer-group member has joined its group (at once when
+/// embedded); 503 while the process is still starting.
+async fn health(State(watched): State<Watched>) -> impl IntoResponse {
+    if watched.members.iter().all(KafkaConsumer::has_joined) {
+        (StatusCode::OK, Json(json!({ "status": "ok" })))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "starting" })),
+        )
+    }
 }
 
 async fn metrics(State(watched): State<Watched>) -> impl IntoResponse {

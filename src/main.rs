@@ -77,6 +77,11 @@ struct KafkaArgs {
     /// Replication factor of each topic created at start-up.
     #[arg(long, env = "ORDERLINE_KAFKA_REPLICATION", default_value_t = 1)]
     kafka_replication: i32,
+    /// This process's stable name in its consumer groups (Kafka's group.instance.id),
+    /// so that after a crash it takes its partitions back at once. Must differ
+    /// between replicas of one service; defaults to the host name.
+    #[arg(long, env = "ORDERLINE_KAFKA_INSTANCE")]
+    kafka_instance: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -187,6 +192,11 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(kafka) = config.kafka.as_mut() {
         kafka.partitions = args.kafka.kafka_partitions;
         kafka.replication_factor = args.kafka.kafka_replication;
+        kafka.instance = args
+            .kafka
+            .kafka_instance
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| "0".into());
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

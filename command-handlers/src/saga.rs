@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS saga_outbox (
     causation_id    TEXT NOT NULL,
     created_at      TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS saga_applied (
+    aggregate_type  TEXT NOT NULL,
+    aggregate_id    TEXT NOT NULL,
+    version         BIGINT NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id)
+);
 CREATE TABLE IF NOT EXISTS saga_deadlines (
     order_id        TEXT PRIMARY KEY,
     due_at          TEXT NOT NULL
@@ -127,6 +133,14 @@ impl SagaRunner {
             config: config.clone(),
         };
         Ok(self)
+    }
+
+    /// The consumer-group member the saga reads Kafka with, if it does.
+    pub fn kafka_consumer(&self) -> Option<KafkaConsumer> {
+        match &self.feed {
+            Feed::Kafka(consumer) => Some(consumer.clone()),
+            Feed::Log => None,
+        }
     }
 
     /// Run until shutdown: follow the log, fire deadlines, dispatch commands.
@@ -267,6 +281,10 @@ impl SagaRunner {
         let mut sagas: HashMap<Uuid, Loaded> = HashMap::new();
         let mut outcomes = vec![];
         for recorded in events {
+            if !first_delivery(tx, recorded).await? {
+                // Published again (a relay that restarted): already folded in.
+                continue;
+            }
             let Some((order_id, input)) = (match route(recorded) {
                 Ok(routed) => routed,
                 Err(error) => {
@@ -517,6 +535,35 @@ fn route(recorded: &RecordedEvent) -> Result<Option<(Uuid, Input)>, String> {
             }
         },
     })
+}
+
+/// Whether the saga sees this event for the first time (per-stream version guard),
+/// recording that it has.
+async fn first_delivery(
+    conn: &mut AnyConnection,
+    recorded: &RecordedEvent,
+) -> Result<bool, InfraError> {
+    let envelope = &recorded.envelope;
+    let applied: Option<i64> = sqlx::query_scalar(
+        "SELECT version FROM saga_applied WHERE aggregate_type = $1 AND aggregate_id = $2",
+    )
+    .bind(&envelope.aggregate_type)
+    .bind(&envelope.aggregate_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if applied.is_some_and(|v| v >= envelope.version) {
+        return Ok(false);
+    }
+    sqlx::query(
+        "INSERT INTO saga_applied (aggregate_type, aggregate_id, version) VALUES ($1, $2, $3)
+         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version",
+    )
+    .bind(&envelope.aggregate_type)
+    .bind(&envelope.aggregate_id)
+    .bind(envelope.version)
+    .execute(&mut *conn)
+    .await?;
+    Ok(true)
 }
 
 async fn load(conn: &mut AnyConnection, order_id: Uuid) -> Result<Option<Loaded>, InfraError> {

@@ -4,6 +4,7 @@
 
 mod api;
 mod concurrency;
+mod distributed;
 mod durability;
 mod event_store;
 mod kafka;

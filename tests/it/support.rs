@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// How long a test waits for the system to settle before it calls that a failure.
-pub const SETTLE: Duration = Duration::from_secs(30);
+pub const SETTLE: Duration = Duration::from_secs(60);
 
 /// Where a test server keeps its log and service databases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +152,8 @@ impl TestServer {
         args.extend(upstreams);
         let gateway = Process::spawn(&args);
         let base = gateway.api.base.clone();
+        // Ready when every service's consumers have joined their groups.
+        gateway.api.eventually("/health", "ready", |_| true).await;
         processes.push(gateway);
         TestServer {
             base,
@@ -214,6 +216,16 @@ impl TestServer {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// Run `change` on the process of a service (distributed only), in its place.
+    pub fn replace_service(&mut self, service: &str, change: impl FnOnce(Process) -> Process) {
+        let index = orderline::SERVICES
+            .iter()
+            .position(|s| *s == service)
+            .expect("a service");
+        let process = self.processes.remove(index);
+        self.processes.insert(index, change(process));
     }
 }
 
@@ -460,6 +472,8 @@ impl Api {
 pub struct Process {
     child: std::process::Child,
     pub api: Api,
+    /// What it was started with (the listen address made concrete), to restart it.
+    pub args: Vec<String>,
 }
 
 impl Process {
@@ -481,16 +495,27 @@ impl Process {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orderline"))
             .args(args)
-            .env("RUST_LOG", "info,rdkafka=warn")
+            .env("RUST_LOG", "info,sqlx=warn,rdkafka=warn")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("orderline starts");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        // ORDERLINE_TEST_LOG_DIR keeps every process's log, for looking into a failure.
+        let mut log = std::env::var_os("ORDERLINE_TEST_LOG_DIR").and_then(|dir| {
+            let what = args.iter().take(3).cloned().collect::<Vec<_>>().join("-");
+            let name = format!("{}-{}.log", what.replace(['/', ':'], "_"), child.id());
+            std::fs::create_dir_all(&dir).ok()?;
+            std::fs::File::create(std::path::Path::new(&dir).join(name)).ok()
+        });
         std::thread::spawn(move || {
+            use std::io::Write;
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(log) = log.as_mut() {
+                    let _ = writeln!(log, "{line}");
+                }
                 if !sent {
                     if let Some(rest) = line.split("listening on ").nth(1) {
                         let url = rest
@@ -507,12 +532,24 @@ impl Process {
         let base = rx
             .recv_timeout(SETTLE)
             .expect("orderline says where it listens");
+        let address = base.trim_start_matches("http://").to_owned();
+        let args = args
+            .iter()
+            .map(|a| {
+                if a == "127.0.0.1:0" {
+                    address.clone()
+                } else {
+                    a.clone()
+                }
+            })
+            .collect();
         Process {
             child,
             api: Api {
                 base,
                 client: client(),
             },
+            args,
         }
     }
 
@@ -520,6 +557,15 @@ impl Process {
     pub fn kill(mut self) {
         self.child.kill().expect("kill");
         self.child.wait().expect("reaped");
+    }
+
+    /// SIGKILL, then the same command again (on the same address).
+    pub fn kill_and_restart(mut self) -> Process {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("reaped");
+        let args = std::mem::take(&mut self.args);
+        drop(self);
+        Process::spawn(&args)
     }
 
     /// SIGTERM, and the exit status.
