@@ -33,36 +33,6 @@ pub const NAME: &str = "fulfilment_saga";
 /// Namespace of the saga's command ids.
 const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x6f72_6465_726c_696e_6573_6167_6163_6d64);
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS sagas (
-    order_id        TEXT PRIMARY KEY,
-    state           TEXT NOT NULL,
-    stage           TEXT NOT NULL,
-    correlation_id  TEXT NOT NULL,
-    updated_at      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS saga_outbox (
-    id              {serial},
-    command_id      TEXT NOT NULL UNIQUE,
-    order_id        TEXT NOT NULL,
-    command         TEXT NOT NULL,
-    correlation_id  TEXT NOT NULL,
-    causation_id    TEXT NOT NULL,
-    created_at      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS saga_applied (
-    aggregate_type  TEXT NOT NULL,
-    aggregate_id    TEXT NOT NULL,
-    version         BIGINT NOT NULL,
-    PRIMARY KEY (aggregate_type, aggregate_id)
-);
-CREATE TABLE IF NOT EXISTS saga_deadlines (
-    order_id        TEXT PRIMARY KEY,
-    due_at          TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS saga_deadlines_by_due ON saga_deadlines (due_at);
-"#;
-
 const BATCH: i64 = 500;
 
 /// A command waiting in the outbox: row id, command id, command, who caused it.
@@ -106,7 +76,9 @@ impl SagaRunner {
         db: Db,
         payment_timeout: Duration,
     ) -> Result<SagaRunner, InfraError> {
-        db.migrate(SCHEMA).await?;
+        db.migrate_base()
+            .await
+            .map_err(|e| InfraError::Corrupt(format!("migrations: {e}")))?;
         checkpoints::ensure_schema(&db).await?;
         dead_letters::ensure_schema(&db).await?;
         let payment_timeout = chrono::Duration::from_std(payment_timeout)

@@ -4,14 +4,6 @@
 use crate::db::Db;
 use sqlx::{Any, AnyConnection};
 
-pub const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS checkpoints (
-    name        TEXT    PRIMARY KEY,
-    position    BIGINT NOT NULL,
-    updated_at  TEXT    NOT NULL
-);
-"#;
-
 pub async fn load<'e, E>(executor: E, name: &str) -> Result<i64, sqlx::Error>
 where
     E: sqlx::Executor<'e, Database = Any>,
@@ -37,6 +29,9 @@ pub async fn save(conn: &mut AnyConnection, name: &str, position: i64) -> Result
     .map(|_| ())
 }
 
+/// The checkpoints table comes with the database's migrations.
 pub async fn ensure_schema(db: &Db) -> Result<(), sqlx::Error> {
-    db.migrate(SCHEMA).await
+    db.migrate_base()
+        .await
+        .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
 }

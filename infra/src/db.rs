@@ -150,7 +150,19 @@ impl Db {
         self.pool.begin_with(self.dialect.begin_write()).await
     }
 
-    /// Run a script of `CREATE ... IF NOT EXISTS` statements (with `{serial}`).
+    /// Bring the database's own tables up to date (`infra/migrations/<dialect>`,
+    /// embedded in the binary; a migration applied once is not applied again).
+    pub async fn migrate_base(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+        static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+        match self.dialect {
+            Dialect::Sqlite => SQLITE.run(&self.pool).await,
+            Dialect::Postgres => POSTGRES.run(&self.pool).await,
+        }
+    }
+
+    /// Run a script of `CREATE ... IF NOT EXISTS` statements (with `{serial}`): for
+    /// tables made at run time (read models and their shadows).
     pub async fn migrate(&self, script: &str) -> Result<(), sqlx::Error> {
         let script = self.dialect.ddl(script);
         for statement in script.split(';').filter(|s| !s.trim().is_empty()) {

@@ -7,18 +7,6 @@ use schemas::http::DeadLetterView;
 use schemas::RecordedEvent;
 use sqlx::{AnyConnection, AnyPool, Row};
 
-pub const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id          {serial},
-    consumer    TEXT    NOT NULL,
-    position    BIGINT NOT NULL,
-    event       TEXT    NOT NULL,
-    error       TEXT    NOT NULL,
-    failed_at   TEXT    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS dead_letters_by_consumer ON dead_letters (consumer, id);
-"#;
-
 pub async fn record(
     conn: &mut AnyConnection,
     consumer: &str,
@@ -134,6 +122,9 @@ pub async fn delete(conn: &mut AnyConnection, id: i64) -> Result<(), sqlx::Error
         .map(|_| ())
 }
 
+/// The dead-letter table comes with the database's migrations.
 pub async fn ensure_schema(db: &Db) -> Result<(), sqlx::Error> {
-    db.migrate(SCHEMA).await
+    db.migrate_base()
+        .await
+        .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
 }

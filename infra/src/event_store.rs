@@ -20,43 +20,6 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS events (
-    position        {serial},
-    event_id        TEXT    NOT NULL UNIQUE,
-    aggregate_type  TEXT    NOT NULL,
-    aggregate_id    TEXT    NOT NULL,
-    version         BIGINT NOT NULL,
-    event_type      TEXT    NOT NULL,
-    schema_version  BIGINT NOT NULL,
-    occurred_at     TEXT    NOT NULL,
-    correlation_id  TEXT    NOT NULL,
-    causation_id    TEXT    NOT NULL,
-    payload         TEXT    NOT NULL,
-    UNIQUE (aggregate_type, aggregate_id, version)
-);
-CREATE INDEX IF NOT EXISTS events_by_type ON events (aggregate_type, position);
-CREATE TABLE IF NOT EXISTS snapshots (
-    aggregate_type  TEXT    NOT NULL,
-    aggregate_id    TEXT    NOT NULL,
-    version         BIGINT NOT NULL,
-    position        BIGINT NOT NULL,
-    state           TEXT    NOT NULL,
-    PRIMARY KEY (aggregate_type, aggregate_id)
-);
-CREATE TABLE IF NOT EXISTS relay_positions (
-    name        TEXT    PRIMARY KEY,
-    position    BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS idempotency (
-    key           TEXT    PRIMARY KEY,
-    request_hash  TEXT    NOT NULL,
-    response      TEXT    NOT NULL,
-    position      BIGINT NOT NULL,
-    created_at    TEXT    NOT NULL
-);
-"#;
-
 /// The most appends one commit takes.
 const MAX_GROUP: usize = 512;
 
@@ -168,7 +131,9 @@ impl EventStore {
 
     /// Open the log in `db` (creating its tables when missing) and start its writer.
     pub async fn with_db(db: Db) -> Result<EventStore, InfraError> {
-        db.migrate(SCHEMA).await?;
+        db.migrate_base()
+            .await
+            .map_err(|e| InfraError::Corrupt(format!("migrations: {e}")))?;
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
             .fetch_one(&db.pool)
             .await?;

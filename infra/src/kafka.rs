@@ -268,16 +268,6 @@ impl Relay {
     }
 }
 
-pub const OFFSETS_SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS kafka_offsets (
-    consumer    TEXT    NOT NULL,
-    topic       TEXT    NOT NULL,
-    partition   BIGINT  NOT NULL,
-    next_offset BIGINT  NOT NULL,
-    PRIMARY KEY (consumer, topic, partition)
-);
-"#;
-
 /// A consumer's Kafka offsets, kept in its own database.
 #[derive(Clone)]
 pub struct OffsetStore {
@@ -287,7 +277,9 @@ pub struct OffsetStore {
 
 impl OffsetStore {
     pub async fn open(db: &Db, consumer: impl Into<String>) -> Result<OffsetStore, sqlx::Error> {
-        db.migrate(OFFSETS_SCHEMA).await?;
+        db.migrate_base()
+            .await
+            .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
         Ok(OffsetStore {
             pool: db.pool.clone(),
             consumer: consumer.into(),
