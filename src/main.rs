@@ -17,6 +17,10 @@ use tracing_subscriber::EnvFilter;
     about = "Event-sourced commerce backend: orders, inventory, payment, shipping"
 )]
 struct Cli {
+    /// A file of settings, one `ORDERLINE_*=value` line each (the environment
+    /// variables of the flags); flags and the environment win over it.
+    #[arg(long, global = true, env = "ORDERLINE_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -143,7 +147,69 @@ struct ServeArgs {
     kafka: KafkaArgs,
 }
 
+/// The settings a `--config` file may hold.
+const SETTINGS: [&str; 17] = [
+    "ORDERLINE_LISTEN",
+    "ORDERLINE_DATA_DIR",
+    "ORDERLINE_PAYMENT_TIMEOUT_MS",
+    "ORDERLINE_POSTGRES_URL",
+    "ORDERLINE_DATABASE_PREFIX",
+    "ORDERLINE_SERVICE",
+    "ORDERLINE_KAFKA_BROKERS",
+    "ORDERLINE_KAFKA_PARTITIONS",
+    "ORDERLINE_KAFKA_REPLICATION",
+    "ORDERLINE_KAFKA_INSTANCE",
+    "ORDERLINE_TOPIC_PREFIX",
+    "ORDERLINE_GATEWAY_LISTEN",
+    "ORDERLINE_ORDER_URL",
+    "ORDERLINE_INVENTORY_URL",
+    "ORDERLINE_PAYMENT_URL",
+    "ORDERLINE_SHIPPING_URL",
+    "RUST_LOG",
+];
+
+/// Read the `--config` file (or `ORDERLINE_CONFIG`) into the environment, where the
+/// flags' defaults come from; a variable already set is left as it is.
+fn load_config_file() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let named = args.iter().enumerate().find_map(|(i, arg)| {
+        if arg == "--config" {
+            args.get(i + 1).cloned()
+        } else {
+            arg.strip_prefix("--config=").map(str::to_owned)
+        }
+    });
+    let Some(path) = named.or_else(|| std::env::var("ORDERLINE_CONFIG").ok()) else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read the config file {path}: {e}"))?;
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = || format!("{path}:{}", number + 1);
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("{}: expected a line KEY=value", at()))?;
+        let key = key.trim();
+        if !SETTINGS.contains(&key) {
+            anyhow::bail!(
+                "{}: unknown setting {key}; the settings are {}",
+                at(),
+                SETTINGS.join(", ")
+            );
+        }
+        if std::env::var_os(key).is_none() {
+            std::env::set_var(key, value.trim().trim_matches('"'));
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    load_config_file()?;
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn")),

@@ -33,19 +33,6 @@ fn place_in_background(
     })
 }
 
-async fn count_events(api: &Api, aggregate: &str, id: &str, event_type: &str) -> usize {
-    let (_, stream) = api.get(&format!("/v1/streams/{aggregate}/{id}")).await;
-    stream["events"]
-        .as_array()
-        .map(|events| {
-            events
-                .iter()
-                .filter(|e| e["event_type"] == event_type)
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 async fn wait_running(api: &Api, name: &str) {
     api.eventually("/v1/projections", "rebuilt", |listing| {
         listing["projections"]
@@ -92,9 +79,9 @@ async fn services_killed_mid_stream_resume_without_skipping_or_repeating() {
         json!({ "sku": "KILL", "on_hand": 1000, "reserved": reserved, "available": 1000 - reserved })
     );
     for id in &acknowledged {
-        assert_eq!(count_events(&api, "order", id, "OrderConfirmed").await, 1);
+        assert_eq!(api.count_events("order", id, "OrderConfirmed").await, 1);
         assert_eq!(
-            count_events(&api, "payment", id, "PaymentAuthorized").await,
+            api.count_events("payment", id, "PaymentAuthorized").await,
             1
         );
     }

@@ -1,20 +1,7 @@
 //! Crashes: the real binary killed with SIGKILL and started again.
 
-use crate::support::{Api, Process};
+use crate::support::Process;
 use serde_json::{json, Value};
-
-async fn count_events(api: &Api, aggregate: &str, id: &str, event_type: &str) -> usize {
-    let (_, stream) = api.get(&format!("/v1/streams/{aggregate}/{id}")).await;
-    stream["events"]
-        .as_array()
-        .map(|events| {
-            events
-                .iter()
-                .filter(|e| e["event_type"] == event_type)
-                .count()
-        })
-        .unwrap_or(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_server_keeps_every_acknowledged_order_and_finishes_pending_sagas() {
@@ -72,24 +59,18 @@ async fn a_killed_server_keeps_every_acknowledged_order_and_finishes_pending_sag
     );
     // Exactly once: no saga step was applied twice across the crash.
     for id in &acknowledged {
-        assert_eq!(count_events(&api, "order", id, "OrderConfirmed").await, 1);
+        assert_eq!(api.count_events("order", id, "OrderConfirmed").await, 1);
         assert_eq!(
-            count_events(&api, "payment", id, "PaymentAuthorized").await,
+            api.count_events("payment", id, "PaymentAuthorized").await,
             1
         );
-        assert_eq!(
-            count_events(&api, "shipment", id, "ShipmentCreated").await,
-            1
-        );
+        assert_eq!(api.count_events("shipment", id, "ShipmentCreated").await, 1);
     }
     assert_eq!(
-        count_events(&api, "inventory", "S", "StockReserved").await,
+        api.count_events("inventory", "S", "StockReserved").await,
         23
     );
-    assert_eq!(
-        count_events(&api, "inventory", "S", "StockReleased").await,
-        3
-    );
+    assert_eq!(api.count_events("inventory", "S", "StockReleased").await, 3);
 
     // A clean stop (SIGTERM) exits 0, and a third start sees the same state.
     assert!(second.terminate().success());

@@ -2,6 +2,7 @@
 //! `infra/kafka/broker.sh`), and against librdkafka's mock cluster where a test must
 //! inject broker faults.
 
+use crate::support::kafka_broker;
 use command_handlers::{Handlers, Meta};
 use domain::inventory::{InventoryCommand, InventoryItem};
 use domain::Quantity;
@@ -17,21 +18,6 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
-
-/// The broker the tests use: `ORDERLINE_TEST_KAFKA`, else 127.0.0.1:9092.
-fn broker() -> String {
-    let address = std::env::var("ORDERLINE_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    assert!(
-        std::net::TcpStream::connect_timeout(
-            &address.parse().expect("host:port"),
-            Duration::from_secs(2)
-        )
-        .is_ok(),
-        "no Kafka-protocol broker on {address}: start one with infra/kafka/broker.sh ensure \
-         (the README's test command does)"
-    );
-    address
-}
 
 /// Topics of their own for each test: the broker outlives test runs.
 fn isolated(brokers: &str) -> KafkaConfig {
@@ -137,7 +123,7 @@ fn assert_in_order_per_key(records: &[Polled], keys: usize, per_key: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_keeps_order_per_key_and_a_group_resumes_from_stored_offsets() {
-    let config = isolated(&broker());
+    let config = isolated(&kafka_broker());
     let topic = config.events_topic("inventory");
     ensure_topics(&config, std::slice::from_ref(&topic))
         .await
@@ -199,7 +185,7 @@ async fn the_broker_keeps_order_per_key_and_a_group_resumes_from_stored_offsets(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_publishes_the_log_in_order_and_republishes_rather_than_loses() {
-    let config = isolated(&broker());
+    let config = isolated(&kafka_broker());
     ensure_topics(&config, &config.event_topics())
         .await
         .expect("topics");

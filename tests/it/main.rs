@@ -3,6 +3,7 @@
 //! (SIGKILL of the real binary) and replays.
 
 mod api;
+mod cli;
 mod concurrency;
 mod distributed;
 mod durability;

@@ -454,6 +454,20 @@ fn sum(metrics: &str, name: &str) -> i64 {
 }
 
 impl Api {
+    /// How many events of `event_type` one stream holds.
+    pub async fn count_events(&self, aggregate: &str, id: &str, event_type: &str) -> usize {
+        let (_, stream) = self.get(&format!("/v1/streams/{aggregate}/{id}")).await;
+        stream["events"]
+            .as_array()
+            .map(|events| {
+                events
+                    .iter()
+                    .filter(|e| e["event_type"] == event_type)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     /// The log position of the last event (from /metrics).
     pub async fn head(&self) -> i64 {
         let (_, metrics) = body(
