@@ -255,7 +255,7 @@ impl System {
             &kafka,
             &format!("{}.commands.{service}", kafka.prefix),
             std::slice::from_ref(&inbox_topic),
-            OffsetStore::open(&db, "commands").await?,
+            OffsetStore::new(&db, "commands"),
         )?;
         tasks.push(tokio::spawn(command_handlers::inbox::run(
             handlers.clone(),

@@ -76,11 +76,6 @@ impl SagaRunner {
         db: Db,
         payment_timeout: Duration,
     ) -> Result<SagaRunner, InfraError> {
-        db.migrate_base()
-            .await
-            .map_err(|e| InfraError::Corrupt(format!("migrations: {e}")))?;
-        checkpoints::ensure_schema(&db).await?;
-        dead_letters::ensure_schema(&db).await?;
         let payment_timeout = chrono::Duration::from_std(payment_timeout)
             .map_err(|e| InfraError::Corrupt(format!("payment timeout: {e}")))?;
         Ok(SagaRunner {
@@ -95,7 +90,7 @@ impl SagaRunner {
     /// Hear events from the Kafka topics and send commands over command topics.
     pub async fn with_kafka(mut self, config: &KafkaConfig) -> Result<SagaRunner, InfraError> {
         let kafka = |e: rdkafka::error::KafkaError| InfraError::Corrupt(format!("kafka: {e}"));
-        let offsets = OffsetStore::open(&self.db, NAME).await?;
+        let offsets = OffsetStore::new(&self.db, NAME);
         let group = format!("{}.saga.{NAME}", config.prefix);
         let consumer = KafkaConsumer::subscribe(config, &group, &config.event_topics(), offsets)
             .map_err(kafka)?;

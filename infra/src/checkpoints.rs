@@ -1,7 +1,6 @@
 //! Consumer checkpoints, kept in the consumer's own database and written in the same
 //! transaction as the consumer's effects.
 
-use crate::db::Db;
 use sqlx::{Any, AnyConnection};
 
 pub async fn load<'e, E>(executor: E, name: &str) -> Result<i64, sqlx::Error>
@@ -27,11 +26,4 @@ pub async fn save(conn: &mut AnyConnection, name: &str, position: i64) -> Result
     .execute(conn)
     .await
     .map(|_| ())
-}
-
-/// The checkpoints table comes with the database's migrations.
-pub async fn ensure_schema(db: &Db) -> Result<(), sqlx::Error> {
-    db.migrate_base()
-        .await
-        .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
 }

@@ -86,7 +86,8 @@ pub fn sqlite_url(path: &Path) -> String {
 }
 
 impl Db {
-    /// Open (creating when missing: the file, or the PostgreSQL database) `url`.
+    /// Open (creating when missing: the file, or the PostgreSQL database) `url`, with
+    /// its base tables migrated: every part of Orderline can rely on them.
     pub async fn open(url: &str, max_connections: u32) -> Result<Db, sqlx::Error> {
         install_default_drivers();
         let dialect = Dialect::of_url(url)?;
@@ -122,11 +123,15 @@ impl Db {
             })
             .connect(url)
             .await?;
-        Ok(Db {
+        let db = Db {
             pool,
             dialect,
             url: url.to_owned(),
-        })
+        };
+        db.migrate_base()
+            .await
+            .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
+        Ok(db)
     }
 
     /// An SQLite file's database.
@@ -152,7 +157,7 @@ impl Db {
 
     /// Bring the database's own tables up to date (`infra/migrations/<dialect>`,
     /// embedded in the binary; a migration applied once is not applied again).
-    pub async fn migrate_base(&self) -> Result<(), sqlx::migrate::MigrateError> {
+    async fn migrate_base(&self) -> Result<(), sqlx::migrate::MigrateError> {
         static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
         static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
         match self.dialect {

@@ -1,7 +1,6 @@
 //! Events a consumer could not apply, with the error, for an operator to inspect and
 //! retry. The consumer records one and goes on.
 
-use crate::db::Db;
 use crate::{parse_timestamp, timestamp, InfraError};
 use schemas::http::DeadLetterView;
 use schemas::RecordedEvent;
@@ -120,11 +119,4 @@ pub async fn delete(conn: &mut AnyConnection, id: i64) -> Result<(), sqlx::Error
         .execute(conn)
         .await
         .map(|_| ())
-}
-
-/// The dead-letter table comes with the database's migrations.
-pub async fn ensure_schema(db: &Db) -> Result<(), sqlx::Error> {
-    db.migrate_base()
-        .await
-        .map_err(|e| sqlx::Error::Migrate(Box::new(e)))
 }

@@ -131,9 +131,6 @@ impl EventStore {
 
     /// Open the log in `db` (creating its tables when missing) and start its writer.
     pub async fn with_db(db: Db) -> Result<EventStore, InfraError> {
-        db.migrate_base()
-            .await
-            .map_err(|e| InfraError::Corrupt(format!("migrations: {e}")))?;
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
             .fetch_one(&db.pool)
             .await?;

@@ -276,14 +276,12 @@ pub struct OffsetStore {
 }
 
 impl OffsetStore {
-    pub async fn open(db: &Db, consumer: impl Into<String>) -> Result<OffsetStore, sqlx::Error> {
-        db.migrate_base()
-            .await
-            .map_err(|e| sqlx::Error::Migrate(Box::new(e)))?;
-        Ok(OffsetStore {
+    /// The offsets of `consumer`, in `db` (whose migrations made the table).
+    pub fn new(db: &Db, consumer: impl Into<String>) -> OffsetStore {
+        OffsetStore {
             pool: db.pool.clone(),
             consumer: consumer.into(),
-        })
+        }
     }
 
     /// The next offset to read of a partition, if the consumer has been there.

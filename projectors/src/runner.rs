@@ -68,8 +68,6 @@ impl Projections {
             let name = projection.name();
             db.migrate(&projection.create_tables("")).await?;
             db.migrate(projection.create_indexes()).await?;
-            checkpoints::ensure_schema(db).await?;
-            dead_letters::ensure_schema(db).await?;
             let feed = match kafka {
                 None => {
                     let checkpoint = checkpoints::load(&db.pool, name).await?;
@@ -77,7 +75,7 @@ impl Projections {
                     Feed::Log
                 }
                 Some(config) => {
-                    let offsets = OffsetStore::open(db, name).await?;
+                    let offsets = OffsetStore::new(db, name);
                     progress.set_checkpoint(name, offsets.total().await?);
                     let topics: Vec<String> = projection
                         .topics()

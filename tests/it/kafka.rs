@@ -30,7 +30,7 @@ async fn offsets(dir: &tempfile::TempDir, consumer: &str) -> OffsetStore {
     let db = infra::db::Db::open_sqlite(&dir.path().join("consumer.db"), 2)
         .await
         .expect("db");
-    OffsetStore::open(&db, consumer).await.expect("offsets")
+    OffsetStore::new(&db, consumer)
 }
 
 /// Poll until `enough` holds of everything read, or fail after a while.
