@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use infra::http::{ApiError, MAX_BODY_BYTES};
+use schemas::topics::{AggregateType, ProjectionName, Service};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +18,11 @@ use std::time::Duration;
 /// Where each service listens (`http://host:port`).
 #[derive(Debug, Clone)]
 pub struct Upstreams {
-    pub services: Vec<(&'static str, String)>,
+    pub services: Vec<(Service, String)>,
 }
 
 impl Upstreams {
-    fn url(&self, service: &str) -> Option<&str> {
+    fn url(&self, service: Service) -> Option<&str> {
         self.services
             .iter()
             .find(|(s, _)| *s == service)
@@ -49,26 +50,25 @@ pub fn router(upstreams: Upstreams) -> anyhow::Result<Router> {
 }
 
 /// The service that owns what a request names.
-pub fn owner(method: &Method, path: &str) -> Option<&'static str> {
+pub fn owner(method: &Method, path: &str) -> Option<Service> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match segments.as_slice() {
-        ["v1", "inventory", ..] => Some("inventory"),
-        ["v1", "orders", ..] => Some("order"),
-        ["v1", "shipments", _, "dispatch" | "deliver"] if method == Method::POST => Some("order"),
-        ["v1", "shipments", ..] => Some("shipping"),
-        ["v1", "payments", ..] => Some("payment"),
-        ["v1", "streams", aggregate_type, ..] => schemas::topics::owning_service(aggregate_type),
-        ["v1", "projections", name, ..] => match *name {
-            "orders" => Some("order"),
-            "inventory" => Some("inventory"),
-            "payments" => Some("payment"),
-            "shipments" => Some("shipping"),
-            _ => None,
-        },
-        ["v1", "dead-letters", id, ..] => {
-            let service = id.split(':').next()?;
-            crate::SERVICES.iter().copied().find(|s| *s == service)
+        ["v1", "inventory", ..] => Some(Service::Inventory),
+        ["v1", "orders", ..] => Some(Service::Order),
+        ["v1", "shipments", _, "dispatch" | "deliver"] if method == Method::POST => {
+            Some(Service::Order)
         }
+        ["v1", "shipments", ..] => Some(Service::Shipping),
+        ["v1", "payments", ..] => Some(Service::Payment),
+        ["v1", "streams", aggregate_type, ..] => aggregate_type
+            .parse::<AggregateType>()
+            .ok()
+            .map(AggregateType::service),
+        ["v1", "projections", name, ..] => name
+            .parse::<ProjectionName>()
+            .ok()
+            .map(ProjectionName::service),
+        ["v1", "dead-letters", id, ..] => id.split(':').next()?.parse().ok(),
         _ => None,
     }
 }
@@ -82,8 +82,8 @@ const HOP_BY_HOP: [&str; 6] = [
     "content-length",
 ];
 
-fn unavailable(service: &str, error: impl std::fmt::Display) -> ApiError {
-    tracing::warn!(service, error = %error, "upstream unavailable");
+fn unavailable(service: Service, error: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(%service, error = %error, "upstream unavailable");
     let mut problem = ApiError::not_yet_consistent(1);
     problem.status = StatusCode::BAD_GATEWAY;
     problem.kind = "upstream-unavailable";
@@ -146,7 +146,7 @@ fn forwarded(headers: &HeaderMap) -> HeaderMap {
 }
 
 /// GET `path` from every service: (service, status, JSON body).
-async fn gather(gateway: &Gateway, path: &str) -> Vec<(&'static str, Result<Value, String>)> {
+async fn gather(gateway: &Gateway, path: &str) -> Vec<(Service, Result<Value, String>)> {
     let mut out = vec![];
     for (service, base) in &gateway.upstreams.services {
         let answer = async {
@@ -173,7 +173,7 @@ async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
     for (service, answer) in gather(&gateway, "/health").await {
         healthy &= answer.is_ok();
         services.insert(
-            service.into(),
+            service.to_string(),
             match answer {
                 Ok(_) => json!("ok"),
                 Err(error) => json!(error),
@@ -220,9 +220,9 @@ async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
             .await
         {
             Ok(response) => response.text().await.unwrap_or_default(),
-            Err(error) => return unavailable(service, error).into_response(),
+            Err(error) => return unavailable(*service, error).into_response(),
         };
-        merge_exposition(&mut families, service, &text);
+        merge_exposition(&mut families, service.as_str(), &text);
     }
     let mut out = String::new();
     for (_, meta, samples) in families {

@@ -19,24 +19,24 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use command_handlers::app::TokenStyle;
-use command_handlers::saga::SagaRunner;
+use command_handlers::inbox::Inbox;
+use command_handlers::saga::{Dispatch, SagaRunner};
 use command_handlers::Handlers;
+use infra::consume::{drive, Source, Transport};
 use infra::db::Db;
-use infra::kafka::{ensure_topics, KafkaConsumer, OffsetStore, Relay};
+use infra::kafka::{ensure_topics, Relay};
 use infra::metrics::{Gauge, Metrics};
 use infra::progress::Progress;
 use infra::shutdown::{self, Shutdown, Trigger};
 use infra::{Config, EventStore};
-use projectors::projection::ALL;
 use projectors::Projections;
 use query_api::QueryState;
+use schemas::topics::Service;
 use serde_json::json;
 use std::future::Future;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-
-/// The services and the database each one owns.
-pub const SERVICES: [&str; 4] = ["order", "inventory", "payment", "shipping"];
 
 /// The name of each service's relay (its published position is kept under it).
 const RELAY: &str = "kafka";
@@ -61,16 +61,16 @@ struct Watched {
     projections: Projections,
     relay: bool,
     saga: Option<Db>,
-    inbox: Option<(KafkaConsumer, String)>,
-    /// Every consumer-group member of the process: ready once all have joined.
-    members: Vec<KafkaConsumer>,
+    inbox: Option<Arc<dyn Source>>,
+    /// Every source of the process: ready once all have joined their groups.
+    sources: Vec<Arc<dyn Source>>,
 }
 
-/// The log and every service's database, open.
+/// The event store and the databases of the services a process runs, open.
 pub struct Storage {
     pub store: EventStore,
     pub projections: Projections,
-    services: Vec<(&'static str, Db)>,
+    services: Vec<(Service, Db)>,
 }
 
 impl Storage {
@@ -81,27 +81,8 @@ impl Storage {
             std::fs::create_dir_all(&config.data_dir)?;
         }
         let store = EventStore::with_db(Db::open(&config.database_url("events"), 8).await?).await?;
-        let mut services = vec![];
-        for service in SERVICES {
-            services.push((service, Db::open(&config.database_url(service), 8).await?));
-        }
-        let mut databases = vec![];
-        for projection in ALL {
-            databases.push((projection, service_db(&services, projection.service())?));
-        }
-        let projections = Projections::open(
-            store.clone(),
-            Progress::default(),
-            Metrics::default(),
-            &databases,
-            None,
-        )
-        .await?;
-        Ok(Storage {
-            store,
-            projections,
-            services,
-        })
+        let transport = Transport::InProcess(store.clone());
+        Storage::with_services(config, store, Service::ALL, 8, &transport).await
     }
 
     /// The projections of the distributed deployment, for tools (replay, listing):
@@ -111,189 +92,162 @@ impl Storage {
             .kafka
             .clone()
             .ok_or_else(|| anyhow::anyhow!("the distributed deployment needs Kafka brokers"))?;
-        let mut services = vec![];
-        for service in SERVICES {
-            services.push((service, Db::open(&config.database_url(service), 4).await?));
-        }
-        let store = EventStore::with_db(service_db(&services, "order")?).await?;
+        let order = Db::open(&config.database_url(Service::Order.as_str()), 4).await?;
+        let store = EventStore::with_db(order).await?;
+        Storage::with_services(config, store, Service::ALL, 4, &Transport::Kafka(kafka)).await
+    }
+
+    /// The databases of `services` and their projections on `transport`.
+    async fn with_services(
+        config: &Config,
+        store: EventStore,
+        services: &[Service],
+        connections: u32,
+        transport: &Transport,
+    ) -> anyhow::Result<Storage> {
+        let mut opened = vec![];
         let mut databases = vec![];
-        for projection in ALL {
-            databases.push((projection, service_db(&services, projection.service())?));
+        for service in services {
+            let db = Db::open(&config.database_url(service.as_str()), connections).await?;
+            databases.extend(service.projections().map(|p| (p, db.clone())));
+            opened.push((*service, db));
         }
         let projections = Projections::open(
             store.clone(),
             Progress::default(),
             Metrics::default(),
             &databases,
-            Some(&kafka),
+            transport,
         )
         .await?;
         Ok(Storage {
             store,
             projections,
-            services,
+            services: opened,
         })
     }
 
-    /// The database of one service.
-    pub fn db(&self, service: &str) -> anyhow::Result<Db> {
-        service_db(&self.services, service)
+    /// The database of one service, if this storage holds it.
+    pub fn db(&self, service: Service) -> Option<Db> {
+        self.services
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, db)| db.clone())
     }
-}
-
-fn service_db(services: &[(&'static str, Db)], service: &str) -> anyhow::Result<Db> {
-    services
-        .iter()
-        .find(|(s, _)| *s == service)
-        .map(|(_, db)| db.clone())
-        .ok_or_else(|| anyhow::anyhow!("no database for service {service}"))
 }
 
 impl System {
+    /// Every service in one process, on the embedded log: its event table is the
+    /// log every consumer reads, and the saga's commands are function calls.
     pub async fn start(config: Config) -> anyhow::Result<System> {
         let storage = Storage::open(&config).await?;
-        let store = storage.store.clone();
-        let projections = storage.projections.clone();
-        let metrics = projections.metrics.clone();
-        let handlers = Handlers::new(store.clone(), metrics.clone());
-        let queries = QueryState {
-            store: store.clone(),
-            progress: projections.progress.clone(),
-            orders: Some(storage.db("order")?.pool),
-            inventory: Some(storage.db("inventory")?.pool),
-            payments: Some(storage.db("payment")?.pool),
-            shipments: Some(storage.db("shipping")?.pool),
-        };
-        let (trigger, shutdown) = shutdown::channel();
-        let mut tasks = projections.spawn_all(&shutdown);
-        let saga = SagaRunner::new(
-            handlers.clone(),
-            storage.db("order")?,
-            config.payment_timeout,
-        )
-        .await?;
-        tasks.push(tokio::spawn(saga.run(shutdown.clone())));
-        let watched = Watched {
-            projections: projections.clone(),
-            relay: false,
-            saga: Some(storage.db("order")?),
-            inbox: None,
-            members: vec![],
-        };
-        let router = api(
-            command_handlers::routes::router(handlers.clone()),
-            &queries,
-            watched,
-        );
-        Ok(System {
-            config,
-            store,
-            handlers,
-            projections,
-            queries,
-            metrics,
-            router,
-            trigger,
-            shutdown,
-            tasks,
-        })
+        let transport = Transport::InProcess(storage.store.clone());
+        System::assemble(config, storage, transport).await
     }
 
     /// One service of the distributed deployment: its database (PostgreSQL, or an
-    /// SQLite file) and Kafka.
-    pub async fn start_service(config: Config, service: &str) -> anyhow::Result<System> {
-        let Some(service) = SERVICES.iter().copied().find(|s| *s == service) else {
-            anyhow::bail!(
-                "no service named {service:?}; the services are {}",
-                SERVICES.join(", ")
-            );
-        };
+    /// SQLite file) holds its event store, outbox, read models and offsets; Kafka
+    /// carries its events and the saga's commands.
+    pub async fn start_service(config: Config, service: Service) -> anyhow::Result<System> {
         let kafka = config.kafka.clone().ok_or_else(|| {
             anyhow::anyhow!("a service process needs Kafka brokers (--kafka-brokers)")
         })?;
         if config.postgres.is_none() {
             std::fs::create_dir_all(&config.data_dir)?;
         }
-        let db = Db::open(&config.database_url(service), 16).await?;
-        let store = EventStore::with_db(db.clone()).await?;
+        let db = Db::open(&config.database_url(service.as_str()), 16).await?;
+        let store = EventStore::with_db(db).await?;
         let mut topics = kafka.event_topics();
-        topics.extend(SERVICES.iter().map(|s| kafka.commands_topic(s)));
+        topics.extend(
+            Service::ALL
+                .iter()
+                .map(|s| kafka.commands_topic(s.as_str())),
+        );
         ensure_topics(&kafka, &topics).await?;
+        let transport = Transport::Kafka(kafka);
+        let storage = Storage::with_services(&config, store, &[service], 16, &transport).await?;
+        System::assemble(config, storage, transport).await
+    }
 
-        let metrics = Metrics::default();
+    /// The same wiring for both: the services of `storage`, their consumers on
+    /// `transport`, and (on Kafka) each service's relay and command inbox.
+    async fn assemble(
+        config: Config,
+        storage: Storage,
+        transport: Transport,
+    ) -> anyhow::Result<System> {
+        let Storage {
+            store,
+            projections,
+            services,
+        } = storage;
+        let metrics = projections.metrics.clone();
         let mut handlers = Handlers::new(store.clone(), metrics.clone());
-        handlers.tokens = TokenStyle::Stream;
-        let owned: Vec<_> = ALL
-            .into_iter()
-            .filter(|p| p.service() == service)
-            .map(|p| (p, db.clone()))
-            .collect();
-        let projections = Projections::open(
-            store.clone(),
-            Progress::default(),
-            metrics.clone(),
-            &owned,
-            Some(&kafka),
-        )
-        .await?;
-        let serves = |s: &str| (service == s).then(|| db.pool.clone());
+        if transport.kafka().is_some() {
+            handlers.tokens = TokenStyle::Stream;
+        }
+        let db = |service: Service| {
+            services
+                .iter()
+                .find(|(s, _)| *s == service)
+                .map(|(_, db)| db.clone())
+        };
         let queries = QueryState {
             store: store.clone(),
             progress: projections.progress.clone(),
-            orders: serves("order"),
-            inventory: serves("inventory"),
-            payments: serves("payment"),
-            shipments: serves("shipping"),
+            orders: db(Service::Order).map(|db| db.pool),
+            inventory: db(Service::Inventory).map(|db| db.pool),
+            payments: db(Service::Payment).map(|db| db.pool),
+            shipments: db(Service::Shipping).map(|db| db.pool),
         };
-
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = projections.spawn_all(&shutdown);
-        let relay = Relay::new(store.clone(), &kafka, RELAY)?;
-        tasks.push(tokio::spawn(relay.run(shutdown.clone())));
-        let inbox_topic = kafka.commands_topic(service);
-        let inbox = KafkaConsumer::subscribe(
-            &kafka,
-            &format!("{}.commands.{service}", kafka.prefix),
-            std::slice::from_ref(&inbox_topic),
-            OffsetStore::new(&db, "commands"),
-        )?;
-        tasks.push(tokio::spawn(command_handlers::inbox::run(
-            handlers.clone(),
-            inbox.clone(),
-            db.clone(),
-            shutdown.clone(),
-        )));
-        let mut members: Vec<KafkaConsumer> = projections
-            .handles
-            .iter()
-            .filter_map(|h| match &h.feed {
-                projectors::runner::Feed::Kafka { consumer, .. } => Some(consumer.clone()),
-                projectors::runner::Feed::Log => None,
-            })
-            .collect();
-        members.push(inbox.clone());
-        let mut saga_db = None;
-        if service == "order" {
-            let saga = SagaRunner::new(handlers.clone(), db.clone(), config.payment_timeout)
-                .await?
-                .with_kafka(&kafka)
-                .await?;
-            members.extend(saga.kafka_consumer());
-            tasks.push(tokio::spawn(saga.run(shutdown.clone())));
-            saga_db = Some(db.clone());
-        }
-        let commands = match service {
-            "order" => command_handlers::routes::orders_router(handlers.clone()),
-            "inventory" => command_handlers::routes::inventory_router(handlers.clone()),
-            _ => Router::new(),
-        };
-        let watched = Watched {
+        let mut watched = Watched {
             projections: projections.clone(),
-            relay: true,
-            saga: saga_db,
-            inbox: Some((inbox, inbox_topic)),
-            members,
+            relay: false,
+            saga: None,
+            inbox: None,
+            sources: projections
+                .handles
+                .iter()
+                .map(|h| h.source.clone())
+                .collect(),
         };
+        if let Some(order) = db(Service::Order) {
+            let saga = SagaRunner::new(
+                handlers.clone(),
+                order.clone(),
+                config.payment_timeout,
+                Dispatch::over(&transport)?,
+            )?;
+            let source = SagaRunner::source(&transport, &order).await?;
+            watched.sources.push(source.clone());
+            tasks.push(tokio::spawn(drive(source, saga, shutdown.clone())));
+            watched.saga = Some(order);
+        }
+        if let Some(kafka) = transport.kafka() {
+            // A service process publishes its own log and hears the saga's commands.
+            let relay = Relay::new(store.clone(), kafka, RELAY)?;
+            tasks.push(tokio::spawn(relay.run(shutdown.clone())));
+            watched.relay = true;
+            for (service, db) in &services {
+                let source: Arc<dyn Source> = Arc::new(Inbox::source(&transport, *service, db)?);
+                let inbox = Inbox {
+                    handlers: handlers.clone(),
+                    db: db.clone(),
+                };
+                watched.sources.push(source.clone());
+                watched.inbox = Some(source.clone());
+                tasks.push(tokio::spawn(drive(source, inbox, shutdown.clone())));
+            }
+        }
+        let mut commands = Router::new();
+        for (service, _) in &services {
+            commands = commands.merge(command_handlers::routes::service_router(
+                *service,
+                handlers.clone(),
+            ));
+        }
         let router = api(commands, &queries, watched);
         Ok(System {
             config,
@@ -344,7 +298,7 @@ fn api(commands: Router, queries: &QueryState, watched: Watched) -> Router {
 /// 200 once every consumer-group member has joined its group (at once when
 /// embedded); 503 while the process is still starting.
 async fn health(State(watched): State<Watched>) -> impl IntoResponse {
-    if watched.members.iter().all(KafkaConsumer::has_joined) {
+    if watched.sources.iter().all(|source| source.ready()) {
         (StatusCode::OK, Json(json!({ "status": "ok" })))
     } else {
         (
@@ -402,8 +356,8 @@ async fn metrics(State(watched): State<Watched>) -> impl IntoResponse {
             samples: vec![(String::new(), pending)],
         });
     }
-    if let Some((inbox, topic)) = &watched.inbox {
-        if let Ok((_, lag)) = inbox.progress(std::slice::from_ref(topic)).await {
+    if let Some(inbox) = &watched.inbox {
+        if let Ok((_, lag)) = inbox.standing().await {
             gauges.push(Gauge {
                 name: "orderline_command_inbox_lag",
                 help: "Commands on this service's command topic not yet carried out.",

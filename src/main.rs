@@ -4,6 +4,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use infra::Config;
 use orderline::{serve, Storage, System};
+use schemas::topics::{ProjectionName, Service};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,8 +35,9 @@ enum Command {
     /// Rebuild one projection from the log (stop the server first, or use the online
     /// rebuild: POST /v1/projections/{name}/rebuild).
     Replay {
+        /// orders, inventory, payments or shipments.
         #[arg(long)]
-        projection: String,
+        projection: ProjectionName,
         #[command(flatten)]
         data: DataArgs,
     },
@@ -74,7 +76,7 @@ struct KafkaArgs {
     /// Run one service of the distributed deployment (order, inventory, payment,
     /// shipping) instead of every service embedded. Needs --kafka-brokers.
     #[arg(long, env = "ORDERLINE_SERVICE")]
-    service: Option<String>,
+    service: Option<Service>,
     /// Partitions of each topic created at start-up.
     #[arg(long, env = "ORDERLINE_KAFKA_PARTITIONS", default_value_t = 3)]
     kafka_partitions: i32,
@@ -225,7 +227,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             None => run_server(cli.serve).await,
             Some(Command::Serve(args)) => run_server(args).await,
-            Some(Command::Replay { projection, data }) => replay(&projection, data).await,
+            Some(Command::Replay { projection, data }) => replay(projection, data).await,
             Some(Command::Projections { data }) => list_projections(data).await,
             Some(Command::Gateway {
                 listen,
@@ -236,10 +238,10 @@ fn main() -> anyhow::Result<()> {
             }) => {
                 let upstreams = orderline::gateway::Upstreams {
                     services: vec![
-                        ("order", order),
-                        ("inventory", inventory),
-                        ("payment", payment),
-                        ("shipping", shipping),
+                        (Service::Order, order),
+                        (Service::Inventory, inventory),
+                        (Service::Payment, payment),
+                        (Service::Shipping, shipping),
                     ],
                 };
                 run_gateway(listen, upstreams).await
@@ -275,7 +277,7 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     let (system, what) = match &args.kafka.service {
         None => (System::start(config).await?, "every service".to_owned()),
         Some(service) => (
-            System::start_service(config, service).await?,
+            System::start_service(config, *service).await?,
             format!("the {service} service"),
         ),
     };
@@ -326,17 +328,10 @@ async fn stop_signal() {
     }
 }
 
-async fn replay(name: &str, data: DataArgs) -> anyhow::Result<()> {
+async fn replay(name: ProjectionName, data: DataArgs) -> anyhow::Result<()> {
     let projections = storage(data).await?.projections;
     let Some(handle) = projections.get(name).cloned() else {
-        let names: Vec<&str> = projectors::projection::ALL
-            .iter()
-            .map(|p| p.name())
-            .collect();
-        anyhow::bail!(
-            "no projection named {name:?}; the projections are {}",
-            names.join(", ")
-        );
+        anyhow::bail!("the projection {name} is not in this deployment");
     };
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -354,7 +349,7 @@ async fn replay(name: &str, data: DataArgs) -> anyhow::Result<()> {
     bar.finish_with_message(format!("replayed {name}"));
     println!(
         "{name}: rebuilt from {events} events; checkpoint {}",
-        projections.progress.checkpoint(name)
+        projections.progress.checkpoint(name.as_str())
     );
     Ok(())
 }

@@ -1,10 +1,11 @@
 //! Application services: load, decide, append, with bounded retry on version clashes.
 
 use crate::gateway::{Answer, SimulatedGateway};
-use domain::inventory::{InventoryCommand, InventoryItem};
-use domain::order::{Order, OrderCommand};
+use domain::inventory::InventoryItem;
+use domain::order::Order;
 use domain::payment::{Payment, PaymentCommand, PaymentStatus};
-use domain::shipment::{Shipment, ShipmentCommand};
+use domain::saga::Participant;
+use domain::shipment::Shipment;
 use domain::{Aggregate, DomainError, EventName, Sku};
 use infra::event_store::{AppendOutcome, AppendRequest, IdempotencyRecord, NewEvent, StoreError};
 use infra::http::ApiError;
@@ -54,6 +55,8 @@ impl From<CommandError> for ApiError {
             CommandError::Domain(DomainError::Invalid(detail)) => ApiError::invalid(detail),
             CommandError::KeyReused => ApiError::idempotency_key_reused(),
             CommandError::Contention(_) => ApiError::conflict(error.to_string()),
+            CommandError::Store(StoreError::Infra(error)) => ApiError::from(error),
+            CommandError::Store(StoreError::Closed) => ApiError::unavailable(StoreError::Closed),
             CommandError::Store(error) => ApiError::internal(error),
             CommandError::Schema(error) => ApiError::internal(error),
         }
@@ -360,114 +363,23 @@ impl Handlers {
             request_hash: command_id.to_string(),
             response: Value::Null,
         });
-        let order = |id: &Uuid| id.to_string();
-        match command {
-            SagaCommand::ReserveStock {
-                sku,
-                order_id,
-                quantity,
-            } => {
-                self.execute::<InventoryItem>(
-                    sku.as_str(),
-                    &InventoryCommand::Reserve {
-                        order_id: *order_id,
-                        quantity: *quantity,
-                    },
-                    &meta,
-                )
-                .await
+        let order_id = command.order_id.to_string();
+        match command.participant() {
+            Participant::Inventory(sku, command) => {
+                self.execute::<InventoryItem>(sku.as_str(), &command, &meta)
+                    .await
             }
-            SagaCommand::ReleaseStock { sku, order_id } => {
-                self.execute::<InventoryItem>(
-                    sku.as_str(),
-                    &InventoryCommand::Release {
-                        order_id: *order_id,
-                    },
-                    &meta,
-                )
-                .await
-            }
-            SagaCommand::CommitStock { sku, order_id } => {
-                self.execute::<InventoryItem>(
-                    sku.as_str(),
-                    &InventoryCommand::Commit {
-                        order_id: *order_id,
-                    },
-                    &meta,
-                )
-                .await
-            }
-            SagaCommand::RequestPayment {
-                order_id,
-                amount_cents,
-                payment_token,
-            } => {
-                let executed = self
-                    .execute::<Payment>(
-                        &order(order_id),
-                        &PaymentCommand::Request {
-                            amount: *amount_cents,
-                            token: payment_token.clone(),
-                        },
-                        &meta,
-                    )
-                    .await?;
-                self.ask_gateway(command_id, *order_id, &meta).await?;
+            Participant::Payment(command) => {
+                let executed = self.execute::<Payment>(&order_id, &command, &meta).await?;
+                if let PaymentCommand::Request { .. } = command {
+                    self.ask_gateway(command_id, &order_id, &meta).await?;
+                }
                 Ok(executed)
             }
-            SagaCommand::AuthorizePayment { order_id } => {
-                self.execute::<Payment>(&order(order_id), &PaymentCommand::Authorize, &meta)
-                    .await
+            Participant::Shipment(command) => {
+                self.execute::<Shipment>(&order_id, &command, &meta).await
             }
-            SagaCommand::DeclinePayment { order_id, reason } => {
-                self.execute::<Payment>(
-                    &order(order_id),
-                    &PaymentCommand::Decline {
-                        reason: reason.clone(),
-                    },
-                    &meta,
-                )
-                .await
-            }
-            SagaCommand::CapturePayment { order_id } => {
-                self.execute::<Payment>(&order(order_id), &PaymentCommand::Capture, &meta)
-                    .await
-            }
-            SagaCommand::VoidPayment { order_id } => {
-                self.execute::<Payment>(&order(order_id), &PaymentCommand::Void, &meta)
-                    .await
-            }
-            SagaCommand::CreateShipment { order_id } => {
-                self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Create, &meta)
-                    .await
-            }
-            SagaCommand::DispatchShipment { order_id } => {
-                self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Dispatch, &meta)
-                    .await
-            }
-            SagaCommand::DeliverShipment { order_id } => {
-                self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Deliver, &meta)
-                    .await
-            }
-            SagaCommand::CancelShipment { order_id } => {
-                self.execute::<Shipment>(&order(order_id), &ShipmentCommand::Cancel, &meta)
-                    .await
-            }
-            SagaCommand::ConfirmOrder { order_id } => {
-                self.execute::<Order>(&order(order_id), &OrderCommand::Confirm, &meta)
-                    .await
-            }
-            SagaCommand::CancelOrder { order_id, reason } => {
-                self.execute::<Order>(
-                    &order(order_id),
-                    &OrderCommand::Cancel {
-                        reason: *reason,
-                        note: None,
-                    },
-                    &meta,
-                )
-                .await
-            }
+            Participant::Order(command) => self.execute::<Order>(&order_id, &command, &meta).await,
         }
     }
 
@@ -476,11 +388,10 @@ impl Handlers {
     async fn ask_gateway(
         &self,
         command_id: Uuid,
-        order_id: Uuid,
+        id: &str,
         meta: &Meta,
     ) -> Result<(), CommandError> {
-        let id = order_id.to_string();
-        let (payment, _, _) = self.load::<Payment>(&id).await?;
+        let (payment, _, _) = self.load::<Payment>(id).await?;
         let (Some(PaymentStatus::Requested), Some(token)) =
             (payment.status, payment.token.as_ref())
         else {
@@ -501,7 +412,7 @@ impl Handlers {
                 response: Value::Null,
             }),
         };
-        match self.execute::<Payment>(&id, &command, &meta).await {
+        match self.execute::<Payment>(id, &command, &meta).await {
             // Voided meanwhile (the deadline passed): the late answer is dropped.
             Err(CommandError::Domain(DomainError::Conflict(_))) => Ok(()),
             other => other.map(|_| ()),

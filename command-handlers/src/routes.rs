@@ -16,13 +16,26 @@ use infra::event_store::IdempotencyRecord;
 use infra::http::{token_header, ApiError, JsonBody};
 use infra::metrics;
 use schemas::http::{CancelOrderRequest, PlaceOrderRequest, RestockRequest, IDEMPOTENCY_KEY};
+use schemas::topics::Service;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 /// Every command route (embedded: one process serves them all).
 pub fn router(handlers: Handlers) -> Router {
-    orders_router(handlers.clone()).merge(inventory_router(handlers))
+    Service::ALL.iter().fold(Router::new(), |router, service| {
+        router.merge(service_router(*service, handlers.clone()))
+    })
+}
+
+/// The command routes of one service (payment and shipping take commands from the
+/// saga only).
+pub fn service_router(service: Service, handlers: Handlers) -> Router {
+    match service {
+        Service::Order => orders_router(handlers),
+        Service::Inventory => inventory_router(handlers),
+        Service::Payment | Service::Shipping => Router::new(),
+    }
 }
 
 /// The order service's commands: the order stream decides placing, cancelling,

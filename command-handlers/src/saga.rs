@@ -12,17 +12,18 @@ use crate::app::{CommandError, Handlers, Meta};
 use chrono::{DateTime, Utc};
 use domain::saga::{Config, Deadline, Fulfilment, Input, Outcome, Stage};
 use domain::Sku;
+use infra::consume::{Failures, Handler, Idle, Record, Source, Transport};
 use infra::db::Db;
-use infra::kafka::{KafkaConfig, KafkaConsumer, OffsetStore};
-use infra::metrics;
-use infra::shutdown::Shutdown;
-use infra::{checkpoints, dead_letters, parse_timestamp, parse_uuid, timestamp, InfraError};
+use infra::kafka::KafkaConfig;
+use infra::metrics::{self, Metrics};
+use infra::{parse_timestamp, parse_uuid, timestamp, InfraError};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::commands::{CommandMessage, SagaCommand};
-use schemas::topics::AGGREGATE_TYPES;
+use schemas::topics::{AggregateType, AGGREGATE_TYPES};
 use schemas::{AnyEvent, RecordedEvent};
 use sqlx::{AnyConnection, Row};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -33,8 +34,6 @@ pub const NAME: &str = "fulfilment_saga";
 /// Namespace of the saga's command ids.
 const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x6f72_6465_726c_696e_6573_6167_6163_6d64);
 
-const BATCH: i64 = 500;
-
 /// A command waiting in the outbox: row id, command id, command, who caused it.
 type Staged = (i64, Uuid, SagaCommand, Meta);
 
@@ -42,20 +41,11 @@ pub struct SagaRunner {
     handlers: Handlers,
     db: Db,
     config: Config,
-    feed: Feed,
     dispatch: Dispatch,
 }
 
-/// Where the saga hears events from.
-enum Feed {
-    /// The embedded log; the checkpoint is a position.
-    Log,
-    /// The event topics; the checkpoint is the offsets kept in the order database.
-    Kafka(KafkaConsumer),
-}
-
 /// How the saga's commands reach the services that carry them out.
-enum Dispatch {
+pub enum Dispatch {
     /// Called directly (embedded: every service is in this process).
     InProcess,
     /// Produced to the owning service's command topic, keyed by target aggregate.
@@ -65,101 +55,46 @@ enum Dispatch {
     },
 }
 
+impl Dispatch {
+    /// In process, or over the command topics of `transport`'s brokers.
+    pub fn over(transport: &Transport) -> Result<Dispatch, InfraError> {
+        Ok(match transport.kafka() {
+            None => Dispatch::InProcess,
+            Some(config) => Dispatch::Kafka {
+                producer: infra::kafka::producer(config)?,
+                config: config.clone(),
+            },
+        })
+    }
+}
+
 struct Loaded {
     state: Fulfilment,
     correlation_id: Uuid,
 }
 
 impl SagaRunner {
-    pub async fn new(
+    pub fn new(
         handlers: Handlers,
         db: Db,
         payment_timeout: Duration,
+        dispatch: Dispatch,
     ) -> Result<SagaRunner, InfraError> {
         let payment_timeout = chrono::Duration::from_std(payment_timeout)
-            .map_err(|e| InfraError::Corrupt(format!("payment timeout: {e}")))?;
+            .map_err(|e| InfraError::Config(format!("payment timeout: {e}")))?;
         Ok(SagaRunner {
             handlers,
             db,
             config: Config { payment_timeout },
-            feed: Feed::Log,
-            dispatch: Dispatch::InProcess,
+            dispatch,
         })
     }
 
-    /// Hear events from the Kafka topics and send commands over command topics.
-    pub async fn with_kafka(mut self, config: &KafkaConfig) -> Result<SagaRunner, InfraError> {
-        let kafka = |e: rdkafka::error::KafkaError| InfraError::Corrupt(format!("kafka: {e}"));
-        let offsets = OffsetStore::new(&self.db, NAME);
-        let group = format!("{}.saga.{NAME}", config.prefix);
-        let consumer = KafkaConsumer::subscribe(config, &group, &config.event_topics(), offsets)
-            .map_err(kafka)?;
-        self.feed = Feed::Kafka(consumer);
-        self.dispatch = Dispatch::Kafka {
-            producer: infra::kafka::producer(config).map_err(kafka)?,
-            config: config.clone(),
-        };
-        Ok(self)
-    }
-
-    /// The consumer-group member the saga reads Kafka with, if it does.
-    pub fn kafka_consumer(&self) -> Option<KafkaConsumer> {
-        match &self.feed {
-            Feed::Kafka(consumer) => Some(consumer.clone()),
-            Feed::Log => None,
-        }
-    }
-
-    /// Run until shutdown: follow the log, fire deadlines, dispatch commands.
-    pub async fn run(self, mut shutdown: Shutdown) {
-        let mut head = self.handlers.store.subscribe();
-        let mut failures: u32 = 0;
-        while !shutdown.is_set() {
-            head.borrow_and_update();
-            let round = self.round().await;
-            let pause = match round {
-                Ok(true) => {
-                    failures = 0;
-                    continue;
-                }
-                // A Kafka poll has waited already.
-                Ok(false) if matches!(self.feed, Feed::Kafka(_)) => {
-                    failures = 0;
-                    continue;
-                }
-                Ok(false) => {
-                    failures = 0;
-                    self.idle_time().await.unwrap_or(Duration::from_secs(1))
-                }
-                Err(error) => {
-                    failures += 1;
-                    tracing::error!(error = %error, saga = NAME, "saga round failed; retrying");
-                    if let Feed::Kafka(consumer) = &self.feed {
-                        if let Err(error) = consumer.rewind().await {
-                            tracing::error!(error = %error, "cannot rewind to the stored offsets");
-                        }
-                    }
-                    Duration::from_millis(100 * u64::from(failures.min(50)))
-                }
-            };
-            tokio::select! {
-                _ = head.changed() => {}
-                _ = tokio::time::sleep(pause) => {}
-                _ = shutdown.wait() => {}
-            }
-        }
-        if let Feed::Kafka(consumer) = &self.feed {
-            consumer.close();
-        }
-        tracing::info!(saga = NAME, "saga runner stopped");
-    }
-
-    /// One round; true when it did something (so another round follows at once).
-    async fn round(&self) -> Result<bool, InfraError> {
-        let consumed = self.consume().await?;
-        let fired = self.fire_deadlines(Utc::now()).await?;
-        let dispatched = self.dispatch().await?;
-        Ok(consumed || fired || dispatched)
+    /// The saga's source of events on `transport`: every event topic.
+    pub async fn source(transport: &Transport, db: &Db) -> Result<Arc<dyn Source>, InfraError> {
+        transport
+            .events(NAME, &format!("saga.{NAME}"), &AGGREGATE_TYPES, db)
+            .await
     }
 
     /// How long to sleep when idle: until the next deadline, or a while; soon when
@@ -183,71 +118,18 @@ impl SagaRunner {
         })
     }
 
-    /// Fold the next batch of events into the sagas; true when the checkpoint moved.
-    async fn consume(&self) -> Result<bool, InfraError> {
-        match &self.feed {
-            Feed::Log => {
-                let checkpoint = checkpoints::load(&self.db.pool, NAME).await?;
-                let (events, reached) = self
-                    .handlers
-                    .store
-                    .read_after(checkpoint, &AGGREGATE_TYPES, BATCH)
-                    .await?;
-                if reached == checkpoint {
-                    return Ok(false);
-                }
-                let mut tx = self.db.begin_write().await?;
-                let outcomes = self.fold(&mut tx, &events).await?;
-                checkpoints::save(&mut tx, NAME, reached).await?;
-                tx.commit().await?;
-                self.count(&outcomes);
-            }
-            Feed::Kafka(consumer) => {
-                let polled = consumer
-                    .poll_batch(BATCH as usize, Duration::from_millis(200))
-                    .await
-                    .map_err(|e| InfraError::Corrupt(format!("kafka: {e}")))?;
-                if polled.is_empty() {
-                    return Ok(false);
-                }
-                let mut tx = self.db.begin_write().await?;
-                let mut events = Vec::with_capacity(polled.len());
-                for record in &polled {
-                    match record.event() {
-                        Ok(event) => events.push(event),
-                        Err(error) => {
-                            tracing::error!(error = %error, topic = %record.topic, offset = record.offset, "saga cannot read record; dead-lettered");
-                            dead_letters::record_unreadable(
-                                &mut tx,
-                                NAME,
-                                record.offset,
-                                &record.origin(),
-                                &error,
-                            )
-                            .await?;
-                        }
-                    }
-                }
-                let outcomes = self.fold(&mut tx, &events).await?;
-                consumer.offsets.save_batch(&mut tx, &polled).await?;
-                tx.commit().await?;
-                self.count(&outcomes);
-            }
-        }
-        Ok(true)
-    }
-
     /// Run the transitions of `events` in the caller's transaction: new states,
     /// staged commands, deadlines. The outcomes, to count once committed.
     async fn fold(
         &self,
         tx: &mut AnyConnection,
         events: &[RecordedEvent],
+        failures: &mut Failures,
     ) -> Result<Vec<Outcome>, InfraError> {
         let now = Utc::now();
         let mut sagas: HashMap<Uuid, Loaded> = HashMap::new();
         let mut outcomes = vec![];
-        for recorded in events {
+        for (i, recorded) in events.iter().enumerate() {
             if !first_delivery(tx, recorded).await? {
                 // Published again (a relay that restarted): already folded in.
                 continue;
@@ -255,11 +137,7 @@ impl SagaRunner {
             let Some((order_id, input)) = (match route(recorded) {
                 Ok(routed) => routed,
                 Err(error) => {
-                    tracing::error!(error = %error, position = recorded.position, "saga cannot read event; dead-lettered");
-                    dead_letters::record(tx, NAME, recorded, &error).await?;
-                    self.handlers
-                        .metrics
-                        .inc(&metrics::DEAD_LETTERS, &[("consumer", NAME)]);
+                    failures.push(i, error);
                     continue;
                 }
             }) else {
@@ -279,7 +157,7 @@ impl SagaRunner {
                 // Nothing of this order was seen yet (e.g. a restock): not a saga's business.
                 continue;
             }
-            let transition = saga.state.handle(order_id, &input, now, &self.config);
+            let transition = saga.state.handle(&input, now, &self.config);
             let cause = recorded.envelope.event_id;
             let meta = (saga.correlation_id, cause);
             stage_commands(tx, order_id, &transition.commands, meta, |i| {
@@ -317,9 +195,9 @@ impl SagaRunner {
             let Some(mut saga) = load(&mut tx, order_id).await? else {
                 continue;
             };
-            let transition =
-                saga.state
-                    .handle(order_id, &Input::PaymentDeadlinePassed, now, &self.config);
+            let transition = saga
+                .state
+                .handle(&Input::PaymentDeadlinePassed, now, &self.config);
             let cause = Uuid::new_v5(
                 &COMMAND_NAMESPACE,
                 format!("deadline/{order_id}/{due_at}").as_bytes(),
@@ -364,7 +242,7 @@ impl SagaRunner {
         if rows.is_empty() {
             return Ok(false);
         }
-        let mut groups: BTreeMap<(&'static str, String), Vec<Staged>> = BTreeMap::new();
+        let mut groups: BTreeMap<(AggregateType, String), Vec<Staged>> = BTreeMap::new();
         let mut done = vec![];
         for row in &rows {
             let id: i64 = row.try_get("id")?;
@@ -427,7 +305,7 @@ impl SagaRunner {
         if done.is_empty() {
             return Ok(false);
         }
-        let ids = serde_json::to_string(&done).map_err(|e| InfraError::Corrupt(e.to_string()))?;
+        let ids = serde_json::to_string(&done)?;
         let sql = format!(
             "DELETE FROM saga_outbox WHERE id IN ({})",
             self.db.dialect.integer_list("$1")
@@ -437,19 +315,61 @@ impl SagaRunner {
     }
 }
 
+impl Handler for SagaRunner {
+    type Item = RecordedEvent;
+    type Done = Vec<Outcome>;
+
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.handlers.metrics
+    }
+
+    fn decode(&self, record: &Record) -> Result<Option<RecordedEvent>, String> {
+        record.event().map(|event| Some(event.into_owned()))
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut AnyConnection,
+        events: &[RecordedEvent],
+        failures: &mut Failures,
+    ) -> Result<Vec<Outcome>, InfraError> {
+        self.fold(tx, events, failures).await
+    }
+
+    fn after(&self, outcomes: Vec<Outcome>, _checkpoint: i64) {
+        self.count(&outcomes);
+    }
+
+    /// Fire the deadlines that are due and carry out the staged commands.
+    async fn between(&self) -> Result<Idle, InfraError> {
+        let fired = self.fire_deadlines(Utc::now()).await?;
+        let dispatched = self.dispatch().await?;
+        Ok(if fired || dispatched {
+            Idle::Busy
+        } else {
+            Idle::For(self.idle_time().await?)
+        })
+    }
+}
+
 /// Produce staged commands to their services' command topics, keyed by target
 /// aggregate (one target's commands stay in order); the ids the broker acknowledged.
 async fn publish(
     producer: &FutureProducer,
     config: &KafkaConfig,
-    groups: BTreeMap<(&'static str, String), Vec<Staged>>,
+    groups: BTreeMap<(AggregateType, String), Vec<Staged>>,
 ) -> Vec<i64> {
     let mut deliveries = vec![];
     for ((aggregate_type, target), group) in groups {
-        let Some(service) = schemas::topics::owning_service(aggregate_type) else {
-            continue;
-        };
-        let topic = config.commands_topic(service);
+        let topic = config.commands_topic(aggregate_type.service().as_str());
         for (id, command_id, command, meta) in group {
             let message = CommandMessage {
                 command_id,
@@ -548,10 +468,8 @@ async fn load(conn: &mut AnyConnection, order_id: Uuid) -> Result<Option<Loaded>
 }
 
 async fn save(conn: &mut AnyConnection, order_id: Uuid, saga: &Loaded) -> Result<(), InfraError> {
-    let state =
-        serde_json::to_string(&saga.state).map_err(|e| InfraError::Corrupt(e.to_string()))?;
-    let stage =
-        serde_json::to_value(saga.state.stage).map_err(|e| InfraError::Corrupt(e.to_string()))?;
+    let state = serde_json::to_string(&saga.state)?;
+    let stage = serde_json::to_value(saga.state.stage)?;
     sqlx::query(
         "INSERT INTO sagas (order_id, state, stage, correlation_id, updated_at) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, stage = excluded.stage, updated_at = excluded.updated_at",
@@ -574,14 +492,8 @@ async fn stage_commands(
     command_id: impl Fn(usize) -> Uuid,
 ) -> Result<(), InfraError> {
     for (i, command) in commands.iter().enumerate() {
-        let Some(wire) = SagaCommand::from_domain(order_id, command) else {
-            tracing::error!(
-                ?command,
-                "the saga emitted a command it may not send; dropped"
-            );
-            continue;
-        };
-        let text = serde_json::to_string(&wire).map_err(|e| InfraError::Corrupt(e.to_string()))?;
+        let wire = SagaCommand::new(order_id, command.clone());
+        let text = serde_json::to_string(&wire)?;
         sqlx::query(
             "INSERT INTO saga_outbox (command_id, order_id, command, correlation_id, causation_id, created_at)
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (command_id) DO NOTHING",

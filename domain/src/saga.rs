@@ -70,14 +70,79 @@ pub enum Input {
     PaymentDeadlinePassed,
 }
 
-/// A command for a participant; the target aggregate is the order, its payment, its
-/// shipment (all keyed by the order id) or an inventory item (keyed by sku).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the saga asks of the participants, for its order: exactly the commands a
+/// saga sends, so one it may not send cannot be written. This is also their stored
+/// and wire form (with the order id beside it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
 pub enum Command {
+    ReserveStock {
+        sku: Sku,
+        quantity: u64,
+    },
+    ReleaseStock {
+        sku: Sku,
+    },
+    CommitStock {
+        sku: Sku,
+    },
+    RequestPayment {
+        #[serde(rename = "amount_cents")]
+        amount: Money,
+        #[serde(rename = "payment_token")]
+        token: PaymentToken,
+    },
+    CapturePayment,
+    VoidPayment,
+    CreateShipment,
+    DispatchShipment,
+    DeliverShipment,
+    CancelShipment,
+    ConfirmOrder,
+    CancelOrder {
+        reason: CancelReason,
+    },
+}
+
+/// A saga's command as the participant that carries it out reads it: which
+/// aggregate, and its own command. The order, its payment and its shipment are keyed
+/// by the order id; an inventory item by its sku.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Participant {
     Order(OrderCommand),
-    Inventory { sku: Sku, command: InventoryCommand },
+    Inventory(Sku, InventoryCommand),
     Payment(PaymentCommand),
     Shipment(ShipmentCommand),
+}
+
+impl Command {
+    /// The participant's command for the saga of `order_id`.
+    pub fn for_participant(&self, order_id: Uuid) -> Participant {
+        match self.clone() {
+            Command::ReserveStock { sku, quantity } => {
+                Participant::Inventory(sku, InventoryCommand::Reserve { order_id, quantity })
+            }
+            Command::ReleaseStock { sku } => {
+                Participant::Inventory(sku, InventoryCommand::Release { order_id })
+            }
+            Command::CommitStock { sku } => {
+                Participant::Inventory(sku, InventoryCommand::Commit { order_id })
+            }
+            Command::RequestPayment { amount, token } => {
+                Participant::Payment(PaymentCommand::Request { amount, token })
+            }
+            Command::CapturePayment => Participant::Payment(PaymentCommand::Capture),
+            Command::VoidPayment => Participant::Payment(PaymentCommand::Void),
+            Command::CreateShipment => Participant::Shipment(ShipmentCommand::Create),
+            Command::DispatchShipment => Participant::Shipment(ShipmentCommand::Dispatch),
+            Command::DeliverShipment => Participant::Shipment(ShipmentCommand::Deliver),
+            Command::CancelShipment => Participant::Shipment(ShipmentCommand::Cancel),
+            Command::ConfirmOrder => Participant::Order(OrderCommand::Confirm),
+            Command::CancelOrder { reason } => {
+                Participant::Order(OrderCommand::Cancel { reason, note: None })
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,26 +195,19 @@ impl Fulfilment {
     }
 
     /// The pure transition: fold `input` into the state and say what to do.
-    /// `order_id` is this saga's order; `now` is when the input is handled.
-    pub fn handle(
-        &mut self,
-        order_id: Uuid,
-        input: &Input,
-        now: DateTime<Utc>,
-        config: &Config,
-    ) -> Transition {
+    /// `now` is when the input is handled.
+    pub fn handle(&mut self, input: &Input, now: DateTime<Utc>, config: &Config) -> Transition {
         match input {
-            Input::Order(event) => self.on_order(order_id, event),
-            Input::Inventory { sku, event } => self.on_inventory(order_id, sku, event, now, config),
+            Input::Order(event) => self.on_order(event),
+            Input::Inventory { sku, event } => self.on_inventory(sku, event, now, config),
             Input::Payment(event) => self.on_payment(event),
             Input::Shipment(event) => self.on_shipment(event),
             Input::PaymentDeadlinePassed => {
                 if self.stage == Stage::AwaitingPayment {
                     Transition {
-                        commands: vec![Command::Order(OrderCommand::Cancel {
+                        commands: vec![Command::CancelOrder {
                             reason: CancelReason::PaymentTimeout,
-                            note: None,
-                        })],
+                        }],
                         deadline: Deadline::Clear,
                         outcome: None,
                     }
@@ -163,7 +221,7 @@ impl Fulfilment {
         }
     }
 
-    fn on_order(&mut self, order_id: Uuid, event: &OrderEvent) -> Transition {
+    fn on_order(&mut self, event: &OrderEvent) -> Transition {
         match event {
             OrderEvent::OrderPlaced {
                 lines,
@@ -183,12 +241,9 @@ impl Fulfilment {
                 Transition::commands(
                     self.items
                         .iter()
-                        .map(|(sku, quantity)| Command::Inventory {
+                        .map(|(sku, quantity)| Command::ReserveStock {
                             sku: sku.clone(),
-                            command: InventoryCommand::Reserve {
-                                order_id,
-                                quantity: *quantity,
-                            },
+                            quantity: *quantity,
                         })
                         .collect(),
                 )
@@ -212,13 +267,10 @@ impl Fulfilment {
                 let mut commands: Vec<Command> = self
                     .reserved
                     .iter()
-                    .map(|sku| Command::Inventory {
-                        sku: sku.clone(),
-                        command: InventoryCommand::Commit { order_id },
-                    })
+                    .map(|sku| Command::CommitStock { sku: sku.clone() })
                     .collect();
-                commands.push(Command::Payment(PaymentCommand::Capture));
-                commands.push(Command::Shipment(ShipmentCommand::Dispatch));
+                commands.push(Command::CapturePayment);
+                commands.push(Command::DispatchShipment);
                 Transition::commands(commands)
             }
             OrderEvent::OrderDelivered {} => {
@@ -227,7 +279,7 @@ impl Fulfilment {
                 }
                 self.stage = Stage::Delivered;
                 Transition {
-                    commands: vec![Command::Shipment(ShipmentCommand::Deliver)],
+                    commands: vec![Command::DeliverShipment],
                     deadline: Deadline::Keep,
                     outcome: Some(Outcome::Delivered),
                 }
@@ -238,19 +290,15 @@ impl Fulfilment {
                 }
                 self.stage = Stage::Cancelled;
                 self.cancel_reason = Some(*reason);
-                let mut commands: Vec<Command> = self
-                    .reserved
-                    .iter()
-                    .map(|sku| release(order_id, sku))
-                    .collect();
+                let mut commands: Vec<Command> = self.reserved.iter().map(release).collect();
                 if matches!(
                     self.payment,
                     PaymentProgress::Requested | PaymentProgress::Authorized
                 ) {
-                    commands.push(Command::Payment(PaymentCommand::Void));
+                    commands.push(Command::VoidPayment);
                 }
                 if self.shipment_created {
-                    commands.push(Command::Shipment(ShipmentCommand::Cancel));
+                    commands.push(Command::CancelShipment);
                 }
                 Transition {
                     commands,
@@ -263,7 +311,6 @@ impl Fulfilment {
 
     fn on_inventory(
         &mut self,
-        order_id: Uuid,
         sku: &Sku,
         event: &InventoryEvent,
         now: DateTime<Utc>,
@@ -277,7 +324,7 @@ impl Fulfilment {
                 if self.stage == Stage::Cancelled {
                     // A reservation that arrives after the order was cancelled is undone.
                     self.reserved.remove(sku);
-                    return Transition::commands(vec![release(order_id, sku)]);
+                    return Transition::commands(vec![release(sku)]);
                 }
                 self.after_reservation_answer(now, config)
             }
@@ -305,10 +352,9 @@ impl Fulfilment {
         }
         if !self.rejected.is_empty() {
             // The stock already held is released when the cancellation is recorded.
-            return Transition::commands(vec![Command::Order(OrderCommand::Cancel {
+            return Transition::commands(vec![Command::CancelOrder {
                 reason: CancelReason::OutOfStock,
-                note: None,
-            })]);
+            }]);
         }
         let Some(token) = self.payment_token.clone() else {
             return Transition::none();
@@ -318,10 +364,10 @@ impl Fulfilment {
         let due = now + config.payment_timeout;
         self.payment_deadline = Some(due);
         Transition {
-            commands: vec![Command::Payment(PaymentCommand::Request {
+            commands: vec![Command::RequestPayment {
                 amount: self.amount,
                 token,
-            })],
+            }],
             deadline: Deadline::Set(due),
             outcome: None,
         }
@@ -332,7 +378,7 @@ impl Fulfilment {
             PaymentEvent::PaymentAuthorized { .. } => {
                 if self.stage == Stage::Cancelled {
                     self.payment = PaymentProgress::Authorized;
-                    return Transition::commands(vec![Command::Payment(PaymentCommand::Void)]);
+                    return Transition::commands(vec![Command::VoidPayment]);
                 }
                 if self.stage != Stage::AwaitingPayment {
                     return Transition::none();
@@ -341,7 +387,7 @@ impl Fulfilment {
                 self.stage = Stage::AwaitingShipment;
                 self.payment_deadline = None;
                 Transition {
-                    commands: vec![Command::Shipment(ShipmentCommand::Create)],
+                    commands: vec![Command::CreateShipment],
                     deadline: Deadline::Clear,
                     outcome: None,
                 }
@@ -353,10 +399,9 @@ impl Fulfilment {
                 }
                 self.payment_deadline = None;
                 Transition {
-                    commands: vec![Command::Order(OrderCommand::Cancel {
+                    commands: vec![Command::CancelOrder {
                         reason: CancelReason::PaymentDeclined,
-                        note: None,
-                    })],
+                    }],
                     deadline: Deadline::Clear,
                     outcome: None,
                 }
@@ -378,13 +423,13 @@ impl Fulfilment {
             ShipmentEvent::ShipmentCreated {} => {
                 self.shipment_created = true;
                 if self.stage == Stage::Cancelled {
-                    return Transition::commands(vec![Command::Shipment(ShipmentCommand::Cancel)]);
+                    return Transition::commands(vec![Command::CancelShipment]);
                 }
                 if self.stage != Stage::AwaitingShipment {
                     return Transition::none();
                 }
                 self.stage = Stage::AwaitingConfirmation;
-                Transition::commands(vec![Command::Order(OrderCommand::Confirm)])
+                Transition::commands(vec![Command::ConfirmOrder])
             }
             ShipmentEvent::ShipmentCancelled {} => {
                 self.shipment_created = false;
@@ -397,11 +442,8 @@ impl Fulfilment {
     }
 }
 
-fn release(order_id: Uuid, sku: &Sku) -> Command {
-    Command::Inventory {
-        sku: sku.clone(),
-        command: InventoryCommand::Release { order_id },
-    }
+fn release(sku: &Sku) -> Command {
+    Command::ReleaseStock { sku: sku.clone() }
 }
 
 #[cfg(test)]
@@ -475,20 +517,20 @@ mod tests {
     }
 
     fn release_cmd(s: &str) -> Command {
-        release(ORDER, &sku(s))
+        release(&sku(s))
     }
 
     /// given(inputs).when(input) -> the transition of the last input.
     fn given(inputs: Vec<Input>) -> Fulfilment {
         let mut saga = Fulfilment::default();
         for input in &inputs {
-            saga.handle(ORDER, input, now(), &config());
+            saga.handle(input, now(), &config());
         }
         saga
     }
 
     fn when(saga: &mut Fulfilment, input: Input) -> Transition {
-        saga.handle(ORDER, &input, now(), &config())
+        saga.handle(&input, now(), &config())
     }
 
     fn reserved_both() -> Vec<Input> {
@@ -510,19 +552,13 @@ mod tests {
         assert_eq!(
             t.commands,
             vec![
-                Command::Inventory {
+                Command::ReserveStock {
                     sku: sku("A"),
-                    command: InventoryCommand::Reserve {
-                        order_id: ORDER,
-                        quantity: 3
-                    }
+                    quantity: 3
                 },
-                Command::Inventory {
+                Command::ReserveStock {
                     sku: sku("B"),
-                    command: InventoryCommand::Reserve {
-                        order_id: ORDER,
-                        quantity: 1
-                    }
+                    quantity: 1
                 },
             ]
         );
@@ -535,10 +571,10 @@ mod tests {
         let t = when(&mut saga, reserved("B", 1));
         assert_eq!(
             t.commands,
-            vec![Command::Payment(PaymentCommand::Request {
+            vec![Command::RequestPayment {
                 amount: Money::from_cents(400),
                 token: PaymentToken::parse("tok_ok").expect("valid")
-            })]
+            }]
         );
         assert_eq!(t.deadline, Deadline::Set(now() + Duration::seconds(30)));
         assert_eq!(saga.stage, Stage::AwaitingPayment);
@@ -550,10 +586,9 @@ mod tests {
         let t = when(&mut saga, rejected("B"));
         assert_eq!(
             t.commands,
-            vec![Command::Order(OrderCommand::Cancel {
-                reason: CancelReason::OutOfStock,
-                note: None
-            })]
+            vec![Command::CancelOrder {
+                reason: CancelReason::OutOfStock
+            }]
         );
         // The cancellation releases what was held: nothing stays reserved.
         let t = when(&mut saga, cancelled(CancelReason::OutOfStock));
@@ -568,7 +603,7 @@ mod tests {
     fn an_authorised_payment_creates_the_shipment_and_clears_the_deadline() {
         let mut saga = given(reserved_both());
         let t = when(&mut saga, authorized());
-        assert_eq!(t.commands, vec![Command::Shipment(ShipmentCommand::Create)]);
+        assert_eq!(t.commands, vec![Command::CreateShipment]);
         assert_eq!(t.deadline, Deadline::Clear);
     }
 
@@ -583,7 +618,7 @@ mod tests {
             &mut saga,
             Input::Shipment(ShipmentEvent::ShipmentCreated {}),
         );
-        assert_eq!(t.commands, vec![Command::Order(OrderCommand::Confirm)]);
+        assert_eq!(t.commands, vec![Command::ConfirmOrder]);
         let t = when(&mut saga, Input::Order(OrderEvent::OrderConfirmed {}));
         assert_eq!(t.outcome, Some(Outcome::Confirmed));
         assert_eq!(saga.stage, Stage::Confirmed);
@@ -600,10 +635,9 @@ mod tests {
         );
         assert_eq!(
             t.commands,
-            vec![Command::Order(OrderCommand::Cancel {
-                reason: CancelReason::PaymentDeclined,
-                note: None
-            })]
+            vec![Command::CancelOrder {
+                reason: CancelReason::PaymentDeclined
+            }]
         );
         assert_eq!(t.deadline, Deadline::Clear);
         let t = when(&mut saga, cancelled(CancelReason::PaymentDeclined));
@@ -617,19 +651,14 @@ mod tests {
         let t = when(&mut saga, Input::PaymentDeadlinePassed);
         assert_eq!(
             t.commands,
-            vec![Command::Order(OrderCommand::Cancel {
-                reason: CancelReason::PaymentTimeout,
-                note: None
-            })]
+            vec![Command::CancelOrder {
+                reason: CancelReason::PaymentTimeout
+            }]
         );
         let t = when(&mut saga, cancelled(CancelReason::PaymentTimeout));
         assert_eq!(
             t.commands,
-            vec![
-                release_cmd("A"),
-                release_cmd("B"),
-                Command::Payment(PaymentCommand::Void)
-            ]
+            vec![release_cmd("A"), release_cmd("B"), Command::VoidPayment]
         );
     }
 
@@ -653,8 +682,8 @@ mod tests {
             vec![
                 release_cmd("A"),
                 release_cmd("B"),
-                Command::Payment(PaymentCommand::Void),
-                Command::Shipment(ShipmentCommand::Cancel)
+                Command::VoidPayment,
+                Command::CancelShipment
             ]
         );
         assert_eq!(
@@ -670,23 +699,14 @@ mod tests {
         assert_eq!(
             t.commands,
             vec![
-                Command::Inventory {
-                    sku: sku("A"),
-                    command: InventoryCommand::Commit { order_id: ORDER }
-                },
-                Command::Inventory {
-                    sku: sku("B"),
-                    command: InventoryCommand::Commit { order_id: ORDER }
-                },
-                Command::Payment(PaymentCommand::Capture),
-                Command::Shipment(ShipmentCommand::Dispatch),
+                Command::CommitStock { sku: sku("A") },
+                Command::CommitStock { sku: sku("B") },
+                Command::CapturePayment,
+                Command::DispatchShipment,
             ]
         );
         let t = when(&mut saga, Input::Order(OrderEvent::OrderDelivered {}));
-        assert_eq!(
-            t.commands,
-            vec![Command::Shipment(ShipmentCommand::Deliver)]
-        );
+        assert_eq!(t.commands, vec![Command::DeliverShipment]);
         assert_eq!(t.outcome, Some(Outcome::Delivered));
         assert!(saga.is_finished());
     }
@@ -703,7 +723,7 @@ mod tests {
         );
         assert_eq!(
             when(&mut saga, authorized()).commands,
-            vec![Command::Payment(PaymentCommand::Void)]
+            vec![Command::VoidPayment]
         );
         assert_eq!(
             when(
@@ -711,7 +731,7 @@ mod tests {
                 Input::Shipment(ShipmentEvent::ShipmentCreated {})
             )
             .commands,
-            vec![Command::Shipment(ShipmentCommand::Cancel)]
+            vec![Command::CancelShipment]
         );
     }
 
@@ -765,12 +785,12 @@ mod tests {
                     }
                 }
                 for command in &t.commands {
-                    if let Command::Inventory { sku, command: InventoryCommand::Release { .. } } = command {
+                    if let Command::ReleaseStock { sku } = command {
                         held.remove(sku);
                     }
                     if was_cancelled || saga.stage == Stage::Cancelled {
-                        let takes = matches!(command, Command::Payment(PaymentCommand::Capture))
-                            || matches!(command, Command::Inventory { command: InventoryCommand::Commit { .. }, .. });
+                        let takes = matches!(command, Command::CapturePayment)
+                            || matches!(command, Command::CommitStock { .. });
                         prop_assert!(!takes, "a cancelled saga took stock or money: {:?}", command);
                     }
                 }

@@ -252,8 +252,7 @@ impl EventStore {
         if head <= after {
             return Ok((vec![], after));
         }
-        let types = serde_json::to_string(aggregate_types)
-            .map_err(|e| InfraError::Corrupt(e.to_string()))?;
+        let types = serde_json::to_string(aggregate_types)?;
         let sql = format!(
             "SELECT * FROM events WHERE position > $1 AND position <= $2
                AND aggregate_type IN ({}) ORDER BY position LIMIT $4",
@@ -281,8 +280,7 @@ impl EventStore {
         after: i64,
         aggregate_types: &[&str],
     ) -> Result<i64, InfraError> {
-        let types = serde_json::to_string(aggregate_types)
-            .map_err(|e| InfraError::Corrupt(e.to_string()))?;
+        let types = serde_json::to_string(aggregate_types)?;
         let sql = format!(
             "SELECT COUNT(*) FROM events WHERE position > $1 AND aggregate_type IN ({})",
             self.inner.db.dialect.text_list("$2")
@@ -333,7 +331,7 @@ fn stored_response(row: &AnyRow) -> Result<StoredResponse, InfraError> {
     Ok(StoredResponse {
         request_hash: row.try_get("request_hash")?,
         response: serde_json::from_str(&response)
-            .map_err(|e| InfraError::Corrupt(e.to_string()))?,
+            .map_err(|e| InfraError::Corrupt(format!("idempotency record: {e}")))?,
         position: row.try_get("position")?,
     })
 }
@@ -350,7 +348,7 @@ fn recorded(row: &AnyRow) -> Result<RecordedEvent, InfraError> {
             version: row.try_get("version")?,
             event_type: row.try_get("event_type")?,
             schema_version: u32::try_from(schema_version)
-                .map_err(|e| InfraError::Corrupt(e.to_string()))?,
+                .map_err(|e| InfraError::Corrupt(format!("schema version: {e}")))?,
             occurred_at: parse_timestamp(row.try_get("occurred_at")?)?,
             correlation_id: parse_uuid(row.try_get("correlation_id")?)?,
             causation_id: parse_uuid(row.try_get("causation_id")?)?,
@@ -386,13 +384,11 @@ async fn write_loop(
             Err(error) => {
                 tracing::error!(error = %error, "group commit failed; its appends are refused");
                 let _ = sqlx::query("ROLLBACK").execute(&mut conn).await;
-                let message = error.to_string();
+                let error = Arc::new(InfraError::Database(error));
                 for job in group.drain(..) {
                     let _ = job
                         .reply
-                        .send(Err(StoreError::Infra(InfraError::Corrupt(format!(
-                            "commit failed: {message}"
-                        )))));
+                        .send(Err(StoreError::Infra(InfraError::Shared(error.clone()))));
                 }
             }
         }

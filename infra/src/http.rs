@@ -8,6 +8,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use schemas::http::{Problem, CONSISTENCY_TOKEN, CONSISTENCY_WAIT_MS};
+use schemas::topics::{AggregateType, ProjectionName};
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
@@ -104,6 +105,20 @@ impl ApiError {
         error
     }
 
+    /// A dependency (the database, the brokers) is down or busy: log the cause, answer
+    /// 503 with Retry-After without it.
+    pub fn unavailable(cause: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %cause, "dependency unavailable");
+        let mut error = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Service unavailable",
+            "a dependency of the service is unavailable; retry",
+        );
+        error.retry_after = Some(1);
+        error
+    }
+
     /// Log the cause; answer 500 without it.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");
@@ -142,14 +157,19 @@ impl IntoResponse for ApiError {
 }
 
 impl From<crate::InfraError> for ApiError {
+    /// 503 when a dependency is down (the request may succeed later), 500 otherwise.
     fn from(error: crate::InfraError) -> Self {
-        ApiError::internal(error)
+        if error.is_unavailable() {
+            ApiError::unavailable(error)
+        } else {
+            ApiError::internal(error)
+        }
     }
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(error: sqlx::Error) -> Self {
-        ApiError::internal(error)
+        ApiError::from(crate::InfraError::Database(error))
     }
 }
 
@@ -204,7 +224,7 @@ pub enum Token {
     /// Distributed deployment: a version of one stream (`"order:<id>:3"`); only
     /// read models that read that stream's topic have anything to wait for.
     Stream {
-        aggregate_type: String,
+        aggregate_type: AggregateType,
         aggregate_id: String,
         version: i64,
     },
@@ -219,11 +239,12 @@ impl Token {
         let (aggregate_type, rest) = raw.split_once(':')?;
         let (aggregate_id, version) = rest.rsplit_once(':')?;
         let version = version.parse::<i64>().ok().filter(|v| *v >= 0)?;
-        if !schemas::topics::AGGREGATE_TYPES.contains(&aggregate_type) || aggregate_id.is_empty() {
+        let aggregate_type = aggregate_type.parse().ok()?;
+        if aggregate_id.is_empty() {
             return None;
         }
         Some(Token::Stream {
-            aggregate_type: aggregate_type.to_owned(),
+            aggregate_type,
             aggregate_id: aggregate_id.to_owned(),
             version,
         })
@@ -273,7 +294,7 @@ pub fn requested_consistency(headers: &HeaderMap) -> Result<Option<(Token, Durat
 /// in time.
 pub async fn await_consistency(
     progress: &Progress,
-    projection: &str,
+    projection: ProjectionName,
     db: &sqlx::AnyPool,
     headers: &HeaderMap,
 ) -> Result<(), ApiError> {
@@ -281,26 +302,26 @@ pub async fn await_consistency(
         return Ok(());
     };
     let reflected = match token {
-        Token::Position(position) => progress.wait_for(projection, position, wait).await,
+        Token::Position(position) => progress.wait_for(projection.as_str(), position, wait).await,
         Token::Stream {
             aggregate_type,
             aggregate_id,
             version,
         } => {
-            if !schemas::topics::projection_topics(projection).contains(&aggregate_type.as_str()) {
+            if !projection.reads(aggregate_type) {
                 // The write did not touch anything this read model shows.
                 return Ok(());
             }
-            let mut changes = progress.watch(projection);
+            let mut changes = progress.watch(projection.as_str());
             let deadline = tokio::time::Instant::now() + wait;
             let sql = format!(
                 "SELECT version FROM {} WHERE aggregate_type = $1 AND aggregate_id = $2",
-                schemas::topics::applied_table(projection, "")
+                projection.applied_table("")
             );
             loop {
                 changes.borrow_and_update();
                 let applied: Option<i64> = sqlx::query_scalar(&sql)
-                    .bind(&aggregate_type)
+                    .bind(aggregate_type.as_str())
                     .bind(&aggregate_id)
                     .fetch_optional(db)
                     .await?;

@@ -9,8 +9,11 @@
 //!   republishes (consumers skip duplicates by version) and never loses.
 //! - [`KafkaConsumer`]: a consumer-group member whose offsets live in the consumer's
 //!   own database, written with its effects; on every assignment it seeks to them.
-//!   Offsets are never committed to Kafka.
+//!   Offsets are never committed to Kafka. It is a [`Source`] for the consumers of
+//!   [`crate::consume`].
+//! - [`TopicReader`]: reads topics from the beginning outside any group, for rebuilds.
 
+use crate::consume::{Backoff, Batch, End, Record, Replay, Source};
 use crate::db::Db;
 use crate::shutdown::Shutdown;
 use crate::{EventStore, InfraError};
@@ -23,9 +26,10 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use schemas::topics::{events_topic, AGGREGATE_TYPES};
+use schemas::topics::AGGREGATE_TYPES;
 use schemas::RecordedEvent;
 use sqlx::{AnyConnection, AnyPool};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,7 +63,7 @@ impl KafkaConfig {
 
     /// The event topic of an aggregate type.
     pub fn events_topic(&self, aggregate_type: &str) -> String {
-        events_topic(aggregate_type).replacen("orderline", &self.prefix, 1)
+        format!("{}.{aggregate_type}.events", self.prefix)
     }
 
     /// The command topic of a service: `<prefix>.<service>.commands`.
@@ -82,30 +86,8 @@ impl KafkaConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum KafkaAdapterError {
-    #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
-    #[error(transparent)]
-    Infra(#[from] InfraError),
-    #[error("cannot create topic {topic}: {code}")]
-    Topic {
-        topic: String,
-        code: RDKafkaErrorCode,
-    },
-}
-
-impl From<sqlx::Error> for KafkaAdapterError {
-    fn from(error: sqlx::Error) -> Self {
-        KafkaAdapterError::Infra(InfraError::Database(error))
-    }
-}
-
 /// Create the topics that are missing.
-pub async fn ensure_topics(
-    config: &KafkaConfig,
-    topics: &[String],
-) -> Result<(), KafkaAdapterError> {
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[String]) -> Result<(), InfraError> {
     let admin: AdminClient<DefaultClientContext> = config.client().create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
@@ -123,7 +105,7 @@ pub async fn ensure_topics(
     for result in admin.create_topics(new.iter(), &options).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => return Err(KafkaAdapterError::Topic { topic, code }),
+            Err((topic, code)) => return Err(InfraError::Topic { topic, code }),
         }
     }
     Ok(())
@@ -157,7 +139,7 @@ pub fn record_of(
     event: &RecordedEvent,
 ) -> Result<(String, String, Vec<u8>, OwnedHeaders), InfraError> {
     let envelope = &event.envelope;
-    let payload = serde_json::to_vec(event).map_err(|e| InfraError::Corrupt(e.to_string()))?;
+    let payload = serde_json::to_vec(event)?;
     let values = [
         envelope.event_id.to_string(),
         envelope.event_type.clone(),
@@ -206,7 +188,7 @@ impl Relay {
     }
 
     /// Publish the next batch; true when the published position moved.
-    pub async fn publish_batch(&self) -> Result<bool, KafkaAdapterError> {
+    pub async fn publish_batch(&self) -> Result<bool, InfraError> {
         let published = self.store.relay_position(&self.name).await?;
         let (events, reached) = self
             .store
@@ -244,19 +226,21 @@ impl Relay {
     /// publish again from the last acknowledged position.
     pub async fn run(self, mut shutdown: Shutdown) {
         let mut head = self.store.subscribe();
-        let mut failures: u32 = 0;
+        let mut backoff = Backoff::default();
         while !shutdown.is_set() {
             head.borrow_and_update();
             let pause = match self.publish_batch().await {
                 Ok(true) => {
-                    failures = 0;
+                    backoff.reset();
                     continue;
                 }
-                Ok(false) => Duration::from_secs(60),
+                Ok(false) => {
+                    backoff.reset();
+                    Duration::from_secs(60)
+                }
                 Err(error) => {
-                    failures += 1;
-                    tracing::warn!(error = %error, relay = %self.name, "publishing failed; retrying");
-                    Duration::from_millis(100 * u64::from(failures.min(50)))
+                    tracing::warn!(error = %error, kind = error.kind(), relay = %self.name, "publishing failed; retrying");
+                    backoff.fail()
                 }
             };
             tokio::select! {
@@ -306,25 +290,6 @@ impl OffsetStore {
             .await
     }
 
-    /// Record, in the caller's transaction, the highest offset read of each partition.
-    pub async fn save_batch(
-        &self,
-        conn: &mut AnyConnection,
-        polled: &[Polled],
-    ) -> Result<(), sqlx::Error> {
-        let mut last: std::collections::BTreeMap<(&str, i32), i64> = Default::default();
-        for record in polled {
-            let entry = last
-                .entry((record.topic.as_str(), record.partition))
-                .or_insert(record.offset);
-            *entry = (*entry).max(record.offset);
-        }
-        for ((topic, partition), offset) in last {
-            self.save(conn, topic, partition, offset).await?;
-        }
-        Ok(())
-    }
-
     /// Record, inside the caller's transaction, that `offset` of a partition is done.
     pub async fn save(
         &self,
@@ -333,18 +298,29 @@ impl OffsetStore {
         partition: i32,
         offset: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO kafka_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
-        )
-        .bind(&self.consumer)
-        .bind(topic)
-        .bind(i64::from(partition))
-        .bind(offset + 1)
-        .execute(conn)
-        .await
-        .map(|_| ())
+        save_next_offset(conn, &self.consumer, topic, partition, offset + 1).await
     }
+}
+
+/// Record, inside the caller's transaction, the next offset `consumer` reads of a partition.
+async fn save_next_offset(
+    conn: &mut AnyConnection,
+    consumer: &str,
+    topic: &str,
+    partition: i32,
+    next: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO kafka_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+    )
+    .bind(consumer)
+    .bind(topic)
+    .bind(i64::from(partition))
+    .bind(next)
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
 /// Seeks every assigned partition to the offset in the consumer's database.
@@ -416,6 +392,28 @@ pub struct Polled {
 }
 
 impl Polled {
+    fn of<M: Message>(message: &M) -> Polled {
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .filter_map(|h| {
+                        let value = std::str::from_utf8(h.value?).ok()?;
+                        Some((h.key.to_owned(), value.to_owned()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Polled {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
     /// The record read as an event, or why it is not one.
     pub fn event(&self) -> Result<RecordedEvent, String> {
         self.read()
@@ -436,11 +434,15 @@ impl Polled {
     }
 }
 
+/// How long a poll waits for the first record of a batch.
+const POLL_WAIT: Duration = Duration::from_millis(200);
+
 /// A consumer-group member that never commits offsets to Kafka.
 #[derive(Clone)]
 pub struct KafkaConsumer {
     consumer: Arc<BaseConsumer<SeekToStored>>,
     topics: Vec<String>,
+    config: KafkaConfig,
     joined: Arc<std::sync::atomic::AtomicBool>,
     pub offsets: OffsetStore,
 }
@@ -458,9 +460,9 @@ impl KafkaConsumer {
         Ok(consumer)
     }
 
-    /// Join `group` on `topics`. Call from within the runtime.
     /// A would-be member of `group` on `topics` that has not joined yet (so a tool
-    /// that only needs its offsets does not make the group rebalance).
+    /// that only needs its offsets does not make the group rebalance). Call from
+    /// within the runtime.
     pub fn member(
         config: &KafkaConfig,
         group: &str,
@@ -489,6 +491,7 @@ impl KafkaConsumer {
         Ok(KafkaConsumer {
             consumer: Arc::new(consumer),
             topics: topics.to_vec(),
+            config: config.clone(),
             joined,
             offsets,
         })
@@ -507,17 +510,13 @@ impl KafkaConsumer {
 
     /// Up to `max` records, waiting at most `wait` for the first. Transient errors the
     /// client retries by itself end the batch early and are logged.
-    pub async fn poll_batch(
-        &self,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<Polled>, KafkaAdapterError> {
+    pub async fn poll_batch(&self, max: usize, wait: Duration) -> Result<Vec<Polled>, InfraError> {
         poll_batch(self.consumer.clone(), max, wait).await
     }
 
     /// Seek every assigned partition back to the offset stored in the database:
     /// after a batch failed to commit, its records are read again.
-    pub async fn rewind(&self) -> Result<(), KafkaAdapterError> {
+    pub async fn rewind(&self) -> Result<(), InfraError> {
         let assigned: Vec<(String, i32)> = self
             .consumer
             .assignment()?
@@ -541,36 +540,16 @@ impl KafkaConsumer {
             }
             Ok::<_, KafkaError>(())
         })
-        .await
-        .map_err(|e| KafkaAdapterError::Infra(InfraError::Corrupt(format!("seek task: {e}"))))??;
+        .await??;
         Ok(())
     }
 
     /// (sum of stored next offsets, records not yet consumed) over every partition
     /// of `topics`, whichever member of the group holds it.
-    pub async fn progress(&self, topics: &[String]) -> Result<(i64, i64), KafkaAdapterError> {
-        let consumer = self.consumer.clone();
-        let topics = topics.to_vec();
-        let watermarks = tokio::task::spawn_blocking(move || {
-            let mut out = vec![];
-            for topic in topics {
-                let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-                for t in metadata.topics() {
-                    for p in t.partitions() {
-                        let (_, high) =
-                            consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
-                        out.push((topic.clone(), p.id(), high));
-                    }
-                }
-            }
-            Ok::<_, KafkaError>(out)
-        })
-        .await
-        .map_err(|e| {
-            KafkaAdapterError::Infra(InfraError::Corrupt(format!("watermark task: {e}")))
-        })??;
+    pub async fn progress(&self, topics: &[String]) -> Result<(i64, i64), InfraError> {
+        let marks = watermarks(self.consumer.clone(), topics.to_vec()).await?;
         let (mut done, mut lag) = (0, 0);
-        for (topic, partition, high) in watermarks {
+        for ((topic, partition), (_, high)) in marks {
             let next = self
                 .offsets
                 .next_offset(&topic, partition)
@@ -588,13 +567,99 @@ impl KafkaConsumer {
     }
 }
 
+/// The polled records among the first `done` of a batch.
+fn polled(batch: &Batch, done: usize) -> Vec<&Polled> {
+    batch.records[..done.min(batch.records.len())]
+        .iter()
+        .filter_map(|record| match record {
+            Record::Kafka(polled) => Some(polled),
+            Record::Event(_) => None,
+        })
+        .collect()
+}
+
+/// The highest offset of each partition among `records`.
+fn last_offsets<'a>(
+    records: impl IntoIterator<Item = &'a Polled>,
+) -> BTreeMap<(&'a str, i32), i64> {
+    let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for record in records {
+        let entry = last
+            .entry((record.topic.as_str(), record.partition))
+            .or_insert(record.offset);
+        *entry = (*entry).max(record.offset);
+    }
+    last
+}
+
+#[async_trait::async_trait]
+impl Source for KafkaConsumer {
+    async fn join(&self) -> Result<(), InfraError> {
+        Ok(KafkaConsumer::join(self)?)
+    }
+
+    fn ready(&self) -> bool {
+        self.has_joined()
+    }
+
+    async fn next_batch(&self, max: usize) -> Result<Batch, InfraError> {
+        let polled = self.poll_batch(max, POLL_WAIT).await?;
+        Ok(Batch {
+            records: polled.into_iter().map(Record::Kafka).collect(),
+            reached: None,
+        })
+    }
+
+    async fn store(
+        &self,
+        conn: &mut AnyConnection,
+        batch: &Batch,
+        done: usize,
+    ) -> Result<(), InfraError> {
+        for ((topic, partition), offset) in last_offsets(polled(batch, done)) {
+            self.offsets.save(conn, topic, partition, offset).await?;
+        }
+        Ok(())
+    }
+
+    async fn committed(&self, _batch: &Batch, _done: usize) -> Result<i64, InfraError> {
+        Ok(self.offsets.total().await?)
+    }
+
+    async fn rewind(&self) -> Result<(), InfraError> {
+        KafkaConsumer::rewind(self).await
+    }
+
+    async fn idle(&self, _pause: Duration, _shutdown: &mut Shutdown) {
+        // The poll has waited for records already.
+    }
+
+    async fn checkpoint(&self) -> Result<i64, InfraError> {
+        Ok(self.offsets.total().await?)
+    }
+
+    async fn standing(&self) -> Result<(i64, i64), InfraError> {
+        self.progress(&self.topics).await
+    }
+
+    async fn replay(&self) -> Result<Box<dyn Replay>, InfraError> {
+        Ok(Box::new(
+            TopicReader::from_beginning(&self.config, &self.topics).await?,
+        ))
+    }
+
+    fn close(&self) {
+        KafkaConsumer::close(self);
+    }
+}
+
 /// Up to `max` records from `consumer`, waiting at most `wait` for the first.
 async fn poll_batch<C: ConsumerContext + 'static>(
     consumer: Arc<BaseConsumer<C>>,
     max: usize,
     wait: Duration,
-) -> Result<Vec<Polled>, KafkaAdapterError> {
-    tokio::task::spawn_blocking(move || {
+) -> Result<Vec<Polled>, InfraError> {
+    let polled = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
         let mut timeout = wait;
         while out.len() < max {
@@ -606,42 +671,26 @@ async fn poll_batch<C: ConsumerContext + 'static>(
                     break;
                 }
                 Some(Ok(message)) => {
-                    let headers = message
-                        .headers()
-                        .map(|headers| {
-                            headers
-                                .iter()
-                                .filter_map(|h| {
-                                    let value = std::str::from_utf8(h.value?).ok()?;
-                                    Some((h.key.to_owned(), value.to_owned()))
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    out.push(Polled {
-                        topic: message.topic().to_owned(),
-                        partition: message.partition(),
-                        offset: message.offset(),
-                        payload: message.payload().map(<[u8]>::to_vec),
-                        headers,
-                    });
+                    out.push(Polled::of(&message));
                     timeout = Duration::ZERO;
                 }
             }
         }
-        Ok::<_, KafkaAdapterError>(out)
+        out
     })
-    .await
-    .map_err(|e| KafkaAdapterError::Infra(InfraError::Corrupt(format!("poll task: {e}"))))?
+    .await?;
+    Ok(polled)
 }
+
+type Watermarks = BTreeMap<(String, i32), (i64, i64)>;
 
 /// The (topic, partition) -> (low, high) watermarks of every partition of `topics`.
 async fn watermarks<C: ConsumerContext + 'static>(
     consumer: Arc<BaseConsumer<C>>,
     topics: Vec<String>,
-) -> Result<std::collections::BTreeMap<(String, i32), (i64, i64)>, KafkaAdapterError> {
-    tokio::task::spawn_blocking(move || {
-        let mut out = std::collections::BTreeMap::new();
+) -> Result<Watermarks, InfraError> {
+    let marks = tokio::task::spawn_blocking(move || {
+        let mut out = BTreeMap::new();
         for topic in topics {
             let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
             for t in metadata.topics() {
@@ -654,23 +703,25 @@ async fn watermarks<C: ConsumerContext + 'static>(
         }
         Ok::<_, KafkaError>(out)
     })
-    .await
-    .map_err(|e| KafkaAdapterError::Infra(InfraError::Corrupt(format!("watermark task: {e}"))))?
-    .map_err(KafkaAdapterError::from)
+    .await??;
+    Ok(marks)
 }
 
 /// Reads topics from their beginning outside any consumer group, for replays: it
-/// commits nothing and moves no group's offsets.
+/// commits nothing and moves no group's offsets; where it stands is kept in memory
+/// until a rebuild stores it with [`Replay::save_as`].
 pub struct TopicReader {
     consumer: Arc<BaseConsumer>,
     topics: Vec<String>,
+    /// The next offset of every partition read so far.
+    next: std::sync::Mutex<BTreeMap<(String, i32), i64>>,
 }
 
 impl TopicReader {
     pub async fn from_beginning(
         config: &KafkaConfig,
         topics: &[String],
-    ) -> Result<TopicReader, KafkaAdapterError> {
+    ) -> Result<TopicReader, InfraError> {
         let consumer: BaseConsumer = config
             .client()
             .set(
@@ -692,21 +743,114 @@ impl TopicReader {
         Ok(TopicReader {
             consumer,
             topics: topics.to_vec(),
+            next: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
     /// (low, high) watermarks of every partition now.
-    pub async fn watermarks(
-        &self,
-    ) -> Result<std::collections::BTreeMap<(String, i32), (i64, i64)>, KafkaAdapterError> {
+    pub async fn watermarks(&self) -> Result<Watermarks, InfraError> {
         watermarks(self.consumer.clone(), self.topics.clone()).await
     }
 
-    pub async fn poll_batch(
-        &self,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<Polled>, KafkaAdapterError> {
+    pub async fn poll_batch(&self, max: usize, wait: Duration) -> Result<Vec<Polled>, InfraError> {
         poll_batch(self.consumer.clone(), max, wait).await
+    }
+
+    fn next(&self) -> BTreeMap<(String, i32), i64> {
+        self.next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for TopicReader {
+    async fn next_batch(&self, max: usize) -> Result<Batch, InfraError> {
+        let polled = self.poll_batch(max, POLL_WAIT).await?;
+        Ok(Batch {
+            records: polled.into_iter().map(Record::Kafka).collect(),
+            reached: None,
+        })
+    }
+
+    async fn store(
+        &self,
+        _conn: &mut AnyConnection,
+        _batch: &Batch,
+        _done: usize,
+    ) -> Result<(), InfraError> {
+        Ok(())
+    }
+
+    async fn committed(&self, batch: &Batch, done: usize) -> Result<i64, InfraError> {
+        let mut next = self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for ((topic, partition), offset) in last_offsets(polled(batch, done)) {
+            next.insert((topic.to_owned(), partition), offset + 1);
+        }
+        Ok(next.values().sum())
+    }
+
+    async fn rewind(&self) -> Result<(), InfraError> {
+        Ok(())
+    }
+
+    async fn idle(&self, _pause: Duration, _shutdown: &mut Shutdown) {}
+
+    async fn checkpoint(&self) -> Result<i64, InfraError> {
+        Ok(self.next().values().sum())
+    }
+
+    async fn standing(&self) -> Result<(i64, i64), InfraError> {
+        let next = self.next();
+        let (mut done, mut lag) = (0, 0);
+        for (key, (low, high)) in self.watermarks().await? {
+            let at = next.get(&key).copied().unwrap_or(low);
+            done += at;
+            lag += (high - at).max(0);
+        }
+        Ok((done, lag))
+    }
+
+    async fn replay(&self) -> Result<Box<dyn Replay>, InfraError> {
+        Err(InfraError::Config("a replay reader is not replayed".into()))
+    }
+}
+
+#[async_trait::async_trait]
+impl Replay for TopicReader {
+    async fn end(&self) -> Result<End, InfraError> {
+        let marks = self.watermarks().await?;
+        Ok(End::Offsets(
+            marks
+                .into_iter()
+                .map(|(key, (_, high))| (key, high))
+                .collect(),
+        ))
+    }
+
+    fn reached(&self, end: &End) -> bool {
+        let End::Offsets(high) = end else {
+            return false;
+        };
+        let next = self.next();
+        // A partition never read is caught up when it holds nothing (or only what
+        // retention removed: its low watermark is its high one).
+        high.iter()
+            .all(|(key, high)| next.get(key).map_or(*high <= 0, |at| at >= high))
+    }
+
+    async fn save_as(&self, conn: &mut AnyConnection, consumer: &str) -> Result<(), InfraError> {
+        sqlx::query("DELETE FROM kafka_offsets WHERE consumer = $1")
+            .bind(consumer)
+            .execute(&mut *conn)
+            .await?;
+        for ((topic, partition), next) in self.next() {
+            save_next_offset(conn, consumer, &topic, partition, next).await?;
+        }
+        Ok(())
     }
 }

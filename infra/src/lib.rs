@@ -13,6 +13,7 @@
 
 pub mod checkpoints;
 pub mod config;
+pub mod consume;
 pub mod db;
 pub mod dead_letters;
 pub mod event_store;
@@ -25,15 +26,77 @@ pub mod shutdown;
 pub use config::Config;
 pub use event_store::{AppendOutcome, AppendRequest, EventStore, NewEvent, StoreError};
 
-/// Errors of the storage adapters.
+/// Errors of the adapters, by what happened: a dependency that is down or slow (the
+/// caller may retry; HTTP answers 503), data we stored that no longer reads, a value
+/// we could not encode (a bug), or a setting that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum InfraError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("broker: {0}")]
+    Broker(#[from] rdkafka::error::KafkaError),
+    #[error("cannot create topic {topic}: {code}")]
+    Topic {
+        topic: String,
+        code: rdkafka::error::RDKafkaErrorCode,
+    },
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("cannot encode: {0}")]
+    Encode(#[from] serde_json::Error),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("a worker task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// One failure answered to several callers (the appends of a failed group commit).
+    #[error(transparent)]
+    Shared(std::sync::Arc<InfraError>),
+}
+
+impl InfraError {
+    /// Whether a dependency (database, broker) is down, busy or unreachable: the same
+    /// request may succeed later, so it is answered 503 rather than 500.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            InfraError::Database(error) => {
+                matches!(
+                    error,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                ) || error
+                    .as_database_error()
+                    .is_some_and(|e| e.message().contains("database is locked"))
+            }
+            InfraError::Broker(_) | InfraError::Unavailable(_) | InfraError::Io(_) => true,
+            InfraError::Shared(error) => error.is_unavailable(),
+            InfraError::Topic { .. }
+            | InfraError::Corrupt(_)
+            | InfraError::Encode(_)
+            | InfraError::Config(_)
+            | InfraError::Task(_) => false,
+        }
+    }
+
+    /// The error's kind as a label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            InfraError::Database(_) => "database",
+            InfraError::Broker(_) | InfraError::Topic { .. } => "broker",
+            InfraError::Unavailable(_) => "unavailable",
+            InfraError::Corrupt(_) => "corrupt",
+            InfraError::Encode(_) => "encode",
+            InfraError::Config(_) => "config",
+            InfraError::Task(_) => "task",
+            InfraError::Io(_) => "io",
+            InfraError::Shared(error) => error.kind(),
+        }
+    }
 }
 
 pub type Result<T, E = InfraError> = std::result::Result<T, E>;

@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use infra::dead_letters;
 use infra::http::ApiError;
 use schemas::http::{DeadLetterList, ProjectionList, ProjectionView, RebuildProgress};
+use schemas::topics::Service;
 use serde_json::json;
 use std::sync::atomic::Ordering;
 
@@ -27,7 +28,7 @@ pub fn router(projections: Projections) -> Router {
 pub async fn views(all: &Projections) -> Result<Vec<ProjectionView>, ApiError> {
     let mut views = vec![];
     for handle in &all.handles {
-        let name = handle.projection.name();
+        let name = handle.projection.as_str();
         let (checkpoint, lag) = all.standing(handle).await?;
         let rebuild = all.progress.rebuild(name);
         views.push(ProjectionView {
@@ -60,8 +61,10 @@ async fn start_rebuild(
     State(all): State<Projections>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let handle = all
-        .get(&name)
+    let handle = name
+        .parse()
+        .ok()
+        .and_then(|name| all.get(name))
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("no projection named {name:?}")))?;
     if handle.rebuilding.swap(true, Ordering::SeqCst) {
@@ -71,7 +74,7 @@ async fn start_rebuild(
     }
     let task_all = all.clone();
     tokio::spawn(async move {
-        let name = handle.projection.name();
+        let name = handle.projection.as_str();
         tracing::info!(projection = name, "online rebuild started");
         match rebuild(&task_all, &handle, |_| {}).await {
             Ok(events) => tracing::info!(projection = name, events, "online rebuild finished"),
@@ -100,7 +103,7 @@ async fn list_dead_letters(
             continue;
         }
         seen.push(service);
-        out.extend(dead_letters::list(&handle.db.pool, service).await?);
+        out.extend(dead_letters::list(&handle.db.pool, service.as_str()).await?);
     }
     Ok(Json(DeadLetterList { dead_letters: out }))
 }
@@ -114,6 +117,7 @@ async fn retry_dead_letter(
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::not_found(format!("no dead letter {id:?}"));
     let (service, number) = id.split_once(':').ok_or_else(not_found)?;
+    let service: Service = service.parse().map_err(|_| not_found())?;
     let number: i64 = number.parse().map_err(|_| not_found())?;
     let db = all
         .handles
@@ -129,11 +133,16 @@ async fn retry_dead_letter(
             "the record is not an event ({e}); it cannot be applied"
         ))
     })?;
-    let handle = all.get(&consumer).cloned().ok_or_else(|| {
-        ApiError::conflict(format!(
-            "{consumer} does not retry dead letters; rebuild or replay instead"
-        ))
-    })?;
+    let handle = consumer
+        .parse()
+        .ok()
+        .and_then(|name| all.get(name))
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::conflict(format!(
+                "{consumer} does not retry dead letters; rebuild or replay instead"
+            ))
+        })?;
     let _live = handle.lock.lock().await;
     let mut tx = db.begin_write().await?;
     match apply_one(&mut tx, handle.projection, "", &event).await? {

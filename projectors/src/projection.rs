@@ -10,52 +10,31 @@ use infra::timestamp;
 use schemas::{AnyEvent, Envelope};
 use sqlx::AnyConnection;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Projection {
-    Orders,
-    Inventory,
-    Payments,
-    Shipments,
+pub use schemas::topics::ProjectionName as Projection;
+
+/// Every projection.
+pub const ALL: &[Projection] = Projection::ALL;
+
+/// A projection's tables and how an event changes them.
+pub trait ReadModel {
+    /// Base names of its tables; the version guard is always the last.
+    fn tables(self) -> Vec<String>;
+    fn create_tables(self, suffix: &str) -> String;
+    /// Indexes of the live tables (built after a swap, not while filling a shadow).
+    fn create_indexes(self) -> &'static str;
+    /// Apply one event to the tables with `suffix`. An error leaves the caller to
+    /// roll back this event's changes and dead-letter it.
+    fn apply(
+        self,
+        conn: &mut AnyConnection,
+        suffix: &str,
+        envelope: &Envelope,
+        event: &AnyEvent,
+    ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send;
 }
 
-pub const ALL: [Projection; 4] = [
-    Projection::Orders,
-    Projection::Inventory,
-    Projection::Payments,
-    Projection::Shipments,
-];
-
-impl Projection {
-    pub fn name(self) -> &'static str {
-        match self {
-            Projection::Orders => "orders",
-            Projection::Inventory => "inventory",
-            Projection::Payments => "payments",
-            Projection::Shipments => "shipments",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Projection> {
-        ALL.into_iter().find(|p| p.name() == name)
-    }
-
-    /// The service whose database holds the projection.
-    pub fn service(self) -> &'static str {
-        match self {
-            Projection::Orders => "order",
-            Projection::Inventory => "inventory",
-            Projection::Payments => "payment",
-            Projection::Shipments => "shipping",
-        }
-    }
-
-    /// The aggregate types (topics) it reads.
-    pub fn topics(self) -> &'static [&'static str] {
-        schemas::topics::projection_topics(self.name())
-    }
-
-    /// Base names of its tables; the version guard is always the last.
-    pub fn tables(self) -> Vec<String> {
+impl ReadModel for Projection {
+    fn tables(self) -> Vec<String> {
         let main: &[&str] = match self {
             Projection::Orders => &["orders", "order_progress"],
             Projection::Inventory => &["inventory_levels"],
@@ -63,21 +42,16 @@ impl Projection {
             Projection::Shipments => &["shipments"],
         };
         let mut tables: Vec<String> = main.iter().map(|t| (*t).to_owned()).collect();
-        tables.push(self.guard_table(""));
+        tables.push(self.applied_table(""));
         tables
     }
 
-    /// The per-aggregate version guard: the last version applied of each stream.
-    pub fn guard_table(self, suffix: &str) -> String {
-        schemas::topics::applied_table(self.name(), suffix)
-    }
-
-    pub fn create_tables(self, suffix: &str) -> String {
+    fn create_tables(self, suffix: &str) -> String {
         let guard = format!(
             "CREATE TABLE IF NOT EXISTS {} (
                 aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, version BIGINT NOT NULL,
                 PRIMARY KEY (aggregate_type, aggregate_id));",
-            self.guard_table(suffix)
+            self.applied_table(suffix)
         );
         let main = match self {
             // The order's own stream and its payment's and shipment's go to separate
@@ -111,8 +85,7 @@ impl Projection {
         format!("{main}\n{guard}")
     }
 
-    /// Indexes of the live tables (built after a swap, not while filling a shadow).
-    pub fn create_indexes(self) -> &'static str {
+    fn create_indexes(self) -> &'static str {
         match self {
             Projection::Orders => {
                 "CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_id, order_id);
@@ -122,9 +95,7 @@ impl Projection {
         }
     }
 
-    /// Apply one event to the tables with `suffix`. An error leaves the caller to
-    /// roll back this event's changes and dead-letter it.
-    pub async fn apply(
+    async fn apply(
         self,
         conn: &mut AnyConnection,
         suffix: &str,

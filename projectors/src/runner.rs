@@ -1,43 +1,28 @@
-//! The projection runner: read the next events (from the embedded log after the
-//! checkpoint, or from Kafka after the offsets kept in the projection's database),
-//! apply each under a savepoint, and commit the changes with the new checkpoint or
-//! offsets in one transaction.
+//! The projection runner: a [`Handler`] that applies each event under a savepoint,
+//! behind a per-stream version guard, in the transaction that stores the
+//! projection's position. Driven by [`infra::consume::drive`] over whatever source
+//! the process reads (the embedded log, or Kafka).
 
-use crate::projection::Projection;
+use crate::projection::{Projection, ReadModel};
+use infra::consume::{self, Failures, Handler, Record, Source, Transport};
 use infra::db::Db;
-use infra::kafka::{KafkaConfig, KafkaConsumer, OffsetStore};
-use infra::metrics::{self, Metrics};
+use infra::metrics::Metrics;
 use infra::progress::Progress;
 use infra::shutdown::Shutdown;
-use infra::{checkpoints, dead_letters, EventStore, InfraError};
+use infra::{EventStore, InfraError};
 use schemas::{AnyEvent, RecordedEvent};
 use sqlx::AnyConnection;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::Mutex;
 
-const BATCH: i64 = 500;
-
-/// Where a projection's events come from.
-#[derive(Clone)]
-pub enum Feed {
-    /// The embedded log (the event store's table); the checkpoint is a position.
-    Log,
-    /// Kafka topics; the checkpoint is the offsets kept in the projection's database.
-    Kafka {
-        consumer: KafkaConsumer,
-        topics: Vec<String>,
-        config: KafkaConfig,
-    },
-}
-
-/// One projection with its database and the lock a rebuild takes to swap tables.
+/// One projection with its database, its source and the lock a rebuild takes to swap
+/// tables.
 #[derive(Clone)]
 pub struct ProjectionHandle {
     pub projection: Projection,
     pub db: Db,
-    pub feed: Feed,
+    pub source: Arc<dyn Source>,
     /// Held by the live runner for each batch, and by a rebuild while it swaps.
     pub lock: Arc<Mutex<()>>,
     /// Set while a rebuild runs: one at a time.
@@ -55,49 +40,27 @@ pub struct Projections {
 
 impl Projections {
     /// Open each projection's tables (creating them when missing) in its service's
-    /// db; with `kafka`, each reads its topics as a member of its own consumer group.
+    /// database, with a source on `transport` that has not started reading yet.
     pub async fn open(
         store: EventStore,
         progress: Progress,
         metrics: Metrics,
         databases: &[(Projection, Db)],
-        kafka: Option<&KafkaConfig>,
+        transport: &Transport,
     ) -> Result<Projections, InfraError> {
         let mut handles = vec![];
         for (projection, db) in databases {
-            let name = projection.name();
+            let name = projection.as_str();
             db.migrate(&projection.create_tables("")).await?;
             db.migrate(projection.create_indexes()).await?;
-            let feed = match kafka {
-                None => {
-                    let checkpoint = checkpoints::load(&db.pool, name).await?;
-                    progress.set_checkpoint(name, checkpoint);
-                    Feed::Log
-                }
-                Some(config) => {
-                    let offsets = OffsetStore::new(db, name);
-                    progress.set_checkpoint(name, offsets.total().await?);
-                    let topics: Vec<String> = projection
-                        .topics()
-                        .iter()
-                        .map(|t| config.events_topic(t))
-                        .collect();
-                    let group = format!("{}.projection.{name}", config.prefix);
-                    let consumer = KafkaConsumer::member(config, &group, &topics, offsets)
-                        .map_err(|e| {
-                            InfraError::Corrupt(format!("kafka consumer for {name}: {e}"))
-                        })?;
-                    Feed::Kafka {
-                        consumer,
-                        topics,
-                        config: config.clone(),
-                    }
-                }
-            };
+            let source = transport
+                .events(name, &format!("projection.{name}"), projection.topics(), db)
+                .await?;
+            progress.set_checkpoint(name, source.checkpoint().await?);
             handles.push(ProjectionHandle {
                 projection: *projection,
                 db: db.clone(),
-                feed,
+                source,
                 lock: Arc::new(Mutex::new(())),
                 rebuilding: Arc::new(AtomicBool::new(false)),
             });
@@ -110,170 +73,98 @@ impl Projections {
         })
     }
 
-    pub fn get(&self, name: &str) -> Option<&ProjectionHandle> {
-        self.handles.iter().find(|h| h.projection.name() == name)
+    pub fn get(&self, name: Projection) -> Option<&ProjectionHandle> {
+        self.handles.iter().find(|h| h.projection == name)
+    }
+
+    /// The live runner of one projection, as a handler.
+    pub fn runner(&self, handle: &ProjectionHandle) -> Runner {
+        Runner {
+            projection: handle.projection,
+            suffix: "",
+            db: handle.db.clone(),
+            lock: Some(handle.lock.clone()),
+            progress: Some(self.progress.clone()),
+            metrics: self.metrics.clone(),
+        }
     }
 
     /// Start one runner per projection.
     pub fn spawn_all(&self, shutdown: &Shutdown) -> Vec<tokio::task::JoinHandle<()>> {
         self.handles
             .iter()
-            .map(|handle| tokio::spawn(run(self.clone(), handle.clone(), shutdown.clone())))
+            .map(|handle| {
+                tokio::spawn(consume::drive(
+                    handle.source.clone(),
+                    self.runner(handle),
+                    shutdown.clone(),
+                ))
+            })
             .collect()
     }
 
     /// (checkpoint, lag) of a projection: a position and the events after it, or the
     /// sum of its offsets and the records not yet consumed.
     pub async fn standing(&self, handle: &ProjectionHandle) -> Result<(i64, i64), InfraError> {
-        match &handle.feed {
-            Feed::Log => {
-                let checkpoint = self.progress.checkpoint(handle.projection.name());
-                let lag = self
-                    .store
-                    .count_after(checkpoint, handle.projection.topics())
-                    .await?;
-                Ok((checkpoint, lag))
-            }
-            Feed::Kafka {
-                consumer, topics, ..
-            } => consumer
-                .progress(topics)
-                .await
-                .map_err(|e| InfraError::Corrupt(format!("kafka: {e}"))),
-        }
+        handle.source.standing().await
     }
 }
 
-/// Follow the feed until shutdown.
-pub async fn run(all: Projections, handle: ProjectionHandle, mut shutdown: Shutdown) {
-    let name = handle.projection.name();
-    if let Feed::Kafka { consumer, .. } = &handle.feed {
-        if let Err(error) = consumer.join() {
-            tracing::error!(error = %error, projection = name, "cannot join the consumer group");
-            return;
-        }
-    }
-    let mut head = all.store.subscribe();
-    let mut failures: u32 = 0;
-    while !shutdown.is_set() {
-        head.borrow_and_update();
-        let pause = match step(&all, &handle).await {
-            Ok(true) => {
-                failures = 0;
-                continue;
-            }
-            // Kafka polls wait by themselves; the log wakes the runner on appends.
-            Ok(false) if matches!(handle.feed, Feed::Kafka { .. }) => continue,
-            Ok(false) => Duration::from_secs(60),
-            Err(error) => {
-                failures += 1;
-                tracing::error!(error = %error, projection = name, "projection batch failed; retrying");
-                if let Feed::Kafka { consumer, .. } = &handle.feed {
-                    if let Err(error) = consumer.rewind().await {
-                        tracing::error!(error = %error, projection = name, "cannot rewind to the stored offsets");
-                    }
-                }
-                Duration::from_millis(100 * u64::from(failures.min(50)))
-            }
-        };
-        tokio::select! {
-            _ = head.changed() => {}
-            _ = tokio::time::sleep(pause) => {}
-            _ = shutdown.wait() => {}
-        }
-    }
-    if let Feed::Kafka { consumer, .. } = &handle.feed {
-        consumer.close();
-    }
-    tracing::info!(projection = name, "projection runner stopped");
+/// Applies events to one projection's tables (the live ones, or a rebuild's shadows).
+pub struct Runner {
+    pub projection: Projection,
+    /// The suffix of the tables written: empty for the live ones.
+    pub suffix: &'static str,
+    pub db: Db,
+    pub lock: Option<Arc<Mutex<()>>>,
+    /// Told of each new checkpoint (the live runner), so reads can wait for tokens.
+    pub progress: Option<Progress>,
+    pub metrics: Metrics,
 }
 
-/// Apply the next batch; true when the checkpoint moved.
-pub async fn step(all: &Projections, handle: &ProjectionHandle) -> Result<bool, InfraError> {
-    match &handle.feed {
-        Feed::Log => step_log(all, handle).await,
-        Feed::Kafka { consumer, .. } => step_kafka(all, handle, consumer).await,
-    }
-}
+impl Handler for Runner {
+    type Item = RecordedEvent;
+    type Done = ();
 
-async fn step_log(all: &Projections, handle: &ProjectionHandle) -> Result<bool, InfraError> {
-    let _live = handle.lock.lock().await;
-    let projection = handle.projection;
-    let name = projection.name();
-    let checkpoint = checkpoints::load(&handle.db.pool, name).await?;
-    let (events, reached) = all
-        .store
-        .read_after(checkpoint, projection.topics(), BATCH)
-        .await?;
-    if reached == checkpoint {
-        all.progress.set_checkpoint(name, checkpoint);
-        return Ok(false);
+    fn name(&self) -> &str {
+        self.projection.as_str()
     }
-    let mut tx = handle.db.begin_write().await?;
-    for recorded in &events {
-        apply_or_dead_letter(&mut tx, all, projection, recorded).await?;
-    }
-    checkpoints::save(&mut tx, name, reached).await?;
-    tx.commit().await?;
-    all.progress.set_checkpoint(name, reached);
-    Ok(true)
-}
 
-async fn step_kafka(
-    all: &Projections,
-    handle: &ProjectionHandle,
-    consumer: &KafkaConsumer,
-) -> Result<bool, InfraError> {
-    let polled = consumer
-        .poll_batch(BATCH as usize, Duration::from_millis(500))
-        .await
-        .map_err(|e| InfraError::Corrupt(format!("kafka: {e}")))?;
-    if polled.is_empty() {
-        return Ok(false);
+    fn db(&self) -> &Db {
+        &self.db
     }
-    let _live = handle.lock.lock().await;
-    let projection = handle.projection;
-    let name = projection.name();
-    let mut tx = handle.db.begin_write().await?;
-    for record in &polled {
-        match record.event() {
-            Ok(event) => apply_or_dead_letter(&mut tx, all, projection, &event).await?,
-            Err(error) => {
-                tracing::error!(error = %error, projection = name, topic = %record.topic, offset = record.offset, "unreadable record dead-lettered");
-                dead_letters::record_unreadable(
-                    &mut tx,
-                    name,
-                    record.offset,
-                    &record.origin(),
-                    &error,
-                )
-                .await?;
-                all.metrics
-                    .inc(&metrics::DEAD_LETTERS, &[("consumer", name)]);
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn lock(&self) -> Option<Arc<Mutex<()>>> {
+        self.lock.clone()
+    }
+
+    fn decode(&self, record: &Record) -> Result<Option<RecordedEvent>, String> {
+        record.event().map(|event| Some(event.into_owned()))
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut AnyConnection,
+        events: &[RecordedEvent],
+        failures: &mut Failures,
+    ) -> Result<(), InfraError> {
+        for (i, recorded) in events.iter().enumerate() {
+            if let Err(error) = apply_guarded(tx, self.projection, self.suffix, recorded).await? {
+                failures.push(i, error);
             }
         }
+        Ok(())
     }
-    consumer.offsets.save_batch(&mut tx, &polled).await?;
-    tx.commit().await?;
-    all.progress
-        .set_checkpoint(name, consumer.offsets.total().await?);
-    Ok(true)
-}
 
-async fn apply_or_dead_letter(
-    conn: &mut AnyConnection,
-    all: &Projections,
-    projection: Projection,
-    recorded: &RecordedEvent,
-) -> Result<(), InfraError> {
-    let name = projection.name();
-    if let Err(error) = apply_guarded(conn, projection, "", recorded).await? {
-        tracing::error!(error = %error, projection = name, position = recorded.position, "event dead-lettered");
-        dead_letters::record(conn, name, recorded, &error).await?;
-        all.metrics
-            .inc(&metrics::DEAD_LETTERS, &[("consumer", name)]);
+    fn after(&self, _: (), checkpoint: i64) {
+        if let Some(progress) = &self.progress {
+            progress.set_checkpoint(self.projection.as_str(), checkpoint);
+        }
     }
-    Ok(())
 }
 
 /// Apply one event unless the version guard says it was applied already. The outer
@@ -286,7 +177,7 @@ pub async fn apply_guarded(
     recorded: &RecordedEvent,
 ) -> Result<Result<(), String>, sqlx::Error> {
     let envelope = &recorded.envelope;
-    let guard = projection.guard_table(suffix);
+    let guard = projection.applied_table(suffix);
     let applied: Option<i64> = sqlx::query_scalar(&format!(
         "SELECT version FROM {guard} WHERE aggregate_type = $1 AND aggregate_id = $2"
     ))

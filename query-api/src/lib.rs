@@ -12,7 +12,7 @@ use infra::http::{await_consistency, ApiError};
 use infra::progress::Progress;
 use infra::{parse_timestamp, EventStore};
 use schemas::http::{InventoryView, OrderLineView, OrderPage, OrderView, StreamView};
-use schemas::topics::AGGREGATE_TYPES;
+use schemas::topics::{ProjectionName, AGGREGATE_TYPES};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::any::AnyRow;
@@ -73,7 +73,7 @@ async fn inventory(
 ) -> Result<Json<InventoryView>, ApiError> {
     let sku = domain::Sku::parse(&sku).map_err(|e| ApiError::invalid(e.to_string()))?;
     let db = served(&s.inventory)?;
-    await_consistency(&s.progress, "inventory", db, &headers).await?;
+    await_consistency(&s.progress, ProjectionName::Inventory, db, &headers).await?;
     let row = sqlx::query("SELECT on_hand, reserved FROM inventory_levels WHERE sku = $1")
         .bind(sku.as_str())
         .fetch_optional(db)
@@ -126,7 +126,7 @@ async fn order(
 ) -> Result<Json<OrderView>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     let db = served(&s.orders)?;
-    await_consistency(&s.progress, "orders", db, &headers).await?;
+    await_consistency(&s.progress, ProjectionName::Orders, db, &headers).await?;
     let row = sqlx::query(&format!("{ORDER_VIEW} WHERE o.order_id = $1"))
         .bind(order_id.to_string())
         .fetch_optional(db)
@@ -186,7 +186,7 @@ async fn list_orders(
         .transpose()?;
     let customer = params.customer_id.filter(|c| !c.is_empty());
     let db = served(&s.orders)?;
-    await_consistency(&s.progress, "orders", db, &headers).await?;
+    await_consistency(&s.progress, ProjectionName::Orders, db, &headers).await?;
     let rows = sqlx::query(&format!(
         "{ORDER_VIEW}
           WHERE ($1 IS NULL OR o.customer_id = $1) AND ($2 IS NULL OR o.status = $2)
@@ -220,7 +220,7 @@ async fn payment(
 ) -> Result<Json<Value>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     let db = served(&s.payments)?;
-    await_consistency(&s.progress, "payments", db, &headers).await?;
+    await_consistency(&s.progress, ProjectionName::Payments, db, &headers).await?;
     let row = sqlx::query("SELECT * FROM payments WHERE order_id = $1")
         .bind(order_id.to_string())
         .fetch_optional(db)
@@ -244,7 +244,7 @@ async fn shipment(
 ) -> Result<Json<Value>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     let db = served(&s.shipments)?;
-    await_consistency(&s.progress, "shipments", db, &headers).await?;
+    await_consistency(&s.progress, ProjectionName::Shipments, db, &headers).await?;
     let row = sqlx::query("SELECT status, updated_at FROM shipments WHERE order_id = $1")
         .bind(order_id.to_string())
         .fetch_optional(db)

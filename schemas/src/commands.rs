@@ -1,12 +1,9 @@
 //! The commands a saga sends to the services that own the target aggregates, in the
-//! form they are stored in the saga's outbox (and travel on a command topic).
+//! form they are stored in the saga's outbox (and travel on a command topic): the
+//! saga's [`Command`] with the order it is for.
 
-use domain::inventory::InventoryCommand;
-use domain::order::OrderCommand;
-use domain::payment::PaymentCommand;
-use domain::saga::Command;
-use domain::shipment::ShipmentCommand;
-use domain::{CancelReason, Money, PaymentToken, Sku};
+use crate::topics::AggregateType;
+use domain::saga::{Command, Participant};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -20,137 +17,76 @@ pub struct CommandMessage {
     pub command: SagaCommand,
 }
 
+/// One saga command for one order: `{"command": "reserve_stock", "order_id": ...,
+/// "sku": ..., "quantity": ...}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "command", rename_all = "snake_case")]
-pub enum SagaCommand {
-    ReserveStock {
-        sku: Sku,
-        order_id: Uuid,
-        quantity: u64,
-    },
-    ReleaseStock {
-        sku: Sku,
-        order_id: Uuid,
-    },
-    CommitStock {
-        sku: Sku,
-        order_id: Uuid,
-    },
-    RequestPayment {
-        order_id: Uuid,
-        amount_cents: Money,
-        payment_token: PaymentToken,
-    },
-    AuthorizePayment {
-        order_id: Uuid,
-    },
-    DeclinePayment {
-        order_id: Uuid,
-        reason: String,
-    },
-    CapturePayment {
-        order_id: Uuid,
-    },
-    VoidPayment {
-        order_id: Uuid,
-    },
-    CreateShipment {
-        order_id: Uuid,
-    },
-    DispatchShipment {
-        order_id: Uuid,
-    },
-    DeliverShipment {
-        order_id: Uuid,
-    },
-    CancelShipment {
-        order_id: Uuid,
-    },
-    ConfirmOrder {
-        order_id: Uuid,
-    },
-    CancelOrder {
-        order_id: Uuid,
-        reason: CancelReason,
-    },
+pub struct SagaCommand {
+    pub order_id: Uuid,
+    #[serde(flatten)]
+    pub command: Command,
 }
 
 impl SagaCommand {
-    /// The wire form of a saga's command for the order `order_id`; `None` for the
-    /// commands a saga never sends (restock, place, ship, deliver).
-    pub fn from_domain(order_id: Uuid, command: &Command) -> Option<SagaCommand> {
-        Some(match command {
-            Command::Inventory { sku, command } => {
-                let sku = sku.clone();
-                match command {
-                    InventoryCommand::Reserve { order_id, quantity } => SagaCommand::ReserveStock {
-                        sku,
-                        order_id: *order_id,
-                        quantity: *quantity,
-                    },
-                    InventoryCommand::Release { order_id } => SagaCommand::ReleaseStock {
-                        sku,
-                        order_id: *order_id,
-                    },
-                    InventoryCommand::Commit { order_id } => SagaCommand::CommitStock {
-                        sku,
-                        order_id: *order_id,
-                    },
-                    InventoryCommand::Restock { .. } => return None,
-                }
-            }
-            Command::Payment(command) => match command {
-                PaymentCommand::Request { amount, token } => SagaCommand::RequestPayment {
-                    order_id,
-                    amount_cents: *amount,
-                    payment_token: token.clone(),
-                },
-                PaymentCommand::Authorize => SagaCommand::AuthorizePayment { order_id },
-                PaymentCommand::Decline { reason } => SagaCommand::DeclinePayment {
-                    order_id,
-                    reason: reason.clone(),
-                },
-                PaymentCommand::Capture => SagaCommand::CapturePayment { order_id },
-                PaymentCommand::Void => SagaCommand::VoidPayment { order_id },
-            },
-            Command::Shipment(command) => match command {
-                ShipmentCommand::Create => SagaCommand::CreateShipment { order_id },
-                ShipmentCommand::Dispatch => SagaCommand::DispatchShipment { order_id },
-                ShipmentCommand::Deliver => SagaCommand::DeliverShipment { order_id },
-                ShipmentCommand::Cancel => SagaCommand::CancelShipment { order_id },
-            },
-            Command::Order(command) => match command {
-                OrderCommand::Confirm => SagaCommand::ConfirmOrder { order_id },
-                OrderCommand::Cancel { reason, .. } => SagaCommand::CancelOrder {
-                    order_id,
-                    reason: *reason,
-                },
-                OrderCommand::Place { .. } | OrderCommand::Ship | OrderCommand::Deliver => {
-                    return None
-                }
-            },
-        })
+    pub fn new(order_id: Uuid, command: Command) -> SagaCommand {
+        SagaCommand { order_id, command }
+    }
+
+    /// The participant's command.
+    pub fn participant(&self) -> Participant {
+        self.command.for_participant(self.order_id)
     }
 
     /// The (aggregate type, aggregate id) the command is for.
-    pub fn target(&self) -> (&'static str, String) {
-        use SagaCommand::*;
-        match self {
-            ReserveStock { sku, .. } | ReleaseStock { sku, .. } | CommitStock { sku, .. } => {
-                ("inventory", sku.to_string())
-            }
-            RequestPayment { order_id, .. }
-            | AuthorizePayment { order_id }
-            | DeclinePayment { order_id, .. }
-            | CapturePayment { order_id }
-            | VoidPayment { order_id } => ("payment", order_id.to_string()),
-            CreateShipment { order_id }
-            | DispatchShipment { order_id }
-            | DeliverShipment { order_id }
-            | CancelShipment { order_id } => ("shipment", order_id.to_string()),
-            ConfirmOrder { order_id } | CancelOrder { order_id, .. } => {
-                ("order", order_id.to_string())
-            }
+    pub fn target(&self) -> (AggregateType, String) {
+        match self.participant() {
+            Participant::Inventory(sku, _) => (AggregateType::Inventory, sku.to_string()),
+            Participant::Payment(_) => (AggregateType::Payment, self.order_id.to_string()),
+            Participant::Shipment(_) => (AggregateType::Shipment, self.order_id.to_string()),
+            Participant::Order(_) => (AggregateType::Order, self.order_id.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use domain::{CancelReason, Sku};
+    use serde_json::json;
+
+    fn order() -> Uuid {
+        Uuid::from_u128(7)
+    }
+
+    #[test]
+    fn the_wire_form_names_the_command_beside_the_order() {
+        let sku = Sku::parse("S-1").expect("sku");
+        let command = SagaCommand::new(order(), Command::ReserveStock { sku, quantity: 2 });
+        assert_eq!(
+            serde_json::to_value(&command).expect("encodes"),
+            json!({"command": "reserve_stock", "order_id": order(), "sku": "S-1", "quantity": 2})
+        );
+        let cancel =
+            json!({"command": "cancel_order", "order_id": order(), "reason": "payment_timeout"});
+        assert_eq!(
+            serde_json::from_value::<SagaCommand>(cancel).expect("decodes"),
+            SagaCommand::new(
+                order(),
+                Command::CancelOrder {
+                    reason: CancelReason::PaymentTimeout
+                }
+            )
+        );
+        let confirm = json!({"command": "confirm_order", "order_id": order()});
+        let confirm: SagaCommand = serde_json::from_value(confirm).expect("decodes");
+        assert_eq!(
+            confirm.target(),
+            (AggregateType::Order, order().to_string())
+        );
+    }
+
+    #[test]
+    fn a_command_no_saga_sends_does_not_decode() {
+        let authorize = json!({"command": "authorize_payment", "order_id": order()});
+        assert!(serde_json::from_value::<SagaCommand>(authorize).is_err());
     }
 }

@@ -1,58 +1,197 @@
-//! Topic names: one event topic per aggregate type, keyed by aggregate id.
+//! The names the parts of Orderline share, typed: services, aggregate types (one
+//! event topic each, keyed by aggregate id) and projections, with the topic names
+//! built from them. Text forms are parsed once, at the edge, with `FromStr`.
 
-/// The aggregate types, each with its own topic.
+use std::fmt;
+use std::str::FromStr;
+
+/// A name that is not one of the known ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no {kind} named {name:?}; the {kind}s are {known}")]
+pub struct UnknownName {
+    pub kind: &'static str,
+    pub name: String,
+    pub known: String,
+}
+
+macro_rules! names {
+    ($(#[$meta:meta])* $ty:ident, $kind:literal, { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $ty {
+            $($variant),+
+        }
+
+        impl $ty {
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $text),+
+                }
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = UnknownName;
+
+            fn from_str(name: &str) -> Result<Self, UnknownName> {
+                $ty::ALL.iter().copied().find(|v| v.as_str() == name).ok_or_else(|| UnknownName {
+                    kind: $kind,
+                    name: name.to_owned(),
+                    known: $ty::ALL.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", "),
+                })
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+names!(
+    /// A service: one business capability, with its own database.
+    Service, "service", {
+        Order => "order",
+        Inventory => "inventory",
+        Payment => "payment",
+        Shipping => "shipping",
+    }
+);
+
+names!(
+    /// An aggregate type: one stream per aggregate, one event topic per type.
+    AggregateType, "aggregate type", {
+        Order => "order",
+        Inventory => "inventory",
+        Payment => "payment",
+        Shipment => "shipment",
+    }
+);
+
+names!(
+    /// A read model, built by its projection in its service's database.
+    ProjectionName, "projection", {
+        Orders => "orders",
+        Inventory => "inventory",
+        Payments => "payments",
+        Shipments => "shipments",
+    }
+);
+
+/// The text form of every aggregate type, in the order of [`AggregateType::ALL`].
 pub const AGGREGATE_TYPES: [&str; 4] = ["order", "inventory", "payment", "shipment"];
 
-/// Each projection with the aggregate types (topics) it reads.
-pub const PROJECTION_TOPICS: [(&str, &[&str]); 4] = [
-    ("orders", &["order", "payment", "shipment"]),
-    ("inventory", &["inventory"]),
-    ("payments", &["payment"]),
-    ("shipments", &["shipment"]),
-];
+impl AggregateType {
+    /// The service that owns the aggregate type (and serves its commands and stream).
+    pub fn service(self) -> Service {
+        match self {
+            AggregateType::Order => Service::Order,
+            AggregateType::Inventory => Service::Inventory,
+            AggregateType::Payment => Service::Payment,
+            AggregateType::Shipment => Service::Shipping,
+        }
+    }
 
-/// The aggregate types a projection reads (none for an unknown name).
-pub fn projection_topics(projection: &str) -> &'static [&'static str] {
-    PROJECTION_TOPICS
-        .iter()
-        .find(|(name, _)| *name == projection)
-        .map_or(&[], |(_, topics)| *topics)
-}
-
-/// The table where a projection keeps the last version it applied of each stream.
-pub fn applied_table(projection: &str, suffix: &str) -> String {
-    format!("{projection}_applied{suffix}")
-}
-
-/// The service that owns an aggregate type (and serves its commands and stream).
-pub fn owning_service(aggregate_type: &str) -> Option<&'static str> {
-    match aggregate_type {
-        "order" => Some("order"),
-        "inventory" => Some("inventory"),
-        "payment" => Some("payment"),
-        "shipment" => Some("shipping"),
-        _ => None,
+    /// `orderline.<aggregate>.events`
+    pub fn events_topic(self) -> String {
+        format!("orderline.{self}.events")
     }
 }
 
-/// `orderline.<aggregate>.events`
-pub fn events_topic(aggregate_type: &str) -> String {
-    format!("orderline.{aggregate_type}.events")
+impl Service {
+    /// `orderline.<service>.commands`: commands a saga sends to the owning service.
+    pub fn commands_topic(self) -> String {
+        format!("orderline.{self}.commands")
+    }
+
+    /// The projections whose tables are in this service's database.
+    pub fn projections(self) -> impl Iterator<Item = ProjectionName> {
+        ProjectionName::ALL
+            .iter()
+            .copied()
+            .filter(move |p| p.service() == self)
+    }
 }
 
-/// `orderline.<service>.commands`: commands a saga sends to the owning service.
-pub fn commands_topic(service: &str) -> String {
-    format!("orderline.{service}.commands")
+impl ProjectionName {
+    /// The service whose database holds the read model.
+    pub fn service(self) -> Service {
+        match self {
+            ProjectionName::Orders => Service::Order,
+            ProjectionName::Inventory => Service::Inventory,
+            ProjectionName::Payments => Service::Payment,
+            ProjectionName::Shipments => Service::Shipping,
+        }
+    }
+
+    /// The aggregate types (topics) it reads.
+    pub fn topics(self) -> &'static [&'static str] {
+        match self {
+            ProjectionName::Orders => &["order", "payment", "shipment"],
+            ProjectionName::Inventory => &["inventory"],
+            ProjectionName::Payments => &["payment"],
+            ProjectionName::Shipments => &["shipment"],
+        }
+    }
+
+    /// Whether it reads the events of `aggregate_type`.
+    pub fn reads(self, aggregate_type: AggregateType) -> bool {
+        self.topics().contains(&aggregate_type.as_str())
+    }
+
+    /// The table where it keeps the last version it applied of each stream.
+    pub fn applied_table(self, suffix: &str) -> String {
+        format!("{self}_applied{suffix}")
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
-    fn topics_are_named_by_aggregate_type() {
-        assert_eq!(super::events_topic("order"), "orderline.order.events");
+    fn topics_are_named_by_aggregate_type_and_service() {
         assert_eq!(
-            super::commands_topic("payment"),
+            AggregateType::Order.events_topic(),
+            "orderline.order.events"
+        );
+        assert_eq!(
+            Service::Payment.commands_topic(),
             "orderline.payment.commands"
+        );
+    }
+
+    #[test]
+    fn names_read_back_and_unknown_ones_say_what_is_known() {
+        for service in Service::ALL {
+            assert_eq!(service.as_str().parse::<Service>(), Ok(*service));
+        }
+        let error = "billing".parse::<Service>().expect_err("unknown");
+        assert_eq!(
+            error.to_string(),
+            "no service named \"billing\"; the services are order, inventory, payment, shipping"
+        );
+        assert_eq!(
+            AGGREGATE_TYPES.to_vec(),
+            AggregateType::ALL
+                .iter()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn every_aggregate_type_is_owned_and_every_projection_reads_its_service_or_others() {
+        assert_eq!(AggregateType::Shipment.service(), Service::Shipping);
+        assert!(ProjectionName::Orders.reads(AggregateType::Payment));
+        assert!(!ProjectionName::Inventory.reads(AggregateType::Order));
+        assert_eq!(
+            Service::Order.projections().collect::<Vec<_>>(),
+            vec![ProjectionName::Orders]
         );
     }
 }

@@ -3,6 +3,7 @@
 use infra::Config;
 use orderline::{serve, System};
 use reqwest::{Response, StatusCode};
+use schemas::topics::Service;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -128,11 +129,11 @@ impl TestServer {
     pub async fn start_distributed(config: Config) -> TestServer {
         let mut processes = vec![];
         let mut upstreams = vec![];
-        for service in orderline::SERVICES {
+        for service in Service::ALL {
             let mut args = vec![
                 "serve".to_owned(),
                 "--service".to_owned(),
-                service.to_owned(),
+                service.to_string(),
                 "--listen".to_owned(),
                 "127.0.0.1:0".to_owned(),
                 "--payment-timeout-ms".to_owned(),
@@ -220,9 +221,9 @@ impl TestServer {
 
     /// Run `change` on the process of a service (distributed only), in its place.
     pub fn replace_service(&mut self, service: &str, change: impl FnOnce(Process) -> Process) {
-        let index = orderline::SERVICES
+        let index = Service::ALL
             .iter()
-            .position(|s| *s == service)
+            .position(|s| s.as_str() == service)
             .expect("a service");
         let process = self.processes.remove(index);
         self.processes.insert(index, change(process));

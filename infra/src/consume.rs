@@ -1,0 +1,606 @@
+//! One way to consume events, whatever carries them.
+//!
+//! A [`Source`] is where records come from: the embedded log ([`LogSource`]), a
+//! Kafka consumer-group member or a Kafka replay reader (both in [`crate::kafka`]).
+//! It hands out batches, stores how far a consumer got inside the consumer's own
+//! transaction, and rewinds to the stored position after a failed batch.
+//!
+//! A [`Handler`] is what the records mean to one consumer: a projection, the saga,
+//! a command inbox. [`drive`] runs any handler over any source until shutdown: read
+//! a batch, decode it, apply it and store the position in one transaction, back off
+//! and rewind on failure. Records that cannot be decoded and events the handler
+//! cannot apply become dead letters here, and only here, and are counted once their
+//! transaction commits.
+
+use crate::db::Db;
+use crate::event_store::EventStore;
+use crate::kafka::Polled;
+use crate::metrics::{self, Metrics};
+use crate::shutdown::Shutdown;
+use crate::{checkpoints, dead_letters, InfraError};
+use schemas::RecordedEvent;
+use serde::de::DeserializeOwned;
+use sqlx::{AnyConnection, AnyPool};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+/// One record as a source read it.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// An event of the embedded log, read with its position.
+    Event(RecordedEvent),
+    /// A record of a Kafka topic, not yet decoded.
+    Kafka(Polled),
+}
+
+impl Record {
+    /// The record read as an event, or why it is not one.
+    pub fn event(&self) -> Result<Cow<'_, RecordedEvent>, String> {
+        match self {
+            Record::Event(event) => Ok(Cow::Borrowed(event)),
+            Record::Kafka(polled) => polled.read().map(Cow::Owned),
+        }
+    }
+
+    /// The record read as a message of type `T` (a command), or why it is not one.
+    pub fn message<T: DeserializeOwned>(&self) -> Result<T, String> {
+        match self {
+            Record::Event(_) => Err("an event of the log, not a message".into()),
+            Record::Kafka(polled) => polled.read(),
+        }
+    }
+
+    /// Its log position, or its offset in its partition.
+    pub fn position(&self) -> i64 {
+        match self {
+            Record::Event(event) => event.position,
+            Record::Kafka(polled) => polled.offset,
+        }
+    }
+
+    /// Keep the record in `consumer`'s dead letters with `error`, in the caller's
+    /// transaction: as an event when it reads as one, else where it was read.
+    async fn dead_letter(
+        &self,
+        conn: &mut AnyConnection,
+        consumer: &str,
+        error: &str,
+    ) -> Result<(), sqlx::Error> {
+        match (self, self.event()) {
+            (_, Ok(event)) => dead_letters::record(conn, consumer, &event, error).await,
+            (Record::Kafka(polled), Err(_)) => {
+                dead_letters::record_unreadable(
+                    conn,
+                    consumer,
+                    polled.offset,
+                    &polled.origin(),
+                    error,
+                )
+                .await
+            }
+            (Record::Event(_), Err(_)) => Ok(()),
+        }
+    }
+}
+
+/// Records read together, and where the source stands once all are done.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    /// The log position a consumer may store once every record is done: past the
+    /// last record when the log holds events of other topics after it.
+    pub reached: Option<i64>,
+}
+
+impl Batch {
+    /// Nothing to apply and nothing to store.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.reached.is_none()
+    }
+}
+
+/// How far the source has to go to be caught up with what was there at some moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The log's head.
+    Position(i64),
+    /// The high watermark of every partition.
+    Offsets(BTreeMap<(String, i32), i64>),
+}
+
+/// Where a consumer's records come from.
+#[async_trait::async_trait]
+pub trait Source: Send + Sync {
+    /// Start reading (join the consumer group); the default does nothing.
+    async fn join(&self) -> Result<(), InfraError> {
+        Ok(())
+    }
+
+    /// Whether it is reading (a group member has been given its partitions).
+    fn ready(&self) -> bool {
+        true
+    }
+
+    /// Up to `max` records after the last batch; empty when nothing came in time.
+    async fn next_batch(&self, max: usize) -> Result<Batch, InfraError>;
+
+    /// Record in the consumer's transaction that the first `done` records of `batch`
+    /// are done (a live consumer's checkpoint or offsets); a reader for replays keeps
+    /// its place in memory and stores nothing here.
+    async fn store(
+        &self,
+        conn: &mut AnyConnection,
+        batch: &Batch,
+        done: usize,
+    ) -> Result<(), InfraError>;
+
+    /// The transaction that stored `done` records of `batch` committed: move on past
+    /// them. Returns the consumer's checkpoint (a position, or the sum of its offsets).
+    async fn committed(&self, batch: &Batch, done: usize) -> Result<i64, InfraError>;
+
+    /// Read again from the stored position: after a failed batch, or after a rebuild
+    /// stored a new one.
+    async fn rewind(&self) -> Result<(), InfraError>;
+
+    /// Wait for more records, at most `pause`: the log wakes on appends; a Kafka poll
+    /// has waited already.
+    async fn idle(&self, pause: Duration, shutdown: &mut Shutdown);
+
+    /// Where the consumer stands: a log position, or the sum of its next offsets
+    /// (grows with every batch).
+    async fn checkpoint(&self) -> Result<i64, InfraError>;
+
+    /// (checkpoint, records not yet consumed).
+    async fn standing(&self) -> Result<(i64, i64), InfraError>;
+
+    /// A reader of the same records from the beginning, for rebuilds.
+    async fn replay(&self) -> Result<Box<dyn Replay>, InfraError>;
+
+    /// Stop reading (leave the consumer group); the default does nothing.
+    fn close(&self) {}
+}
+
+/// A source read from the beginning to rebuild a consumer's state.
+#[async_trait::async_trait]
+pub trait Replay: Source {
+    /// What there is to read now, to catch up with.
+    async fn end(&self) -> Result<End, InfraError>;
+
+    /// Whether every record up to `end` has been read.
+    fn reached(&self, end: &End) -> bool;
+
+    /// Store where this reader stands as `consumer`'s position, replacing what was
+    /// stored (a rebuild's swap, in its transaction).
+    async fn save_as(&self, conn: &mut AnyConnection, consumer: &str) -> Result<(), InfraError>;
+}
+
+/// The embedded log as a source: the event store's table, read by position.
+pub struct LogSource {
+    store: EventStore,
+    topics: Vec<String>,
+    /// The consumer whose checkpoint is stored, and the database it is in; `None` for a
+    /// reader that starts at the beginning and keeps its place in memory.
+    checkpoint: Option<(String, AnyPool)>,
+    cursor: AtomicI64,
+    head: Mutex<tokio::sync::watch::Receiver<i64>>,
+}
+
+impl LogSource {
+    /// A live consumer: reads after the checkpoint `name` keeps in `db`.
+    pub async fn open(
+        store: EventStore,
+        topics: &[&str],
+        name: &str,
+        db: &Db,
+    ) -> Result<LogSource, InfraError> {
+        let position = checkpoints::load(&db.pool, name).await?;
+        let mut source = LogSource::from_start(store, topics);
+        source.checkpoint = Some((name.to_owned(), db.pool.clone()));
+        source.cursor = AtomicI64::new(position);
+        Ok(source)
+    }
+
+    /// A reader from the start of the log (replays), storing nothing.
+    pub fn from_start(store: EventStore, topics: &[&str]) -> LogSource {
+        let head = Mutex::new(store.subscribe());
+        LogSource {
+            store,
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            checkpoint: None,
+            cursor: AtomicI64::new(0),
+            head,
+        }
+    }
+
+    fn topics(&self) -> Vec<&str> {
+        self.topics.iter().map(String::as_str).collect()
+    }
+
+    fn position_after(&self, batch: &Batch, done: usize) -> i64 {
+        if done >= batch.records.len() {
+            if let Some(reached) = batch.reached {
+                return reached;
+            }
+        }
+        match done.checked_sub(1).and_then(|i| batch.records.get(i)) {
+            Some(record) => record.position(),
+            None => self.cursor.load(Ordering::SeqCst),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Source for LogSource {
+    async fn next_batch(&self, max: usize) -> Result<Batch, InfraError> {
+        // Seen before reading: an append after this wakes the next idle.
+        self.head.lock().await.borrow_and_update();
+        let after = self.cursor.load(Ordering::SeqCst);
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let (events, reached) = self.store.read_after(after, &self.topics(), limit).await?;
+        Ok(Batch {
+            records: events.into_iter().map(Record::Event).collect(),
+            reached: (reached != after).then_some(reached),
+        })
+    }
+
+    async fn store(
+        &self,
+        conn: &mut AnyConnection,
+        batch: &Batch,
+        done: usize,
+    ) -> Result<(), InfraError> {
+        if let Some((name, _)) = &self.checkpoint {
+            checkpoints::save(conn, name, self.position_after(batch, done)).await?;
+        }
+        Ok(())
+    }
+
+    async fn committed(&self, batch: &Batch, done: usize) -> Result<i64, InfraError> {
+        let position = self.position_after(batch, done);
+        self.cursor.store(position, Ordering::SeqCst);
+        Ok(position)
+    }
+
+    async fn rewind(&self) -> Result<(), InfraError> {
+        if let Some((name, pool)) = &self.checkpoint {
+            let position = checkpoints::load(pool, name).await?;
+            self.cursor.store(position, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    async fn idle(&self, pause: Duration, shutdown: &mut Shutdown) {
+        let mut head = self.head.lock().await;
+        tokio::select! {
+            _ = head.changed() => {}
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.wait() => {}
+        }
+    }
+
+    async fn checkpoint(&self) -> Result<i64, InfraError> {
+        Ok(self.cursor.load(Ordering::SeqCst))
+    }
+
+    async fn standing(&self) -> Result<(i64, i64), InfraError> {
+        let checkpoint = self.cursor.load(Ordering::SeqCst);
+        let lag = self.store.count_after(checkpoint, &self.topics()).await?;
+        Ok((checkpoint, lag))
+    }
+
+    async fn replay(&self) -> Result<Box<dyn Replay>, InfraError> {
+        Ok(Box::new(LogSource::from_start(
+            self.store.clone(),
+            &self.topics(),
+        )))
+    }
+}
+
+#[async_trait::async_trait]
+impl Replay for LogSource {
+    async fn end(&self) -> Result<End, InfraError> {
+        Ok(End::Position(self.store.head()))
+    }
+
+    fn reached(&self, end: &End) -> bool {
+        match end {
+            End::Position(head) => self.cursor.load(Ordering::SeqCst) >= *head,
+            End::Offsets(_) => false,
+        }
+    }
+
+    async fn save_as(&self, conn: &mut AnyConnection, consumer: &str) -> Result<(), InfraError> {
+        checkpoints::save(conn, consumer, self.cursor.load(Ordering::SeqCst)).await?;
+        Ok(())
+    }
+}
+
+/// What one batch left behind.
+#[derive(Debug, Default)]
+pub struct Failures(Vec<(usize, String)>);
+
+impl Failures {
+    /// The item at `index` of the batch could not be applied: it becomes a dead letter.
+    pub fn push(&mut self, index: usize, error: impl Into<String>) {
+        self.0.push((index, error.into()));
+    }
+}
+
+/// What a consumer does with the records of its source.
+pub trait Handler: Send + Sync {
+    /// A record as this consumer reads it.
+    type Item: Send + Sync;
+    /// What applying a batch yields, handed to [`Handler::after`] once committed.
+    type Done: Send;
+
+    /// The consumer's name: its position and dead letters are kept under it.
+    fn name(&self) -> &str;
+
+    /// The database its effects, position and dead letters are written to.
+    fn db(&self) -> &Db;
+
+    fn metrics(&self) -> &Metrics;
+
+    /// The most records one batch takes.
+    fn batch_size(&self) -> usize {
+        500
+    }
+
+    /// Held while a batch is read and applied (a rebuild takes it to swap tables).
+    fn lock(&self) -> Option<Arc<Mutex<()>>> {
+        None
+    }
+
+    /// What a record is to this consumer: `Ok(None)` when it is none of its business,
+    /// `Err` when it cannot be read (it becomes a dead letter).
+    fn decode(&self, record: &Record) -> Result<Option<Self::Item>, String>;
+
+    /// Effects outside the transaction, in order (a command inbox carries its commands
+    /// out through the event store): how many items are done. The rest is read again.
+    fn before(&self, items: &[Self::Item]) -> impl Future<Output = usize> + Send {
+        let all = items.len();
+        async move { all }
+    }
+
+    /// Effects inside the transaction that also stores the position. An item that
+    /// cannot be applied is undone by the handler and pushed to `failures`.
+    fn apply(
+        &self,
+        tx: &mut AnyConnection,
+        items: &[Self::Item],
+        failures: &mut Failures,
+    ) -> impl Future<Output = Result<Self::Done, InfraError>> + Send;
+
+    /// After the commit, with the consumer's new checkpoint.
+    fn after(&self, done: Self::Done, checkpoint: i64);
+
+    /// Work between batches (the saga's deadlines and commands): whether it did
+    /// something, and how long the consumer may idle otherwise.
+    fn between(&self) -> impl Future<Output = Result<Idle, InfraError>> + Send {
+        async { Ok(Idle::For(Duration::from_secs(60))) }
+    }
+}
+
+/// What the work between batches asks of the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// It did something: go round again at once.
+    Busy,
+    /// Nothing to do for at most this long.
+    For(Duration),
+}
+
+/// How a round of the loop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The position moved.
+    Moved,
+    /// Nothing new.
+    Idle,
+    /// Some records were not done (the rest is read again after a pause).
+    Stalled,
+}
+
+/// The one retry policy of long-running loops: 100 ms more after each failure in a
+/// row, at most 5 s.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    pub fn reset(&mut self) {
+        self.failures = 0;
+    }
+
+    /// One more failure: how long to wait before trying again.
+    pub fn fail(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        Duration::from_millis(100 * u64::from(self.failures.min(50)))
+    }
+
+    pub fn failing(&self) -> bool {
+        self.failures > 0
+    }
+}
+
+/// Decode a batch: the items, the index of each item's record, and the records that
+/// could not be read.
+fn decode<H: Handler>(handler: &H, batch: &Batch) -> (Vec<H::Item>, Vec<usize>, Failures) {
+    let mut items = Vec::with_capacity(batch.records.len());
+    let mut index = Vec::with_capacity(batch.records.len());
+    let mut unreadable = Failures::default();
+    for (i, record) in batch.records.iter().enumerate() {
+        match handler.decode(record) {
+            Ok(Some(item)) => {
+                items.push(item);
+                index.push(i);
+            }
+            Ok(None) => {}
+            Err(error) => unreadable.push(i, error),
+        }
+    }
+    (items, index, unreadable)
+}
+
+/// Apply `batch` in `tx` (dead letters included) without storing a position: how many
+/// records are done, the handler's result and how many became dead letters.
+pub async fn apply_batch<H: Handler>(
+    handler: &H,
+    dead_letters_as: &str,
+    tx: &mut AnyConnection,
+    batch: &Batch,
+) -> Result<(usize, H::Done, usize), InfraError> {
+    let (items, index, unreadable) = decode(handler, batch);
+    let done_items = handler.before(&items).await.min(items.len());
+    let done = index
+        .get(done_items)
+        .copied()
+        .unwrap_or(batch.records.len());
+    let mut failures = Failures::default();
+    let out = handler
+        .apply(tx, &items[..done_items], &mut failures)
+        .await?;
+    let mut dead = 0;
+    let failed = failures
+        .0
+        .into_iter()
+        .filter_map(|(item, error)| index.get(item).map(|record| (*record, error)));
+    for (record, error) in unreadable.0.into_iter().chain(failed) {
+        if record >= done {
+            continue;
+        }
+        if let Some(record) = batch.records.get(record) {
+            tracing::error!(error = %error, consumer = dead_letters_as, position = record.position(), "dead-lettered");
+            record.dead_letter(tx, dead_letters_as, &error).await?;
+            dead += 1;
+        }
+    }
+    Ok((done, out, dead))
+}
+
+/// Read, apply and store one batch.
+pub async fn step<H: Handler>(source: &dyn Source, handler: &H) -> Result<Step, InfraError> {
+    let lock = handler.lock();
+    let _held: Option<OwnedMutexGuard<()>> = match lock {
+        Some(lock) => Some(lock.lock_owned().await),
+        None => None,
+    };
+    let batch = source.next_batch(handler.batch_size()).await?;
+    if batch.is_empty() {
+        return Ok(Step::Idle);
+    }
+    let name = handler.name();
+    let mut tx = handler.db().begin_write().await?;
+    let (done, out, dead) = apply_batch(handler, name, &mut tx, &batch).await?;
+    source.store(&mut tx, &batch, done).await?;
+    tx.commit().await?;
+    if dead > 0 {
+        handler
+            .metrics()
+            .add(&metrics::DEAD_LETTERS, &[("consumer", name)], dead as u64);
+    }
+    let checkpoint = source.committed(&batch, done).await?;
+    handler.after(out, checkpoint);
+    Ok(if done < batch.records.len() {
+        Step::Stalled
+    } else {
+        Step::Moved
+    })
+}
+
+/// Run `handler` over `source` until shutdown.
+pub async fn drive<H: Handler>(source: Arc<dyn Source>, handler: H, mut shutdown: Shutdown) {
+    let name = handler.name().to_owned();
+    if let Err(error) = source.join().await {
+        tracing::error!(error = %error, consumer = %name, "cannot start reading");
+        return;
+    }
+    let mut backoff = Backoff::default();
+    while !shutdown.is_set() {
+        let round = async {
+            let step = step(&*source, &handler).await?;
+            let idle = handler.between().await?;
+            Ok::<_, InfraError>((step, idle))
+        }
+        .await;
+        let pause = match round {
+            Ok((Step::Moved, _)) | Ok((Step::Idle, Idle::Busy)) => {
+                backoff.reset();
+                continue;
+            }
+            Ok((Step::Idle, Idle::For(pause))) => {
+                backoff.reset();
+                source.idle(pause, &mut shutdown).await;
+                continue;
+            }
+            Ok((Step::Stalled, _)) => backoff.fail(),
+            Err(error) => {
+                tracing::error!(error = %error, kind = error.kind(), consumer = %name, "batch failed; retrying");
+                backoff.fail()
+            }
+        };
+        if let Err(error) = source.rewind().await {
+            tracing::error!(error = %error, consumer = %name, "cannot rewind to the stored position");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.wait() => {}
+        }
+    }
+    source.close();
+    tracing::info!(consumer = %name, "consumer stopped");
+}
+
+/// How this process's consumers hear events: the embedded log they share with the
+/// event store, or the brokers of the distributed deployment.
+#[derive(Clone)]
+pub enum Transport {
+    /// The embedded log (every service in one process).
+    InProcess(EventStore),
+    /// Kafka topics, read in consumer groups.
+    Kafka(crate::kafka::KafkaConfig),
+}
+
+impl Transport {
+    /// A source of the events of `aggregate_types` for `consumer`, whose position is
+    /// kept in `db`; on Kafka, a member of the group `<prefix>.<group>` that has not
+    /// joined yet ([`drive`] joins it).
+    pub async fn events(
+        &self,
+        consumer: &str,
+        group: &str,
+        aggregate_types: &[&str],
+        db: &Db,
+    ) -> Result<Arc<dyn Source>, InfraError> {
+        Ok(match self {
+            Transport::InProcess(store) => {
+                Arc::new(LogSource::open(store.clone(), aggregate_types, consumer, db).await?)
+            }
+            Transport::Kafka(config) => {
+                let topics: Vec<String> = aggregate_types
+                    .iter()
+                    .map(|t| config.events_topic(t))
+                    .collect();
+                Arc::new(crate::kafka::KafkaConsumer::member(
+                    config,
+                    &format!("{}.{group}", config.prefix),
+                    &topics,
+                    crate::kafka::OffsetStore::new(db, consumer),
+                )?)
+            }
+        })
+    }
+
+    pub fn kafka(&self) -> Option<&crate::kafka::KafkaConfig> {
+        match self {
+            Transport::InProcess(_) => None,
+            Transport::Kafka(config) => Some(config),
+        }
+    }
+}
