@@ -66,6 +66,22 @@ struct Watched {
     sources: Vec<Arc<dyn Source>>,
 }
 
+impl Watched {
+    fn new(projections: &Projections) -> Watched {
+        Watched {
+            projections: projections.clone(),
+            relay: false,
+            saga: None,
+            inbox: None,
+            sources: projections
+                .handles
+                .iter()
+                .map(|h| h.source.clone())
+                .collect(),
+        }
+    }
+}
+
 /// The event store and the databases of the services a process runs, open.
 pub struct Storage {
     pub store: EventStore,
@@ -127,6 +143,19 @@ impl Storage {
         })
     }
 
+    /// The query API over the read models of these services.
+    fn queries(&self) -> QueryState {
+        let pool = |service: Service| self.db(service).map(|db| db.pool);
+        QueryState {
+            store: self.store.clone(),
+            progress: self.projections.progress.clone(),
+            orders: pool(Service::Order),
+            inventory: pool(Service::Inventory),
+            payments: pool(Service::Payment),
+            shipments: pool(Service::Shipping),
+        }
+    }
+
     /// The database of one service, if this storage holds it.
     pub fn db(&self, service: Service) -> Option<Db> {
         self.services
@@ -176,6 +205,7 @@ impl System {
         storage: Storage,
         transport: Transport,
     ) -> anyhow::Result<System> {
+        let queries = storage.queries();
         let Storage {
             store,
             projections,
@@ -186,44 +216,20 @@ impl System {
         if transport.kafka().is_some() {
             handlers.tokens = TokenStyle::Stream;
         }
-        let db = |service: Service| {
-            services
-                .iter()
-                .find(|(s, _)| *s == service)
-                .map(|(_, db)| db.clone())
-        };
-        let queries = QueryState {
-            store: store.clone(),
-            progress: projections.progress.clone(),
-            orders: db(Service::Order).map(|db| db.pool),
-            inventory: db(Service::Inventory).map(|db| db.pool),
-            payments: db(Service::Payment).map(|db| db.pool),
-            shipments: db(Service::Shipping).map(|db| db.pool),
-        };
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = projections.spawn_all(&shutdown);
-        let mut watched = Watched {
-            projections: projections.clone(),
-            relay: false,
-            saga: None,
-            inbox: None,
-            sources: projections
-                .handles
-                .iter()
-                .map(|h| h.source.clone())
-                .collect(),
-        };
-        if let Some(order) = db(Service::Order) {
+        let mut watched = Watched::new(&projections);
+        if let Some((_, order)) = services.iter().find(|(s, _)| *s == Service::Order) {
             let saga = SagaRunner::new(
                 handlers.clone(),
                 order.clone(),
                 config.payment_timeout,
                 Dispatch::over(&transport)?,
             )?;
-            let source = SagaRunner::source(&transport, &order).await?;
+            let source = SagaRunner::source(&transport, order).await?;
             watched.sources.push(source.clone());
+            watched.saga = Some(order.clone());
             tasks.push(tokio::spawn(drive(source, saga, shutdown.clone())));
-            watched.saga = Some(order);
         }
         if let Some(kafka) = transport.kafka() {
             // A service process publishes its own log and hears the saga's commands.
@@ -231,23 +237,18 @@ impl System {
             tasks.push(tokio::spawn(relay.run(shutdown.clone())));
             watched.relay = true;
             for (service, db) in &services {
-                let source: Arc<dyn Source> = Arc::new(Inbox::source(&transport, *service, db)?);
-                let inbox = Inbox {
-                    handlers: handlers.clone(),
-                    db: db.clone(),
-                };
+                let (source, task) = inbox(&transport, *service, db, &handlers, &shutdown)?;
                 watched.sources.push(source.clone());
-                watched.inbox = Some(source.clone());
-                tasks.push(tokio::spawn(drive(source, inbox, shutdown.clone())));
+                watched.inbox = Some(source);
+                tasks.push(task);
             }
         }
-        let mut commands = Router::new();
-        for (service, _) in &services {
-            commands = commands.merge(command_handlers::routes::service_router(
+        let commands = services.iter().fold(Router::new(), |router, (service, _)| {
+            router.merge(command_handlers::routes::service_router(
                 *service,
                 handlers.clone(),
-            ));
-        }
+            ))
+        });
         let router = api(commands, &queries, watched);
         Ok(System {
             config,
@@ -281,6 +282,23 @@ impl System {
     pub fn shutdown_signal(&self) -> Shutdown {
         self.shutdown.clone()
     }
+}
+
+/// A service's command inbox (distributed): its source and its running task.
+fn inbox(
+    transport: &Transport,
+    service: Service,
+    db: &Db,
+    handlers: &Handlers,
+    shutdown: &Shutdown,
+) -> anyhow::Result<(Arc<dyn Source>, JoinHandle<()>)> {
+    let source: Arc<dyn Source> = Arc::new(Inbox::source(transport, service, db)?);
+    let inbox = Inbox {
+        handlers: handlers.clone(),
+        db: db.clone(),
+    };
+    let task = tokio::spawn(drive(source.clone(), inbox, shutdown.clone()));
+    Ok((source, task))
 }
 
 /// A process's API: its commands, its queries, the operator routes.

@@ -210,88 +210,92 @@ impl Handlers {
         let lock = self.locks.get(key.clone());
         let _turn = lock.lock().await;
         for attempt in 0..MAX_ATTEMPTS {
-            let (mut state, version, position) = self.load::<A>(id).await?;
-            let events = state.decide(command)?;
-            if events.is_empty() && meta.idempotency.is_none() {
-                return Ok(Executed::Done {
-                    token: self.token::<A>(id, position, version),
-                    events: 0,
-                });
+            if let Some(executed) = self.attempt::<A>(&key, id, command, meta).await? {
+                return Ok(executed);
             }
-            let occurred_at = chrono::Utc::now();
-            let new_events = events
-                .iter()
-                .map(|event| {
-                    let (event_type, schema_version, payload) = schemas::encode(event)?;
-                    Ok(NewEvent {
-                        event_id: Uuid::now_v7(),
-                        event_type,
-                        schema_version,
-                        payload,
-                        occurred_at,
-                        correlation_id: meta.correlation_id,
-                        causation_id: meta.causation_id,
-                    })
-                })
-                .collect::<Result<Vec<_>, CommandError>>()?;
-            for event in &events {
-                state.apply(event);
-            }
-            let new_version = version + events.len() as i64;
-            let snapshot = (new_version / SNAPSHOT_EVERY > version / SNAPSHOT_EVERY)
-                .then(|| serde_json::to_value(&state).ok())
-                .flatten();
-            let mut idempotency = meta.idempotency.clone();
-            if let (TokenStyle::Stream, Some(record)) = (self.tokens, idempotency.as_mut()) {
-                if let Some(response) = record.response.as_object_mut() {
-                    let token = self.token::<A>(id, 0, new_version);
-                    response.insert("consistency_token".into(), Value::String(token));
-                }
-            }
-            let appended = self
-                .store
-                .append(AppendRequest {
-                    aggregate_type: A::TYPE.to_owned(),
-                    aggregate_id: id.to_owned(),
-                    expected_version: version,
-                    events: new_events,
-                    idempotency,
-                    snapshot,
-                })
-                .await;
-            match appended {
-                Ok(AppendOutcome::Appended { position, .. }) => {
-                    if !events.is_empty() {
-                        self.metrics.add(
-                            &metrics::EVENTS_APPENDED,
-                            &[("aggregate_type", A::TYPE)],
-                            events.len() as u64,
-                        );
-                        self.cache.put(key, state, new_version, position);
-                    }
-                    return Ok(Executed::Done {
-                        token: self.token::<A>(id, position, new_version),
-                        events: events.len(),
-                    });
-                }
-                Ok(AppendOutcome::Duplicate { response, position }) => {
-                    return Ok(Executed::Repeated {
-                        token: self.stored_token(&response, position),
-                        response,
-                    })
-                }
-                Err(StoreError::Conflict { .. }) => {
-                    tracing::debug!(attempt, "version conflict; deciding again");
-                    // Spread the retries of clashing writers apart.
-                    let jitter = u64::from(Uuid::now_v7().as_bytes()[15] % 8);
-                    tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 2 + jitter))
-                        .await;
-                }
-                Err(StoreError::KeyReused) => return Err(CommandError::KeyReused),
-                Err(error) => return Err(CommandError::Store(error)),
-            }
+            tracing::debug!(attempt, "version conflict; deciding again");
+            // Spread the retries of clashing writers apart.
+            let jitter = u64::from(Uuid::now_v7().as_bytes()[15] % 8);
+            tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 2 + jitter)).await;
         }
         Err(CommandError::Contention(key))
+    }
+
+    /// Load, decide and append once; `None` when another writer appended first.
+    async fn attempt<A>(
+        &self,
+        key: &str,
+        id: &str,
+        command: &A::Command,
+        meta: &Meta,
+    ) -> Result<Option<Executed>, CommandError>
+    where
+        A: Aggregate + Stateful,
+        A::Event: Serialize + DeserializeOwned + EventName,
+    {
+        let (mut state, version, position) = self.load::<A>(id).await?;
+        let events = state.decide(command)?;
+        if events.is_empty() && meta.idempotency.is_none() {
+            return Ok(Some(Executed::Done {
+                token: self.token::<A>(id, position, version),
+                events: 0,
+            }));
+        }
+        let new_events = new_events(&events, meta)?;
+        for event in &events {
+            state.apply(event);
+        }
+        let new_version = version + events.len() as i64;
+        let request = AppendRequest {
+            aggregate_type: A::TYPE.to_owned(),
+            aggregate_id: id.to_owned(),
+            expected_version: version,
+            events: new_events,
+            idempotency: self.idempotency_record::<A>(id, meta, new_version),
+            snapshot: (new_version / SNAPSHOT_EVERY > version / SNAPSHOT_EVERY)
+                .then(|| serde_json::to_value(&state).ok())
+                .flatten(),
+        };
+        match self.store.append(request).await {
+            Ok(AppendOutcome::Appended { position, .. }) => {
+                if !events.is_empty() {
+                    self.metrics.add(
+                        &metrics::EVENTS_APPENDED,
+                        &[("aggregate_type", A::TYPE)],
+                        events.len() as u64,
+                    );
+                    self.cache.put(key.to_owned(), state, new_version, position);
+                }
+                Ok(Some(Executed::Done {
+                    token: self.token::<A>(id, position, new_version),
+                    events: events.len(),
+                }))
+            }
+            Ok(AppendOutcome::Duplicate { response, position }) => Ok(Some(Executed::Repeated {
+                token: self.stored_token(&response, position),
+                response,
+            })),
+            Err(StoreError::Conflict { .. }) => Ok(None),
+            Err(StoreError::KeyReused) => Err(CommandError::KeyReused),
+            Err(error) => Err(CommandError::Store(error)),
+        }
+    }
+
+    /// The idempotency record to keep with the events; in the distributed deployment
+    /// its answer names the stream version the command leaves behind.
+    fn idempotency_record<A: Aggregate>(
+        &self,
+        id: &str,
+        meta: &Meta,
+        new_version: i64,
+    ) -> Option<IdempotencyRecord> {
+        let mut record = meta.idempotency.clone()?;
+        if let (TokenStyle::Stream, Some(response)) = (self.tokens, record.response.as_object_mut())
+        {
+            let token = self.token::<A>(id, 0, new_version);
+            response.insert("consistency_token".into(), Value::String(token));
+        }
+        Some(record)
     }
 
     /// The consistency token of a stream at `version`, last written at `position`.
@@ -418,6 +422,29 @@ impl Handlers {
             other => other.map(|_| ()),
         }
     }
+}
+
+/// The envelopes of a command's events: new ids, one time, the command's correlation.
+fn new_events<E: Serialize + EventName>(
+    events: &[E],
+    meta: &Meta,
+) -> Result<Vec<NewEvent>, CommandError> {
+    let occurred_at = chrono::Utc::now();
+    events
+        .iter()
+        .map(|event| {
+            let (event_type, schema_version, payload) = schemas::encode(event)?;
+            Ok(NewEvent {
+                event_id: Uuid::now_v7(),
+                event_type,
+                schema_version,
+                payload,
+                occurred_at,
+                correlation_id: meta.correlation_id,
+                causation_id: meta.causation_id,
+            })
+        })
+        .collect()
 }
 
 /// The sku in a path, parsed.

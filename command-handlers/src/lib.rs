@@ -11,3 +11,6 @@ pub mod routes;
 pub mod saga;
 
 pub use app::{CommandError, Handlers, Meta};
+
+#[cfg(test)]
+mod tests;

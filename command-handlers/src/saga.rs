@@ -12,6 +12,7 @@ use crate::app::{CommandError, Handlers, Meta};
 use chrono::{DateTime, Utc};
 use domain::saga::{Config, Deadline, Fulfilment, Input, Outcome, Stage};
 use domain::Sku;
+use infra::clock::{Clock, SystemClock};
 use infra::consume::{Failures, Handler, Idle, Record, Source, Transport};
 use infra::db::Db;
 use infra::kafka::KafkaConfig;
@@ -42,6 +43,7 @@ pub struct SagaRunner {
     db: Db,
     config: Config,
     dispatch: Dispatch,
+    clock: Arc<dyn Clock>,
 }
 
 /// How the saga's commands reach the services that carry them out.
@@ -87,7 +89,14 @@ impl SagaRunner {
             db,
             config: Config { payment_timeout },
             dispatch,
+            clock: Arc::new(SystemClock),
         })
+    }
+
+    /// Read the time from `clock` (deadlines are set and fired by it).
+    pub fn with_clock(mut self, clock: impl Clock) -> SagaRunner {
+        self.clock = Arc::new(clock);
+        self
     }
 
     /// The saga's source of events on `transport`: every event topic.
@@ -111,7 +120,7 @@ impl SagaRunner {
             .await?;
         Ok(match next {
             None => Duration::from_secs(60),
-            Some(due) => (parse_timestamp(&due)? - Utc::now())
+            Some(due) => (parse_timestamp(&due)? - self.clock.now())
                 .to_std()
                 .unwrap_or(Duration::ZERO)
                 .min(Duration::from_secs(60)),
@@ -126,7 +135,7 @@ impl SagaRunner {
         events: &[RecordedEvent],
         failures: &mut Failures,
     ) -> Result<Vec<Outcome>, InfraError> {
-        let now = Utc::now();
+        let now = self.clock.now();
         let mut sagas: HashMap<Uuid, Loaded> = HashMap::new();
         let mut outcomes = vec![];
         for (i, recorded) in events.iter().enumerate() {
@@ -350,7 +359,7 @@ impl Handler for SagaRunner {
 
     /// Fire the deadlines that are due and carry out the staged commands.
     async fn between(&self) -> Result<Idle, InfraError> {
-        let fired = self.fire_deadlines(Utc::now()).await?;
+        let fired = self.fire_deadlines(self.clock.now()).await?;
         let dispatched = self.dispatch().await?;
         Ok(if fired || dispatched {
             Idle::Busy

@@ -258,21 +258,7 @@ impl Fulfilment {
                 }
                 Transition::none()
             }
-            OrderEvent::OrderShipped {} => {
-                if self.stage != Stage::Confirmed {
-                    return Transition::none();
-                }
-                self.stage = Stage::Shipped;
-                self.payment = PaymentProgress::Captured;
-                let mut commands: Vec<Command> = self
-                    .reserved
-                    .iter()
-                    .map(|sku| Command::CommitStock { sku: sku.clone() })
-                    .collect();
-                commands.push(Command::CapturePayment);
-                commands.push(Command::DispatchShipment);
-                Transition::commands(commands)
-            }
+            OrderEvent::OrderShipped {} => self.on_shipped(),
             OrderEvent::OrderDelivered {} => {
                 if self.stage != Stage::Shipped {
                     return Transition::none();
@@ -284,28 +270,49 @@ impl Fulfilment {
                     outcome: Some(Outcome::Delivered),
                 }
             }
-            OrderEvent::OrderCancelled { reason, .. } => {
-                if self.stage == Stage::Cancelled {
-                    return Transition::none();
-                }
-                self.stage = Stage::Cancelled;
-                self.cancel_reason = Some(*reason);
-                let mut commands: Vec<Command> = self.reserved.iter().map(release).collect();
-                if matches!(
-                    self.payment,
-                    PaymentProgress::Requested | PaymentProgress::Authorized
-                ) {
-                    commands.push(Command::VoidPayment);
-                }
-                if self.shipment_created {
-                    commands.push(Command::CancelShipment);
-                }
-                Transition {
-                    commands,
-                    deadline: Deadline::Clear,
-                    outcome: Some(Outcome::Cancelled(*reason)),
-                }
-            }
+            OrderEvent::OrderCancelled { reason, .. } => self.on_cancelled(*reason),
+        }
+    }
+
+    /// Handed over: commit the stock, capture the payment, dispatch the parcel.
+    fn on_shipped(&mut self) -> Transition {
+        if self.stage != Stage::Confirmed {
+            return Transition::none();
+        }
+        self.stage = Stage::Shipped;
+        self.payment = PaymentProgress::Captured;
+        let mut commands: Vec<Command> = self
+            .reserved
+            .iter()
+            .map(|sku| Command::CommitStock { sku: sku.clone() })
+            .collect();
+        commands.push(Command::CapturePayment);
+        commands.push(Command::DispatchShipment);
+        Transition::commands(commands)
+    }
+
+    /// Compensation, whatever the reason: release the stock held, void the payment,
+    /// cancel the shipment.
+    fn on_cancelled(&mut self, reason: CancelReason) -> Transition {
+        if self.stage == Stage::Cancelled {
+            return Transition::none();
+        }
+        self.stage = Stage::Cancelled;
+        self.cancel_reason = Some(reason);
+        let mut commands: Vec<Command> = self.reserved.iter().map(release).collect();
+        if matches!(
+            self.payment,
+            PaymentProgress::Requested | PaymentProgress::Authorized
+        ) {
+            commands.push(Command::VoidPayment);
+        }
+        if self.shipment_created {
+            commands.push(Command::CancelShipment);
+        }
+        Transition {
+            commands,
+            deadline: Deadline::Clear,
+            outcome: Some(Outcome::Cancelled(reason)),
         }
     }
 

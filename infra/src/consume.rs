@@ -604,3 +604,6 @@ impl Transport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -7,8 +7,9 @@
 //! runs in WAL mode with `synchronous=FULL`: a commit is on disk when it returns.
 
 use sqlx::any::{install_default_drivers, AnyPoolOptions};
-use sqlx::migrate::MigrateDatabase;
+use sqlx::migrate::{MigrateDatabase, Migration, Migrator};
 use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Transaction};
+use std::borrow::Cow;
 use std::path::Path;
 use std::time::Duration;
 
@@ -59,6 +60,30 @@ impl Dialect {
             Dialect::Postgres => {
                 format!("SELECT CAST(jsonb_array_elements_text(CAST({param} AS jsonb)) AS BIGINT)")
             }
+        }
+    }
+
+    /// The base migrations (one set, written with `{serial}`) in this dialect.
+    pub fn migrator(self) -> Migrator {
+        static TEMPLATE: Migrator = sqlx::migrate!("./migrations");
+        let migrations = TEMPLATE
+            .migrations
+            .iter()
+            .map(|m| {
+                Migration::new(
+                    m.version,
+                    m.description.clone(),
+                    m.migration_type,
+                    Cow::Owned(self.ddl(&m.sql)),
+                    m.no_tx,
+                )
+            })
+            .collect::<Vec<_>>();
+        Migrator {
+            migrations: Cow::Owned(migrations),
+            ignore_missing: TEMPLATE.ignore_missing,
+            locking: TEMPLATE.locking,
+            no_tx: TEMPLATE.no_tx,
         }
     }
 
@@ -155,15 +180,11 @@ impl Db {
         self.pool.begin_with(self.dialect.begin_write()).await
     }
 
-    /// Bring the database's own tables up to date (`infra/migrations/<dialect>`,
-    /// embedded in the binary; a migration applied once is not applied again).
+    /// Bring the database's own tables up to date (`infra/migrations`, embedded in
+    /// the binary, with this dialect's DDL; a migration applied once is not applied
+    /// again).
     async fn migrate_base(&self) -> Result<(), sqlx::migrate::MigrateError> {
-        static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-        static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-        match self.dialect {
-            Dialect::Sqlite => SQLITE.run(&self.pool).await,
-            Dialect::Postgres => POSTGRES.run(&self.pool).await,
-        }
+        self.dialect.migrator().run(&self.pool).await
     }
 
     /// Run a script of `CREATE ... IF NOT EXISTS` statements (with `{serial}`): for
@@ -183,4 +204,47 @@ fn sqlite_path(url: &str) -> Option<&Path> {
         .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next()?;
     (!path.is_empty() && path != ":memory:").then(|| Path::new(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SHA-384 of the base migration as earlier versions shipped it, one file per
+    /// dialect: databases they made must still open.
+    const SHIPPED: [(Dialect, &str); 2] = [
+        (
+            Dialect::Sqlite,
+            "5659b2e325236d22dfcebc5559cc5b91b8a67614b78e69a6da0ffc8e27666b18af14592e0f2d6fe6e74bc26d540107c3",
+        ),
+        (
+            Dialect::Postgres,
+            "2098f3a506849d9ddc44c8b19da0260dddf0225b7b76de67e5c67f425be72c588fc678181cf838fd4c469ee6dfd08e83",
+        ),
+    ];
+
+    #[test]
+    fn one_set_of_migrations_reads_as_each_dialect_shipped_it() {
+        for (dialect, checksum) in SHIPPED {
+            let migrator = dialect.migrator();
+            let first = migrator.migrations.first().expect("a migration");
+            let hex: String = first.checksum.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hex, checksum, "{dialect:?}");
+            assert!(!first.sql.contains("{serial}"));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_database_is_migrated_once_and_opens_again() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("service.db");
+        let db = Db::open_sqlite(&path, 1).await.expect("created");
+        db.pool.close().await;
+        let db = Db::open_sqlite(&path, 1).await.expect("reopened");
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+            .fetch_one(&db.pool)
+            .await
+            .expect("migrations");
+        assert_eq!(applied, 1);
+    }
 }

@@ -446,20 +446,8 @@ async fn append_one(
     request: &AppendRequest,
 ) -> Result<AppendOutcome, StoreError> {
     if let Some(record) = &request.idempotency {
-        let existing =
-            sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = $1")
-                .bind(&record.key)
-                .fetch_optional(&mut *conn)
-                .await?;
-        if let Some(row) = existing {
-            let stored = stored_response(&row)?;
-            if stored.request_hash != record.request_hash {
-                return Err(StoreError::KeyReused);
-            }
-            return Ok(AppendOutcome::Duplicate {
-                response: stored.response,
-                position: stored.position,
-            });
+        if let Some(first) = answered_before(conn, record).await? {
+            return Ok(first);
         }
     }
     let (actual, stream_position): (i64, i64) = sqlx::query_as(
@@ -478,28 +466,7 @@ async fn append_one(
             actual,
         });
     }
-    let mut version = actual;
-    let mut position = stream_position;
-    for event in &request.events {
-        version += 1;
-        position = sqlx::query_scalar(
-            "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type,
-                schema_version, occurred_at, correlation_id, causation_id, payload)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING position",
-        )
-        .bind(event.event_id.to_string())
-        .bind(&request.aggregate_type)
-        .bind(&request.aggregate_id)
-        .bind(version)
-        .bind(&event.event_type)
-        .bind(i64::from(event.schema_version))
-        .bind(timestamp(event.occurred_at))
-        .bind(event.correlation_id.to_string())
-        .bind(event.causation_id.to_string())
-        .bind(event.payload.to_string())
-        .fetch_one(&mut *conn)
-        .await?;
-    }
+    let (version, position) = insert_events(conn, request, actual, stream_position).await?;
     if let (Some(state), false) = (&request.snapshot, request.events.is_empty()) {
         sqlx::query(
             "INSERT INTO snapshots (aggregate_type, aggregate_id, version, position, state)
@@ -529,4 +496,59 @@ async fn append_one(
         .await?;
     }
     Ok(AppendOutcome::Appended { position, version })
+}
+
+/// The first answer given under the record's key, if the key was used; refused when
+/// it was used for another request.
+async fn answered_before(
+    conn: &mut AnyConnection,
+    record: &IdempotencyRecord,
+) -> Result<Option<AppendOutcome>, StoreError> {
+    let existing =
+        sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = $1")
+            .bind(&record.key)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some(row) = existing else {
+        return Ok(None);
+    };
+    let stored = stored_response(&row)?;
+    if stored.request_hash != record.request_hash {
+        return Err(StoreError::KeyReused);
+    }
+    Ok(Some(AppendOutcome::Duplicate {
+        response: stored.response,
+        position: stored.position,
+    }))
+}
+
+/// Insert the request's events after `version` (the stream's last, at `position`):
+/// the stream's new (version, position).
+async fn insert_events(
+    conn: &mut AnyConnection,
+    request: &AppendRequest,
+    mut version: i64,
+    mut position: i64,
+) -> Result<(i64, i64), StoreError> {
+    for event in &request.events {
+        version += 1;
+        position = sqlx::query_scalar(
+            "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type,
+                schema_version, occurred_at, correlation_id, causation_id, payload)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING position",
+        )
+        .bind(event.event_id.to_string())
+        .bind(&request.aggregate_type)
+        .bind(&request.aggregate_id)
+        .bind(version)
+        .bind(&event.event_type)
+        .bind(i64::from(event.schema_version))
+        .bind(timestamp(event.occurred_at))
+        .bind(event.correlation_id.to_string())
+        .bind(event.causation_id.to_string())
+        .bind(event.payload.to_string())
+        .fetch_one(&mut *conn)
+        .await?;
+    }
+    Ok((version, position))
 }

@@ -351,3 +351,36 @@ pub fn token_header(token: &str) -> [(&'static str, String); 1] {
 pub async fn not_found_fallback() -> ApiError {
     ApiError::not_found("no such resource")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_read_back_as_written_and_nothing_else_reads_as_one() {
+        for raw in ["42", "order:0192-ab:3", "inventory:S:1:2"] {
+            let token = Token::parse(raw).expect(raw);
+            assert_eq!(token.to_string(), raw);
+        }
+        assert_eq!(
+            Token::parse("inventory:S:1:2"),
+            Some(Token::Stream {
+                aggregate_type: AggregateType::Inventory,
+                aggregate_id: "S:1".into(),
+                version: 2,
+            })
+        );
+        for raw in ["-1", "", "widget:x:1", "order::1", "order:x:-2", "order:x"] {
+            assert_eq!(Token::parse(raw), None, "{raw}");
+        }
+    }
+
+    #[test]
+    fn an_error_renders_as_problem_json_with_retry_after_when_it_has_one() {
+        let response = ApiError::not_yet_consistent(2).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let headers = response.headers();
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(headers[header::RETRY_AFTER], "2");
+    }
+}

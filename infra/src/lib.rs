@@ -12,6 +12,7 @@
 //! - [`http`]: problem+json errors, strict JSON bodies, consistency tokens.
 
 pub mod checkpoints;
+pub mod clock;
 pub mod config;
 pub mod consume;
 pub mod db;
@@ -114,4 +115,46 @@ pub fn parse_timestamp(raw: &str) -> Result<chrono::DateTime<chrono::Utc>> {
 
 pub fn parse_uuid(raw: &str) -> Result<uuid::Uuid> {
     uuid::Uuid::parse_str(raw).map_err(|e| InfraError::Corrupt(format!("uuid {raw:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::ApiError;
+    use axum::http::StatusCode;
+
+    #[test]
+    fn a_dependency_that_is_down_is_a_503_and_a_bug_a_500() {
+        let down = InfraError::Database(sqlx::Error::PoolTimedOut);
+        assert!(down.is_unavailable());
+        let answer = ApiError::from(down);
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.retry_after, Some(1));
+        let shared = InfraError::Shared(std::sync::Arc::new(InfraError::Unavailable("x".into())));
+        assert!(shared.is_unavailable());
+        assert_eq!(shared.kind(), "unavailable");
+
+        let corrupt = InfraError::Corrupt("payload".into());
+        assert!(!corrupt.is_unavailable());
+        let answer = ApiError::from(corrupt);
+        assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(
+            !answer.detail.contains("payload"),
+            "internals leak: {}",
+            answer.detail
+        );
+    }
+
+    #[test]
+    fn stored_text_that_does_not_read_is_corrupt_data() {
+        assert_eq!(parse_uuid("nope").map_err(|e| e.kind()), Err("corrupt"));
+        assert_eq!(
+            parse_timestamp("yesterday").map_err(|e| e.kind()),
+            Err("corrupt")
+        );
+        let at = chrono::DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456Z")
+            .expect("time")
+            .with_timezone(&chrono::Utc);
+        assert_eq!(parse_timestamp(&timestamp(at)).ok(), Some(at));
+    }
 }

@@ -327,3 +327,6 @@ async fn apply_payment(
     .await
     .map(|_| ())
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,7 +12,7 @@ use infra::http::{await_consistency, ApiError};
 use infra::progress::Progress;
 use infra::{parse_timestamp, EventStore};
 use schemas::http::{InventoryView, OrderLineView, OrderPage, OrderView, StreamView};
-use schemas::topics::{ProjectionName, AGGREGATE_TYPES};
+use schemas::topics::{AggregateType, ProjectionName, UnknownName};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::any::AnyRow;
@@ -261,13 +261,13 @@ async fn stream(
     State(s): State<QueryState>,
     Path((aggregate_type, aggregate_id)): Path<(String, String)>,
 ) -> Result<Json<StreamView>, ApiError> {
-    if !AGGREGATE_TYPES.contains(&aggregate_type.as_str()) {
-        return Err(ApiError::not_found(format!(
-            "no aggregate type {aggregate_type:?}; the types are {}",
-            AGGREGATE_TYPES.join(", ")
-        )));
-    }
-    let events = s.store.load_stream(&aggregate_type, &aggregate_id).await?;
+    let aggregate_type: AggregateType = aggregate_type
+        .parse()
+        .map_err(|e: UnknownName| ApiError::not_found(e.to_string()))?;
+    let events = s
+        .store
+        .load_stream(aggregate_type.as_str(), &aggregate_id)
+        .await?;
     if events.is_empty() {
         return Err(ApiError::not_found(format!(
             "no stream {aggregate_type}/{aggregate_id}"
@@ -275,3 +275,6 @@ async fn stream(
     }
     Ok(Json(StreamView { events }))
 }
+
+#[cfg(test)]
+mod tests;

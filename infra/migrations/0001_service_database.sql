@@ -5,7 +5,7 @@
 
 -- the event store
 CREATE TABLE IF NOT EXISTS events (
-    position        BIGSERIAL PRIMARY KEY,
+    position        {serial},
     event_id        TEXT    NOT NULL UNIQUE,
     aggregate_type  TEXT    NOT NULL,
     aggregate_id    TEXT    NOT NULL,
@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 
 -- dead letters
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id          BIGSERIAL PRIMARY KEY,
+    id          {serial},
     consumer    TEXT    NOT NULL,
     position    BIGINT NOT NULL,
     event       TEXT    NOT NULL,
@@ -75,7 +75,7 @@ CREATE TABLE IF NOT EXISTS sagas (
     updated_at      TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS saga_outbox (
-    id              BIGSERIAL PRIMARY KEY,
+    id              {serial},
     command_id      TEXT NOT NULL UNIQUE,
     order_id        TEXT NOT NULL,
     command         TEXT NOT NULL,

@@ -1,0 +1,304 @@
+//! The driver and the log source, on real SQLite files.
+
+use super::*;
+use crate::event_store::{AppendRequest, NewEvent};
+use crate::shutdown;
+use chrono::Utc;
+use serde_json::json;
+use std::sync::atomic::AtomicUsize;
+use uuid::Uuid;
+
+struct Fixture {
+    store: EventStore,
+    db: Db,
+    _dir: tempfile::TempDir,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EventStore::open(&dir.path().join("events.db"))
+        .await
+        .expect("log");
+    let db = Db::open_sqlite(&dir.path().join("service.db"), 2)
+        .await
+        .expect("service db");
+    sqlx::query("CREATE TABLE seen (aggregate_id TEXT NOT NULL, quantity BIGINT NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .expect("table");
+    Fixture {
+        store,
+        db,
+        _dir: dir,
+    }
+}
+
+/// Append one event of `aggregate_type` whose payload holds `quantity`.
+async fn append(store: &EventStore, aggregate_type: &str, id: &str, quantity: i64) -> i64 {
+    let version = store
+        .load_stream(aggregate_type, id)
+        .await
+        .expect("stream")
+        .len() as i64;
+    let event_id = Uuid::now_v7();
+    let outcome = store
+        .append(AppendRequest {
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: id.into(),
+            expected_version: version,
+            events: vec![NewEvent {
+                event_id,
+                event_type: "StockRestocked".into(),
+                schema_version: 1,
+                payload: json!({ "quantity": quantity }),
+                occurred_at: Utc::now(),
+                correlation_id: event_id,
+                causation_id: event_id,
+            }],
+            idempotency: None,
+            snapshot: None,
+        })
+        .await
+        .expect("appended");
+    match outcome {
+        crate::AppendOutcome::Appended { position, .. } => position,
+        other => panic!("not appended: {other:?}"),
+    }
+}
+
+/// Writes each event's quantity into `seen`; a negative quantity cannot be read and
+/// zero cannot be applied; `before` lets only `allow` items through when set.
+struct Recorder {
+    db: Db,
+    metrics: Metrics,
+    allow: Option<usize>,
+    checkpoints: Arc<AtomicUsize>,
+}
+
+impl Recorder {
+    fn new(db: &Db) -> Recorder {
+        Recorder {
+            db: db.clone(),
+            metrics: Metrics::default(),
+            allow: None,
+            checkpoints: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+impl Handler for Recorder {
+    type Item = (String, i64);
+    type Done = usize;
+
+    fn name(&self) -> &str {
+        "recorder"
+    }
+
+    fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn decode(&self, record: &Record) -> Result<Option<(String, i64)>, String> {
+        let event = record.event()?;
+        let quantity = event.envelope.payload["quantity"].as_i64().unwrap_or(-1);
+        if quantity < 0 {
+            return Err("no quantity".into());
+        }
+        Ok(Some((event.envelope.aggregate_id.clone(), quantity)))
+    }
+
+    async fn before(&self, items: &[(String, i64)]) -> usize {
+        self.allow.unwrap_or(items.len())
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut AnyConnection,
+        items: &[(String, i64)],
+        failures: &mut Failures,
+    ) -> Result<usize, InfraError> {
+        for (i, (id, quantity)) in items.iter().enumerate() {
+            if *quantity == 0 {
+                failures.push(i, "zero");
+                continue;
+            }
+            sqlx::query("INSERT INTO seen (aggregate_id, quantity) VALUES ($1, $2)")
+                .bind(id)
+                .bind(quantity)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(items.len())
+    }
+
+    fn after(&self, _: usize, _checkpoint: i64) {
+        self.checkpoints.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn seen(db: &Db) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT aggregate_id, quantity FROM seen ORDER BY rowid")
+        .fetch_all(&db.pool)
+        .await
+        .expect("seen")
+}
+
+#[test]
+fn backoff_waits_a_tenth_of_a_second_more_per_failure_up_to_five_seconds() {
+    let mut backoff = Backoff::default();
+    assert!(!backoff.failing());
+    assert_eq!(backoff.fail(), Duration::from_millis(100));
+    assert_eq!(backoff.fail(), Duration::from_millis(200));
+    for _ in 0..100 {
+        backoff.fail();
+    }
+    assert_eq!(backoff.fail(), Duration::from_secs(5));
+    backoff.reset();
+    assert_eq!(backoff.fail(), Duration::from_millis(100));
+}
+
+#[tokio::test]
+async fn a_log_source_reads_its_topics_after_the_stored_checkpoint_and_rewinds_to_it() {
+    let f = fixture().await;
+    let first = append(&f.store, "inventory", "S-1", 1).await;
+    let second = append(&f.store, "inventory", "S-2", 2).await;
+    append(&f.store, "order", "o-1", 3).await;
+    let source = LogSource::open(f.store.clone(), &["inventory"], "c", &f.db)
+        .await
+        .expect("source");
+
+    let batch = source.next_batch(1).await.expect("batch");
+    assert_eq!(batch.records.len(), 1);
+    assert_eq!(batch.reached, Some(first));
+    let mut tx = f.db.begin_write().await.expect("tx");
+    source.store(&mut tx, &batch, 1).await.expect("stored");
+    tx.commit().await.expect("commit");
+    assert_eq!(source.committed(&batch, 1).await.expect("moved"), first);
+
+    // The rest of the topic, and the position past the other topic's event.
+    let batch = source.next_batch(10).await.expect("batch");
+    assert_eq!(batch.records.len(), 1);
+    assert_eq!(batch.records[0].position(), second);
+    assert_eq!(batch.reached, Some(f.store.head()));
+    assert_eq!(
+        source.committed(&batch, 1).await.expect("moved"),
+        f.store.head()
+    );
+    // Not stored: a rewind goes back to the stored checkpoint.
+    source.rewind().await.expect("rewound");
+    assert_eq!(source.checkpoint().await.expect("checkpoint"), first);
+    let (_, lag) = source.standing().await.expect("standing");
+    assert_eq!(lag, 1);
+}
+
+#[tokio::test]
+async fn a_batch_stores_its_position_with_its_effects_and_dead_letters_what_fails() {
+    let f = fixture().await;
+    append(&f.store, "inventory", "S-1", 5).await;
+    append(&f.store, "inventory", "S-2", -1).await; // unreadable
+    append(&f.store, "inventory", "S-3", 0).await; // cannot be applied
+    let last = append(&f.store, "inventory", "S-4", 7).await;
+    let source = LogSource::open(f.store.clone(), &["inventory"], "recorder", &f.db)
+        .await
+        .expect("source");
+    let handler = Recorder::new(&f.db);
+
+    assert_eq!(step(&source, &handler).await.expect("step"), Step::Moved);
+    assert_eq!(step(&source, &handler).await.expect("step"), Step::Idle);
+
+    assert_eq!(
+        seen(&f.db).await,
+        vec![("S-1".into(), 5), ("S-4".into(), 7)]
+    );
+    assert_eq!(
+        checkpoints::load(&f.db.pool, "recorder")
+            .await
+            .expect("checkpoint"),
+        last
+    );
+    let letters = dead_letters::list(&f.db.pool, "inventory")
+        .await
+        .expect("dead letters");
+    let errors: Vec<&str> = letters.iter().map(|l| l.error.as_str()).collect();
+    assert_eq!(errors, vec!["no quantity", "zero"]);
+    assert!(handler
+        .metrics
+        .render(&[])
+        .contains("orderline_dead_letters_total{consumer=\"recorder\"} 2"));
+    assert_eq!(handler.checkpoints.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_batch_done_only_in_part_stores_the_part_and_reads_the_rest_again() {
+    let f = fixture().await;
+    let first = append(&f.store, "inventory", "S-1", 1).await;
+    append(&f.store, "inventory", "S-2", 2).await;
+    let source = LogSource::open(f.store.clone(), &["inventory"], "recorder", &f.db)
+        .await
+        .expect("source");
+    let mut handler = Recorder::new(&f.db);
+    handler.allow = Some(1);
+
+    assert_eq!(step(&source, &handler).await.expect("step"), Step::Stalled);
+    assert_eq!(
+        checkpoints::load(&f.db.pool, "recorder")
+            .await
+            .expect("checkpoint"),
+        first
+    );
+    handler.allow = None;
+    assert_eq!(step(&source, &handler).await.expect("step"), Step::Moved);
+    assert_eq!(
+        seen(&f.db).await,
+        vec![("S-1".into(), 1), ("S-2".into(), 2)]
+    );
+}
+
+#[tokio::test]
+async fn the_driver_follows_appends_and_stops_on_shutdown() {
+    let f = fixture().await;
+    let source: Arc<dyn Source> = Arc::new(
+        LogSource::open(f.store.clone(), &["inventory"], "recorder", &f.db)
+            .await
+            .expect("source"),
+    );
+    let (trigger, stop) = shutdown::channel();
+    let task = tokio::spawn(drive(source, Recorder::new(&f.db), stop));
+    append(&f.store, "inventory", "S-1", 3).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while seen(&f.db).await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "not applied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    trigger.fire();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stopped")
+        .expect("no panic");
+}
+
+#[tokio::test]
+async fn a_replay_reads_from_the_start_and_stores_where_it_stands_for_another_consumer() {
+    let f = fixture().await;
+    append(&f.store, "inventory", "S-1", 1).await;
+    let last = append(&f.store, "inventory", "S-2", 2).await;
+    let live = LogSource::open(f.store.clone(), &["inventory"], "live", &f.db)
+        .await
+        .expect("source");
+    let replay = live.replay().await.expect("replay");
+    let end = replay.end().await.expect("end");
+    assert!(!replay.reached(&end));
+    let batch = replay.next_batch(10).await.expect("batch");
+    assert_eq!(batch.records.len(), 2);
+    replay.committed(&batch, 2).await.expect("moved");
+    assert!(replay.reached(&end));
+    let mut tx = f.db.begin_write().await.expect("tx");
+    replay.save_as(&mut tx, "live").await.expect("saved");
+    tx.commit().await.expect("commit");
+    live.rewind().await.expect("rewound");
+    assert_eq!(live.checkpoint().await.expect("checkpoint"), last);
+}

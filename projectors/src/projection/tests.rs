@@ -1,0 +1,345 @@
+//! The projections' SQL, applied by the runner to a real SQLite database.
+
+use super::*;
+use crate::runner::{Projections, Runner};
+use domain::order::OrderLine;
+use domain::{CustomerId, EventName, Money, PaymentToken, Quantity, Sku};
+use infra::consume::{step, LogSource, Step};
+use infra::db::Db;
+use infra::event_store::{AppendRequest, NewEvent};
+use infra::metrics::Metrics;
+use infra::progress::Progress;
+use infra::EventStore;
+use serde::Serialize;
+use sqlx::Row;
+use uuid::Uuid;
+
+struct Fixture {
+    store: EventStore,
+    db: Db,
+    _dir: tempfile::TempDir,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EventStore::open(&dir.path().join("events.db"))
+        .await
+        .expect("log");
+    let db = Db::open_sqlite(&dir.path().join("service.db"), 2)
+        .await
+        .expect("db");
+    for projection in ALL {
+        db.migrate(&projection.create_tables(""))
+            .await
+            .expect("tables");
+    }
+    Fixture {
+        store,
+        db,
+        _dir: dir,
+    }
+}
+
+impl Fixture {
+    /// Append `events` to one stream, after the events it holds.
+    async fn append<E: Serialize + EventName>(&self, aggregate_type: &str, id: &str, events: &[E]) {
+        let version = self
+            .store
+            .load_stream(aggregate_type, id)
+            .await
+            .expect("stream")
+            .len() as i64;
+        let events = events
+            .iter()
+            .map(|event| {
+                let (event_type, schema_version, payload) =
+                    schemas::encode(event).expect("encodes");
+                let event_id = Uuid::now_v7();
+                NewEvent {
+                    event_id,
+                    event_type,
+                    schema_version,
+                    payload,
+                    occurred_at: chrono::Utc::now(),
+                    correlation_id: event_id,
+                    causation_id: event_id,
+                }
+            })
+            .collect();
+        self.store
+            .append(AppendRequest {
+                aggregate_type: aggregate_type.into(),
+                aggregate_id: id.into(),
+                expected_version: version,
+                events,
+                idempotency: None,
+                snapshot: None,
+            })
+            .await
+            .expect("appended");
+    }
+
+    fn runner(&self, projection: Projection) -> Runner {
+        Runner {
+            projection,
+            suffix: "",
+            db: self.db.clone(),
+            lock: None,
+            progress: None,
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Run `projection` over the whole log from the start, as a fresh consumer.
+    async fn project(&self, projection: Projection) {
+        let source = LogSource::open(
+            self.store.clone(),
+            projection.topics(),
+            &format!("{projection}-{}", Uuid::now_v7().simple()),
+            &self.db,
+        )
+        .await
+        .expect("source");
+        let runner = self.runner(projection);
+        while step(&source, &runner).await.expect("step") == Step::Moved {}
+    }
+}
+
+fn order_id() -> Uuid {
+    Uuid::from_u128(42)
+}
+
+fn placed() -> OrderEvent {
+    let sku = Sku::parse("S-1").expect("sku");
+    OrderEvent::OrderPlaced {
+        customer_id: CustomerId::parse("c-1").expect("customer"),
+        lines: vec![OrderLine {
+            sku,
+            quantity: Quantity::new(2).expect("quantity"),
+            unit_price_cents: Money::from_cents(1299),
+        }],
+        total_cents: Money::from_cents(2598),
+        payment_token: PaymentToken::parse("tok_ok").expect("token"),
+    }
+}
+
+#[tokio::test]
+async fn the_orders_view_joins_the_order_with_its_payment_and_shipment() {
+    let f = fixture().await;
+    let id = order_id().to_string();
+    f.append("order", &id, &[placed()]).await;
+    f.append(
+        "payment",
+        &id,
+        &[
+            PaymentEvent::PaymentRequested {
+                amount_cents: Money::from_cents(2598),
+                payment_token: PaymentToken::parse("tok_ok").expect("token"),
+            },
+            PaymentEvent::PaymentAuthorized {
+                amount_cents: Money::from_cents(2598),
+            },
+        ],
+    )
+    .await;
+    f.append("shipment", &id, &[ShipmentEvent::ShipmentCreated {}])
+        .await;
+    f.append("order", &id, &[OrderEvent::OrderConfirmed {}])
+        .await;
+    for projection in ALL {
+        f.project(*projection).await;
+    }
+
+    let row = sqlx::query(
+        "SELECT o.status, o.total_cents, o.customer_id, p.payment_status, p.shipment_status
+           FROM orders o JOIN order_progress p ON p.order_id = o.order_id WHERE o.order_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&f.db.pool)
+    .await
+    .expect("order row");
+    assert_eq!(row.get::<String, _>("status"), "confirmed");
+    assert_eq!(row.get::<i64, _>("total_cents"), 2598);
+    assert_eq!(row.get::<String, _>("customer_id"), "c-1");
+    assert_eq!(row.get::<String, _>("payment_status"), "authorized");
+    assert_eq!(row.get::<String, _>("shipment_status"), "created");
+    let (status, authorized): (String, i64) =
+        sqlx::query_as("SELECT status, authorized_cents FROM payments WHERE order_id = $1")
+            .bind(&id)
+            .fetch_one(&f.db.pool)
+            .await
+            .expect("payment row");
+    assert_eq!((status.as_str(), authorized), ("authorized", 2598));
+    let shipment: String = sqlx::query_scalar("SELECT status FROM shipments WHERE order_id = $1")
+        .bind(&id)
+        .fetch_one(&f.db.pool)
+        .await
+        .expect("shipment row");
+    assert_eq!(shipment, "created");
+}
+
+#[tokio::test]
+async fn stock_levels_follow_every_inventory_event_and_a_cancellation_records_its_reason() {
+    let f = fixture().await;
+    f.append(
+        "inventory",
+        "S-1",
+        &[
+            InventoryEvent::StockRestocked {
+                quantity: 10,
+                on_hand: 10,
+                reserved: 0,
+            },
+            InventoryEvent::StockReserved {
+                order_id: order_id(),
+                quantity: 2,
+                on_hand: 10,
+                reserved: 2,
+            },
+            InventoryEvent::StockReservationRejected {
+                order_id: Uuid::from_u128(43),
+                requested: 20,
+                available: 8,
+            },
+        ],
+    )
+    .await;
+    let id = order_id().to_string();
+    f.append("order", &id, &[placed()]).await;
+    f.append(
+        "order",
+        &id,
+        &[OrderEvent::OrderCancelled {
+            reason: domain::CancelReason::PaymentTimeout,
+            note: None,
+        }],
+    )
+    .await;
+    f.project(Projection::Inventory).await;
+    f.project(Projection::Orders).await;
+
+    let (on_hand, reserved): (i64, i64) =
+        sqlx::query_as("SELECT on_hand, reserved FROM inventory_levels WHERE sku = 'S-1'")
+            .fetch_one(&f.db.pool)
+            .await
+            .expect("level");
+    assert_eq!((on_hand, reserved), (10, 2));
+    let (status, reason): (String, Option<String>) =
+        sqlx::query_as("SELECT status, cancel_reason FROM orders WHERE order_id = $1")
+            .bind(&id)
+            .fetch_one(&f.db.pool)
+            .await
+            .expect("order");
+    assert_eq!(status, "cancelled");
+    assert_eq!(reason.as_deref(), Some("payment_timeout"));
+}
+
+#[tokio::test]
+async fn a_redelivered_event_is_skipped_by_the_version_guard() {
+    let f = fixture().await;
+    f.append(
+        "inventory",
+        "S-1",
+        &[InventoryEvent::StockRestocked {
+            quantity: 5,
+            on_hand: 5,
+            reserved: 0,
+        }],
+    )
+    .await;
+    f.project(Projection::Inventory).await;
+    // Changed behind the projection's back: a second pass over the same events
+    // (a fresh consumer) must not touch the row again.
+    sqlx::query("UPDATE inventory_levels SET on_hand = 99")
+        .execute(&f.db.pool)
+        .await
+        .expect("update");
+    f.project(Projection::Inventory).await;
+    let on_hand: i64 = sqlx::query_scalar("SELECT on_hand FROM inventory_levels")
+        .fetch_one(&f.db.pool)
+        .await
+        .expect("level");
+    assert_eq!(on_hand, 99);
+    let applied: i64 = sqlx::query_scalar("SELECT version FROM inventory_applied")
+        .fetch_one(&f.db.pool)
+        .await
+        .expect("guard");
+    assert_eq!(applied, 1);
+}
+
+#[tokio::test]
+async fn an_event_that_cannot_be_applied_is_undone_dead_lettered_and_passed() {
+    let f = fixture().await;
+    let id = order_id().to_string();
+    // Confirmed before it was placed as far as this table knows, and with a table
+    // that refuses it: the update's savepoint is rolled back, the event kept.
+    sqlx::query("DROP TABLE order_progress")
+        .execute(&f.db.pool)
+        .await
+        .expect("drop");
+    f.append("order", &id, &[placed()]).await;
+    f.append("shipment", &id, &[ShipmentEvent::ShipmentCreated {}])
+        .await;
+    f.append("order", &id, &[OrderEvent::OrderConfirmed {}])
+        .await;
+    f.project(Projection::Orders).await;
+
+    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
+        .bind(&id)
+        .fetch_one(&f.db.pool)
+        .await
+        .expect("order");
+    assert_eq!(status, "confirmed");
+    let letters = infra::dead_letters::list(&f.db.pool, "order")
+        .await
+        .expect("dead letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].event["event_type"], "ShipmentCreated");
+}
+
+#[tokio::test]
+async fn projections_open_their_tables_and_start_at_the_stored_checkpoint() {
+    let f = fixture().await;
+    f.append(
+        "inventory",
+        "S-1",
+        &[InventoryEvent::StockRestocked {
+            quantity: 1,
+            on_hand: 1,
+            reserved: 0,
+        }],
+    )
+    .await;
+    let transport = infra::consume::Transport::InProcess(f.store.clone());
+    let databases = [(Projection::Inventory, f.db.clone())];
+    let open = || {
+        Projections::open(
+            f.store.clone(),
+            Progress::default(),
+            Metrics::default(),
+            &databases,
+            &transport,
+        )
+    };
+    let projections = open().await.expect("open");
+    let handle = projections
+        .get(Projection::Inventory)
+        .expect("handle")
+        .clone();
+    assert_eq!(
+        projections.standing(&handle).await.expect("standing"),
+        (0, 1)
+    );
+    while step(&*handle.source, &projections.runner(&handle))
+        .await
+        .expect("step")
+        == Step::Moved
+    {}
+    assert_eq!(projections.progress.checkpoint("inventory"), f.store.head());
+    let reopened = open().await.expect("reopen");
+    let handle = reopened.get(Projection::Inventory).expect("handle");
+    assert_eq!(
+        reopened.standing(handle).await.expect("standing"),
+        (f.store.head(), 0)
+    );
+}
