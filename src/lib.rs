@@ -187,11 +187,7 @@ impl System {
         let db = Db::open(&config.database_url(service.as_str()), 16).await?;
         let store = EventStore::with_db(db).await?;
         let mut topics = kafka.event_topics();
-        topics.extend(
-            Service::ALL
-                .iter()
-                .map(|s| kafka.commands_topic(s.as_str())),
-        );
+        topics.extend(Service::ALL.iter().map(|s| kafka.commands_topic(*s)));
         ensure_topics(&kafka, &topics).await?;
         let transport = Transport::Kafka(kafka);
         let storage = Storage::with_services(&config, store, &[service], 16, &transport).await?;
@@ -293,10 +289,7 @@ fn inbox(
     shutdown: &Shutdown,
 ) -> anyhow::Result<(Arc<dyn Source>, JoinHandle<()>)> {
     let source: Arc<dyn Source> = Arc::new(Inbox::source(transport, service, db)?);
-    let inbox = Inbox {
-        handlers: handlers.clone(),
-        db: db.clone(),
-    };
+    let inbox = Inbox::new(handlers.clone(), db);
     let task = tokio::spawn(drive(source.clone(), inbox, shutdown.clone()));
     Ok((source, task))
 }

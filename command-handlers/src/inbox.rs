@@ -6,10 +6,9 @@
 //! it and the rest are read again after a pause.
 
 use crate::app::{CommandError, Handlers, Meta};
-use infra::consume::{Failures, Handler, Record, Transport};
+use infra::consume::{Consumer, Failures, Handler, Transport};
 use infra::db::Db;
 use infra::kafka::{KafkaConsumer, OffsetStore};
-use infra::metrics::Metrics;
 use infra::InfraError;
 use schemas::commands::CommandMessage;
 use schemas::topics::Service;
@@ -19,11 +18,18 @@ use sqlx::AnyConnection;
 pub const NAME: &str = "commands";
 
 pub struct Inbox {
-    pub handlers: Handlers,
-    pub db: Db,
+    handlers: Handlers,
+    consumer: Consumer,
 }
 
 impl Inbox {
+    pub fn new(handlers: Handlers, db: &Db) -> Inbox {
+        Inbox {
+            consumer: Consumer::new(NAME, db, &handlers.metrics),
+            handlers,
+        }
+    }
+
     /// The member of `<prefix>.commands.<service>` reading the service's command topic.
     pub fn source(
         transport: &Transport,
@@ -36,7 +42,7 @@ impl Inbox {
         Ok(KafkaConsumer::member(
             config,
             &format!("{}.commands.{service}", config.prefix),
-            &[config.commands_topic(service.as_str())],
+            &[config.commands_topic(service)],
             OffsetStore::new(db, NAME),
         )?)
     }
@@ -46,24 +52,12 @@ impl Handler for Inbox {
     type Item = CommandMessage;
     type Done = ();
 
-    fn name(&self) -> &str {
-        NAME
-    }
-
-    fn db(&self) -> &Db {
-        &self.db
-    }
-
-    fn metrics(&self) -> &Metrics {
-        &self.handlers.metrics
+    fn consumer(&self) -> &Consumer {
+        &self.consumer
     }
 
     fn batch_size(&self) -> usize {
         200
-    }
-
-    fn decode(&self, record: &Record) -> Result<Option<CommandMessage>, String> {
-        record.message().map(Some)
     }
 
     /// Carry out the commands in order, up to the first that fails for a reason other

@@ -280,9 +280,12 @@ async fn shipment_step(
     order_id: &str,
     headers: &HeaderMap,
     raw: &Bytes,
-    step: &str,
     command: OrderCommand,
 ) -> Result<Response, ApiError> {
+    let step = match command {
+        OrderCommand::Ship => "dispatch",
+        _ => "deliver",
+    };
     let order_id = parse_order_id(order_id)?;
     let response = json!({ "order_id": order_id });
     let record = idempotency(
@@ -306,16 +309,8 @@ async fn dispatch(
     headers: HeaderMap,
     raw: Bytes,
 ) -> Response {
-    let step = shipment_step(
-        &h,
-        &order_id,
-        &headers,
-        &raw,
-        "dispatch",
-        OrderCommand::Ship,
-    );
-    let result = step.await;
-    observe(&h, "dispatch_shipment", result)
+    let step = shipment_step(&h, &order_id, &headers, &raw, OrderCommand::Ship);
+    observe(&h, "dispatch_shipment", step.await)
 }
 
 async fn deliver(
@@ -324,14 +319,6 @@ async fn deliver(
     headers: HeaderMap,
     raw: Bytes,
 ) -> Response {
-    let step = shipment_step(
-        &h,
-        &order_id,
-        &headers,
-        &raw,
-        "deliver",
-        OrderCommand::Deliver,
-    );
-    let result = step.await;
-    observe(&h, "deliver_shipment", result)
+    let step = shipment_step(&h, &order_id, &headers, &raw, OrderCommand::Deliver);
+    observe(&h, "deliver_shipment", step.await)
 }

@@ -13,14 +13,14 @@ use chrono::{DateTime, Utc};
 use domain::saga::{Config, Deadline, Fulfilment, Input, Outcome, Stage};
 use domain::Sku;
 use infra::clock::{Clock, SystemClock};
-use infra::consume::{Failures, Handler, Idle, Record, Source, Transport};
+use infra::consume::{Consumer, Failures, Handler, Idle, Source, Transport};
 use infra::db::Db;
 use infra::kafka::KafkaConfig;
-use infra::metrics::{self, Metrics};
+use infra::metrics;
 use infra::{parse_timestamp, parse_uuid, timestamp, InfraError};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::commands::{CommandMessage, SagaCommand};
-use schemas::topics::{AggregateType, AGGREGATE_TYPES};
+use schemas::topics::AggregateType;
 use schemas::{AnyEvent, RecordedEvent};
 use sqlx::{AnyConnection, Row};
 use std::collections::{BTreeMap, HashMap};
@@ -40,6 +40,7 @@ type Staged = (i64, Uuid, SagaCommand, Meta);
 
 pub struct SagaRunner {
     handlers: Handlers,
+    consumer: Consumer,
     db: Db,
     config: Config,
     dispatch: Dispatch,
@@ -85,6 +86,7 @@ impl SagaRunner {
         let payment_timeout = chrono::Duration::from_std(payment_timeout)
             .map_err(|e| InfraError::Config(format!("payment timeout: {e}")))?;
         Ok(SagaRunner {
+            consumer: Consumer::new(NAME, &db, &handlers.metrics),
             handlers,
             db,
             config: Config { payment_timeout },
@@ -102,7 +104,7 @@ impl SagaRunner {
     /// The saga's source of events on `transport`: every event topic.
     pub async fn source(transport: &Transport, db: &Db) -> Result<Arc<dyn Source>, InfraError> {
         transport
-            .events(NAME, &format!("saga.{NAME}"), &AGGREGATE_TYPES, db)
+            .events(NAME, &format!("saga.{NAME}"), AggregateType::ALL, db)
             .await
     }
 
@@ -328,20 +330,8 @@ impl Handler for SagaRunner {
     type Item = RecordedEvent;
     type Done = Vec<Outcome>;
 
-    fn name(&self) -> &str {
-        NAME
-    }
-
-    fn db(&self) -> &Db {
-        &self.db
-    }
-
-    fn metrics(&self) -> &Metrics {
-        &self.handlers.metrics
-    }
-
-    fn decode(&self, record: &Record) -> Result<Option<RecordedEvent>, String> {
-        record.event().map(|event| Some(event.into_owned()))
+    fn consumer(&self) -> &Consumer {
+        &self.consumer
     }
 
     async fn apply(
@@ -378,7 +368,7 @@ async fn publish(
 ) -> Vec<i64> {
     let mut deliveries = vec![];
     for ((aggregate_type, target), group) in groups {
-        let topic = config.commands_topic(aggregate_type.service().as_str());
+        let topic = config.commands_topic(aggregate_type.service());
         for (id, command_id, command, meta) in group {
             let message = CommandMessage {
                 command_id,

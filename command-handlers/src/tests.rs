@@ -10,8 +10,8 @@ use infra::clock::ManualClock;
 use infra::consume::{step, Handler, Idle, LogSource, Step};
 use infra::db::Db;
 use infra::metrics::Metrics;
-use infra::EventStore;
-use schemas::topics::AGGREGATE_TYPES;
+use infra::scratch::Scratch;
+use schemas::topics::AggregateType;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tower::ServiceExt;
@@ -19,21 +19,15 @@ use tower::ServiceExt;
 struct Fixture {
     handlers: Handlers,
     order_db: Db,
-    _dir: tempfile::TempDir,
+    _scratch: Scratch,
 }
 
 async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db"))
-        .await
-        .expect("log");
-    let order_db = Db::open_sqlite(&dir.path().join("order.db"), 2)
-        .await
-        .expect("db");
+    let scratch = Scratch::new().await.expect("scratch");
     Fixture {
-        handlers: Handlers::new(store, Metrics::default()),
-        order_db,
-        _dir: dir,
+        handlers: Handlers::new(scratch.store.clone(), Metrics::default()),
+        order_db: scratch.db.clone(),
+        _scratch: scratch,
     }
 }
 
@@ -128,81 +122,8 @@ async fn settle(saga: &SagaRunner, source: &LogSource) -> Idle {
     }
 }
 
-#[tokio::test]
-async fn the_payment_deadline_fires_when_the_clock_passes_it_and_not_before() {
-    let f = fixture().await;
-    let clock = ManualClock::at(
-        Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
-            .single()
-            .expect("time"),
-    );
-    let saga = SagaRunner::new(
-        f.handlers.clone(),
-        f.order_db.clone(),
-        Duration::from_secs(30),
-        Dispatch::InProcess,
-    )
-    .expect("saga")
-    .with_clock(clock.clone());
-    let source = LogSource::open(
-        f.handlers.store.clone(),
-        &AGGREGATE_TYPES,
-        NAME,
-        &f.order_db,
-    )
-    .await
-    .expect("source");
-    post(
-        &f.handlers,
-        "/v1/inventory/S-1/restock",
-        r#"{"quantity": 5}"#,
-    )
-    .await;
-    let (_, placed) = post(&f.handlers, "/v1/orders", &order("tok_no_answer")).await;
-    let order_id = placed["order_id"].as_str().expect("order id").to_owned();
-
-    // Reserved and asked to pay; the gateway never answers.
-    assert_eq!(
-        settle(&saga, &source).await,
-        Idle::For(Duration::from_secs(30))
-    );
-    clock.advance(chrono::Duration::seconds(29));
-    settle(&saga, &source).await;
-    let stream = f
-        .handlers
-        .store
-        .load_stream("order", &order_id)
-        .await
-        .expect("stream");
-    assert_eq!(stream.len(), 1, "cancelled before the deadline");
-
-    clock.advance(chrono::Duration::seconds(2));
-    settle(&saga, &source).await;
-    let stream = f
-        .handlers
-        .store
-        .load_stream("order", &order_id)
-        .await
-        .expect("stream");
-    let last = stream.last().expect("events");
-    assert_eq!(last.envelope.event_type, "OrderCancelled");
-    assert_eq!(last.envelope.payload["reason"], "payment_timeout");
-    // The stock is back on the shelf.
-    let item = f
-        .handlers
-        .store
-        .load_stream("inventory", "S-1")
-        .await
-        .expect("stream");
-    assert_eq!(
-        item.last().expect("events").envelope.event_type,
-        "StockReleased"
-    );
-}
-
-#[tokio::test]
-async fn an_order_runs_through_the_saga_to_confirmed() {
-    let f = fixture().await;
+/// The saga over the log, on the order database, with a 30 s payment timeout.
+async fn saga(f: &Fixture) -> (SagaRunner, LogSource) {
     let saga = SagaRunner::new(
         f.handlers.clone(),
         f.order_db.clone(),
@@ -212,32 +133,91 @@ async fn an_order_runs_through_the_saga_to_confirmed() {
     .expect("saga");
     let source = LogSource::open(
         f.handlers.store.clone(),
-        &AGGREGATE_TYPES,
-        saga.name(),
+        AggregateType::ALL,
+        NAME,
         &f.order_db,
     )
     .await
     .expect("source");
+    (saga, source)
+}
+
+/// Put stock on the shelf and place an order paid with `token`: its id.
+async fn place(f: &Fixture, token: &str) -> String {
     post(
         &f.handlers,
         "/v1/inventory/S-1/restock",
         r#"{"quantity": 5}"#,
     )
     .await;
-    let (_, placed) = post(&f.handlers, "/v1/orders", &order("tok_ok")).await;
-    let order_id = placed["order_id"].as_str().expect("order id").to_owned();
-    assert_eq!(
-        settle(&saga, &source).await,
-        Idle::For(Duration::from_secs(60))
-    );
-    let types: Vec<String> = f
-        .handlers
+    let (_, placed) = post(&f.handlers, "/v1/orders", &order(token)).await;
+    placed["order_id"].as_str().expect("order id").to_owned()
+}
+
+async fn event_types(f: &Fixture, aggregate_type: &str, id: &str) -> Vec<String> {
+    f.handlers
         .store
-        .load_stream("order", &order_id)
+        .load_stream(aggregate_type, id)
         .await
         .expect("stream")
         .into_iter()
         .map(|e| e.envelope.event_type)
-        .collect();
-    assert_eq!(types, vec!["OrderPlaced", "OrderConfirmed"]);
+        .collect()
+}
+
+#[tokio::test]
+async fn the_payment_deadline_fires_when_the_clock_passes_it_and_not_before() {
+    let f = fixture().await;
+    let start = Utc
+        .with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
+        .single()
+        .expect("time");
+    let clock = ManualClock::at(start);
+    let (saga, source) = saga(&f).await;
+    let saga = saga.with_clock(clock.clone());
+    let order_id = place(&f, "tok_no_answer").await;
+
+    // Reserved and asked to pay; the gateway never answers.
+    assert_eq!(
+        settle(&saga, &source).await,
+        Idle::For(Duration::from_secs(30))
+    );
+    clock.advance(chrono::Duration::seconds(29));
+    settle(&saga, &source).await;
+    assert_eq!(
+        event_types(&f, "order", &order_id).await,
+        vec!["OrderPlaced"]
+    );
+
+    clock.advance(chrono::Duration::seconds(2));
+    settle(&saga, &source).await;
+    assert_eq!(
+        event_types(&f, "order", &order_id).await,
+        vec!["OrderPlaced", "OrderCancelled"]
+    );
+    let stream = f
+        .handlers
+        .store
+        .load_stream("order", &order_id)
+        .await
+        .expect("stream");
+    assert_eq!(stream[1].envelope.payload["reason"], "payment_timeout");
+    // The stock is back on the shelf.
+    let item = event_types(&f, "inventory", "S-1").await;
+    assert_eq!(item.last().map(String::as_str), Some("StockReleased"));
+}
+
+#[tokio::test]
+async fn an_order_runs_through_the_saga_to_confirmed() {
+    let f = fixture().await;
+    let (saga, source) = saga(&f).await;
+    let order_id = place(&f, "tok_ok").await;
+    assert_eq!(
+        settle(&saga, &source).await,
+        Idle::For(Duration::from_secs(60))
+    );
+    assert_eq!(
+        event_types(&f, "order", &order_id).await,
+        vec!["OrderPlaced", "OrderConfirmed"]
+    );
 }

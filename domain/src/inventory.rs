@@ -216,6 +216,16 @@ mod tests {
         }
     }
 
+    /// Order 1 holds 2 of 5 units.
+    fn held_two_of_five() -> InventoryEvent {
+        InventoryEvent::StockReserved {
+            order_id: order(1),
+            quantity: 2,
+            on_hand: 5,
+            reserved: 2,
+        }
+    }
+
     fn reserve(n: u128, quantity: u64) -> InventoryCommand {
         InventoryCommand::Reserve {
             order_id: order(n),
@@ -282,12 +292,7 @@ mod tests {
 
     #[test]
     fn reserving_twice_for_one_order_holds_once() {
-        let held = InventoryEvent::StockReserved {
-            order_id: order(1),
-            quantity: 2,
-            on_hand: 5,
-            reserved: 2,
-        };
+        let held = held_two_of_five();
         assert_eq!(
             given::<InventoryItem>(vec![restocked(5), held]).when(reserve(1, 2)),
             Ok(vec![])
@@ -296,12 +301,7 @@ mod tests {
 
     #[test]
     fn releasing_gives_the_reservation_back_and_is_harmless_twice() {
-        let held = InventoryEvent::StockReserved {
-            order_id: order(1),
-            quantity: 2,
-            on_hand: 5,
-            reserved: 2,
-        };
+        let held = held_two_of_five();
         let released = InventoryEvent::StockReleased {
             order_id: order(1),
             quantity: 2,
@@ -322,12 +322,7 @@ mod tests {
 
     #[test]
     fn committing_takes_the_reserved_units_off_hand() {
-        let held = InventoryEvent::StockReserved {
-            order_id: order(1),
-            quantity: 2,
-            on_hand: 5,
-            reserved: 2,
-        };
+        let held = held_two_of_five();
         assert_eq!(
             given::<InventoryItem>(vec![restocked(5), held])
                 .when(InventoryCommand::Commit { order_id: order(1) }),

@@ -18,6 +18,7 @@ use crate::kafka::Polled;
 use crate::metrics::{self, Metrics};
 use crate::shutdown::Shutdown;
 use crate::{checkpoints, dead_letters, InfraError};
+use schemas::topics::AggregateType;
 use schemas::RecordedEvent;
 use serde::de::DeserializeOwned;
 use sqlx::{AnyConnection, AnyPool};
@@ -95,6 +96,15 @@ pub struct Batch {
     /// The log position a consumer may store once every record is done: past the
     /// last record when the log holds events of other topics after it.
     pub reached: Option<i64>,
+}
+
+impl From<Vec<Polled>> for Batch {
+    fn from(polled: Vec<Polled>) -> Batch {
+        Batch {
+            records: polled.into_iter().map(Record::Kafka).collect(),
+            reached: None,
+        }
+    }
 }
 
 impl Batch {
@@ -182,7 +192,7 @@ pub trait Replay: Source {
 /// The embedded log as a source: the event store's table, read by position.
 pub struct LogSource {
     store: EventStore,
-    topics: Vec<String>,
+    topics: Vec<AggregateType>,
     /// The consumer whose checkpoint is stored, and the database it is in; `None` for a
     /// reader that starts at the beginning and keeps its place in memory.
     checkpoint: Option<(String, AnyPool)>,
@@ -194,7 +204,7 @@ impl LogSource {
     /// A live consumer: reads after the checkpoint `name` keeps in `db`.
     pub async fn open(
         store: EventStore,
-        topics: &[&str],
+        topics: &[AggregateType],
         name: &str,
         db: &Db,
     ) -> Result<LogSource, InfraError> {
@@ -206,11 +216,11 @@ impl LogSource {
     }
 
     /// A reader from the start of the log (replays), storing nothing.
-    pub fn from_start(store: EventStore, topics: &[&str]) -> LogSource {
+    pub fn from_start(store: EventStore, topics: &[AggregateType]) -> LogSource {
         let head = Mutex::new(store.subscribe());
         LogSource {
             store,
-            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            topics: topics.to_vec(),
             checkpoint: None,
             cursor: AtomicI64::new(0),
             head,
@@ -218,7 +228,7 @@ impl LogSource {
     }
 
     fn topics(&self) -> Vec<&str> {
-        self.topics.iter().map(String::as_str).collect()
+        self.topics.iter().map(|t| t.as_str()).collect()
     }
 
     fn position_after(&self, batch: &Batch, done: usize) -> i64 {
@@ -296,7 +306,7 @@ impl Source for LogSource {
     async fn replay(&self) -> Result<Box<dyn Replay>, InfraError> {
         Ok(Box::new(LogSource::from_start(
             self.store.clone(),
-            &self.topics(),
+            &self.topics,
         )))
     }
 }
@@ -331,20 +341,53 @@ impl Failures {
     }
 }
 
+/// Who a consumer is: its name (its position and dead letters are kept under it),
+/// the database its effects, position and dead letters are written to, and where it
+/// counts.
+#[derive(Clone)]
+pub struct Consumer {
+    pub name: String,
+    pub db: Db,
+    pub metrics: Metrics,
+}
+
+impl Consumer {
+    pub fn new(name: impl Into<String>, db: &Db, metrics: &Metrics) -> Consumer {
+        Consumer {
+            name: name.into(),
+            db: db.clone(),
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+/// How a record reads as what a consumer takes.
+pub trait Decode: Sized + Send + Sync {
+    /// `Ok(None)` when the record is none of the consumer's business, `Err` when it
+    /// cannot be read (it becomes a dead letter).
+    fn decode(record: &Record) -> Result<Option<Self>, String>;
+}
+
+impl Decode for RecordedEvent {
+    fn decode(record: &Record) -> Result<Option<Self>, String> {
+        record.event().map(|event| Some(event.into_owned()))
+    }
+}
+
+impl Decode for schemas::commands::CommandMessage {
+    fn decode(record: &Record) -> Result<Option<Self>, String> {
+        record.message().map(Some)
+    }
+}
+
 /// What a consumer does with the records of its source.
 pub trait Handler: Send + Sync {
     /// A record as this consumer reads it.
-    type Item: Send + Sync;
+    type Item: Decode;
     /// What applying a batch yields, handed to [`Handler::after`] once committed.
     type Done: Send;
 
-    /// The consumer's name: its position and dead letters are kept under it.
-    fn name(&self) -> &str;
-
-    /// The database its effects, position and dead letters are written to.
-    fn db(&self) -> &Db;
-
-    fn metrics(&self) -> &Metrics;
+    fn consumer(&self) -> &Consumer;
 
     /// The most records one batch takes.
     fn batch_size(&self) -> usize {
@@ -358,7 +401,9 @@ pub trait Handler: Send + Sync {
 
     /// What a record is to this consumer: `Ok(None)` when it is none of its business,
     /// `Err` when it cannot be read (it becomes a dead letter).
-    fn decode(&self, record: &Record) -> Result<Option<Self::Item>, String>;
+    fn decode(&self, record: &Record) -> Result<Option<Self::Item>, String> {
+        Self::Item::decode(record)
+    }
 
     /// Effects outside the transaction, in order (a command inbox carries its commands
     /// out through the event store): how many items are done. The rest is read again.
@@ -495,14 +540,15 @@ pub async fn step<H: Handler>(source: &dyn Source, handler: &H) -> Result<Step, 
     if batch.is_empty() {
         return Ok(Step::Idle);
     }
-    let name = handler.name();
-    let mut tx = handler.db().begin_write().await?;
+    let consumer = handler.consumer();
+    let name = consumer.name.as_str();
+    let mut tx = consumer.db.begin_write().await?;
     let (done, out, dead) = apply_batch(handler, name, &mut tx, &batch).await?;
     source.store(&mut tx, &batch, done).await?;
     tx.commit().await?;
     if dead > 0 {
-        handler
-            .metrics()
+        consumer
+            .metrics
             .add(&metrics::DEAD_LETTERS, &[("consumer", name)], dead as u64);
     }
     let checkpoint = source.committed(&batch, done).await?;
@@ -516,7 +562,7 @@ pub async fn step<H: Handler>(source: &dyn Source, handler: &H) -> Result<Step, 
 
 /// Run `handler` over `source` until shutdown.
 pub async fn drive<H: Handler>(source: Arc<dyn Source>, handler: H, mut shutdown: Shutdown) {
-    let name = handler.name().to_owned();
+    let name = handler.consumer().name.clone();
     if let Err(error) = source.join().await {
         tracing::error!(error = %error, consumer = %name, "cannot start reading");
         return;
@@ -542,6 +588,10 @@ pub async fn drive<H: Handler>(source: Arc<dyn Source>, handler: H, mut shutdown
             Ok((Step::Stalled, _)) => backoff.fail(),
             Err(error) => {
                 tracing::error!(error = %error, kind = error.kind(), consumer = %name, "batch failed; retrying");
+                handler.consumer().metrics.inc(
+                    &metrics::CONSUMER_ERRORS,
+                    &[("consumer", &name), ("kind", error.kind())],
+                );
                 backoff.fail()
             }
         };
@@ -575,7 +625,7 @@ impl Transport {
         &self,
         consumer: &str,
         group: &str,
-        aggregate_types: &[&str],
+        aggregate_types: &[AggregateType],
         db: &Db,
     ) -> Result<Arc<dyn Source>, InfraError> {
         Ok(match self {
@@ -585,7 +635,7 @@ impl Transport {
             Transport::Kafka(config) => {
                 let topics: Vec<String> = aggregate_types
                     .iter()
-                    .map(|t| config.events_topic(t))
+                    .map(|t| config.events_topic(*t))
                     .collect();
                 Arc::new(crate::kafka::KafkaConsumer::member(
                     config,

@@ -26,7 +26,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use schemas::topics::AGGREGATE_TYPES;
+use schemas::topics::{AggregateType, Service, AGGREGATE_TYPES};
 use schemas::RecordedEvent;
 use sqlx::{AnyConnection, AnyPool};
 use std::collections::BTreeMap;
@@ -61,21 +61,21 @@ impl KafkaConfig {
         }
     }
 
-    /// The event topic of an aggregate type.
-    pub fn events_topic(&self, aggregate_type: &str) -> String {
-        format!("{}.{aggregate_type}.events", self.prefix)
+    /// The event topic of an aggregate type: `<prefix>.<aggregate>.events`.
+    pub fn events_topic(&self, aggregate_type: AggregateType) -> String {
+        aggregate_type.events_topic(&self.prefix)
     }
 
     /// The command topic of a service: `<prefix>.<service>.commands`.
-    pub fn commands_topic(&self, service: &str) -> String {
-        format!("{}.{service}.commands", self.prefix)
+    pub fn commands_topic(&self, service: Service) -> String {
+        service.commands_topic(&self.prefix)
     }
 
     /// The event topic of every aggregate type.
     pub fn event_topics(&self) -> Vec<String> {
-        AGGREGATE_TYPES
+        AggregateType::ALL
             .iter()
-            .map(|t| self.events_topic(t))
+            .map(|t| self.events_topic(*t))
             .collect()
     }
 
@@ -139,6 +139,10 @@ pub fn record_of(
     event: &RecordedEvent,
 ) -> Result<(String, String, Vec<u8>, OwnedHeaders), InfraError> {
     let envelope = &event.envelope;
+    let aggregate_type: AggregateType = envelope
+        .aggregate_type
+        .parse()
+        .map_err(|e| InfraError::Corrupt(format!("event {}: {e}", envelope.event_id)))?;
     let payload = serde_json::to_vec(event)?;
     let values = [
         envelope.event_id.to_string(),
@@ -156,7 +160,7 @@ pub fn record_of(
         });
     }
     Ok((
-        config.events_topic(&envelope.aggregate_type),
+        config.events_topic(aggregate_type),
         envelope.aggregate_id.clone(),
         payload,
         headers,
@@ -603,11 +607,7 @@ impl Source for KafkaConsumer {
     }
 
     async fn next_batch(&self, max: usize) -> Result<Batch, InfraError> {
-        let polled = self.poll_batch(max, POLL_WAIT).await?;
-        Ok(Batch {
-            records: polled.into_iter().map(Record::Kafka).collect(),
-            reached: None,
-        })
+        Ok(self.poll_batch(max, POLL_WAIT).await?.into())
     }
 
     async fn store(
@@ -767,11 +767,7 @@ impl TopicReader {
 #[async_trait::async_trait]
 impl Source for TopicReader {
     async fn next_batch(&self, max: usize) -> Result<Batch, InfraError> {
-        let polled = self.poll_batch(max, POLL_WAIT).await?;
-        Ok(Batch {
-            records: polled.into_iter().map(Record::Kafka).collect(),
-            reached: None,
-        })
+        Ok(self.poll_batch(max, POLL_WAIT).await?.into())
     }
 
     async fn store(

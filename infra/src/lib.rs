@@ -22,6 +22,8 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod progress;
+#[cfg(any(test, feature = "testing"))]
+pub mod scratch;
 pub mod shutdown;
 
 pub use config::Config;

@@ -43,12 +43,18 @@ pub const DEAD_LETTERS: Family = Family {
     help: "Events a consumer could not apply.",
 };
 
-const COUNTERS: [&Family; 5] = [
+pub const CONSUMER_ERRORS: Family = Family {
+    name: "orderline_consumer_errors_total",
+    help: "Batches a consumer had to retry, by consumer and kind of error.",
+};
+
+const COUNTERS: [&Family; 6] = [
     &COMMANDS_ACCEPTED,
     &COMMANDS_REJECTED,
     &EVENTS_APPENDED,
     &SAGA_OUTCOMES,
     &DEAD_LETTERS,
+    &CONSUMER_ERRORS,
 ];
 
 impl Metrics {

@@ -173,25 +173,6 @@ async fn set_progress(
     .map(|_| ())
 }
 
-async fn set_order_field(
-    conn: &mut AnyConnection,
-    suffix: &str,
-    id: &str,
-    at: &str,
-    field: &str,
-    value: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "UPDATE orders{suffix} SET {field} = $2, updated_at = $3 WHERE order_id = $1"
-    ))
-    .bind(id)
-    .bind(value)
-    .bind(at)
-    .execute(conn)
-    .await
-    .map(|_| ())
-}
-
 async fn apply_order(
     conn: &mut AnyConnection,
     suffix: &str,
@@ -237,7 +218,15 @@ async fn apply_order(
             .map(|_| ());
         }
     };
-    set_order_field(conn, suffix, id, at, "status", status).await
+    sqlx::query(&format!(
+        "UPDATE orders{suffix} SET status = $2, updated_at = $3 WHERE order_id = $1"
+    ))
+    .bind(id)
+    .bind(status)
+    .bind(at)
+    .execute(conn)
+    .await
+    .map(|_| ())
 }
 
 async fn apply_inventory(

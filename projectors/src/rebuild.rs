@@ -10,7 +10,7 @@
 
 use crate::projection::ReadModel;
 use crate::runner::{ProjectionHandle, Projections, Runner};
-use infra::consume::{apply_batch, Replay};
+use infra::consume::{apply_batch, Consumer, Replay};
 use infra::db::{Db, Dialect};
 use infra::progress::Rebuild;
 use infra::InfraError;
@@ -42,10 +42,9 @@ pub async fn rebuild(
         runner: Runner {
             projection,
             suffix: SHADOW,
-            db: db.clone(),
+            consumer: Consumer::new(name, db, &all.metrics),
             lock: None,
             progress: None,
-            metrics: all.metrics.clone(),
         },
         dead_letters: format!("{name}@rebuild"),
         progress: Rebuild {

@@ -4,7 +4,7 @@
 //! the process reads (the embedded log, or Kafka).
 
 use crate::projection::{Projection, ReadModel};
-use infra::consume::{self, Failures, Handler, Record, Source, Transport};
+use infra::consume::{self, Consumer, Failures, Handler, Source, Transport};
 use infra::db::Db;
 use infra::metrics::Metrics;
 use infra::progress::Progress;
@@ -82,10 +82,9 @@ impl Projections {
         Runner {
             projection: handle.projection,
             suffix: "",
-            db: handle.db.clone(),
+            consumer: Consumer::new(handle.projection.as_str(), &handle.db, &self.metrics),
             lock: Some(handle.lock.clone()),
             progress: Some(self.progress.clone()),
-            metrics: self.metrics.clone(),
         }
     }
 
@@ -115,35 +114,22 @@ pub struct Runner {
     pub projection: Projection,
     /// The suffix of the tables written: empty for the live ones.
     pub suffix: &'static str,
-    pub db: Db,
+    pub consumer: Consumer,
     pub lock: Option<Arc<Mutex<()>>>,
     /// Told of each new checkpoint (the live runner), so reads can wait for tokens.
     pub progress: Option<Progress>,
-    pub metrics: Metrics,
 }
 
 impl Handler for Runner {
     type Item = RecordedEvent;
     type Done = ();
 
-    fn name(&self) -> &str {
-        self.projection.as_str()
-    }
-
-    fn db(&self) -> &Db {
-        &self.db
-    }
-
-    fn metrics(&self) -> &Metrics {
-        &self.metrics
+    fn consumer(&self) -> &Consumer {
+        &self.consumer
     }
 
     fn lock(&self) -> Option<Arc<Mutex<()>>> {
         self.lock.clone()
-    }
-
-    fn decode(&self, record: &Record) -> Result<Option<RecordedEvent>, String> {
-        record.event().map(|event| Some(event.into_owned()))
     }
 
     async fn apply(

@@ -3,43 +3,34 @@
 use super::*;
 use axum::body::{to_bytes, Body};
 use axum::http::{Request, StatusCode};
-use infra::db::Db;
+use infra::scratch::Scratch;
 use projectors::projection::{ReadModel, ALL};
 use tower::ServiceExt;
 
 struct Fixture {
     state: QueryState,
-    db: Db,
-    _dir: tempfile::TempDir,
+    scratch: Scratch,
 }
 
 async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db"))
-        .await
-        .expect("log");
-    let db = Db::open_sqlite(&dir.path().join("service.db"), 2)
-        .await
-        .expect("db");
+    let scratch = Scratch::new().await.expect("scratch");
     for projection in ALL {
-        db.migrate(&projection.create_tables(""))
+        scratch
+            .db
+            .migrate(&projection.create_tables(""))
             .await
             .expect("tables");
     }
-    let pool = Some(db.pool.clone());
+    let pool = Some(scratch.db.pool.clone());
     let state = QueryState {
-        store,
+        store: scratch.store.clone(),
         progress: Progress::default(),
         orders: pool.clone(),
         inventory: pool.clone(),
         payments: pool.clone(),
         shipments: pool,
     };
-    Fixture {
-        state,
-        db,
-        _dir: dir,
-    }
+    Fixture { state, scratch }
 }
 
 /// GET `path` with `headers`: the status, the content type and the body as JSON.
@@ -72,7 +63,7 @@ async fn get(
 async fn stock_is_read_from_the_read_model_with_what_is_available() {
     let f = fixture().await;
     sqlx::query("INSERT INTO inventory_levels (sku, on_hand, reserved, updated_at) VALUES ('S-1', 10, 3, 'x')")
-        .execute(&f.db.pool)
+        .execute(&f.scratch.db.pool)
         .await
         .expect("row");
     let (status, _, body) = get(&f.state, "/v1/inventory/S-1", &[]).await;
@@ -118,7 +109,7 @@ async fn orders_are_listed_newest_first_a_page_at_a_time() {
              VALUES ($1, 'c-1', 'pending', '[]', 100, '2026-01-01T00:00:00.000000Z', '2026-01-01T00:00:00.000000Z')",
         )
         .bind(Uuid::from_u128(n).to_string())
-        .execute(&f.db.pool)
+        .execute(&f.scratch.db.pool)
         .await
         .expect("row");
     }
@@ -152,7 +143,7 @@ async fn orders_are_listed_newest_first_a_page_at_a_time() {
 async fn a_read_waits_for_its_consistency_token_and_answers_503_when_it_does_not_come() {
     let f = fixture().await;
     sqlx::query("INSERT INTO inventory_levels (sku, on_hand, reserved, updated_at) VALUES ('S-1', 1, 0, 'x')")
-        .execute(&f.db.pool)
+        .execute(&f.scratch.db.pool)
         .await
         .expect("row");
     let token = [

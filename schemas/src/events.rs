@@ -32,28 +32,30 @@ pub enum SchemaError {
     Encode(String),
 }
 
+use crate::topics::AggregateType;
+
 /// Every event type with its aggregate and current schema version. A change to an
 /// event's wire shape needs a new version here, a schema file, and an upcaster.
-pub const EVENT_TYPES: &[(&str, &str, u32)] = &[
-    ("order", "OrderPlaced", 2),
-    ("order", "OrderConfirmed", 1),
-    ("order", "OrderCancelled", 1),
-    ("order", "OrderShipped", 1),
-    ("order", "OrderDelivered", 1),
-    ("inventory", "StockRestocked", 1),
-    ("inventory", "StockReserved", 1),
-    ("inventory", "StockReservationRejected", 1),
-    ("inventory", "StockReleased", 1),
-    ("inventory", "StockCommitted", 1),
-    ("payment", "PaymentRequested", 1),
-    ("payment", "PaymentAuthorized", 1),
-    ("payment", "PaymentDeclined", 1),
-    ("payment", "PaymentCaptured", 1),
-    ("payment", "PaymentVoided", 1),
-    ("shipment", "ShipmentCreated", 1),
-    ("shipment", "ShipmentDispatched", 1),
-    ("shipment", "ShipmentDelivered", 1),
-    ("shipment", "ShipmentCancelled", 1),
+pub const EVENT_TYPES: &[(AggregateType, &str, u32)] = &[
+    (AggregateType::Order, "OrderPlaced", 2),
+    (AggregateType::Order, "OrderConfirmed", 1),
+    (AggregateType::Order, "OrderCancelled", 1),
+    (AggregateType::Order, "OrderShipped", 1),
+    (AggregateType::Order, "OrderDelivered", 1),
+    (AggregateType::Inventory, "StockRestocked", 1),
+    (AggregateType::Inventory, "StockReserved", 1),
+    (AggregateType::Inventory, "StockReservationRejected", 1),
+    (AggregateType::Inventory, "StockReleased", 1),
+    (AggregateType::Inventory, "StockCommitted", 1),
+    (AggregateType::Payment, "PaymentRequested", 1),
+    (AggregateType::Payment, "PaymentAuthorized", 1),
+    (AggregateType::Payment, "PaymentDeclined", 1),
+    (AggregateType::Payment, "PaymentCaptured", 1),
+    (AggregateType::Payment, "PaymentVoided", 1),
+    (AggregateType::Shipment, "ShipmentCreated", 1),
+    (AggregateType::Shipment, "ShipmentDispatched", 1),
+    (AggregateType::Shipment, "ShipmentDelivered", 1),
+    (AggregateType::Shipment, "ShipmentCancelled", 1),
 ];
 
 /// The current schema version of an event type.

@@ -96,16 +96,17 @@ impl AggregateType {
         }
     }
 
-    /// `orderline.<aggregate>.events`
-    pub fn events_topic(self) -> String {
-        format!("orderline.{self}.events")
+    /// `<prefix>.<aggregate>.events` (the prefix is `orderline` unless several
+    /// systems share the brokers).
+    pub fn events_topic(self, prefix: &str) -> String {
+        format!("{prefix}.{self}.events")
     }
 }
 
 impl Service {
-    /// `orderline.<service>.commands`: commands a saga sends to the owning service.
-    pub fn commands_topic(self) -> String {
-        format!("orderline.{self}.commands")
+    /// `<prefix>.<service>.commands`: commands a saga sends to the owning service.
+    pub fn commands_topic(self, prefix: &str) -> String {
+        format!("{prefix}.{self}.commands")
     }
 
     /// The projections whose tables are in this service's database.
@@ -129,18 +130,22 @@ impl ProjectionName {
     }
 
     /// The aggregate types (topics) it reads.
-    pub fn topics(self) -> &'static [&'static str] {
+    pub fn topics(self) -> &'static [AggregateType] {
         match self {
-            ProjectionName::Orders => &["order", "payment", "shipment"],
-            ProjectionName::Inventory => &["inventory"],
-            ProjectionName::Payments => &["payment"],
-            ProjectionName::Shipments => &["shipment"],
+            ProjectionName::Orders => &[
+                AggregateType::Order,
+                AggregateType::Payment,
+                AggregateType::Shipment,
+            ],
+            ProjectionName::Inventory => &[AggregateType::Inventory],
+            ProjectionName::Payments => &[AggregateType::Payment],
+            ProjectionName::Shipments => &[AggregateType::Shipment],
         }
     }
 
     /// Whether it reads the events of `aggregate_type`.
     pub fn reads(self, aggregate_type: AggregateType) -> bool {
-        self.topics().contains(&aggregate_type.as_str())
+        self.topics().contains(&aggregate_type)
     }
 
     /// The table where it keeps the last version it applied of each stream.
@@ -156,11 +161,11 @@ mod tests {
     #[test]
     fn topics_are_named_by_aggregate_type_and_service() {
         assert_eq!(
-            AggregateType::Order.events_topic(),
+            AggregateType::Order.events_topic("orderline"),
             "orderline.order.events"
         );
         assert_eq!(
-            Service::Payment.commands_topic(),
+            Service::Payment.commands_topic("orderline"),
             "orderline.payment.commands"
         );
     }
@@ -182,6 +187,22 @@ mod tests {
                 .map(|t| t.as_str())
                 .collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn every_aggregate_of_the_domain_is_an_aggregate_type() {
+        use domain::Aggregate;
+        let types = [
+            domain::order::Order::TYPE,
+            domain::inventory::InventoryItem::TYPE,
+            domain::payment::Payment::TYPE,
+            domain::shipment::Shipment::TYPE,
+        ];
+        let parsed: Vec<AggregateType> = types
+            .iter()
+            .map(|t| t.parse().expect("a known aggregate type"))
+            .collect();
+        assert_eq!(parsed, AggregateType::ALL.to_vec());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureRecord;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use schemas::topics::AggregateType;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -124,7 +125,7 @@ fn assert_in_order_per_key(records: &[Polled], keys: usize, per_key: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_keeps_order_per_key_and_a_group_resumes_from_stored_offsets() {
     let config = isolated(&kafka_broker());
-    let topic = config.events_topic("inventory");
+    let topic = config.events_topic(AggregateType::Inventory);
     ensure_topics(&config, std::slice::from_ref(&topic))
         .await
         .expect("topic created");
@@ -216,7 +217,7 @@ async fn the_relay_publishes_the_log_in_order_and_republishes_rather_than_loses(
     let consumer = KafkaConsumer::subscribe(
         &config,
         &format!("{}-reader", config.prefix),
-        &[config.events_topic("inventory")],
+        &[config.events_topic(AggregateType::Inventory)],
         consumer_store,
     )
     .expect("consumer");
@@ -224,7 +225,7 @@ async fn the_relay_publishes_the_log_in_order_and_republishes_rather_than_loses(
     assert_in_order_per_key(&records, 3, 10);
     for record in &records {
         let event = record.event().expect("event");
-        assert_eq!(record.topic, config.events_topic("inventory"));
+        assert_eq!(record.topic, config.events_topic(AggregateType::Inventory));
         assert!(event.envelope.event_type == "StockRestocked");
         let header = |name: &str| {
             record
@@ -275,7 +276,7 @@ async fn injected_produce_and_fetch_errors_are_retried_without_loss_or_reorderin
     let cluster = MockCluster::new(3).expect("mock cluster");
     let mut config = KafkaConfig::local(cluster.bootstrap_servers());
     config.prefix = "mock".into();
-    let topic = config.events_topic("inventory");
+    let topic = config.events_topic(AggregateType::Inventory);
     cluster.create_topic(&topic, 3, 1).expect("topic");
     let retriable = [
         RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,

@@ -401,15 +401,7 @@ impl Api {
         let mut last_head = -1;
         let mut stable_since = Instant::now();
         loop {
-            let (_, metrics) = body(
-                self.client
-                    .get(self.url("/metrics"))
-                    .send()
-                    .await
-                    .expect("metrics"),
-            )
-            .await;
-            let text = metrics.as_str().unwrap_or_default().to_owned();
+            let text = self.metrics().await;
             let head = sum(&text, "orderline_log_head");
             let lagging = [
                 "orderline_projection_lag{",
@@ -471,15 +463,19 @@ impl Api {
 
     /// The log position of the last event (from /metrics).
     pub async fn head(&self) -> i64 {
-        let (_, metrics) = body(
-            self.client
-                .get(self.url("/metrics"))
-                .send()
-                .await
-                .expect("metrics"),
-        )
-        .await;
-        sum(metrics.as_str().unwrap_or_default(), "orderline_log_head")
+        sum(&self.metrics().await, "orderline_log_head")
+    }
+
+    /// The Prometheus text of /metrics.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics");
+        let (_, metrics) = body(response).await;
+        metrics.as_str().unwrap_or_default().to_owned()
     }
 }
 

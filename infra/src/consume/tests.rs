@@ -1,76 +1,46 @@
 //! The driver and the log source, on real SQLite files.
 
 use super::*;
-use crate::event_store::{AppendRequest, NewEvent};
+use crate::scratch::Scratch;
 use crate::shutdown;
-use chrono::Utc;
 use serde_json::json;
 use std::sync::atomic::AtomicUsize;
-use uuid::Uuid;
 
-struct Fixture {
-    store: EventStore,
-    db: Db,
-    _dir: tempfile::TempDir,
-}
-
-async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db"))
-        .await
-        .expect("log");
-    let db = Db::open_sqlite(&dir.path().join("service.db"), 2)
-        .await
-        .expect("service db");
+async fn fixture() -> Scratch {
+    let f = Scratch::new().await.expect("scratch");
     sqlx::query("CREATE TABLE seen (aggregate_id TEXT NOT NULL, quantity BIGINT NOT NULL)")
-        .execute(&db.pool)
+        .execute(&f.db.pool)
         .await
         .expect("table");
-    Fixture {
-        store,
-        db,
-        _dir: dir,
-    }
+    f
 }
 
 /// Append one event of `aggregate_type` whose payload holds `quantity`.
-async fn append(store: &EventStore, aggregate_type: &str, id: &str, quantity: i64) -> i64 {
-    let version = store
-        .load_stream(aggregate_type, id)
+async fn append(f: &Scratch, aggregate_type: &str, id: &str, quantity: i64) -> i64 {
+    let event = ("StockRestocked".into(), 1, json!({ "quantity": quantity }));
+    f.append(aggregate_type, id, vec![event])
         .await
-        .expect("stream")
-        .len() as i64;
-    let event_id = Uuid::now_v7();
-    let outcome = store
-        .append(AppendRequest {
-            aggregate_type: aggregate_type.into(),
-            aggregate_id: id.into(),
-            expected_version: version,
-            events: vec![NewEvent {
-                event_id,
-                event_type: "StockRestocked".into(),
-                schema_version: 1,
-                payload: json!({ "quantity": quantity }),
-                occurred_at: Utc::now(),
-                correlation_id: event_id,
-                causation_id: event_id,
-            }],
-            idempotency: None,
-            snapshot: None,
-        })
-        .await
-        .expect("appended");
-    match outcome {
-        crate::AppendOutcome::Appended { position, .. } => position,
-        other => panic!("not appended: {other:?}"),
+        .expect("appended")
+}
+
+/// An event's stream and quantity; a negative quantity cannot be read.
+struct Seen(String, i64);
+
+impl Decode for Seen {
+    fn decode(record: &Record) -> Result<Option<Seen>, String> {
+        let event = record.event()?;
+        let quantity = event.envelope.payload["quantity"].as_i64().unwrap_or(-1);
+        if quantity < 0 {
+            return Err("no quantity".into());
+        }
+        Ok(Some(Seen(event.envelope.aggregate_id.clone(), quantity)))
     }
 }
 
-/// Writes each event's quantity into `seen`; a negative quantity cannot be read and
-/// zero cannot be applied; `before` lets only `allow` items through when set.
+/// Writes each event's quantity into `seen`; zero cannot be applied; `before` lets
+/// only `allow` items through when set.
 struct Recorder {
-    db: Db,
-    metrics: Metrics,
+    consumer: Consumer,
     allow: Option<usize>,
     checkpoints: Arc<AtomicUsize>,
 }
@@ -78,8 +48,7 @@ struct Recorder {
 impl Recorder {
     fn new(db: &Db) -> Recorder {
         Recorder {
-            db: db.clone(),
-            metrics: Metrics::default(),
+            consumer: Consumer::new("recorder", db, &Metrics::default()),
             allow: None,
             checkpoints: Arc::new(AtomicUsize::new(0)),
         }
@@ -87,41 +56,24 @@ impl Recorder {
 }
 
 impl Handler for Recorder {
-    type Item = (String, i64);
+    type Item = Seen;
     type Done = usize;
 
-    fn name(&self) -> &str {
-        "recorder"
+    fn consumer(&self) -> &Consumer {
+        &self.consumer
     }
 
-    fn db(&self) -> &Db {
-        &self.db
-    }
-
-    fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
-    fn decode(&self, record: &Record) -> Result<Option<(String, i64)>, String> {
-        let event = record.event()?;
-        let quantity = event.envelope.payload["quantity"].as_i64().unwrap_or(-1);
-        if quantity < 0 {
-            return Err("no quantity".into());
-        }
-        Ok(Some((event.envelope.aggregate_id.clone(), quantity)))
-    }
-
-    async fn before(&self, items: &[(String, i64)]) -> usize {
+    async fn before(&self, items: &[Seen]) -> usize {
         self.allow.unwrap_or(items.len())
     }
 
     async fn apply(
         &self,
         tx: &mut AnyConnection,
-        items: &[(String, i64)],
+        items: &[Seen],
         failures: &mut Failures,
     ) -> Result<usize, InfraError> {
-        for (i, (id, quantity)) in items.iter().enumerate() {
+        for (i, Seen(id, quantity)) in items.iter().enumerate() {
             if *quantity == 0 {
                 failures.push(i, "zero");
                 continue;
@@ -164,10 +116,10 @@ fn backoff_waits_a_tenth_of_a_second_more_per_failure_up_to_five_seconds() {
 #[tokio::test]
 async fn a_log_source_reads_its_topics_after_the_stored_checkpoint_and_rewinds_to_it() {
     let f = fixture().await;
-    let first = append(&f.store, "inventory", "S-1", 1).await;
-    let second = append(&f.store, "inventory", "S-2", 2).await;
-    append(&f.store, "order", "o-1", 3).await;
-    let source = LogSource::open(f.store.clone(), &["inventory"], "c", &f.db)
+    let first = append(&f, "inventory", "S-1", 1).await;
+    let second = append(&f, "inventory", "S-2", 2).await;
+    append(&f, "order", "o-1", 3).await;
+    let source = LogSource::open(f.store.clone(), &[AggregateType::Inventory], "c", &f.db)
         .await
         .expect("source");
 
@@ -198,13 +150,18 @@ async fn a_log_source_reads_its_topics_after_the_stored_checkpoint_and_rewinds_t
 #[tokio::test]
 async fn a_batch_stores_its_position_with_its_effects_and_dead_letters_what_fails() {
     let f = fixture().await;
-    append(&f.store, "inventory", "S-1", 5).await;
-    append(&f.store, "inventory", "S-2", -1).await; // unreadable
-    append(&f.store, "inventory", "S-3", 0).await; // cannot be applied
-    let last = append(&f.store, "inventory", "S-4", 7).await;
-    let source = LogSource::open(f.store.clone(), &["inventory"], "recorder", &f.db)
-        .await
-        .expect("source");
+    append(&f, "inventory", "S-1", 5).await;
+    append(&f, "inventory", "S-2", -1).await; // unreadable
+    append(&f, "inventory", "S-3", 0).await; // cannot be applied
+    let last = append(&f, "inventory", "S-4", 7).await;
+    let source = LogSource::open(
+        f.store.clone(),
+        &[AggregateType::Inventory],
+        "recorder",
+        &f.db,
+    )
+    .await
+    .expect("source");
     let handler = Recorder::new(&f.db);
 
     assert_eq!(step(&source, &handler).await.expect("step"), Step::Moved);
@@ -226,6 +183,7 @@ async fn a_batch_stores_its_position_with_its_effects_and_dead_letters_what_fail
     let errors: Vec<&str> = letters.iter().map(|l| l.error.as_str()).collect();
     assert_eq!(errors, vec!["no quantity", "zero"]);
     assert!(handler
+        .consumer
         .metrics
         .render(&[])
         .contains("orderline_dead_letters_total{consumer=\"recorder\"} 2"));
@@ -235,11 +193,16 @@ async fn a_batch_stores_its_position_with_its_effects_and_dead_letters_what_fail
 #[tokio::test]
 async fn a_batch_done_only_in_part_stores_the_part_and_reads_the_rest_again() {
     let f = fixture().await;
-    let first = append(&f.store, "inventory", "S-1", 1).await;
-    append(&f.store, "inventory", "S-2", 2).await;
-    let source = LogSource::open(f.store.clone(), &["inventory"], "recorder", &f.db)
-        .await
-        .expect("source");
+    let first = append(&f, "inventory", "S-1", 1).await;
+    append(&f, "inventory", "S-2", 2).await;
+    let source = LogSource::open(
+        f.store.clone(),
+        &[AggregateType::Inventory],
+        "recorder",
+        &f.db,
+    )
+    .await
+    .expect("source");
     let mut handler = Recorder::new(&f.db);
     handler.allow = Some(1);
 
@@ -262,13 +225,18 @@ async fn a_batch_done_only_in_part_stores_the_part_and_reads_the_rest_again() {
 async fn the_driver_follows_appends_and_stops_on_shutdown() {
     let f = fixture().await;
     let source: Arc<dyn Source> = Arc::new(
-        LogSource::open(f.store.clone(), &["inventory"], "recorder", &f.db)
-            .await
-            .expect("source"),
+        LogSource::open(
+            f.store.clone(),
+            &[AggregateType::Inventory],
+            "recorder",
+            &f.db,
+        )
+        .await
+        .expect("source"),
     );
     let (trigger, stop) = shutdown::channel();
     let task = tokio::spawn(drive(source, Recorder::new(&f.db), stop));
-    append(&f.store, "inventory", "S-1", 3).await;
+    append(&f, "inventory", "S-1", 3).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while seen(&f.db).await.is_empty() {
         assert!(tokio::time::Instant::now() < deadline, "not applied");
@@ -284,9 +252,9 @@ async fn the_driver_follows_appends_and_stops_on_shutdown() {
 #[tokio::test]
 async fn a_replay_reads_from_the_start_and_stores_where_it_stands_for_another_consumer() {
     let f = fixture().await;
-    append(&f.store, "inventory", "S-1", 1).await;
-    let last = append(&f.store, "inventory", "S-2", 2).await;
-    let live = LogSource::open(f.store.clone(), &["inventory"], "live", &f.db)
+    append(&f, "inventory", "S-1", 1).await;
+    let last = append(&f, "inventory", "S-2", 2).await;
+    let live = LogSource::open(f.store.clone(), &[AggregateType::Inventory], "live", &f.db)
         .await
         .expect("source");
     let replay = live.replay().await.expect("replay");

@@ -4,77 +4,43 @@ use super::*;
 use crate::runner::{Projections, Runner};
 use domain::order::OrderLine;
 use domain::{CustomerId, EventName, Money, PaymentToken, Quantity, Sku};
-use infra::consume::{step, LogSource, Step};
-use infra::db::Db;
-use infra::event_store::{AppendRequest, NewEvent};
+use infra::consume::{step, Consumer, LogSource, Step};
 use infra::metrics::Metrics;
 use infra::progress::Progress;
-use infra::EventStore;
+use infra::scratch::Scratch;
 use serde::Serialize;
 use sqlx::Row;
 use uuid::Uuid;
 
-struct Fixture {
-    store: EventStore,
-    db: Db,
-    _dir: tempfile::TempDir,
+struct Fixture(Scratch);
+
+impl std::ops::Deref for Fixture {
+    type Target = Scratch;
+
+    fn deref(&self) -> &Scratch {
+        &self.0
+    }
 }
 
 async fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db"))
-        .await
-        .expect("log");
-    let db = Db::open_sqlite(&dir.path().join("service.db"), 2)
-        .await
-        .expect("db");
+    let f = Scratch::new().await.expect("scratch");
     for projection in ALL {
-        db.migrate(&projection.create_tables(""))
+        f.db.migrate(&projection.create_tables(""))
             .await
             .expect("tables");
     }
-    Fixture {
-        store,
-        db,
-        _dir: dir,
-    }
+    Fixture(f)
 }
 
 impl Fixture {
     /// Append `events` to one stream, after the events it holds.
     async fn append<E: Serialize + EventName>(&self, aggregate_type: &str, id: &str, events: &[E]) {
-        let version = self
-            .store
-            .load_stream(aggregate_type, id)
-            .await
-            .expect("stream")
-            .len() as i64;
         let events = events
             .iter()
-            .map(|event| {
-                let (event_type, schema_version, payload) =
-                    schemas::encode(event).expect("encodes");
-                let event_id = Uuid::now_v7();
-                NewEvent {
-                    event_id,
-                    event_type,
-                    schema_version,
-                    payload,
-                    occurred_at: chrono::Utc::now(),
-                    correlation_id: event_id,
-                    causation_id: event_id,
-                }
-            })
+            .map(|event| schemas::encode(event).expect("encodes"))
             .collect();
-        self.store
-            .append(AppendRequest {
-                aggregate_type: aggregate_type.into(),
-                aggregate_id: id.into(),
-                expected_version: version,
-                events,
-                idempotency: None,
-                snapshot: None,
-            })
+        self.0
+            .append(aggregate_type, id, events)
             .await
             .expect("appended");
     }
@@ -83,10 +49,9 @@ impl Fixture {
         Runner {
             projection,
             suffix: "",
-            db: self.db.clone(),
+            consumer: Consumer::new(projection.as_str(), &self.db, &Metrics::default()),
             lock: None,
             progress: None,
-            metrics: Metrics::default(),
         }
     }
 
