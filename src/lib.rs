@@ -216,15 +216,20 @@ impl System {
         let mut tasks = projections.spawn_all(&shutdown);
         let mut watched = Watched::new(&projections);
         if let Some((_, order)) = services.iter().find(|(s, _)| *s == Service::Order) {
-            let saga = SagaRunner::new(
+            let saga = Arc::new(SagaRunner::new(
                 handlers.clone(),
                 order.clone(),
                 config.payment_timeout,
                 Dispatch::over(&transport)?,
-            )?;
+            )?);
             let source = SagaRunner::source(&transport, order).await?;
             watched.sources.push(source.clone());
             watched.saga = Some(order.clone());
+            let dispatcher = saga.clone();
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                dispatcher.dispatch_until(stop).await
+            }));
             tasks.push(tokio::spawn(drive(source, saga, shutdown.clone())));
         }
         if let Some(kafka) = transport.kafka() {

@@ -144,6 +144,11 @@ impl StateCache {
         Some((state, cached.version, cached.position))
     }
 
+    fn forget(&self, key: &str) {
+        let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.remove(key);
+    }
+
     fn put<A: Send + Sync + 'static>(&self, key: String, state: A, version: i64, position: i64) {
         let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() >= CACHE_CAPACITY && !cache.contains_key(&key) {
@@ -233,8 +238,8 @@ impl Handlers {
         A: Aggregate + Stateful,
         A::Event: Serialize + DeserializeOwned + EventName,
     {
-        let (mut state, version, position) = self.load::<A>(id).await?;
-        let events = state.decide(command)?;
+        let (mut state, version, position, events) =
+            self.decide::<A>(key, id, command, meta).await?;
         if events.is_empty() && meta.idempotency.is_none() {
             return Ok(Some(Executed::Done {
                 token: self.token::<A>(id, position, version),
@@ -275,10 +280,43 @@ impl Handlers {
                 token: self.stored_token(&response, position),
                 response,
             })),
-            Err(StoreError::Conflict { .. }) => Ok(None),
+            Err(StoreError::Conflict { .. }) => {
+                // Another process wrote the stream: what this one holds is stale.
+                self.cache.forget(key);
+                Ok(None)
+            }
             Err(StoreError::KeyReused) => Err(CommandError::KeyReused),
             Err(error) => Err(CommandError::Store(error)),
         }
+    }
+
+    /// Decide `command` on the aggregate's state: the state this process last
+    /// committed when it holds it (the append's version check catches another
+    /// process having written since), else the stored one. An answer that would not
+    /// reach the version check (a refusal, or nothing to append) is decided again on
+    /// the stored state.
+    async fn decide<A>(
+        &self,
+        key: &str,
+        id: &str,
+        command: &A::Command,
+        meta: &Meta,
+    ) -> Result<(A, i64, i64, Vec<A::Event>), CommandError>
+    where
+        A: Aggregate + Stateful,
+        A::Event: DeserializeOwned,
+    {
+        if let Some((state, version, position)) = self.cache.get::<A>(key) {
+            match state.decide(command) {
+                Ok(events) if !events.is_empty() || meta.idempotency.is_some() => {
+                    return Ok((state, version, position, events));
+                }
+                _ => {}
+            }
+        }
+        let (state, version, position) = self.load::<A>(id).await?;
+        let events = state.decide(command)?;
+        Ok((state, version, position, events))
     }
 
     /// The idempotency record to keep with the events; in the distributed deployment

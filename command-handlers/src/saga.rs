@@ -13,10 +13,12 @@ use chrono::{DateTime, Utc};
 use domain::saga::{Config, Deadline, Fulfilment, Input, Outcome, Stage};
 use domain::Sku;
 use infra::clock::{Clock, SystemClock};
-use infra::consume::{Consumer, Failures, Handler, Idle, Source, Transport};
+use infra::consume::{Backoff, Consumer, Failures, Handler, Idle, Source, Transport};
 use infra::db::Db;
+use infra::guard;
 use infra::kafka::KafkaConfig;
 use infra::metrics;
+use infra::shutdown::Shutdown;
 use infra::{parse_timestamp, parse_uuid, timestamp, InfraError};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::commands::{CommandMessage, SagaCommand};
@@ -25,7 +27,9 @@ use schemas::{AnyEvent, RecordedEvent};
 use sqlx::{AnyConnection, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::{Mutex as StdMutex, PoisonError};
 use std::time::Duration;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
@@ -45,6 +49,9 @@ pub struct SagaRunner {
     config: Config,
     dispatch: Dispatch,
     clock: Arc<dyn Clock>,
+    cache: SagaCache,
+    /// Woken when commands were staged.
+    staged: Notify,
 }
 
 /// How the saga's commands reach the services that carry them out.
@@ -71,9 +78,42 @@ impl Dispatch {
     }
 }
 
+#[derive(Clone)]
 struct Loaded {
     state: Fulfilment,
     correlation_id: Uuid,
+}
+
+/// The most sagas whose state is kept in memory.
+const CACHE_CAPACITY: usize = 100_000;
+
+/// The committed state of recent sagas: this runner is the only writer of its sagas,
+/// so what it committed last is what the table holds.
+#[derive(Default)]
+struct SagaCache(StdMutex<HashMap<Uuid, Loaded>>);
+
+impl SagaCache {
+    fn get(&self, order_id: &Uuid) -> Option<Loaded> {
+        let cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.get(order_id).cloned()
+    }
+
+    /// After a commit: the states it wrote.
+    fn put(&self, sagas: impl IntoIterator<Item = (Uuid, Loaded)>) {
+        let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for (order_id, saga) in sagas {
+            if cache.len() >= CACHE_CAPACITY && !cache.contains_key(&order_id) {
+                cache.clear();
+            }
+            cache.insert(order_id, saga);
+        }
+    }
+}
+
+/// What a batch (or a round of deadlines) did: outcomes to count, states to cache.
+pub struct Folded {
+    outcomes: Vec<Outcome>,
+    sagas: Vec<(Uuid, Loaded)>,
 }
 
 impl SagaRunner {
@@ -92,6 +132,8 @@ impl SagaRunner {
             config: Config { payment_timeout },
             dispatch,
             clock: Arc::new(SystemClock),
+            cache: SagaCache::default(),
+            staged: Notify::new(),
         })
     }
 
@@ -108,15 +150,35 @@ impl SagaRunner {
             .await
     }
 
-    /// How long to sleep when idle: until the next deadline, or a while; soon when
-    /// commands are still waiting to be carried out.
-    async fn idle_time(&self) -> Result<Duration, InfraError> {
-        let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM saga_outbox")
-            .fetch_one(&self.db.pool)
-            .await?;
-        if pending > 0 {
-            return Ok(Duration::from_millis(200));
+    /// Carry out staged commands until shutdown, woken by each commit that staged
+    /// some: beside the consumer, so the saga goes on reading while commands run.
+    pub async fn dispatch_until(&self, mut shutdown: Shutdown) {
+        let mut backoff = Backoff::default();
+        while !shutdown.is_set() {
+            let pause = match self.dispatch().await {
+                Ok(true) => {
+                    backoff.reset();
+                    continue;
+                }
+                Ok(false) => {
+                    backoff.reset();
+                    Duration::from_secs(1)
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, kind = error.kind(), "saga dispatch failed; retrying");
+                    backoff.fail()
+                }
+            };
+            tokio::select! {
+                _ = self.staged.notified() => {}
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.wait() => {}
+            }
         }
+    }
+
+    /// How long to sleep when idle: until the next deadline, or a while.
+    async fn idle_time(&self) -> Result<Duration, InfraError> {
         let next: Option<String> = sqlx::query_scalar("SELECT MIN(due_at) FROM saga_deadlines")
             .fetch_one(&self.db.pool)
             .await?;
@@ -136,12 +198,13 @@ impl SagaRunner {
         tx: &mut AnyConnection,
         events: &[RecordedEvent],
         failures: &mut Failures,
-    ) -> Result<Vec<Outcome>, InfraError> {
+    ) -> Result<Folded, InfraError> {
         let now = self.clock.now();
         let mut sagas: HashMap<Uuid, Loaded> = HashMap::new();
         let mut outcomes = vec![];
-        for (i, recorded) in events.iter().enumerate() {
-            if !first_delivery(tx, recorded).await? {
+        let fresh = guard::first_deliveries(tx, self.db.dialect, "saga_applied", events).await?;
+        for (i, (recorded, fresh)) in events.iter().zip(fresh).enumerate() {
+            if !fresh {
                 // Published again (a relay that restarted): already folded in.
                 continue;
             }
@@ -157,7 +220,7 @@ impl SagaRunner {
             let saga = match sagas.entry(order_id) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
-                    let loaded = load(tx, order_id).await?.unwrap_or(Loaded {
+                    let loaded = self.load(tx, order_id).await?.unwrap_or(Loaded {
                         state: Fulfilment::default(),
                         correlation_id: recorded.envelope.correlation_id,
                     });
@@ -178,12 +241,26 @@ impl SagaRunner {
             set_deadline(tx, order_id, transition.deadline).await?;
             outcomes.extend(transition.outcome);
         }
+        sagas.retain(|_, saga| saga.state.stage != Stage::NotStarted);
         for (order_id, saga) in &sagas {
-            if saga.state.stage != Stage::NotStarted {
-                save(tx, *order_id, saga).await?;
-            }
+            save(tx, *order_id, saga).await?;
         }
-        Ok(outcomes)
+        Ok(Folded {
+            outcomes,
+            sagas: sagas.into_iter().collect(),
+        })
+    }
+
+    /// A saga's committed state: from memory, else from its table.
+    async fn load(
+        &self,
+        conn: &mut AnyConnection,
+        order_id: Uuid,
+    ) -> Result<Option<Loaded>, InfraError> {
+        match self.cache.get(&order_id) {
+            Some(saga) => Ok(Some(saga)),
+            None => load(conn, order_id).await,
+        }
     }
 
     /// Fire every deadline due by `now`; true when one fired.
@@ -197,13 +274,14 @@ impl SagaRunner {
         }
         let mut tx = self.db.begin_write().await?;
         let mut outcomes = vec![];
+        let mut sagas = vec![];
         for (order_id, due_at) in &due {
             let order_id = parse_uuid(order_id)?;
             sqlx::query("DELETE FROM saga_deadlines WHERE order_id = $1")
                 .bind(order_id.to_string())
                 .execute(&mut *tx)
                 .await?;
-            let Some(mut saga) = load(&mut tx, order_id).await? else {
+            let Some(mut saga) = self.load(&mut tx, order_id).await? else {
                 continue;
             };
             let transition = saga
@@ -224,9 +302,12 @@ impl SagaRunner {
             set_deadline(&mut tx, order_id, transition.deadline).await?;
             outcomes.extend(transition.outcome);
             save(&mut tx, order_id, &saga).await?;
+            sagas.push((order_id, saga));
         }
         tx.commit().await?;
+        self.cache.put(sagas);
         self.count(&outcomes);
+        self.staged.notify_one();
         Ok(true)
     }
 
@@ -328,7 +409,7 @@ impl SagaRunner {
 
 impl Handler for SagaRunner {
     type Item = RecordedEvent;
-    type Done = Vec<Outcome>;
+    type Done = Folded;
 
     fn consumer(&self) -> &Consumer {
         &self.consumer
@@ -339,19 +420,19 @@ impl Handler for SagaRunner {
         tx: &mut AnyConnection,
         events: &[RecordedEvent],
         failures: &mut Failures,
-    ) -> Result<Vec<Outcome>, InfraError> {
+    ) -> Result<Folded, InfraError> {
         self.fold(tx, events, failures).await
     }
 
-    fn after(&self, outcomes: Vec<Outcome>, _checkpoint: i64) {
-        self.count(&outcomes);
+    fn after(&self, folded: Folded, _checkpoint: i64) {
+        self.cache.put(folded.sagas);
+        self.count(&folded.outcomes);
+        self.staged.notify_one();
     }
 
-    /// Fire the deadlines that are due and carry out the staged commands.
+    /// Fire the deadlines that are due.
     async fn between(&self) -> Result<Idle, InfraError> {
-        let fired = self.fire_deadlines(self.clock.now()).await?;
-        let dispatched = self.dispatch().await?;
-        Ok(if fired || dispatched {
+        Ok(if self.fire_deadlines(self.clock.now()).await? {
             Idle::Busy
         } else {
             Idle::For(self.idle_time().await?)
@@ -421,35 +502,6 @@ fn route(recorded: &RecordedEvent) -> Result<Option<(Uuid, Input)>, String> {
             }
         },
     })
-}
-
-/// Whether the saga sees this event for the first time (per-stream version guard),
-/// recording that it has.
-async fn first_delivery(
-    conn: &mut AnyConnection,
-    recorded: &RecordedEvent,
-) -> Result<bool, InfraError> {
-    let envelope = &recorded.envelope;
-    let applied: Option<i64> = sqlx::query_scalar(
-        "SELECT version FROM saga_applied WHERE aggregate_type = $1 AND aggregate_id = $2",
-    )
-    .bind(&envelope.aggregate_type)
-    .bind(&envelope.aggregate_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if applied.is_some_and(|v| v >= envelope.version) {
-        return Ok(false);
-    }
-    sqlx::query(
-        "INSERT INTO saga_applied (aggregate_type, aggregate_id, version) VALUES ($1, $2, $3)
-         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version",
-    )
-    .bind(&envelope.aggregate_type)
-    .bind(&envelope.aggregate_id)
-    .bind(envelope.version)
-    .execute(&mut *conn)
-    .await?;
-    Ok(true)
 }
 
 async fn load(conn: &mut AnyConnection, order_id: Uuid) -> Result<Option<Loaded>, InfraError> {

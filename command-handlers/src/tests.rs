@@ -116,7 +116,8 @@ async fn settle(saga: &SagaRunner, source: &LogSource) -> Idle {
     loop {
         let moved = step(source, saga).await.expect("step") == Step::Moved;
         let idle = saga.between().await.expect("between");
-        if !moved && idle != Idle::Busy {
+        let dispatched = saga.dispatch().await.expect("dispatch");
+        if !moved && !dispatched && idle != Idle::Busy {
             return idle;
         }
     }

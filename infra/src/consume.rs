@@ -431,6 +431,49 @@ pub trait Handler: Send + Sync {
     }
 }
 
+/// A shared handler (one that also runs work of its own beside the driver).
+impl<H: Handler> Handler for Arc<H> {
+    type Item = H::Item;
+    type Done = H::Done;
+
+    fn consumer(&self) -> &Consumer {
+        (**self).consumer()
+    }
+
+    fn batch_size(&self) -> usize {
+        (**self).batch_size()
+    }
+
+    fn lock(&self) -> Option<Arc<Mutex<()>>> {
+        (**self).lock()
+    }
+
+    fn decode(&self, record: &Record) -> Result<Option<H::Item>, String> {
+        (**self).decode(record)
+    }
+
+    fn before(&self, items: &[H::Item]) -> impl Future<Output = usize> + Send {
+        (**self).before(items)
+    }
+
+    fn apply(
+        &self,
+        tx: &mut AnyConnection,
+        items: &[H::Item],
+        failures: &mut Failures,
+    ) -> impl Future<Output = Result<H::Done, InfraError>> + Send {
+        (**self).apply(tx, items, failures)
+    }
+
+    fn after(&self, done: H::Done, checkpoint: i64) {
+        (**self).after(done, checkpoint)
+    }
+
+    fn between(&self) -> impl Future<Output = Result<Idle, InfraError>> + Send {
+        (**self).between()
+    }
+}
+
 /// What the work between batches asks of the loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Idle {

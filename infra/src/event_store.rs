@@ -415,25 +415,16 @@ async fn commit_group(
     let mut outcomes = Vec::with_capacity(group.len());
     let mut last = None;
     for job in group {
-        sqlx::query("SAVEPOINT append").execute(&mut *conn).await?;
+        // An append that is refused (a version clash, a reused key) or answered from
+        // its idempotency record finds out before it writes anything, so it needs no
+        // savepoint; a database error fails the whole group.
         let outcome = append_one(conn, &job.request).await;
-        match &outcome {
+        match outcome {
             Ok(AppendOutcome::Appended { position, .. }) => {
-                last = Some(last.map_or(*position, |l: i64| l.max(*position)));
+                last = Some(last.map_or(position, |l: i64| l.max(position)));
             }
-            Ok(AppendOutcome::Duplicate { .. }) | Err(_) => {
-                sqlx::query("ROLLBACK TO append")
-                    .execute(&mut *conn)
-                    .await?;
-            }
-        }
-        sqlx::query("RELEASE append").execute(&mut *conn).await?;
-        // A database error inside one append fails the whole group.
-        if let Err(StoreError::Infra(InfraError::Database(_))) = &outcome {
-            return Err(match outcome {
-                Err(StoreError::Infra(InfraError::Database(e))) => e,
-                _ => sqlx::Error::WorkerCrashed,
-            });
+            Err(StoreError::Infra(InfraError::Database(error))) => return Err(error),
+            Ok(AppendOutcome::Duplicate { .. }) | Err(_) => {}
         }
         outcomes.push(outcome);
     }

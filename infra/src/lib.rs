@@ -18,6 +18,7 @@ pub mod consume;
 pub mod db;
 pub mod dead_letters;
 pub mod event_store;
+pub mod guard;
 pub mod http;
 pub mod kafka;
 pub mod metrics;

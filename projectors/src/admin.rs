@@ -145,7 +145,7 @@ async fn retry_dead_letter(
         })?;
     let _live = handle.lock.lock().await;
     let mut tx = db.begin_write().await?;
-    match apply_one(&mut tx, handle.projection, "", &event).await? {
+    match apply_one(&mut tx, db.dialect, handle.projection, "", &event).await? {
         Ok(()) => {
             dead_letters::delete(&mut tx, number).await?;
             tx.commit().await?;

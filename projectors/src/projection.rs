@@ -22,8 +22,8 @@ pub trait ReadModel {
     fn create_tables(self, suffix: &str) -> String;
     /// Indexes of the live tables (built after a swap, not while filling a shadow).
     fn create_indexes(self) -> &'static str;
-    /// Apply one event to the tables with `suffix`. An error leaves the caller to
-    /// roll back this event's changes and dead-letter it.
+    /// Apply one event to the tables with `suffix`, in one statement (so an event
+    /// that fails has changed nothing, and the caller dead-letters it).
     fn apply(
         self,
         conn: &mut AnyConnection,

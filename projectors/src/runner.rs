@@ -5,7 +5,8 @@
 
 use crate::projection::{Projection, ReadModel};
 use infra::consume::{self, Consumer, Failures, Handler, Source, Transport};
-use infra::db::Db;
+use infra::db::{Db, Dialect};
+use infra::guard;
 use infra::metrics::Metrics;
 use infra::progress::Progress;
 use infra::shutdown::Shutdown;
@@ -138,8 +139,16 @@ impl Handler for Runner {
         events: &[RecordedEvent],
         failures: &mut Failures,
     ) -> Result<(), InfraError> {
-        for (i, recorded) in events.iter().enumerate() {
-            if let Err(error) = apply_guarded(tx, self.projection, self.suffix, recorded).await? {
+        let dialect = self.consumer.db.dialect;
+        let guard = self.projection.applied_table(self.suffix);
+        let fresh = guard::first_deliveries(tx, dialect, &guard, events).await?;
+        for (i, (recorded, fresh)) in events.iter().zip(fresh).enumerate() {
+            if !fresh {
+                continue;
+            }
+            if let Err(error) =
+                apply_one(tx, dialect, self.projection, self.suffix, recorded).await?
+            {
                 failures.push(i, error);
             }
         }
@@ -153,45 +162,13 @@ impl Handler for Runner {
     }
 }
 
-/// Apply one event unless the version guard says it was applied already. The outer
-/// error is the database failing (retry the batch); the inner one is this event
-/// failing (its changes are undone; dead-letter it and go on).
-pub async fn apply_guarded(
-    conn: &mut AnyConnection,
-    projection: Projection,
-    suffix: &str,
-    recorded: &RecordedEvent,
-) -> Result<Result<(), String>, sqlx::Error> {
-    let envelope = &recorded.envelope;
-    let guard = projection.applied_table(suffix);
-    let applied: Option<i64> = sqlx::query_scalar(&format!(
-        "SELECT version FROM {guard} WHERE aggregate_type = $1 AND aggregate_id = $2"
-    ))
-    .bind(&envelope.aggregate_type)
-    .bind(&envelope.aggregate_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if applied.is_some_and(|v| v >= envelope.version) {
-        return Ok(Ok(()));
-    }
-    let outcome = apply_one(conn, projection, suffix, recorded).await?;
-    // The guard moves past a dead-lettered event too: a later event of the stream
-    // still applies, and a retry from the dead-letter store bypasses the guard.
-    sqlx::query(&format!(
-        "INSERT INTO {guard} (aggregate_type, aggregate_id, version) VALUES ($1, $2, $3)
-         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version"
-    ))
-    .bind(&envelope.aggregate_type)
-    .bind(&envelope.aggregate_id)
-    .bind(envelope.version)
-    .execute(&mut *conn)
-    .await?;
-    Ok(outcome)
-}
-
-/// Decode and apply one event under a savepoint, without the version guard.
+/// Decode and apply one event, without the version guard. Each event's change is one
+/// statement ([`ReadModel::apply`]), so an event that fails has written nothing; on
+/// PostgreSQL, where a failed statement spoils the transaction, it runs under a
+/// savepoint that is rolled back.
 pub async fn apply_one(
     conn: &mut AnyConnection,
+    dialect: Dialect,
     projection: Projection,
     suffix: &str,
     recorded: &RecordedEvent,
@@ -200,19 +177,24 @@ pub async fn apply_one(
         Ok(event) => event,
         Err(error) => return Ok(Err(error.to_string())),
     };
-    sqlx::query("SAVEPOINT apply_event")
-        .execute(&mut *conn)
-        .await?;
-    let applied = projection
-        .apply(conn, suffix, &recorded.envelope, &event)
-        .await;
-    if applied.is_err() {
-        sqlx::query("ROLLBACK TO apply_event")
+    let guarded = dialect == Dialect::Postgres;
+    if guarded {
+        sqlx::query("SAVEPOINT apply_event")
             .execute(&mut *conn)
             .await?;
     }
-    sqlx::query("RELEASE apply_event")
-        .execute(&mut *conn)
-        .await?;
+    let applied = projection
+        .apply(conn, suffix, &recorded.envelope, &event)
+        .await;
+    if guarded {
+        if applied.is_err() {
+            sqlx::query("ROLLBACK TO apply_event")
+                .execute(&mut *conn)
+                .await?;
+        }
+        sqlx::query("RELEASE apply_event")
+            .execute(&mut *conn)
+            .await?;
+    }
     Ok(applied.map_err(|e| e.to_string()))
 }

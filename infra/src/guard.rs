@@ -1,0 +1,125 @@
+//! Per-stream version guards: the last version a consumer applied of each stream, in
+//! a table of the consumer's database. An event at or below it was applied already (a
+//! redelivery) and is skipped, so effects are exactly-once. One batch costs two
+//! statements, whatever its size: read the guards of its streams, then move them.
+
+use crate::db::Dialect;
+use schemas::RecordedEvent;
+use sqlx::{AnyConnection, Row};
+use std::collections::HashMap;
+
+/// How many streams one statement names at most (each takes three parameters).
+const CHUNK: usize = 300;
+
+/// Which of `events` (in log order) are delivered for the first time, moving the
+/// guards in `table` past them, in the caller's transaction. A guard moves past an
+/// event that then fails to apply too: a later event of its stream still applies.
+pub async fn first_deliveries(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    table: &str,
+    events: &[RecordedEvent],
+) -> Result<Vec<bool>, sqlx::Error> {
+    let mut streams: HashMap<(&str, &str), i64> = HashMap::new();
+    for event in events {
+        let key = (
+            event.envelope.aggregate_type.as_str(),
+            event.envelope.aggregate_id.as_str(),
+        );
+        streams.entry(key).or_insert(0);
+    }
+    let keys: Vec<(&str, &str)> = streams.keys().copied().collect();
+    let mut found: HashMap<(String, String), i64> = HashMap::new();
+    for chunk in keys.chunks(CHUNK) {
+        found.extend(stored(conn, dialect, table, chunk).await?);
+    }
+    for ((aggregate_type, aggregate_id), known) in streams.iter_mut() {
+        let key = ((*aggregate_type).to_owned(), (*aggregate_id).to_owned());
+        if let Some(version) = found.get(&key) {
+            *known = *version;
+        }
+    }
+    let before = streams.clone();
+    let fresh = events
+        .iter()
+        .map(|event| {
+            let envelope = &event.envelope;
+            let key = (
+                envelope.aggregate_type.as_str(),
+                envelope.aggregate_id.as_str(),
+            );
+            match streams.get_mut(&key) {
+                Some(applied) if *applied < envelope.version => {
+                    *applied = envelope.version;
+                    true
+                }
+                _ => false,
+            }
+        })
+        .collect();
+    let moved: Vec<((&str, &str), i64)> = streams
+        .into_iter()
+        .filter(|(key, version)| before.get(key) != Some(version))
+        .collect();
+    for chunk in moved.chunks(CHUNK) {
+        advance(conn, table, chunk).await?;
+    }
+    Ok(fresh)
+}
+
+/// The stored guards of `keys` (those that have one).
+async fn stored(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    table: &str,
+    keys: &[(&str, &str)],
+) -> Result<Vec<((String, String), i64)>, sqlx::Error> {
+    let mut types: Vec<&str> = keys.iter().map(|(t, _)| *t).collect();
+    types.sort_unstable();
+    types.dedup();
+    let ids: Vec<&str> = keys.iter().map(|(_, id)| *id).collect();
+    let list = |values: &[&str]| serde_json::to_string(values).unwrap_or_else(|_| "[]".into());
+    let rows = sqlx::query(&format!(
+        "SELECT aggregate_type, aggregate_id, version FROM {table}
+          WHERE aggregate_type IN ({}) AND aggregate_id IN ({})",
+        dialect.text_list("$1"),
+        dialect.text_list("$2"),
+    ))
+    .bind(list(&types))
+    .bind(list(&ids))
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                (row.try_get("aggregate_type")?, row.try_get("aggregate_id")?),
+                row.try_get("version")?,
+            ))
+        })
+        .collect()
+}
+
+/// Move the guards of distinct streams forward (never back), in one statement.
+async fn advance(
+    conn: &mut AnyConnection,
+    table: &str,
+    moved: &[((&str, &str), i64)],
+) -> Result<(), sqlx::Error> {
+    let values: Vec<String> = (0..moved.len())
+        .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+        .collect();
+    let sql = format!(
+        "INSERT INTO {table} (aggregate_type, aggregate_id, version) VALUES {}
+         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
+         WHERE {table}.version < excluded.version",
+        values.join(", ")
+    );
+    let mut query = sqlx::query(&sql);
+    for ((aggregate_type, aggregate_id), version) in moved {
+        query = query
+            .bind(*aggregate_type)
+            .bind(*aggregate_id)
+            .bind(*version);
+    }
+    query.execute(conn).await.map(|_| ())
+}
