@@ -13,19 +13,21 @@
 
 pub mod gateway;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
+use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
-use command_handlers::app::TokenStyle;
+use command_handlers::app::{Backlog, TokenStyle};
 use command_handlers::inbox::Inbox;
 use command_handlers::saga::{Dispatch, SagaRunner};
 use command_handlers::Handlers;
 use infra::consume::{drive, Source, Transport};
 use infra::db::Db;
 use infra::kafka::{ensure_topics, Relay};
-use infra::metrics::{Gauge, Metrics};
+use infra::metrics::{Gauge, Metrics, REQUEST_SECONDS};
 use infra::progress::Progress;
 use infra::shutdown::{self, Shutdown, Trigger};
 use infra::{Config, EventStore};
@@ -64,6 +66,8 @@ struct Watched {
     inbox: Option<Arc<dyn Source>>,
     /// Every source of the process: ready once all have joined their groups.
     sources: Vec<Arc<dyn Source>>,
+    /// The door's backlog (the order service's).
+    backlog: Option<Backlog>,
 }
 
 impl Watched {
@@ -73,6 +77,7 @@ impl Watched {
             relay: false,
             saga: None,
             inbox: None,
+            backlog: None,
             sources: projections
                 .handles
                 .iter()
@@ -131,7 +136,7 @@ impl Storage {
         let projections = Projections::open(
             store.clone(),
             Progress::default(),
-            Metrics::default(),
+            store.metrics().clone(),
             &databases,
             transport,
         )
@@ -209,6 +214,7 @@ impl System {
         } = storage;
         let metrics = projections.metrics.clone();
         let mut handlers = Handlers::new(store.clone(), metrics.clone());
+        handlers.backlog.bound = (config.max_backlog > 0).then_some(config.max_backlog);
         if transport.kafka().is_some() {
             handlers.tokens = TokenStyle::Stream;
         }
@@ -222,9 +228,11 @@ impl System {
                 config.payment_timeout,
                 Dispatch::over(&transport)?,
             )?);
+            saga.count_backlog().await?;
             let source = SagaRunner::source(&transport, order).await?;
             watched.sources.push(source.clone());
             watched.saga = Some(order.clone());
+            watched.backlog = Some(handlers.backlog.clone());
             let dispatcher = saga.clone();
             let stop = shutdown.clone();
             tasks.push(tokio::spawn(async move {
@@ -301,14 +309,38 @@ fn inbox(
 
 /// A process's API: its commands, its queries, the operator routes.
 fn api(commands: Router, queries: &QueryState, watched: Watched) -> Router {
+    let timing = middleware::from_fn_with_state(watched.projections.metrics.clone(), timed);
     Router::new()
         .route("/health", get(health).with_state(watched.clone()))
         .route("/metrics", get(metrics).with_state(watched.clone()))
         .merge(commands)
         .merge(query_api::router(queries.clone()))
         .merge(projectors::admin::router(watched.projections))
+        .route_layer(timing)
         .fallback(infra::http::not_found_fallback)
         .layer(DefaultBodyLimit::max(infra::http::MAX_BODY_BYTES))
+}
+
+/// Count each request's duration by route, method and status.
+async fn timed(
+    State(metrics): State<Metrics>,
+    route: MatchedPath,
+    request: Request,
+    next: Next,
+) -> Response {
+    let method = request.method().clone();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    metrics.observe(
+        &REQUEST_SECONDS,
+        &[
+            ("route", route.as_str()),
+            ("method", method.as_str()),
+            ("status", response.status().as_str()),
+        ],
+        started.elapsed().as_secs_f64(),
+    );
+    response
 }
 
 /// 200 once every consumer-group member has joined its group (at once when
@@ -370,6 +402,21 @@ async fn metrics(State(watched): State<Watched>) -> impl IntoResponse {
             name: "orderline_saga_pending_commands",
             help: "Saga commands staged and not yet carried out (or handed to the brokers).",
             samples: vec![(String::new(), pending)],
+        });
+    }
+    if let Some(backlog) = &watched.backlog {
+        let bound = backlog
+            .bound
+            .map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        gauges.push(Gauge {
+            name: "orderline_fulfilment_backlog",
+            help: "Orders accepted and not yet confirmed or cancelled.",
+            samples: vec![(String::new(), backlog.in_flight() as i64)],
+        });
+        gauges.push(Gauge {
+            name: "orderline_fulfilment_backlog_bound",
+            help: "Orders in progress past which new ones are refused with 503 (0: no bound).",
+            samples: vec![(String::new(), bound)],
         });
     }
     if let Some(inbox) = &watched.inbox {

@@ -142,16 +142,22 @@ struct ServeArgs {
     listen: SocketAddr,
     #[command(flatten)]
     data: DataArgs,
-    /// How long the saga waits for the payment gateway before cancelling, in ms.
+    /// How long the saga waits for the payment gateway before cancelling, in ms
+    /// (counted from when the payment service has the request).
     #[arg(long, env = "ORDERLINE_PAYMENT_TIMEOUT_MS", default_value_t = 30_000)]
     payment_timeout_ms: u64,
+    /// The most orders in progress (accepted, not yet confirmed or cancelled) before
+    /// new orders are refused with 503 and Retry-After; 0 for no bound.
+    #[arg(long, env = "ORDERLINE_MAX_BACKLOG", default_value_t = 5_000)]
+    max_backlog: u64,
     #[command(flatten)]
     kafka: KafkaArgs,
 }
 
 /// The settings a `--config` file may hold.
-const SETTINGS: [&str; 17] = [
+const SETTINGS: [&str; 18] = [
     "ORDERLINE_LISTEN",
+    "ORDERLINE_MAX_BACKLOG",
     "ORDERLINE_DATA_DIR",
     "ORDERLINE_PAYMENT_TIMEOUT_MS",
     "ORDERLINE_POSTGRES_URL",
@@ -257,6 +263,7 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = args.data.config();
     config.listen = args.listen;
     config.payment_timeout = Duration::from_millis(args.payment_timeout_ms);
+    config.max_backlog = args.max_backlog;
     if let Some(kafka) = config.kafka.as_mut() {
         kafka.partitions = args.kafka.kafka_partitions;
         kafka.replication_factor = args.kafka.kafka_replication;

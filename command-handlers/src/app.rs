@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::Value;
 use std::any::Any;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -175,11 +176,72 @@ pub enum TokenStyle {
     Stream,
 }
 
+/// Orders accepted and not yet confirmed or cancelled, and how many the door lets in:
+/// past the bound, a new order is refused (503, Retry-After) rather than accepted
+/// to wait behind the others.
+#[derive(Clone, Debug)]
+pub struct Backlog {
+    in_flight: Arc<AtomicI64>,
+    /// The most orders in flight; `None`: no bound.
+    pub bound: Option<u64>,
+}
+
+/// Orders in flight the door admits unless configured otherwise.
+pub const DEFAULT_MAX_BACKLOG: u64 = 5_000;
+
+impl Default for Backlog {
+    fn default() -> Self {
+        Backlog {
+            in_flight: Arc::new(AtomicI64::new(0)),
+            bound: Some(DEFAULT_MAX_BACKLOG),
+        }
+    }
+}
+
+impl Backlog {
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Refuse a new saga while the backlog is at its bound.
+    pub fn admit(&self) -> Result<(), ApiError> {
+        let in_flight = self.in_flight();
+        match self.bound {
+            Some(bound) if in_flight >= bound => {
+                // Ask to come back after about the time the backlog takes at the
+                // pipeline's usual pace (~500 orders/s), within 1 to 30 s.
+                Err(ApiError::overloaded((in_flight / 500).clamp(1, 30)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A saga started (an order was accepted).
+    pub fn entered(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sagas settled (confirmed or cancelled).
+    pub fn settled(&self, count: u64) {
+        self.in_flight
+            .fetch_sub(i64::try_from(count).unwrap_or(i64::MAX), Ordering::Relaxed);
+    }
+
+    /// Start from what the saga table holds in flight (after a restart).
+    pub fn reset(&self, in_flight: u64) {
+        self.in_flight.store(
+            i64::try_from(in_flight).unwrap_or(i64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// The application services of every bounded context; cheap to clone.
 #[derive(Clone)]
 pub struct Handlers {
     pub store: EventStore,
     pub metrics: Metrics,
+    pub backlog: Backlog,
     pub gateway: SimulatedGateway,
     pub tokens: TokenStyle,
     locks: StreamLocks,
@@ -193,6 +255,7 @@ impl Handlers {
             metrics,
             gateway: SimulatedGateway,
             tokens: TokenStyle::Position,
+            backlog: Backlog::default(),
             locks: StreamLocks::default(),
             cache: StateCache::default(),
         }

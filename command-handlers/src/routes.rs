@@ -1,7 +1,7 @@
 //! The command API: every write of the public contract. Parse and validate (4xx,
 //! nothing written), decide, append, answer `202` with a consistency token.
 
-use crate::app::{parse_sku, Executed, Handlers, Meta};
+use crate::app::{parse_sku, Backlog, Executed, Handlers, Meta};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -161,8 +161,28 @@ where
     A: domain::Aggregate + crate::app::Stateful,
     A::Event: serde::Serialize + serde::de::DeserializeOwned + domain::EventName,
 {
+    run_admitted::<A>(handlers, id, command, record, body, None).await
+}
+
+/// [`run`], for a command that starts a saga: a retry is answered as the first time
+/// whatever the load; a new one only while `backlog` admits it, and then counts in it.
+async fn run_admitted<A>(
+    handlers: &Handlers,
+    id: &str,
+    command: A::Command,
+    record: Option<IdempotencyRecord>,
+    body: Value,
+    backlog: Option<&Backlog>,
+) -> Result<Response, ApiError>
+where
+    A: domain::Aggregate + crate::app::Stateful,
+    A::Event: serde::Serialize + serde::de::DeserializeOwned + domain::EventName,
+{
     if let Some(response) = replay(handlers, &record).await? {
         return Ok(response);
+    }
+    if let Some(backlog) = backlog {
+        backlog.admit()?;
     }
     let mut meta = Meta::fresh();
     meta.idempotency = record;
@@ -170,6 +190,11 @@ where
         .execute::<A>(id, &command, &meta)
         .await
         .map_err(ApiError::from)?;
+    if let (Some(backlog), Executed::Done { events, .. }) = (backlog, &executed) {
+        if *events > 0 {
+            backlog.entered();
+        }
+    }
     Ok(finish(executed, body))
 }
 
@@ -237,7 +262,16 @@ async fn place_order(
         let order_id = Uuid::now_v7();
         let response = json!({ "order_id": order_id });
         let record = idempotency(&headers, "place order", &raw, response.clone())?;
-        run::<Order>(&h, &order_id.to_string(), command, record, response).await
+        let backlog = Some(&h.backlog);
+        run_admitted::<Order>(
+            &h,
+            &order_id.to_string(),
+            command,
+            record,
+            response,
+            backlog,
+        )
+        .await
     }
     .await;
     observe(&h, "place_order", result)

@@ -52,6 +52,15 @@ pub struct SagaRunner {
     cache: SagaCache,
     /// Woken when commands were staged.
     staged: Notify,
+    /// When the batch being read began to be read.
+    reading: StdMutex<Option<DateTime<Utc>>>,
+    /// The time up to which every event has been folded (the start of the last read
+    /// that found everything there was).
+    heard_until: StdMutex<Option<DateTime<Utc>>>,
+}
+
+fn lock<T>(mutex: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// How the saga's commands reach the services that carry them out.
@@ -114,7 +123,19 @@ impl SagaCache {
 pub struct Folded {
     outcomes: Vec<Outcome>,
     sagas: Vec<(Uuid, Loaded)>,
+    /// Sagas that left the stages of an order in flight (confirmed or cancelled).
+    settled: u64,
+    /// Seconds from placement to confirmation of each order confirmed.
+    confirmed_after: Vec<f64>,
 }
+
+/// The stages of an order accepted and not yet confirmed or cancelled.
+const IN_FLIGHT: [Stage; 4] = [
+    Stage::Reserving,
+    Stage::AwaitingPayment,
+    Stage::AwaitingShipment,
+    Stage::AwaitingConfirmation,
+];
 
 impl SagaRunner {
     pub fn new(
@@ -134,6 +155,8 @@ impl SagaRunner {
             clock: Arc::new(SystemClock),
             cache: SagaCache::default(),
             staged: Notify::new(),
+            reading: StdMutex::new(None),
+            heard_until: StdMutex::new(None),
         })
     }
 
@@ -141,6 +164,28 @@ impl SagaRunner {
     pub fn with_clock(mut self, clock: impl Clock) -> SagaRunner {
         self.clock = Arc::new(clock);
         self
+    }
+
+    /// Count the orders in flight in the saga table into the door's backlog (at
+    /// start-up; orders placed but not yet heard of by the saga are not in it).
+    pub async fn count_backlog(&self) -> Result<u64, InfraError> {
+        let stages = IN_FLIGHT
+            .iter()
+            .map(|stage| {
+                serde_json::to_value(stage).map(|v| v.as_str().unwrap_or_default().to_owned())
+            })
+            .collect::<Result<Vec<String>, _>>()?;
+        let sql = format!(
+            "SELECT COUNT(*) FROM sagas WHERE stage IN ({})",
+            self.db.dialect.text_list("$1")
+        );
+        let in_flight: i64 = sqlx::query_scalar(&sql)
+            .bind(serde_json::to_string(&stages)?)
+            .fetch_one(&self.db.pool)
+            .await?;
+        let in_flight = in_flight.max(0) as u64;
+        self.handlers.backlog.reset(in_flight);
+        Ok(in_flight)
     }
 
     /// The saga's source of events on `transport`: every event topic.
@@ -202,6 +247,8 @@ impl SagaRunner {
         let now = self.clock.now();
         let mut sagas: HashMap<Uuid, Loaded> = HashMap::new();
         let mut outcomes = vec![];
+        let mut settled = 0;
+        let mut confirmed_after = vec![];
         let fresh = guard::first_deliveries(tx, self.db.dialect, "saga_applied", events).await?;
         for (i, (recorded, fresh)) in events.iter().zip(fresh).enumerate() {
             if !fresh {
@@ -231,7 +278,14 @@ impl SagaRunner {
                 // Nothing of this order was seen yet (e.g. a restock): not a saga's business.
                 continue;
             }
+            let was = saga.state.stage;
             let transition = saga.state.handle(&input, now, &self.config);
+            if IN_FLIGHT.contains(&was) && !IN_FLIGHT.contains(&saga.state.stage) {
+                settled += 1;
+            }
+            if transition.outcome == Some(Outcome::Confirmed) {
+                confirmed_after.extend(since_placed(order_id, recorded));
+            }
             let cause = recorded.envelope.event_id;
             let meta = (saga.correlation_id, cause);
             stage_commands(tx, order_id, &transition.commands, meta, |i| {
@@ -248,6 +302,8 @@ impl SagaRunner {
         Ok(Folded {
             outcomes,
             sagas: sagas.into_iter().collect(),
+            settled,
+            confirmed_after,
         })
     }
 
@@ -427,12 +483,31 @@ impl Handler for SagaRunner {
     fn after(&self, folded: Folded, _checkpoint: i64) {
         self.cache.put(folded.sagas);
         self.count(&folded.outcomes);
+        self.handlers.backlog.settled(folded.settled);
+        for seconds in folded.confirmed_after {
+            self.handlers
+                .metrics
+                .observe(&metrics::PLACED_TO_CONFIRMED_SECONDS, &[], seconds);
+        }
         self.staged.notify_one();
     }
 
-    /// Fire the deadlines that are due.
-    async fn between(&self) -> Result<Idle, InfraError> {
-        Ok(if self.fire_deadlines(self.clock.now()).await? {
+    fn reading(&self) {
+        *lock(&self.reading) = Some(self.clock.now());
+    }
+
+    /// Fire the deadlines that are due, as far as the saga has heard everything: a
+    /// deadline is not passed while an answer to it may still be waiting unread.
+    async fn between(&self, caught_up: bool) -> Result<Idle, InfraError> {
+        if caught_up {
+            *lock(&self.heard_until) = *lock(&self.reading);
+        }
+        let heard_until = *lock(&self.heard_until);
+        let fired = match heard_until {
+            Some(until) => self.fire_deadlines(until).await?,
+            None => false,
+        };
+        Ok(if fired {
             Idle::Busy
         } else {
             Idle::For(self.idle_time().await?)
@@ -481,6 +556,15 @@ async fn publish(
         }
     }
     done
+}
+
+/// Seconds from an order's placement (its id is a UUIDv7, made when it was placed)
+/// to `event`.
+fn since_placed(order_id: Uuid, event: &RecordedEvent) -> Option<f64> {
+    let (secs, nanos) = order_id.get_timestamp()?.to_unix();
+    let placed = DateTime::<Utc>::from_timestamp(i64::try_from(secs).ok()?, nanos)?;
+    let elapsed = event.envelope.occurred_at - placed;
+    Some(elapsed.num_microseconds()? as f64 / 1e6)
 }
 
 /// The order an event concerns and what the saga hears of it; `None` for events no

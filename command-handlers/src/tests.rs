@@ -114,8 +114,9 @@ async fn an_accepted_command_answers_202_with_the_token_of_its_events() {
 /// Run the saga until it has nothing left to do now.
 async fn settle(saga: &SagaRunner, source: &LogSource) -> Idle {
     loop {
-        let moved = step(source, saga).await.expect("step") == Step::Moved;
-        let idle = saga.between().await.expect("between");
+        let step = step(source, saga).await.expect("step");
+        let moved = step != Step::Idle;
+        let idle = saga.between(step != Step::Moved).await.expect("between");
         let dispatched = saga.dispatch().await.expect("dispatch");
         if !moved && !dispatched && idle != Idle::Busy {
             return idle;
@@ -221,4 +222,108 @@ async fn an_order_runs_through_the_saga_to_confirmed() {
         event_types(&f, "order", &order_id).await,
         vec!["OrderPlaced", "OrderConfirmed"]
     );
+    let metrics = f.handlers.metrics.render(&[]);
+    assert!(
+        metrics.contains("orderline_order_placed_to_confirmed_seconds_count{} 1"),
+        "{metrics}"
+    );
+    assert_eq!(f.handlers.backlog.in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_stalled_pipeline_cancels_no_order_whose_payment_was_never_requested() {
+    let f = fixture().await;
+    let start = Utc
+        .with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
+        .single()
+        .expect("time");
+    let clock = ManualClock::at(start);
+    let (saga, source) = saga(&f).await;
+    let saga = saga.with_clock(clock.clone());
+    let order_id = place(&f, "tok_no_answer").await;
+    // The reservation runs; the payment request is staged, and then nothing carries
+    // it out for an hour.
+    step(&source, &saga).await.expect("placed");
+    assert!(saga.dispatch().await.expect("reserve"));
+    step(&source, &saga).await.expect("reserved");
+    clock.advance(chrono::Duration::hours(1));
+    assert_eq!(step(&source, &saga).await.expect("idle"), Step::Idle);
+    assert_eq!(
+        saga.between(true).await.expect("between"),
+        Idle::For(Duration::from_secs(60))
+    );
+    assert_eq!(
+        event_types(&f, "order", &order_id).await,
+        vec!["OrderPlaced"]
+    );
+
+    // The request reaches the payment service now: its 30 s start now.
+    assert_eq!(
+        settle(&saga, &source).await,
+        Idle::For(Duration::from_secs(30))
+    );
+    clock.advance(chrono::Duration::seconds(31));
+    // Due, but the saga has not heard everything yet: the answer may be unread.
+    assert_eq!(
+        saga.between(false).await.expect("between"),
+        Idle::For(Duration::ZERO)
+    );
+    assert_eq!(
+        event_types(&f, "order", &order_id).await,
+        vec!["OrderPlaced"]
+    );
+    settle(&saga, &source).await;
+    assert_eq!(
+        event_types(&f, "order", &order_id).await,
+        vec!["OrderPlaced", "OrderCancelled"]
+    );
+}
+
+#[tokio::test]
+async fn past_the_backlog_bound_new_orders_are_refused_and_retries_answered() {
+    let mut f = fixture().await;
+    f.handlers.backlog.bound = Some(2);
+    let (saga, source) = saga(&f).await;
+    post(
+        &f.handlers,
+        "/v1/inventory/S-1/restock",
+        r#"{"quantity": 50}"#,
+    )
+    .await;
+    for _ in 0..2 {
+        let (status, _) = post(&f.handlers, "/v1/orders", &order("tok_ok")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let head = f.handlers.store.head();
+    let request = Request::post("/v1/orders")
+        .header("content-type", "application/json")
+        .body(Body::from(order("tok_ok")))
+        .expect("request");
+    let refused = crate::routes::router(f.handlers.clone())
+        .oneshot(request)
+        .await
+        .expect("answer");
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/problem+json"
+    );
+    assert_eq!(
+        f.handlers.store.head(),
+        head,
+        "a refused order wrote nothing"
+    );
+    assert!(f
+        .handlers
+        .metrics
+        .render(&[])
+        .contains("orderline_commands_rejected_total{command=\"place_order\",status=\"503\"} 1"));
+
+    // Once the saga has confirmed what was accepted, the door opens again.
+    settle(&saga, &source).await;
+    assert_eq!(f.handlers.backlog.in_flight(), 0);
+    let (status, _) = post(&f.handlers, "/v1/orders", &order("tok_ok")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(saga.count_backlog().await.expect("counted"), 0);
 }

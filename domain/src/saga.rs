@@ -199,8 +199,8 @@ impl Fulfilment {
     pub fn handle(&mut self, input: &Input, now: DateTime<Utc>, config: &Config) -> Transition {
         match input {
             Input::Order(event) => self.on_order(event),
-            Input::Inventory { sku, event } => self.on_inventory(sku, event, now, config),
-            Input::Payment(event) => self.on_payment(event),
+            Input::Inventory { sku, event } => self.on_inventory(sku, event),
+            Input::Payment(event) => self.on_payment(event, now, config),
             Input::Shipment(event) => self.on_shipment(event),
             Input::PaymentDeadlinePassed => {
                 if self.stage == Stage::AwaitingPayment {
@@ -316,13 +316,7 @@ impl Fulfilment {
         }
     }
 
-    fn on_inventory(
-        &mut self,
-        sku: &Sku,
-        event: &InventoryEvent,
-        now: DateTime<Utc>,
-        config: &Config,
-    ) -> Transition {
+    fn on_inventory(&mut self, sku: &Sku, event: &InventoryEvent) -> Transition {
         match event {
             InventoryEvent::StockReserved { .. } => {
                 if !self.items.contains_key(sku) || !self.reserved.insert(sku.clone()) {
@@ -333,13 +327,13 @@ impl Fulfilment {
                     self.reserved.remove(sku);
                     return Transition::commands(vec![release(sku)]);
                 }
-                self.after_reservation_answer(now, config)
+                self.after_reservation_answer()
             }
             InventoryEvent::StockReservationRejected { .. } => {
                 if !self.items.contains_key(sku) || !self.rejected.insert(sku.clone()) {
                     return Transition::none();
                 }
-                self.after_reservation_answer(now, config)
+                self.after_reservation_answer()
             }
             InventoryEvent::StockReleased { .. } => {
                 self.reserved.remove(sku);
@@ -351,7 +345,7 @@ impl Fulfilment {
         }
     }
 
-    fn after_reservation_answer(&mut self, now: DateTime<Utc>, config: &Config) -> Transition {
+    fn after_reservation_answer(&mut self) -> Transition {
         if self.stage != Stage::Reserving
             || self.reserved.len() + self.rejected.len() < self.items.len()
         {
@@ -368,19 +362,21 @@ impl Fulfilment {
         };
         self.stage = Stage::AwaitingPayment;
         self.payment = PaymentProgress::Requested;
-        let due = now + config.payment_timeout;
-        self.payment_deadline = Some(due);
-        Transition {
-            commands: vec![Command::RequestPayment {
-                amount: self.amount,
-                token,
-            }],
-            deadline: Deadline::Set(due),
-            outcome: None,
-        }
+        // The payment deadline starts when the payment service has the request
+        // (`PaymentRequested`), not now: time the request spends queued on our side
+        // is not the payment service's silence.
+        Transition::commands(vec![Command::RequestPayment {
+            amount: self.amount,
+            token,
+        }])
     }
 
-    fn on_payment(&mut self, event: &PaymentEvent) -> Transition {
+    fn on_payment(
+        &mut self,
+        event: &PaymentEvent,
+        now: DateTime<Utc>,
+        config: &Config,
+    ) -> Transition {
         match event {
             PaymentEvent::PaymentAuthorized { .. } => {
                 if self.stage == Stage::Cancelled {
@@ -421,7 +417,17 @@ impl Fulfilment {
                 self.payment = PaymentProgress::Captured;
                 Transition::none()
             }
-            PaymentEvent::PaymentRequested { .. } => Transition::none(),
+            PaymentEvent::PaymentRequested { .. } => {
+                if self.stage != Stage::AwaitingPayment || self.payment_deadline.is_some() {
+                    return Transition::none();
+                }
+                let due = now + config.payment_timeout;
+                self.payment_deadline = Some(due);
+                Transition {
+                    deadline: Deadline::Set(due),
+                    ..Transition::none()
+                }
+            }
         }
     }
 
@@ -513,6 +519,13 @@ mod tests {
         }
     }
 
+    fn requested() -> Input {
+        Input::Payment(PaymentEvent::PaymentRequested {
+            amount_cents: Money::from_cents(400),
+            payment_token: PaymentToken::parse("tok_ok").expect("valid"),
+        })
+    }
+
     fn authorized() -> Input {
         Input::Payment(PaymentEvent::PaymentAuthorized {
             amount_cents: Money::from_cents(400),
@@ -573,7 +586,8 @@ mod tests {
     }
 
     #[test]
-    fn all_stock_reserved_requests_payment_with_a_deadline() {
+    fn all_stock_reserved_requests_payment_and_the_deadline_starts_when_the_payment_service_has_it()
+    {
         let mut saga = given(vec![placed("tok_ok"), reserved("A", 3)]);
         let t = when(&mut saga, reserved("B", 1));
         assert_eq!(
@@ -583,8 +597,15 @@ mod tests {
                 token: PaymentToken::parse("tok_ok").expect("valid")
             }]
         );
-        assert_eq!(t.deadline, Deadline::Set(now() + Duration::seconds(30)));
+        assert_eq!(t.deadline, Deadline::Keep);
         assert_eq!(saga.stage, Stage::AwaitingPayment);
+        let later = now() + Duration::seconds(600);
+        let t = saga.handle(&requested(), later, &config());
+        assert_eq!(t.deadline, Deadline::Set(later + Duration::seconds(30)));
+        assert!(t.commands.is_empty());
+        // Heard again (a redelivery): the deadline stays where it was.
+        let t = saga.handle(&requested(), later + Duration::seconds(5), &config());
+        assert_eq!(t.deadline, Deadline::Keep);
     }
 
     #[test]

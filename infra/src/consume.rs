@@ -424,9 +424,14 @@ pub trait Handler: Send + Sync {
     /// After the commit, with the consumer's new checkpoint.
     fn after(&self, done: Self::Done, checkpoint: i64);
 
-    /// Work between batches (the saga's deadlines and commands): whether it did
-    /// something, and how long the consumer may idle otherwise.
-    fn between(&self) -> impl Future<Output = Result<Idle, InfraError>> + Send {
+    /// A batch is about to be read.
+    fn reading(&self) {}
+
+    /// Work between batches (the saga's deadlines): whether it did something, and
+    /// how long the consumer may idle otherwise. `caught_up`: the last read found
+    /// everything there was when it began (no backlog behind it).
+    fn between(&self, caught_up: bool) -> impl Future<Output = Result<Idle, InfraError>> + Send {
+        let _ = caught_up;
         async { Ok(Idle::For(Duration::from_secs(60))) }
     }
 }
@@ -469,8 +474,12 @@ impl<H: Handler> Handler for Arc<H> {
         (**self).after(done, checkpoint)
     }
 
-    fn between(&self) -> impl Future<Output = Result<Idle, InfraError>> + Send {
-        (**self).between()
+    fn reading(&self) {
+        (**self).reading()
+    }
+
+    fn between(&self, caught_up: bool) -> impl Future<Output = Result<Idle, InfraError>> + Send {
+        (**self).between(caught_up)
     }
 }
 
@@ -486,8 +495,10 @@ pub enum Idle {
 /// How a round of the loop went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    /// The position moved.
+    /// The position moved; there is more to read.
     Moved,
+    /// The position moved past everything there was when the batch was read.
+    CaughtUp,
     /// Nothing new.
     Idle,
     /// Some records were not done (the rest is read again after a pause).
@@ -579,10 +590,12 @@ pub async fn step<H: Handler>(source: &dyn Source, handler: &H) -> Result<Step, 
         Some(lock) => Some(lock.lock_owned().await),
         None => None,
     };
+    handler.reading();
     let batch = source.next_batch(handler.batch_size()).await?;
     if batch.is_empty() {
         return Ok(Step::Idle);
     }
+    let full = batch.records.len() >= handler.batch_size();
     let consumer = handler.consumer();
     let name = consumer.name.as_str();
     let mut tx = consumer.db.begin_write().await?;
@@ -598,8 +611,10 @@ pub async fn step<H: Handler>(source: &dyn Source, handler: &H) -> Result<Step, 
     handler.after(out, checkpoint);
     Ok(if done < batch.records.len() {
         Step::Stalled
-    } else {
+    } else if full {
         Step::Moved
+    } else {
+        Step::CaughtUp
     })
 }
 
@@ -614,12 +629,14 @@ pub async fn drive<H: Handler>(source: Arc<dyn Source>, handler: H, mut shutdown
     while !shutdown.is_set() {
         let round = async {
             let step = step(&*source, &handler).await?;
-            let idle = handler.between().await?;
+            let idle = handler
+                .between(matches!(step, Step::Idle | Step::CaughtUp))
+                .await?;
             Ok::<_, InfraError>((step, idle))
         }
         .await;
         let pause = match round {
-            Ok((Step::Moved, _)) | Ok((Step::Idle, Idle::Busy)) => {
+            Ok((Step::Moved | Step::CaughtUp, _)) | Ok((Step::Idle, Idle::Busy)) => {
                 backoff.reset();
                 continue;
             }

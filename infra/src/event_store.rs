@@ -8,6 +8,7 @@
 //! order, and a subscriber that has read up to the published head has missed nothing.
 
 use crate::db::{Db, Dialect};
+use crate::metrics::{Metrics, COMMIT_SECONDS, EVENTS_PER_COMMIT};
 use crate::{parse_timestamp, parse_uuid, timestamp, InfraError};
 use chrono::{DateTime, Utc};
 use schemas::{Envelope, RecordedEvent};
@@ -121,6 +122,7 @@ struct Inner {
     jobs: mpsc::Sender<Job>,
     head: watch::Receiver<i64>,
     commits: Arc<AtomicU64>,
+    metrics: Metrics,
 }
 
 impl EventStore {
@@ -138,12 +140,16 @@ impl EventStore {
         let (head_tx, head_rx) = watch::channel(head);
         let (jobs, queue) = mpsc::channel(4096);
         let commits = Arc::new(AtomicU64::new(0));
+        let metrics = Metrics::default();
         tokio::spawn(write_loop(
-            writer,
-            db.dialect,
+            Writer {
+                conn: writer,
+                dialect: db.dialect,
+                head: head_tx,
+                commits: commits.clone(),
+                metrics: metrics.clone(),
+            },
             queue,
-            head_tx,
-            commits.clone(),
         ));
         Ok(EventStore {
             inner: Arc::new(Inner {
@@ -151,6 +157,7 @@ impl EventStore {
                 jobs,
                 head: head_rx,
                 commits,
+                metrics,
             }),
         })
     }
@@ -169,6 +176,12 @@ impl EventStore {
     /// The position of the last committed event (0 for an empty log).
     pub fn head(&self) -> i64 {
         *self.inner.head.borrow()
+    }
+
+    /// Where the writer counts (commit durations, events per commit); the process's
+    /// other parts count there too.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// How many commits the writer has made (each one fsync), for group-commit stats.
@@ -358,18 +371,32 @@ fn recorded(row: &AnyRow) -> Result<RecordedEvent, InfraError> {
     })
 }
 
-async fn write_loop(
-    mut conn: AnyConnection,
+/// The one task that writes to the log, and what it reports to.
+struct Writer {
+    conn: AnyConnection,
     dialect: Dialect,
-    mut queue: mpsc::Receiver<Job>,
     head: watch::Sender<i64>,
     commits: Arc<AtomicU64>,
-) {
+    metrics: Metrics,
+}
+
+async fn write_loop(writer: Writer, mut queue: mpsc::Receiver<Job>) {
+    let Writer {
+        mut conn,
+        dialect,
+        head,
+        commits,
+        metrics,
+    } = writer;
     let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
     while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
+        let started = std::time::Instant::now();
         match commit_group(&mut conn, dialect, &group).await {
             Ok((outcomes, last)) => {
                 commits.fetch_add(1, Ordering::Relaxed);
+                let events: usize = group.iter().map(|job| job.request.events.len()).sum();
+                metrics.observe(&COMMIT_SECONDS, &[], started.elapsed().as_secs_f64());
+                metrics.observe(&EVENTS_PER_COMMIT, &[], events as f64);
                 if let Some(last) = last {
                     head.send_if_modified(|h| {
                         let moved = last > *h;

@@ -119,6 +119,18 @@ impl ApiError {
         error
     }
 
+    /// Too much work is waiting behind this request: come back later.
+    pub fn overloaded(retry_after_secs: u64) -> Self {
+        let mut error = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "Too many orders in progress",
+            "the orders already accepted are still being fulfilled; retry later",
+        );
+        error.retry_after = Some(retry_after_secs);
+        error
+    }
+
     /// Log the cause; answer 500 without it.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");

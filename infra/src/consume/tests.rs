@@ -164,7 +164,7 @@ async fn a_batch_stores_its_position_with_its_effects_and_dead_letters_what_fail
     .expect("source");
     let handler = Recorder::new(&f.db);
 
-    assert_eq!(step(&source, &handler).await.expect("step"), Step::Moved);
+    assert_eq!(step(&source, &handler).await.expect("step"), Step::CaughtUp);
     assert_eq!(step(&source, &handler).await.expect("step"), Step::Idle);
 
     assert_eq!(
@@ -214,7 +214,7 @@ async fn a_batch_done_only_in_part_stores_the_part_and_reads_the_rest_again() {
         first
     );
     handler.allow = None;
-    assert_eq!(step(&source, &handler).await.expect("step"), Step::Moved);
+    assert_eq!(step(&source, &handler).await.expect("step"), Step::CaughtUp);
     assert_eq!(
         seen(&f.db).await,
         vec![("S-1".into(), 1), ("S-2".into(), 2)]

@@ -66,7 +66,7 @@ impl Fixture {
         .await
         .expect("source");
         let runner = self.runner(projection);
-        while step(&source, &runner).await.expect("step") == Step::Moved {}
+        while step(&source, &runner).await.expect("step") != Step::Idle {}
     }
 }
 
@@ -298,7 +298,7 @@ async fn projections_open_their_tables_and_start_at_the_stored_checkpoint() {
     while step(&*handle.source, &projections.runner(&handle))
         .await
         .expect("step")
-        == Step::Moved
+        != Step::Idle
     {}
     assert_eq!(projections.progress.checkpoint("inventory"), f.store.head());
     let reopened = open().await.expect("reopen");
