@@ -1,0 +1,324 @@
+//! The `end-to-end` benchmark: orders per second from placement to `confirmed`
+//! through the whole saga, over HTTP, on the embedded default (SQLite files,
+//! `synchronous=FULL`), against the rate at which the door answers 202 in the same
+//! run (the baseline).
+//!
+//! For orders spread over 1,000 SKUs and for every order on one SKU: first at
+//! saturation (64 clients posting as fast as answered), then at a fixed open-loop
+//! offered rate. Each variant runs on a fresh server. Reported: accepted/s (the 202
+//! rate), confirmed/s from the first placement to the last confirmation, their
+//! ratio, p50/p99 of the 202 and of placement-to-confirmed, orders refused with 503
+//! (admission control) and orders cancelled for `payment_timeout`.
+//!
+//! `cargo bench --bench end_to_end -- --quick` runs 5 s per variant; without
+//! `--quick`, 20 s. Rows go to `target/bench/summary.json` (merged with other
+//! scenarios' rows) and to standard output.
+
+use orderline::{serve, System};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const CLIENTS: usize = 64;
+const SKUS: usize = 1_000;
+/// The open-loop offered rate, orders per second.
+const OFFERED: f64 = 500.0;
+
+#[derive(Clone, Copy)]
+enum Load {
+    Saturation,
+    OpenLoop(f64),
+}
+
+struct Row {
+    scenario: &'static str,
+    metric: String,
+    ours: f64,
+    baseline: Option<f64>,
+    unit: &'static str,
+}
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let seconds = if quick { 5 } else { 20 };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut rows = vec![];
+    for (name, skus) in [("spread", SKUS), ("hot-sku", 1)] {
+        for load in [Load::Saturation, Load::OpenLoop(OFFERED)] {
+            let label = match load {
+                Load::Saturation => format!("{name} saturated"),
+                Load::OpenLoop(rate) => format!("{name} offered={rate:.0}/s"),
+            };
+            eprintln!("end-to-end: {label}, {seconds} s of load ...");
+            rows.extend(runtime.block_on(variant(&label, skus, load, seconds))?);
+        }
+    }
+    report(&rows)
+}
+
+/// One variant on a fresh embedded server.
+async fn variant(label: &str, skus: usize, load: Load, seconds: u64) -> anyhow::Result<Vec<Row>> {
+    let dir = tempfile::tempdir()?;
+    let mut config = infra::Config::with_data_dir(dir.path());
+    config.listen = "127.0.0.1:0".parse()?;
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let system = System::start(config).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, system, async {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()?;
+    let sku = move |i: usize| format!("B-{}", i % skus);
+    for i in 0..skus {
+        let response = client
+            .post(format!("{base}/v1/inventory/{}/restock", sku(i)))
+            .json(&json!({ "quantity": 1_000_000 }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == 202,
+            "restock answered {}",
+            response.status()
+        );
+    }
+    let customer = format!("bench-{}", uuid::Uuid::now_v7().simple());
+    let placed = Arc::new(Mutex::new(Vec::<Duration>::new()));
+    let refused = Arc::new(Mutex::new(0u64));
+    let running = Arc::new(AtomicBool::new(true));
+    let order = {
+        let (client, base, customer, placed, refused) = (
+            client.clone(),
+            base.clone(),
+            customer.clone(),
+            placed.clone(),
+            refused.clone(),
+        );
+        move |n: usize| {
+            let (client, base, customer, placed, refused) = (
+                client.clone(),
+                base.clone(),
+                customer.clone(),
+                placed.clone(),
+                refused.clone(),
+            );
+            let body = json!({
+                "customer_id": customer,
+                "lines": [{"sku": sku(n * 7919), "quantity": 1, "unit_price_cents": 100}],
+                "payment_token": "tok_ok",
+            });
+            async move {
+                let started = Instant::now();
+                let answer = client
+                    .post(format!("{base}/v1/orders"))
+                    .json(&body)
+                    .send()
+                    .await;
+                match answer.map(|r| r.status().as_u16()) {
+                    Ok(202) => lock(&placed).push(started.elapsed()),
+                    Ok(503) => *lock(&refused) += 1,
+                    Ok(other) => eprintln!("an order answered {other}"),
+                    Err(error) => eprintln!("an order failed: {error}"),
+                }
+            }
+        }
+    };
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    match load {
+        Load::Saturation => {
+            for client_number in 0..CLIENTS {
+                let (order, running) = (order.clone(), running.clone());
+                tasks.spawn(async move {
+                    let mut n = client_number;
+                    while running.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        order(n).await;
+                        n += CLIENTS;
+                    }
+                });
+            }
+        }
+        Load::OpenLoop(rate) => {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut n = 0;
+            while Instant::now() < deadline {
+                tick.tick().await;
+                tasks.spawn(order(n));
+                n += 1;
+            }
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let load_time = start.elapsed();
+    running.store(false, Ordering::Relaxed);
+    let accepted = lock(&placed).len();
+    let settled_at = wait_settled(&client, &base, &customer).await?;
+    let (confirmed, cancelled_timeout, to_confirmed) = outcomes(&client, &base, &customer).await?;
+    let _ = stop.send(());
+    server.await??;
+
+    let mut latencies = lock(&placed).clone();
+    latencies.sort();
+    let door = accepted as f64 / load_time.as_secs_f64();
+    let end_to_end = confirmed as f64 / settled_at.duration_since(start).as_secs_f64();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let refused = *lock(&refused) as f64;
+    let row = |metric: &str, ours: f64, baseline: Option<f64>, unit| Row {
+        scenario: "end-to-end",
+        metric: format!("{label} {metric}"),
+        ours,
+        baseline,
+        unit,
+    };
+    Ok(vec![
+        row("confirmed/s vs 202/s", end_to_end, Some(door), "orders/s"),
+        row("202 p50", ms(percentile(&latencies, 0.50)), None, "ms"),
+        row("202 p99", ms(percentile(&latencies, 0.99)), None, "ms"),
+        row(
+            "placed-to-confirmed p50",
+            ms(percentile(&to_confirmed, 0.50)),
+            None,
+            "ms",
+        ),
+        row(
+            "placed-to-confirmed p99",
+            ms(percentile(&to_confirmed, 0.99)),
+            None,
+            "ms",
+        ),
+        row("refused (503)", refused, None, "orders"),
+        row(
+            "cancelled payment_timeout",
+            cancelled_timeout as f64,
+            None,
+            "orders",
+        ),
+    ])
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// Wait until none of the customer's orders is pending; when that was.
+async fn wait_settled(
+    client: &reqwest::Client,
+    base: &str,
+    customer: &str,
+) -> anyhow::Result<Instant> {
+    let give_up = Instant::now() + Duration::from_secs(600);
+    loop {
+        let page: Value = client
+            .get(format!(
+                "{base}/v1/orders?customer_id={customer}&status=pending&limit=1"
+            ))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if page["items"].as_array().is_some_and(Vec::is_empty) {
+            return Ok(Instant::now());
+        }
+        anyhow::ensure!(
+            Instant::now() < give_up,
+            "orders still pending after 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// (confirmed, cancelled for payment_timeout, placement-to-confirmation of each
+/// confirmed order) from the orders read model.
+async fn outcomes(
+    client: &reqwest::Client,
+    base: &str,
+    customer: &str,
+) -> anyhow::Result<(usize, usize, Vec<Duration>)> {
+    let mut cursor: Option<String> = None;
+    let (mut confirmed, mut timed_out, mut durations) = (0, 0, vec![]);
+    loop {
+        let mut url = format!("{base}/v1/orders?customer_id={customer}&limit=100");
+        if let Some(cursor) = &cursor {
+            url.push_str(&format!("&cursor={cursor}"));
+        }
+        let page: Value = client.get(url).send().await?.json().await?;
+        for order in page["items"].as_array().into_iter().flatten() {
+            match order["status"].as_str() {
+                Some("confirmed") => {
+                    confirmed += 1;
+                    let at = |field: &str| {
+                        order[field]
+                            .as_str()
+                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    };
+                    if let (Some(placed), Some(updated)) = (at("placed_at"), at("updated_at")) {
+                        durations.push((updated - placed).to_std().unwrap_or_default());
+                    }
+                }
+                Some("cancelled") if order["cancel_reason"] == "payment_timeout" => timed_out += 1,
+                _ => {}
+            }
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    durations.sort();
+    Ok((confirmed, timed_out, durations))
+}
+
+/// Print the rows and merge them into `target/bench/summary.json` (rows of other
+/// scenarios already there stay).
+fn report(rows: &[Row]) -> anyhow::Result<()> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("summary.json");
+    let mut all: Vec<Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    all.retain(|row| row["scenario"] != "end-to-end");
+    for row in rows {
+        let ratio = row
+            .baseline
+            .map(|b| if b > 0.0 { row.ours / b } else { 0.0 });
+        println!(
+            "{:<12} {:<48} ours {:>10.1} {:<8} baseline {:>10} ratio {}",
+            row.scenario,
+            row.metric,
+            row.ours,
+            row.unit,
+            row.baseline.map_or("-".into(), |b| format!("{b:.1}")),
+            ratio.map_or("-".into(), |r| format!("{r:.2}")),
+        );
+        all.push(json!({
+            "scenario": row.scenario,
+            "metric": row.metric,
+            "ours": row.ours,
+            "baseline": row.baseline,
+            "ratio": ratio,
+            "unit": row.unit,
+        }));
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&all)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
