@@ -17,7 +17,6 @@
 use orderline::{serve, System};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,57 +59,85 @@ fn main() -> anyhow::Result<()> {
     report(&rows)
 }
 
-/// One variant on a fresh embedded server.
-async fn variant(label: &str, skus: usize, load: Load, seconds: u64) -> anyhow::Result<Vec<Row>> {
-    let dir = tempfile::tempdir()?;
-    let mut config = infra::Config::with_data_dir(dir.path());
-    config.listen = "127.0.0.1:0".parse()?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let system = System::start(config).await?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, system, async {
-        let _ = stopped.await;
-    }));
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(CLIENTS)
-        .build()?;
-    let sku = move |i: usize| format!("B-{}", i % skus);
-    for i in 0..skus {
-        let response = client
-            .post(format!("{base}/v1/inventory/{}/restock", sku(i)))
-            .json(&json!({ "quantity": 1_000_000 }))
-            .send()
-            .await?;
-        anyhow::ensure!(
-            response.status() == 202,
-            "restock answered {}",
-            response.status()
-        );
-    }
-    let customer = format!("bench-{}", uuid::Uuid::now_v7().simple());
-    let placed = Arc::new(Mutex::new(Vec::<Duration>::new()));
-    let refused = Arc::new(Mutex::new(0u64));
-    let running = Arc::new(AtomicBool::new(true));
-    let order = {
-        let (client, base, customer, placed, refused) = (
-            client.clone(),
-            base.clone(),
-            customer.clone(),
-            placed.clone(),
-            refused.clone(),
-        );
-        move |n: usize| {
-            let (client, base, customer, placed, refused) = (
-                client.clone(),
-                base.clone(),
-                customer.clone(),
-                placed.clone(),
-                refused.clone(),
+/// A fresh embedded server with its stock on the shelf.
+struct Server {
+    base: String,
+    client: reqwest::Client,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(skus: usize) -> anyhow::Result<Server> {
+        let dir = tempfile::tempdir()?;
+        let mut config = infra::Config::with_data_dir(dir.path());
+        config.listen = "127.0.0.1:0".parse()?;
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let system = System::start(config).await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, system, async {
+            let _ = stopped.await;
+        }));
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(CLIENTS)
+            .build()?;
+        for i in 0..skus {
+            let response = client
+                .post(format!("{base}/v1/inventory/{}/restock", sku(i, skus)))
+                .json(&json!({ "quantity": 1_000_000 }))
+                .send()
+                .await?;
+            anyhow::ensure!(
+                response.status() == 202,
+                "restock answered {}",
+                response.status()
             );
+        }
+        Ok(Server {
+            base,
+            client,
+            stop,
+            task,
+            _dir: dir,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await?
+    }
+}
+
+fn sku(n: usize, skus: usize) -> String {
+    format!("B-{}", n % skus)
+}
+
+/// What the clients saw: the 202 latencies, and how many were refused.
+#[derive(Default)]
+struct Answers {
+    accepted: Vec<Duration>,
+    refused: u64,
+}
+
+/// Place orders for `seconds` under `load`; the answers, and how long it took.
+async fn drive(
+    server: &Server,
+    customer: &str,
+    skus: usize,
+    load: Load,
+    seconds: u64,
+) -> (Answers, Duration) {
+    let answers = Arc::new(Mutex::new(Answers::default()));
+    let order = {
+        let (client, base, answers) = (server.client.clone(), server.base.clone(), answers.clone());
+        let customer = customer.to_owned();
+        move |n: usize| {
+            let (client, base, answers) = (client.clone(), base.clone(), answers.clone());
             let body = json!({
                 "customer_id": customer,
-                "lines": [{"sku": sku(n * 7919), "quantity": 1, "unit_price_cents": 100}],
+                "lines": [{"sku": sku(n * 7919, skus), "quantity": 1, "unit_price_cents": 100}],
                 "payment_token": "tok_ok",
             });
             async move {
@@ -120,9 +147,10 @@ async fn variant(label: &str, skus: usize, load: Load, seconds: u64) -> anyhow::
                     .json(&body)
                     .send()
                     .await;
+                let mut answers = lock(&answers);
                 match answer.map(|r| r.status().as_u16()) {
-                    Ok(202) => lock(&placed).push(started.elapsed()),
-                    Ok(503) => *lock(&refused) += 1,
+                    Ok(202) => answers.accepted.push(started.elapsed()),
+                    Ok(503) => answers.refused += 1,
                     Ok(other) => eprintln!("an order answered {other}"),
                     Err(error) => eprintln!("an order failed: {error}"),
                 }
@@ -134,11 +162,11 @@ async fn variant(label: &str, skus: usize, load: Load, seconds: u64) -> anyhow::
     let mut tasks = tokio::task::JoinSet::new();
     match load {
         Load::Saturation => {
-            for client_number in 0..CLIENTS {
-                let (order, running) = (order.clone(), running.clone());
+            for first in 0..CLIENTS {
+                let order = order.clone();
                 tasks.spawn(async move {
-                    let mut n = client_number;
-                    while running.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let mut n = first;
+                    while Instant::now() < deadline {
                         order(n).await;
                         n += CLIENTS;
                     }
@@ -156,20 +184,26 @@ async fn variant(label: &str, skus: usize, load: Load, seconds: u64) -> anyhow::
         }
     }
     while tasks.join_next().await.is_some() {}
-    let load_time = start.elapsed();
-    running.store(false, Ordering::Relaxed);
-    let accepted = lock(&placed).len();
-    let settled_at = wait_settled(&client, &base, &customer).await?;
-    let (confirmed, cancelled_timeout, to_confirmed) = outcomes(&client, &base, &customer).await?;
-    let _ = stop.send(());
-    server.await??;
+    let elapsed = start.elapsed();
+    let answers = std::mem::take(&mut *lock(&answers));
+    (answers, elapsed)
+}
 
-    let mut latencies = lock(&placed).clone();
-    latencies.sort();
-    let door = accepted as f64 / load_time.as_secs_f64();
+/// One variant on a fresh embedded server.
+async fn variant(label: &str, skus: usize, load: Load, seconds: u64) -> anyhow::Result<Vec<Row>> {
+    let server = Server::start(skus).await?;
+    let customer = format!("bench-{}", uuid::Uuid::now_v7().simple());
+    let start = Instant::now();
+    let (mut answers, load_time) = drive(&server, &customer, skus, load, seconds).await;
+    let settled_at = wait_settled(&server.client, &server.base, &customer).await?;
+    let (confirmed, timed_out, to_confirmed) =
+        outcomes(&server.client, &server.base, &customer).await?;
+    server.stop().await?;
+
+    answers.accepted.sort();
+    let door = answers.accepted.len() as f64 / load_time.as_secs_f64();
     let end_to_end = confirmed as f64 / settled_at.duration_since(start).as_secs_f64();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let refused = *lock(&refused) as f64;
+    let ms = |sorted: &[Duration], q| percentile(sorted, q).as_secs_f64() * 1000.0;
     let row = |metric: &str, ours: f64, baseline: Option<f64>, unit| Row {
         scenario: "end-to-end",
         metric: format!("{label} {metric}"),
@@ -179,24 +213,24 @@ async fn variant(label: &str, skus: usize, load: Load, seconds: u64) -> anyhow::
     };
     Ok(vec![
         row("confirmed/s vs 202/s", end_to_end, Some(door), "orders/s"),
-        row("202 p50", ms(percentile(&latencies, 0.50)), None, "ms"),
-        row("202 p99", ms(percentile(&latencies, 0.99)), None, "ms"),
+        row("202 p50", ms(&answers.accepted, 0.50), None, "ms"),
+        row("202 p99", ms(&answers.accepted, 0.99), None, "ms"),
         row(
             "placed-to-confirmed p50",
-            ms(percentile(&to_confirmed, 0.50)),
+            ms(&to_confirmed, 0.50),
             None,
             "ms",
         ),
         row(
             "placed-to-confirmed p99",
-            ms(percentile(&to_confirmed, 0.99)),
+            ms(&to_confirmed, 0.99),
             None,
             "ms",
         ),
-        row("refused (503)", refused, None, "orders"),
+        row("refused (503)", answers.refused as f64, None, "orders"),
         row(
             "cancelled payment_timeout",
-            cancelled_timeout as f64,
+            timed_out as f64,
             None,
             "orders",
         ),

@@ -148,7 +148,7 @@ struct ServeArgs {
     payment_timeout_ms: u64,
     /// The most orders in progress (accepted, not yet confirmed or cancelled) before
     /// new orders are refused with 503 and Retry-After; 0 for no bound.
-    #[arg(long, env = "ORDERLINE_MAX_BACKLOG", default_value_t = 5_000)]
+    #[arg(long, env = "ORDERLINE_MAX_BACKLOG", default_value_t = 1_000)]
     max_backlog: u64,
     #[command(flatten)]
     kafka: KafkaArgs,

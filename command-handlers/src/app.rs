@@ -187,7 +187,7 @@ pub struct Backlog {
 }
 
 /// Orders in flight the door admits unless configured otherwise.
-pub const DEFAULT_MAX_BACKLOG: u64 = 5_000;
+pub const DEFAULT_MAX_BACKLOG: u64 = 1_000;
 
 impl Default for Backlog {
     fn default() -> Self {

@@ -144,6 +144,17 @@ async fn saga(f: &Fixture) -> (SagaRunner, LogSource) {
     (saga, source)
 }
 
+/// [`saga`], reading the time from a clock that moves only when told.
+async fn saga_on_a_manual_clock(f: &Fixture) -> (SagaRunner, LogSource, ManualClock) {
+    let start = Utc
+        .with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
+        .single()
+        .expect("time");
+    let clock = ManualClock::at(start);
+    let (saga, source) = saga(f).await;
+    (saga.with_clock(clock.clone()), source, clock)
+}
+
 /// Put stock on the shelf and place an order paid with `token`: its id.
 async fn place(f: &Fixture, token: &str) -> String {
     post(
@@ -170,13 +181,7 @@ async fn event_types(f: &Fixture, aggregate_type: &str, id: &str) -> Vec<String>
 #[tokio::test]
 async fn the_payment_deadline_fires_when_the_clock_passes_it_and_not_before() {
     let f = fixture().await;
-    let start = Utc
-        .with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
-        .single()
-        .expect("time");
-    let clock = ManualClock::at(start);
-    let (saga, source) = saga(&f).await;
-    let saga = saga.with_clock(clock.clone());
+    let (saga, source, clock) = saga_on_a_manual_clock(&f).await;
     let order_id = place(&f, "tok_no_answer").await;
 
     // Reserved and asked to pay; the gateway never answers.
@@ -233,13 +238,7 @@ async fn an_order_runs_through_the_saga_to_confirmed() {
 #[tokio::test]
 async fn a_stalled_pipeline_cancels_no_order_whose_payment_was_never_requested() {
     let f = fixture().await;
-    let start = Utc
-        .with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
-        .single()
-        .expect("time");
-    let clock = ManualClock::at(start);
-    let (saga, source) = saga(&f).await;
-    let saga = saga.with_clock(clock.clone());
+    let (saga, source, clock) = saga_on_a_manual_clock(&f).await;
     let order_id = place(&f, "tok_no_answer").await;
     // The reservation runs; the payment request is staged, and then nothing carries
     // it out for an hour.

@@ -21,7 +21,7 @@ pub struct Config {
     /// The brokers and topics of the distributed deployment.
     pub kafka: Option<crate::kafka::KafkaConfig>,
     /// The most orders in progress (accepted, not yet confirmed or cancelled) before
-    /// new ones are refused with 503 (`ORDERLINE_MAX_BACKLOG`, 5000; 0: no bound).
+    /// new ones are refused with 503 (`ORDERLINE_MAX_BACKLOG`, 1000; 0: no bound).
     pub max_backlog: u64,
 }
 
@@ -34,7 +34,7 @@ impl Config {
             postgres: None,
             database_prefix: "orderline".into(),
             kafka: None,
-            max_backlog: 5_000,
+            max_backlog: 1_000,
         }
     }
 
