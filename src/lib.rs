@@ -103,7 +103,8 @@ impl Storage {
         }
         let store = EventStore::with_db(Db::open(&config.database_url("events"), 8).await?).await?;
         let transport = Transport::InProcess(store.clone());
-        Storage::with_services(config, store, Service::ALL, 8, &transport).await
+        let services = open_services(config, Service::ALL, 8).await?;
+        Storage::with_services(store, services, &transport).await
     }
 
     /// The projections of the distributed deployment, for tools (replay, listing):
@@ -113,26 +114,26 @@ impl Storage {
             .kafka
             .clone()
             .ok_or_else(|| anyhow::anyhow!("the distributed deployment needs Kafka brokers"))?;
-        let order = Db::open(&config.database_url(Service::Order.as_str()), 4).await?;
+        let services = open_services(config, Service::ALL, 4).await?;
+        let order = services
+            .iter()
+            .find(|(s, _)| *s == Service::Order)
+            .map(|(_, db)| db.clone())
+            .ok_or_else(|| anyhow::anyhow!("no order database"))?;
         let store = EventStore::with_db(order).await?;
-        Storage::with_services(config, store, Service::ALL, 4, &Transport::Kafka(kafka)).await
+        Storage::with_services(store, services, &Transport::Kafka(kafka)).await
     }
 
-    /// The databases of `services` and their projections on `transport`.
+    /// The projections of the services' open databases on `transport`.
     async fn with_services(
-        config: &Config,
         store: EventStore,
-        services: &[Service],
-        connections: u32,
+        opened: Vec<(Service, Db)>,
         transport: &Transport,
     ) -> anyhow::Result<Storage> {
-        let mut opened = vec![];
-        let mut databases = vec![];
-        for service in services {
-            let db = Db::open(&config.database_url(service.as_str()), connections).await?;
-            databases.extend(service.projections().map(|p| (p, db.clone())));
-            opened.push((*service, db));
-        }
+        let databases: Vec<_> = opened
+            .iter()
+            .flat_map(|(service, db)| service.projections().map(|p| (p, db.clone())))
+            .collect();
         let projections = Projections::open(
             store.clone(),
             Progress::default(),
@@ -170,6 +171,20 @@ impl Storage {
     }
 }
 
+/// The databases of `services`, opened (created when missing).
+async fn open_services(
+    config: &Config,
+    services: &[Service],
+    connections: u32,
+) -> anyhow::Result<Vec<(Service, Db)>> {
+    let mut opened = vec![];
+    for service in services {
+        let db = Db::open(&config.database_url(service.as_str()), connections).await?;
+        opened.push((*service, db));
+    }
+    Ok(opened)
+}
+
 impl System {
     /// Every service in one process, on the embedded log: its event table is the
     /// log every consumer reads, and the saga's commands are function calls.
@@ -190,12 +205,13 @@ impl System {
             std::fs::create_dir_all(&config.data_dir)?;
         }
         let db = Db::open(&config.database_url(service.as_str()), 16).await?;
-        let store = EventStore::with_db(db).await?;
+        let store = EventStore::with_db(db.clone()).await?;
         let mut topics = kafka.event_topics();
         topics.extend(Service::ALL.iter().map(|s| kafka.commands_topic(*s)));
         ensure_topics(&kafka, &topics).await?;
         let transport = Transport::Kafka(kafka);
-        let storage = Storage::with_services(&config, store, &[service], 16, &transport).await?;
+        // One pool for the service's database: its event store and everything else.
+        let storage = Storage::with_services(store, vec![(service, db)], &transport).await?;
         System::assemble(config, storage, transport).await
     }
 

@@ -103,13 +103,12 @@ struct SagaCache(StdMutex<HashMap<Uuid, Loaded>>);
 
 impl SagaCache {
     fn get(&self, order_id: &Uuid) -> Option<Loaded> {
-        let cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        cache.get(order_id).cloned()
+        lock(&self.0).get(order_id).cloned()
     }
 
     /// After a commit: the states it wrote.
     fn put(&self, sagas: impl IntoIterator<Item = (Uuid, Loaded)>) {
-        let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cache = lock(&self.0);
         for (order_id, saga) in sagas {
             if cache.len() >= CACHE_CAPACITY && !cache.contains_key(&order_id) {
                 cache.clear();

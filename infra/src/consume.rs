@@ -72,19 +72,16 @@ impl Record {
         consumer: &str,
         error: &str,
     ) -> Result<(), sqlx::Error> {
-        match (self, self.event()) {
-            (_, Ok(event)) => dead_letters::record(conn, consumer, &event, error).await,
-            (Record::Kafka(polled), Err(_)) => {
-                dead_letters::record_unreadable(
-                    conn,
-                    consumer,
-                    polled.offset,
-                    &polled.origin(),
-                    error,
-                )
-                .await
+        match self.event() {
+            Ok(event) => dead_letters::record(conn, consumer, &event, error).await,
+            Err(_) => {
+                let origin = match self {
+                    Record::Kafka(polled) => polled.origin(),
+                    Record::Event(event) => serde_json::json!({ "position": event.position }),
+                };
+                dead_letters::record_unreadable(conn, consumer, self.position(), &origin, error)
+                    .await
             }
-            (Record::Event(_), Err(_)) => Ok(()),
         }
     }
 }

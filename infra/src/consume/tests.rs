@@ -23,6 +23,18 @@ async fn append(f: &Scratch, aggregate_type: &str, id: &str, quantity: i64) -> i
         .expect("appended")
 }
 
+/// A live reader of the inventory topic for `consumer`.
+async fn inventory_source(f: &Scratch, consumer: &str) -> LogSource {
+    LogSource::open(
+        f.store.clone(),
+        &[AggregateType::Inventory],
+        consumer,
+        &f.db,
+    )
+    .await
+    .expect("source")
+}
+
 /// An event's stream and quantity; a negative quantity cannot be read.
 struct Seen(String, i64);
 
@@ -119,9 +131,7 @@ async fn a_log_source_reads_its_topics_after_the_stored_checkpoint_and_rewinds_t
     let first = append(&f, "inventory", "S-1", 1).await;
     let second = append(&f, "inventory", "S-2", 2).await;
     append(&f, "order", "o-1", 3).await;
-    let source = LogSource::open(f.store.clone(), &[AggregateType::Inventory], "c", &f.db)
-        .await
-        .expect("source");
+    let source = inventory_source(&f, "c").await;
 
     let batch = source.next_batch(1).await.expect("batch");
     assert_eq!(batch.records.len(), 1);
@@ -254,9 +264,7 @@ async fn a_replay_reads_from_the_start_and_stores_where_it_stands_for_another_co
     let f = fixture().await;
     append(&f, "inventory", "S-1", 1).await;
     let last = append(&f, "inventory", "S-2", 2).await;
-    let live = LogSource::open(f.store.clone(), &[AggregateType::Inventory], "live", &f.db)
-        .await
-        .expect("source");
+    let live = inventory_source(&f, "live").await;
     let replay = live.replay().await.expect("replay");
     let end = replay.end().await.expect("end");
     assert!(!replay.reached(&end));
