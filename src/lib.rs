@@ -64,7 +64,7 @@ struct Watched {
     relay: bool,
     saga: Option<Db>,
     inbox: Option<Arc<dyn Source>>,
-    /// Every source of the process: ready once all have joined their groups.
+    /// Every source of the process: ready once each has been given its partitions.
     sources: Vec<Arc<dyn Source>>,
     /// The door's backlog (the order service's).
     backlog: Option<Backlog>,
@@ -359,7 +359,7 @@ async fn timed(
     response
 }
 
-/// 200 once every consumer-group member has joined its group (at once when
+/// 200 once every Kafka consumer has been given its partitions (at once when
 /// embedded); 503 while the process is still starting.
 async fn health(State(watched): State<Watched>) -> impl IntoResponse {
     if watched.sources.iter().all(|source| source.ready()) {

@@ -83,11 +83,11 @@ struct KafkaArgs {
     /// Replication factor of each topic created at start-up.
     #[arg(long, env = "ORDERLINE_KAFKA_REPLICATION", default_value_t = 1)]
     kafka_replication: i32,
-    /// This process's stable name in its consumer groups (Kafka's group.instance.id),
-    /// so that after a crash it takes its partitions back at once. Must differ
-    /// between replicas of one service; defaults to the host name.
-    #[arg(long, env = "ORDERLINE_KAFKA_INSTANCE")]
-    kafka_instance: Option<String>,
+    /// Which partitions this replica of the service reads, as INDEX/COUNT: partition p
+    /// of every topic is read by replica p mod COUNT. Each replica of a service needs
+    /// its own index; 0/1 (the only replica) reads every partition.
+    #[arg(long, env = "ORDERLINE_REPLICA", default_value = "0/1")]
+    replica: infra::kafka::Replica,
 }
 
 #[derive(Args, Clone)]
@@ -166,7 +166,7 @@ const SETTINGS: [&str; 18] = [
     "ORDERLINE_KAFKA_BROKERS",
     "ORDERLINE_KAFKA_PARTITIONS",
     "ORDERLINE_KAFKA_REPLICATION",
-    "ORDERLINE_KAFKA_INSTANCE",
+    "ORDERLINE_REPLICA",
     "ORDERLINE_TOPIC_PREFIX",
     "ORDERLINE_GATEWAY_LISTEN",
     "ORDERLINE_ORDER_URL",
@@ -267,11 +267,7 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(kafka) = config.kafka.as_mut() {
         kafka.partitions = args.kafka.kafka_partitions;
         kafka.replication_factor = args.kafka.kafka_replication;
-        kafka.instance = args
-            .kafka
-            .kafka_instance
-            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
-            .unwrap_or_else(|| "0".into());
+        kafka.replica = args.kafka.replica;
     }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -30,7 +30,7 @@ impl Inbox {
         }
     }
 
-    /// The member of `<prefix>.commands.<service>` reading the service's command topic.
+    /// The consumer of the service's command topic.
     pub fn source(
         transport: &Transport,
         service: Service,
@@ -39,9 +39,8 @@ impl Inbox {
         let config = transport
             .kafka()
             .ok_or_else(|| InfraError::Config("a command inbox reads Kafka".into()))?;
-        Ok(KafkaConsumer::member(
+        Ok(KafkaConsumer::new(
             config,
-            &format!("{}.commands.{service}", config.prefix),
             &[config.commands_topic(service)],
             OffsetStore::new(db, NAME),
         )?)

@@ -189,9 +189,7 @@ impl SagaRunner {
 
     /// The saga's source of events on `transport`: every event topic.
     pub async fn source(transport: &Transport, db: &Db) -> Result<Arc<dyn Source>, InfraError> {
-        transport
-            .events(NAME, &format!("saga.{NAME}"), AggregateType::ALL, db)
-            .await
+        transport.events(NAME, AggregateType::ALL, db).await
     }
 
     /// Carry out staged commands until shutdown, woken by each commit that staged

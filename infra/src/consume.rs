@@ -1,7 +1,7 @@
 //! One way to consume events, whatever carries them.
 //!
 //! A [`Source`] is where records come from: the embedded log ([`LogSource`]), a
-//! Kafka consumer-group member or a Kafka replay reader (both in [`crate::kafka`]).
+//! Kafka consumer of a replica's partitions or a Kafka replay reader (both in [`crate::kafka`]).
 //! It hands out batches, stores how far a consumer got inside the consumer's own
 //! transaction, and rewinds to the stored position after a failed batch.
 //!
@@ -123,12 +123,12 @@ pub enum End {
 /// Where a consumer's records come from.
 #[async_trait::async_trait]
 pub trait Source: Send + Sync {
-    /// Start reading (join the consumer group); the default does nothing.
+    /// Start reading (a Kafka consumer is given its partitions); the default does nothing.
     async fn join(&self) -> Result<(), InfraError> {
         Ok(())
     }
 
-    /// Whether it is reading (a group member has been given its partitions).
+    /// Whether it is reading (a Kafka consumer has been given its partitions).
     fn ready(&self) -> bool {
         true
     }
@@ -168,7 +168,7 @@ pub trait Source: Send + Sync {
     /// A reader of the same records from the beginning, for rebuilds.
     async fn replay(&self) -> Result<Box<dyn Replay>, InfraError>;
 
-    /// Stop reading (leave the consumer group); the default does nothing.
+    /// Stop reading; the default does nothing.
     fn close(&self) {}
 }
 
@@ -618,11 +618,17 @@ pub async fn step<H: Handler>(source: &dyn Source, handler: &H) -> Result<Step, 
 /// Run `handler` over `source` until shutdown.
 pub async fn drive<H: Handler>(source: Arc<dyn Source>, handler: H, mut shutdown: Shutdown) {
     let name = handler.consumer().name.clone();
-    if let Err(error) = source.join().await {
-        tracing::error!(error = %error, consumer = %name, "cannot start reading");
-        return;
-    }
     let mut backoff = Backoff::default();
+    // A broker that is down, or a topic not there yet, delays the start; it never
+    // ends the consumer.
+    while let Err(error) = source.join().await {
+        tracing::warn!(error = %error, kind = error.kind(), consumer = %name, "cannot start reading yet; retrying");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.fail()) => {}
+            _ = shutdown.wait() => return,
+        }
+    }
+    backoff.reset();
     while !shutdown.is_set() {
         let round = async {
             let step = step(&*source, &handler).await?;
@@ -670,18 +676,17 @@ pub async fn drive<H: Handler>(source: Arc<dyn Source>, handler: H, mut shutdown
 pub enum Transport {
     /// The embedded log (every service in one process).
     InProcess(EventStore),
-    /// Kafka topics, read in consumer groups.
+    /// Kafka topics, each partition read by the replica that owns it.
     Kafka(crate::kafka::KafkaConfig),
 }
 
 impl Transport {
     /// A source of the events of `aggregate_types` for `consumer`, whose position is
-    /// kept in `db`; on Kafka, a member of the group `<prefix>.<group>` that has not
-    /// joined yet ([`drive`] joins it).
+    /// kept in `db`; on Kafka, a consumer of this replica's partitions that is not
+    /// reading yet ([`drive`] starts it).
     pub async fn events(
         &self,
         consumer: &str,
-        group: &str,
         aggregate_types: &[AggregateType],
         db: &Db,
     ) -> Result<Arc<dyn Source>, InfraError> {
@@ -694,9 +699,8 @@ impl Transport {
                     .iter()
                     .map(|t| config.events_topic(*t))
                     .collect();
-                Arc::new(crate::kafka::KafkaConsumer::member(
+                Arc::new(crate::kafka::KafkaConsumer::new(
                     config,
-                    &format!("{}.{group}", config.prefix),
                     &topics,
                     crate::kafka::OffsetStore::new(db, consumer),
                 )?)

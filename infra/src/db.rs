@@ -137,7 +137,8 @@ impl Db {
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
             .min_connections(1)
-            .acquire_timeout(Duration::from_secs(30))
+            // A database that is down answers within this (503), not after a long hang.
+            .acquire_timeout(Duration::from_secs(10))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {

@@ -143,8 +143,8 @@ impl EventStore {
         let metrics = Metrics::default();
         tokio::spawn(write_loop(
             Writer {
-                conn: writer,
-                dialect: db.dialect,
+                conn: Some(writer),
+                db: db.clone(),
                 head: head_tx,
                 commits: commits.clone(),
                 metrics: metrics.clone(),
@@ -373,32 +373,45 @@ fn recorded(row: &AnyRow) -> Result<RecordedEvent, InfraError> {
 
 /// The one task that writes to the log, and what it reports to.
 struct Writer {
-    conn: AnyConnection,
-    dialect: Dialect,
+    /// Its connection; `None` after the connection broke, opened again before the
+    /// next group (a database that is down answers that group at once).
+    conn: Option<AnyConnection>,
+    db: Db,
     head: watch::Sender<i64>,
     commits: Arc<AtomicU64>,
     metrics: Metrics,
 }
 
-async fn write_loop(writer: Writer, mut queue: mpsc::Receiver<Job>) {
-    let Writer {
-        mut conn,
-        dialect,
-        head,
-        commits,
-        metrics,
-    } = writer;
-    let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
-    while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
+impl Writer {
+    /// The write connection, opened again when the last one broke.
+    async fn connection(&mut self) -> Result<&mut AnyConnection, sqlx::Error> {
+        if self.conn.is_none() {
+            let conn = tokio::time::timeout(RECONNECT_WAIT, self.db.connection())
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)??;
+            tracing::info!("the event store's write connection is open again");
+            self.conn = Some(conn);
+        }
+        self.conn.as_mut().ok_or(sqlx::Error::PoolClosed)
+    }
+
+    /// Commit `group`; every append gets its outcome.
+    async fn commit(&mut self, group: &mut Vec<Job>) {
         let started = std::time::Instant::now();
-        match commit_group(&mut conn, dialect, &group).await {
+        let dialect = self.db.dialect;
+        let result = match self.connection().await {
+            Ok(conn) => commit_group(conn, dialect, group).await,
+            Err(error) => Err(error),
+        };
+        match result {
             Ok((outcomes, last)) => {
-                commits.fetch_add(1, Ordering::Relaxed);
+                self.commits.fetch_add(1, Ordering::Relaxed);
                 let events: usize = group.iter().map(|job| job.request.events.len()).sum();
+                let metrics = &self.metrics;
                 metrics.observe(&COMMIT_SECONDS, &[], started.elapsed().as_secs_f64());
                 metrics.observe(&EVENTS_PER_COMMIT, &[], events as f64);
                 if let Some(last) = last {
-                    head.send_if_modified(|h| {
+                    self.head.send_if_modified(|h| {
                         let moved = last > *h;
                         *h = (*h).max(last);
                         moved
@@ -410,7 +423,7 @@ async fn write_loop(writer: Writer, mut queue: mpsc::Receiver<Job>) {
             }
             Err(error) => {
                 tracing::error!(error = %error, "group commit failed; its appends are refused");
-                let _ = sqlx::query("ROLLBACK").execute(&mut conn).await;
+                self.roll_back().await;
                 let error = Arc::new(InfraError::Database(error));
                 for job in group.drain(..) {
                     let _ = job
@@ -419,6 +432,31 @@ async fn write_loop(writer: Writer, mut queue: mpsc::Receiver<Job>) {
                 }
             }
         }
+    }
+
+    /// Undo a failed group; a connection that cannot even do that is dropped, and the
+    /// next group opens a new one.
+    async fn roll_back(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let undone =
+            tokio::time::timeout(RECONNECT_WAIT, sqlx::query("ROLLBACK").execute(conn)).await;
+        if !matches!(undone, Ok(Ok(_))) {
+            tracing::warn!("the event store's write connection is broken; it is opened again for the next append");
+            self.conn = None;
+        }
+    }
+}
+
+/// How long the writer waits to open its connection (or to roll back) before it
+/// refuses the waiting appends as unavailable.
+const RECONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+async fn write_loop(mut writer: Writer, mut queue: mpsc::Receiver<Job>) {
+    let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
+    while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
+        writer.commit(&mut group).await;
     }
 }
 

@@ -7,11 +7,11 @@
 //!   key = aggregate id; idempotent producer with `acks=all`; the published position
 //!   advances only after the broker acknowledged every record before it, so a crash
 //!   republishes (consumers skip duplicates by version) and never loses.
-//! - [`KafkaConsumer`]: a consumer-group member whose offsets live in the consumer's
-//!   own database, written with its effects; on every assignment it seeks to them.
-//!   Offsets are never committed to Kafka. It is a [`Source`] for the consumers of
-//!   [`crate::consume`].
-//! - [`TopicReader`]: reads topics from the beginning outside any group, for rebuilds.
+//! - [`KafkaConsumer`]: reads the partitions its [`Replica`] owns, each from the offset
+//!   stored in the consumer's own database with its effects. It joins no consumer
+//!   group and commits nothing to Kafka (ADR 12). It is a [`Source`] for the
+//!   consumers of [`crate::consume`].
+//! - [`TopicReader`]: reads topics from the beginning, for rebuilds.
 
 use crate::consume::{Backoff, Batch, End, Record, Replay, Source};
 use crate::db::Db;
@@ -20,12 +20,11 @@ use crate::{EventStore, InfraError};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use schemas::topics::{AggregateType, Service, AGGREGATE_TYPES};
 use schemas::RecordedEvent;
 use sqlx::{AnyConnection, AnyPool};
@@ -44,10 +43,53 @@ pub struct KafkaConfig {
     /// The first part of every topic name: `<prefix>.<aggregate>.events`
     /// (`orderline` unless several systems share the brokers).
     pub prefix: String,
-    /// This process's stable name in its consumer groups (`group.instance.id`): a
-    /// restarted process takes its partitions back at once instead of waiting for
-    /// the group to give up on the one that died. Unique per replica of a service.
-    pub instance: String,
+    /// Which partitions of each topic this process reads.
+    pub replica: Replica,
+}
+
+/// Which partitions a replica of a service reads: partition `p` of every topic
+/// belongs to replica `p mod count`. Written `index/count`; `0/1` is the only replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replica {
+    index: u32,
+    count: u32,
+}
+
+impl Replica {
+    /// The only replica: every partition.
+    pub const ONLY: Replica = Replica { index: 0, count: 1 };
+
+    pub fn new(index: u32, count: u32) -> Result<Replica, String> {
+        if count == 0 || index >= count {
+            return Err(format!(
+                "replica {index}/{count}: the index must be below the count"
+            ));
+        }
+        Ok(Replica { index, count })
+    }
+
+    /// Whether this replica reads `partition`.
+    pub fn owns(self, partition: i32) -> bool {
+        u32::try_from(partition).is_ok_and(|p| p % self.count == self.index)
+    }
+}
+
+impl std::str::FromStr for Replica {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Replica, String> {
+        let invalid = || format!("{text:?} is not a replica: write INDEX/COUNT, e.g. 0/1");
+        let (index, count) = text.split_once('/').ok_or_else(invalid)?;
+        let index = index.trim().parse().map_err(|_| invalid())?;
+        let count = count.trim().parse().map_err(|_| invalid())?;
+        Replica::new(index, count)
+    }
+}
+
+impl std::fmt::Display for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
 }
 
 impl KafkaConfig {
@@ -57,7 +99,7 @@ impl KafkaConfig {
             partitions: 3,
             replication_factor: 1,
             prefix: "orderline".into(),
-            instance: "0".into(),
+            replica: Replica::ONLY,
         }
     }
 
@@ -233,7 +275,14 @@ impl Relay {
         let mut backoff = Backoff::default();
         while !shutdown.is_set() {
             head.borrow_and_update();
-            let pause = match self.publish_batch().await {
+            // A broker that is down keeps a publish waiting for ever (deliveries are
+            // retried without limit): shutdown does not wait for it. What was not
+            // acknowledged is published again by the next start.
+            let published = tokio::select! {
+                published = self.publish_batch() => published,
+                _ = shutdown.wait() => break,
+            };
+            let pause = match published {
                 Ok(true) => {
                     backoff.reset();
                     continue;
@@ -327,63 +376,6 @@ async fn save_next_offset(
     .map(|_| ())
 }
 
-/// Seeks every assigned partition to the offset in the consumer's database.
-pub struct SeekToStored {
-    offsets: OffsetStore,
-    runtime: tokio::runtime::Handle,
-    /// Set at the first assignment: the member has joined its group.
-    joined: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl ClientContext for SeekToStored {}
-
-impl ConsumerContext for SeekToStored {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        partitions: &mut TopicPartitionList,
-    ) {
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let assigned: Vec<(String, i32)> = partitions
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
-                for (topic, partition) in assigned {
-                    // Rebalances run on the polling thread, never on the runtime's.
-                    let stored = self
-                        .runtime
-                        .block_on(self.offsets.next_offset(&topic, partition));
-                    let offset = match stored {
-                        Ok(Some(next)) => Offset::Offset(next),
-                        Ok(None) => Offset::Beginning,
-                        Err(error) => {
-                            tracing::error!(error = %error, topic, partition, "cannot read stored offset; starting the partition over");
-                            Offset::Beginning
-                        }
-                    };
-                    if let Err(error) = partitions.set_partition_offset(&topic, partition, offset) {
-                        tracing::error!(error = %error, topic, partition, "cannot seek partition");
-                    }
-                }
-                if let Err(error) = consumer.assign(partitions) {
-                    tracing::error!(error = %error, "assignment failed");
-                } else {
-                    self.joined.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                if let Err(error) = consumer.unassign() {
-                    tracing::error!(error = %error, "unassignment failed");
-                }
-            }
-            other => tracing::error!(error = ?other, "rebalance failed"),
-        }
-    }
-}
-
 /// One record read from a topic.
 #[derive(Debug, Clone)]
 pub struct Polled {
@@ -441,75 +433,71 @@ impl Polled {
 /// How long a poll waits for the first record of a batch.
 const POLL_WAIT: Duration = Duration::from_millis(200);
 
-/// A consumer-group member that never commits offsets to Kafka.
+/// A consumer of the partitions its replica owns, from the offsets stored in its own
+/// database. It joins no consumer group: a group coordinator that misbehaves cannot
+/// stop it (ADR 12).
 #[derive(Clone)]
 pub struct KafkaConsumer {
-    consumer: Arc<BaseConsumer<SeekToStored>>,
+    consumer: Arc<BaseConsumer>,
     topics: Vec<String>,
     config: KafkaConfig,
-    joined: Arc<std::sync::atomic::AtomicBool>,
+    /// Set once it has been given its partitions.
+    reading: Arc<std::sync::atomic::AtomicBool>,
     pub offsets: OffsetStore,
 }
 
 impl KafkaConsumer {
-    /// Join `group` on `topics`. Call from within the runtime.
-    pub fn subscribe(
+    /// A consumer of `topics` that reads once [`KafkaConsumer::start`]ed (so a tool
+    /// that only needs its offsets reads nothing).
+    pub fn new(
         config: &KafkaConfig,
-        group: &str,
         topics: &[String],
         offsets: OffsetStore,
     ) -> Result<KafkaConsumer, KafkaError> {
-        let consumer = KafkaConsumer::member(config, group, topics, offsets)?;
-        consumer.join()?;
-        Ok(consumer)
-    }
-
-    /// A would-be member of `group` on `topics` that has not joined yet (so a tool
-    /// that only needs its offsets does not make the group rebalance). Call from
-    /// within the runtime.
-    pub fn member(
-        config: &KafkaConfig,
-        group: &str,
-        topics: &[String],
-        offsets: OffsetStore,
-    ) -> Result<KafkaConsumer, KafkaError> {
-        let joined = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let context = SeekToStored {
-            offsets: offsets.clone(),
-            runtime: tokio::runtime::Handle::current(),
-            joined: joined.clone(),
-        };
-        let consumer: BaseConsumer<SeekToStored> = config
-            .client()
-            .set("group.id", group)
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("partition.assignment.strategy", "range")
-            .set("session.timeout.ms", "10000")
-            .set("group.instance.id", format!("{group}.{}", config.instance))
-            // A command or an event waits at most this long in the broker before it
-            // is fetched: the saga's round trips go through several fetches.
-            .set("fetch.wait.max.ms", "50")
-            .create_with_context(context)?;
+        let consumer: BaseConsumer = reader(config, &offsets.consumer).create()?;
         Ok(KafkaConsumer {
             consumer: Arc::new(consumer),
             topics: topics.to_vec(),
             config: config.clone(),
-            joined,
+            reading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             offsets,
         })
     }
 
-    /// Whether the group has given this member its partitions (maybe none) yet.
-    pub fn has_joined(&self) -> bool {
-        self.joined.load(std::sync::atomic::Ordering::SeqCst)
+    /// A consumer of `topics` that reads from its stored offsets.
+    pub async fn reading(
+        config: &KafkaConfig,
+        topics: &[String],
+        offsets: OffsetStore,
+    ) -> Result<KafkaConsumer, InfraError> {
+        let consumer = KafkaConsumer::new(config, topics, offsets)?;
+        consumer.start().await?;
+        Ok(consumer)
     }
 
-    /// Join the group: partitions get assigned, each sought to its stored offset.
-    pub fn join(&self) -> Result<(), KafkaError> {
-        let names: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        self.consumer.subscribe(&names)
+    /// Whether it has been given its partitions.
+    pub fn is_reading(&self) -> bool {
+        self.reading.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Read the partitions this replica owns, each from its stored offset (from the
+    /// beginning where none is stored). Also what a rewind does: assigning again is
+    /// what librdkafka does reliably whatever state a partition's fetcher is in.
+    pub async fn start(&self) -> Result<(), InfraError> {
+        let owned = partitions(self.consumer.clone(), self.topics.clone())
+            .await?
+            .into_iter()
+            .filter(|(_, partition)| self.config.replica.owns(*partition));
+        let mut assignment = TopicPartitionList::new();
+        for (topic, partition) in owned {
+            let next = self.offsets.next_offset(&topic, partition).await?;
+            let offset = next.map_or(Offset::Beginning, Offset::Offset);
+            assignment.add_partition_offset(&topic, partition, offset)?;
+        }
+        self.consumer.assign(&assignment)?;
+        self.reading
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// Up to `max` records, waiting at most `wait` for the first. Transient errors the
@@ -518,38 +506,8 @@ impl KafkaConsumer {
         poll_batch(self.consumer.clone(), max, wait).await
     }
 
-    /// Seek every assigned partition back to the offset stored in the database:
-    /// after a batch failed to commit, its records are read again.
-    pub async fn rewind(&self) -> Result<(), InfraError> {
-        let assigned: Vec<(String, i32)> = self
-            .consumer
-            .assignment()?
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_owned(), e.partition()))
-            .collect();
-        let mut targets = vec![];
-        for (topic, partition) in assigned {
-            let next = self.offsets.next_offset(&topic, partition).await?;
-            targets.push((
-                topic,
-                partition,
-                next.map_or(Offset::Beginning, Offset::Offset),
-            ));
-        }
-        let consumer = self.consumer.clone();
-        tokio::task::spawn_blocking(move || {
-            for (topic, partition, offset) in targets {
-                consumer.seek(&topic, partition, offset, Duration::from_secs(10))?;
-            }
-            Ok::<_, KafkaError>(())
-        })
-        .await??;
-        Ok(())
-    }
-
     /// (sum of stored next offsets, records not yet consumed) over every partition
-    /// of `topics`, whichever member of the group holds it.
+    /// of `topics`, whichever replica reads it.
     pub async fn progress(&self, topics: &[String]) -> Result<(i64, i64), InfraError> {
         let marks = watermarks(self.consumer.clone(), topics.to_vec()).await?;
         let (mut done, mut lag) = (0, 0);
@@ -565,10 +523,28 @@ impl KafkaConsumer {
         Ok((done, lag))
     }
 
-    /// Leave the group.
+    /// Stop reading.
     pub fn close(&self) {
-        self.consumer.unsubscribe();
+        if let Err(error) = self.consumer.unassign() {
+            tracing::warn!(error = %error, "cannot stop reading");
+        }
     }
+}
+
+/// The client settings of every reader: nothing committed to Kafka. librdkafka wants
+/// a `group.id` before it assigns partitions; a consumer that only assigns never
+/// joins that group (no JoinGroup, no heartbeats, no rebalances).
+fn reader(config: &KafkaConfig, name: &str) -> ClientConfig {
+    let mut client = config.client();
+    client
+        .set("group.id", format!("{}.{name}", config.prefix))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // A command or an event waits at most this long in the broker before it is
+        // fetched: the saga's round trips go through several fetches.
+        .set("fetch.wait.max.ms", "50");
+    client
 }
 
 /// The polled records among the first `done` of a batch.
@@ -599,11 +575,11 @@ fn last_offsets<'a>(
 #[async_trait::async_trait]
 impl Source for KafkaConsumer {
     async fn join(&self) -> Result<(), InfraError> {
-        Ok(KafkaConsumer::join(self)?)
+        self.start().await
     }
 
     fn ready(&self) -> bool {
-        self.has_joined()
+        self.is_reading()
     }
 
     async fn next_batch(&self, max: usize) -> Result<Batch, InfraError> {
@@ -627,7 +603,7 @@ impl Source for KafkaConsumer {
     }
 
     async fn rewind(&self) -> Result<(), InfraError> {
-        KafkaConsumer::rewind(self).await
+        self.start().await
     }
 
     async fn idle(&self, _pause: Duration, _shutdown: &mut Shutdown) {
@@ -654,8 +630,8 @@ impl Source for KafkaConsumer {
 }
 
 /// Up to `max` records from `consumer`, waiting at most `wait` for the first.
-async fn poll_batch<C: ConsumerContext + 'static>(
-    consumer: Arc<BaseConsumer<C>>,
+async fn poll_batch(
+    consumer: Arc<BaseConsumer>,
     max: usize,
     wait: Duration,
 ) -> Result<Vec<Polled>, InfraError> {
@@ -684,22 +660,44 @@ async fn poll_batch<C: ConsumerContext + 'static>(
 
 type Watermarks = BTreeMap<(String, i32), (i64, i64)>;
 
-/// The (topic, partition) -> (low, high) watermarks of every partition of `topics`.
-async fn watermarks<C: ConsumerContext + 'static>(
-    consumer: Arc<BaseConsumer<C>>,
+/// Every (topic, partition) of `topics`; unavailable while a topic has none yet.
+async fn partitions(
+    consumer: Arc<BaseConsumer>,
     topics: Vec<String>,
-) -> Result<Watermarks, InfraError> {
-    let marks = tokio::task::spawn_blocking(move || {
-        let mut out = BTreeMap::new();
+) -> Result<Vec<(String, i32)>, InfraError> {
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
         for topic in topics {
             let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-            for t in metadata.topics() {
-                for p in t.partitions() {
-                    let marks =
-                        consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
-                    out.insert((topic.clone(), p.id()), marks);
-                }
+            let found: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic && t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if found.is_empty() {
+                return Err(InfraError::Unavailable(format!(
+                    "topic {topic} has no partitions (yet)"
+                )));
             }
+            out.extend(found.into_iter().map(|p| (topic.clone(), p)));
+        }
+        Ok(out)
+    })
+    .await?
+}
+
+/// The (topic, partition) -> (low, high) watermarks of every partition of `topics`.
+async fn watermarks(
+    consumer: Arc<BaseConsumer>,
+    topics: Vec<String>,
+) -> Result<Watermarks, InfraError> {
+    let partitions = partitions(consumer.clone(), topics).await?;
+    let marks = tokio::task::spawn_blocking(move || {
+        let mut out = BTreeMap::new();
+        for (topic, partition) in partitions {
+            let marks = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))?;
+            out.insert((topic, partition), marks);
         }
         Ok::<_, KafkaError>(out)
     })
@@ -707,8 +705,7 @@ async fn watermarks<C: ConsumerContext + 'static>(
     Ok(marks)
 }
 
-/// Reads topics from their beginning outside any consumer group, for replays: it
-/// commits nothing and moves no group's offsets; where it stands is kept in memory
+/// Reads topics from their beginning, for replays: it commits nothing; where it stands is kept in memory
 /// until a rebuild stores it with [`Replay::save_as`].
 pub struct TopicReader {
     consumer: Arc<BaseConsumer>,
@@ -722,17 +719,7 @@ impl TopicReader {
         config: &KafkaConfig,
         topics: &[String],
     ) -> Result<TopicReader, InfraError> {
-        let consumer: BaseConsumer = config
-            .client()
-            .set(
-                "group.id",
-                format!("{}.replay.{}", config.prefix, uuid::Uuid::now_v7().simple()),
-            )
-            .set("fetch.wait.max.ms", "50")
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .create()?;
+        let consumer: BaseConsumer = reader(config, "replay").create()?;
         let consumer = Arc::new(consumer);
         let partitions = watermarks(consumer.clone(), topics.to_vec()).await?;
         let mut assignment = TopicPartitionList::new();
@@ -848,5 +835,28 @@ impl Replay for TopicReader {
             save_next_offset(conn, consumer, &topic, partition, next).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Replica;
+
+    #[test]
+    fn replicas_share_every_partition_out_once() {
+        let replicas: Vec<Replica> = ["0/3", "1/3", " 2 / 3 "]
+            .iter()
+            .map(|text| text.parse().expect("a replica"))
+            .collect();
+        for partition in 0..12 {
+            let owners = replicas.iter().filter(|r| r.owns(partition)).count();
+            assert_eq!(owners, 1, "partition {partition}");
+        }
+        assert!((0..12).all(|p| Replica::ONLY.owns(p)));
+        assert!(!Replica::ONLY.owns(-1));
+        assert_eq!(replicas[1].to_string(), "1/3");
+        for bad in ["3/3", "0/0", "1", "a/b", "-1/2", ""] {
+            assert!(bad.parse::<Replica>().is_err(), "{bad:?}");
+        }
     }
 }

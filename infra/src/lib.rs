@@ -73,9 +73,10 @@ impl InfraError {
                         | sqlx::Error::PoolTimedOut
                         | sqlx::Error::PoolClosed
                         | sqlx::Error::WorkerCrashed
-                ) || error
-                    .as_database_error()
-                    .is_some_and(|e| e.message().contains("database is locked"))
+                ) || error.as_database_error().is_some_and(|e| {
+                    e.message().contains("database is locked")
+                        || e.code().is_some_and(|code| server_unavailable(&code))
+                })
             }
             InfraError::Broker(_) | InfraError::Unavailable(_) | InfraError::Io(_) => true,
             InfraError::Shared(error) => error.is_unavailable(),
@@ -101,6 +102,12 @@ impl InfraError {
             InfraError::Shared(error) => error.kind(),
         }
     }
+}
+
+/// PostgreSQL error codes of a server that cannot serve now: connection exceptions
+/// (class 08), too many connections (53300), shutting down or starting up (57P01-57P03).
+fn server_unavailable(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "53300" | "57P01" | "57P02" | "57P03")
 }
 
 pub type Result<T, E = InfraError> = std::result::Result<T, E>;

@@ -54,9 +54,7 @@ impl Projections {
             let name = projection.as_str();
             db.migrate(&projection.create_tables("")).await?;
             db.migrate(projection.create_indexes()).await?;
-            let source = transport
-                .events(name, &format!("projection.{name}"), projection.topics(), db)
-                .await?;
+            let source = transport.events(name, projection.topics(), db).await?;
             progress.set_checkpoint(name, source.checkpoint().await?);
             handles.push(ProjectionHandle {
                 projection: *projection,

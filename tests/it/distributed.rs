@@ -1,10 +1,10 @@
 //! Faults in the distributed deployment: a service killed mid-stream, a relay that
 //! publishes everything again, the broker stopped under load.
 
-use crate::support::{dump, postgres_server, Api, Backend, Process, TestServer};
+use crate::support::{dump, postgres_server, Api, Backend, OwnBroker, Process, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Place `count` orders of one unit of `sku`, `pause` apart, through `api`; the ids
 /// of those acknowledged (a service may be down meanwhile).
@@ -149,76 +149,6 @@ async fn a_relay_that_publishes_everything_again_changes_nothing_downstream() {
     );
     assert_eq!(api.stock("DUP").await, stock_before);
     server.finish().await;
-}
-
-/// A Tansu of the test's own, to stop and start.
-struct OwnBroker {
-    child: Option<std::process::Child>,
-    address: String,
-    dir: tempfile::TempDir,
-}
-
-impl OwnBroker {
-    fn binary() -> String {
-        std::env::var("ORDERLINE_TANSU_BIN").unwrap_or_else(|_| {
-            let home = std::env::var("HOME").unwrap_or_default();
-            format!("{home}/.cache/orderline/tansu-0.6.0/bin/tansu")
-        })
-    }
-
-    fn start() -> OwnBroker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let mut broker = OwnBroker {
-            child: None,
-            address: format!("127.0.0.1:{port}"),
-            dir: tempfile::tempdir().expect("dir"),
-        };
-        broker.resume();
-        broker
-    }
-
-    fn resume(&mut self) {
-        let url = format!("tcp://{}", self.address);
-        let child = std::process::Command::new(OwnBroker::binary())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .current_dir(self.dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("tansu starts (infra/kafka/broker.sh install)");
-        self.child = Some(child);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(&self.address).is_err() {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "tansu did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use command_handlers::{Handlers, Meta};
 use domain::inventory::{InventoryCommand, InventoryItem};
 use domain::Quantity;
 use infra::kafka::{
-    ensure_topics, producer, KafkaConfig, KafkaConsumer, OffsetStore, Polled, Relay,
+    ensure_topics, producer, KafkaConfig, KafkaConsumer, OffsetStore, Polled, Relay, Replica,
 };
 use infra::metrics::Metrics;
 use infra::EventStore;
@@ -123,7 +123,7 @@ fn assert_in_order_per_key(records: &[Polled], keys: usize, per_key: i64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_broker_keeps_order_per_key_and_a_group_resumes_from_stored_offsets() {
+async fn the_broker_keeps_order_per_key_and_a_consumer_resumes_from_stored_offsets() {
     let config = isolated(&kafka_broker());
     let topic = config.events_topic(AggregateType::Inventory);
     ensure_topics(&config, std::slice::from_ref(&topic))
@@ -136,10 +136,9 @@ async fn the_broker_keeps_order_per_key_and_a_group_resumes_from_stored_offsets(
 
     let dir = tempfile::tempdir().expect("dir");
     let store = offsets(&dir, "test").await;
-    let group = format!("{}-group", config.prefix);
-    let first =
-        KafkaConsumer::subscribe(&config, &group, std::slice::from_ref(&topic), store.clone())
-            .expect("consumer");
+    let first = KafkaConsumer::reading(&config, std::slice::from_ref(&topic), store.clone())
+        .await
+        .expect("consumer");
     let records = read_until(&first, |all| all.len() >= 240).await;
     assert_eq!(records.len(), 240);
     assert_in_order_per_key(&records, 6, 40);
@@ -162,10 +161,10 @@ async fn the_broker_keeps_order_per_key_and_a_group_resumes_from_stored_offsets(
     first.close();
     drop(first);
 
-    // The next member of the group starts where the database says, not from Kafka.
-    let second =
-        KafkaConsumer::subscribe(&config, &group, std::slice::from_ref(&topic), store.clone())
-            .expect("consumer");
+    // The next consumer starts where the database says, not from Kafka.
+    let second = KafkaConsumer::reading(&config, std::slice::from_ref(&topic), store.clone())
+        .await
+        .expect("consumer");
     let rest = read_until(&second, |all| all.len() >= 240 - done).await;
     let expected: usize = records
         .iter()
@@ -182,6 +181,62 @@ async fn the_broker_keeps_order_per_key_and_a_group_resumes_from_stored_offsets(
         .expect("poll");
     assert!(polled_again.is_empty(), "nothing is read twice");
     second.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_read_disjoint_partitions_that_together_are_the_topic() {
+    let mut config = isolated(&kafka_broker());
+    config.partitions = 5;
+    let topic = config.events_topic(AggregateType::Order);
+    ensure_topics(&config, std::slice::from_ref(&topic))
+        .await
+        .expect("topic created");
+    produce_sequences(&config, &topic, 20, 5).await;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let mut read = vec![];
+    for index in 0..2 {
+        let mut replica = config.clone();
+        replica.replica = Replica::new(index, 2).expect("replica");
+        let consumer = KafkaConsumer::reading(
+            &replica,
+            std::slice::from_ref(&topic),
+            offsets(&dir, &format!("replica-{index}")).await,
+        )
+        .await
+        .expect("consumer");
+        let mut records = vec![];
+        // Each replica reads until its partitions are drained.
+        let start = Instant::now();
+        loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "replica {index} read nothing"
+            );
+            let batch = consumer
+                .poll_batch(500, Duration::from_millis(1000))
+                .await
+                .expect("poll");
+            if batch.is_empty() && !records.is_empty() {
+                break;
+            }
+            records.extend(batch);
+        }
+        assert!(records
+            .iter()
+            .all(|r| u32::try_from(r.partition).expect("partition") % 2 == index));
+        consumer.close();
+        read.push(records);
+    }
+    let mut all: Vec<(i32, i64)> = read
+        .iter()
+        .flatten()
+        .map(|r| (r.partition, r.offset))
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 100, "every record read once, by one replica");
+    assert!(read.iter().all(|records| !records.is_empty()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,12 +269,12 @@ async fn the_relay_publishes_the_log_in_order_and_republishes_rather_than_loses(
     assert_eq!(store.relay_position("relay").await.expect("position"), 30);
 
     let consumer_store = offsets(&dir, "reader").await;
-    let consumer = KafkaConsumer::subscribe(
+    let consumer = KafkaConsumer::reading(
         &config,
-        &format!("{}-reader", config.prefix),
         &[config.events_topic(AggregateType::Inventory)],
         consumer_store,
     )
+    .await
     .expect("consumer");
     let records = read_until(&consumer, |all| all.len() >= 30).await;
     assert_in_order_per_key(&records, 3, 10);
@@ -295,12 +350,12 @@ async fn injected_produce_and_fetch_errors_are_retried_without_loss_or_reorderin
         .repeat(3),
     );
     let dir = tempfile::tempdir().expect("dir");
-    let consumer = KafkaConsumer::subscribe(
+    let consumer = KafkaConsumer::reading(
         &config,
-        "mock-group",
         std::slice::from_ref(&topic),
         offsets(&dir, "mock").await,
     )
+    .await
     .expect("consumer");
     let records = read_until(&consumer, |all| all.len() >= 150).await;
     assert_eq!(records.len(), 150);

@@ -9,5 +9,6 @@ mod distributed;
 mod durability;
 mod event_store;
 mod kafka;
+mod lifecycle;
 mod replay;
 mod support;

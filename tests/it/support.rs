@@ -153,7 +153,7 @@ impl TestServer {
         args.extend(upstreams);
         let gateway = Process::spawn(&args);
         let base = gateway.api.base.clone();
-        // Ready when every service's consumers have joined their groups.
+        // Ready when every service's consumers have been given their partitions.
         gateway.api.eventually("/health", "ready", |_| true).await;
         processes.push(gateway);
         TestServer {
@@ -217,6 +217,21 @@ impl TestServer {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// Stop every process of the distributed deployment with `stop` (SIGTERM or
+    /// SIGKILL), wait `down`, then start each again with its arguments, on the same
+    /// addresses and the same state; ready when the gateway says so.
+    pub async fn restart_every_process(&mut self, stop: fn(Process), down: Duration) {
+        let processes: Vec<Process> = self.processes.drain(..).collect();
+        let args: Vec<Vec<String>> = processes.iter().map(|p| p.args.clone()).collect();
+        for process in processes.into_iter().rev() {
+            stop(process);
+        }
+        tokio::time::sleep(down).await;
+        self.processes = args.iter().map(|args| Process::spawn(args)).collect();
+        let gateway = &self.processes.last().expect("the gateway").api;
+        gateway.eventually("/health", "ready", |_| true).await;
     }
 
     /// Run `change` on the process of a service (distributed only), in its place.
@@ -579,6 +594,11 @@ impl Process {
         Process::spawn(&args)
     }
 
+    /// SIGTERM, and wait until it exits, cleanly.
+    pub fn stop_cleanly(self) {
+        assert!(self.terminate().success(), "a process did not stop cleanly");
+    }
+
     /// SIGTERM, and the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let _ = std::process::Command::new("kill")
@@ -626,4 +646,74 @@ pub async fn dump(config: &Config, service: &str, table: &str, key: &str) -> Vec
         .collect();
     pool.close().await;
     out
+}
+
+/// A Tansu of the test's own, to stop and start.
+pub struct OwnBroker {
+    child: Option<std::process::Child>,
+    pub address: String,
+    dir: tempfile::TempDir,
+}
+
+impl OwnBroker {
+    fn binary() -> String {
+        std::env::var("ORDERLINE_TANSU_BIN").unwrap_or_else(|_| {
+            let home = std::env::var("HOME").unwrap_or_default();
+            format!("{home}/.cache/orderline/tansu-0.6.0/bin/tansu")
+        })
+    }
+
+    pub fn start() -> OwnBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut broker = OwnBroker {
+            child: None,
+            address: format!("127.0.0.1:{port}"),
+            dir: tempfile::tempdir().expect("dir"),
+        };
+        broker.resume();
+        broker
+    }
+
+    pub fn resume(&mut self) {
+        let url = format!("tcp://{}", self.address);
+        let child = std::process::Command::new(OwnBroker::binary())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(self.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tansu starts (infra/kafka/broker.sh install)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&self.address).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "tansu did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

@@ -1,0 +1,130 @@
+//! The distributed deployment restarted on the state it left: every process stopped
+//! cleanly or killed and started again, the broker restarted, a burst through the
+//! gateway. After each, new orders must go all the way to `confirmed`.
+
+use crate::support::{postgres_server, Api, Backend, OwnBroker, Process, TestServer};
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::Duration;
+
+/// How the deployment is restarted: a name, how each process stops, how long it
+/// stays down.
+type Restart = (&'static str, fn(Process), Duration);
+
+/// Place an order of one unit of `sku` and wait until it is confirmed.
+async fn confirms(api: &Api, sku: &str, customer: &str) -> String {
+    let id = api.place(customer, &[(sku, 1, 100)], "tok_ok").await;
+    api.order_settles(&id, "confirmed").await;
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_deployment_stopped_or_killed_and_started_again_goes_on_consuming() {
+    let mut server = TestServer::on(Backend::Distributed).await;
+    let api = Api::from(&server);
+    api.restock("LIFE", 100).await;
+    confirms(&api, "LIFE", "before").await;
+
+    // Started again at once, and after longer than a Kafka group session lasts (a
+    // consumer group would have given up on every member by then).
+    let stops: [Restart; 4] = [
+        ("stopped", Process::stop_cleanly, Duration::ZERO),
+        (
+            "stopped for a while",
+            Process::stop_cleanly,
+            Duration::from_secs(12),
+        ),
+        ("killed", Process::kill, Duration::ZERO),
+        ("killed for a while", Process::kill, Duration::from_secs(12)),
+    ];
+    let mut placed = 1;
+    for (how, stop, down) in stops {
+        server.restart_every_process(stop, down).await;
+        // Two orders one after the other: the second needs records that arrived
+        // after the consumers had caught up with the first.
+        for n in 0..2 {
+            confirms(&api, "LIFE", &format!("{how}-{n}")).await;
+            placed += 1;
+        }
+    }
+    api.quiesce().await;
+    assert_eq!(
+        api.stock("LIFE").await,
+        json!({ "sku": "LIFE", "on_hand": 100, "reserved": placed, "available": 100 - placed })
+    );
+    server.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restarted_on_its_state_is_read_again_past_the_next_record() {
+    let mut broker = OwnBroker::start();
+    let dir = tempfile::tempdir().expect("dir");
+    let mut config = infra::Config::with_data_dir(dir.path().join("data"));
+    config.postgres = Some(postgres_server());
+    config.database_prefix = format!("orderline_t{}", uuid::Uuid::now_v7().simple());
+    config.kafka = Some(infra::kafka::KafkaConfig::local(broker.address.clone()));
+    let server = TestServer::start_distributed(config).await;
+    let api = Api::from(&server);
+    api.restock("BRK", 100).await;
+    confirms(&api, "BRK", "before").await;
+
+    for round in 0..2 {
+        broker.stop();
+        broker.resume();
+        for n in 0..3 {
+            confirms(&api, "BRK", &format!("after-{round}-{n}")).await;
+        }
+    }
+    server.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_burst_every_accepted_order_is_confirmed_and_a_restart_goes_on() {
+    let mut server = TestServer::on(Backend::Distributed).await;
+    let api = Api::from(&server);
+    for sku in 0..20 {
+        api.restock(&format!("BURST-{sku}"), 1000).await;
+    }
+    // 16 clients place as fast as they can: each order is accepted (202) or refused
+    // at the door (503), never left behind.
+    let clients: Vec<_> = (0..16)
+        .map(|client| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                let mut accepted = vec![];
+                let mut refused = 0;
+                for i in 0..40 {
+                    let (status, body) = api
+                        .post(
+                            "/v1/orders",
+                            json!({ "customer_id": format!("b-{client}-{i}"), "lines": [{ "sku": format!("BURST-{}", (client + i) % 20), "quantity": 1, "unit_price_cents": 100 }], "payment_token": "tok_ok" }),
+                        )
+                        .await;
+                    match status {
+                        StatusCode::ACCEPTED => {
+                            accepted.push(body["order_id"].as_str().expect("id").to_owned());
+                        }
+                        StatusCode::SERVICE_UNAVAILABLE => refused += 1,
+                        other => panic!("unexpected {other}: {body}"),
+                    }
+                }
+                (accepted, refused)
+            })
+        })
+        .collect();
+    let mut accepted = vec![];
+    for client in clients {
+        let (ids, _refused) = client.await.expect("client");
+        accepted.extend(ids);
+    }
+    assert!(!accepted.is_empty());
+    for id in &accepted {
+        api.order_settles(id, "confirmed").await;
+    }
+
+    server
+        .restart_every_process(Process::stop_cleanly, Duration::ZERO)
+        .await;
+    confirms(&api, "BURST-0", "after").await;
+    server.finish().await;
+}
