@@ -26,7 +26,7 @@ use command_handlers::saga::{Dispatch, SagaRunner};
 use command_handlers::Handlers;
 use infra::consume::{drive, Source, Transport};
 use infra::db::Db;
-use infra::kafka::{ensure_topics, Relay};
+use infra::kafka::Relay;
 use infra::metrics::{Gauge, Metrics, REQUEST_SECONDS};
 use infra::progress::Progress;
 use infra::shutdown::{self, Shutdown, Trigger};
@@ -206,9 +206,6 @@ impl System {
         }
         let db = Db::open(&config.database_url(service.as_str()), 16).await?;
         let store = EventStore::with_db(db.clone()).await?;
-        let mut topics = kafka.event_topics();
-        topics.extend(Service::ALL.iter().map(|s| kafka.commands_topic(*s)));
-        ensure_topics(&kafka, &topics).await?;
         let transport = Transport::Kafka(kafka);
         // One pool for the service's database: its event store and everything else.
         let storage = Storage::with_services(store, vec![(service, db)], &transport).await?;
@@ -258,7 +255,11 @@ impl System {
         }
         if let Some(kafka) = transport.kafka() {
             // A service process publishes its own log and hears the saga's commands.
-            let relay = Relay::new(store.clone(), kafka, RELAY)?;
+            // It creates the topics first, retrying while the broker does not answer;
+            // consumers start reading once their topics have partitions.
+            let mut topics = kafka.event_topics();
+            topics.extend(Service::ALL.iter().map(|s| kafka.commands_topic(*s)));
+            let relay = Relay::new(store.clone(), kafka, RELAY)?.creating(topics);
             tasks.push(tokio::spawn(relay.run(shutdown.clone())));
             watched.relay = true;
             for (service, db) in &services {

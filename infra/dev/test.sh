@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite. Starts what the tests talk to (PostgreSQL on 127.0.0.1:5432,
-# the Kafka-protocol broker on 127.0.0.1:9092, installed on first use), then runs
-# every test of the workspace.
+# installed on first use; a Kafka-protocol broker of the suite's own on
+# 127.0.0.1:19092, started on empty state for every run so that what earlier runs
+# left on a broker cannot slow this one), then runs every test of the workspace.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 infra/dev/postgres.sh
+export ORDERLINE_BROKER="${ORDERLINE_TEST_BROKER:-127.0.0.1:19092}"
+export ORDERLINE_BROKER_DIR="$PWD/target/test-broker"
+infra/kafka/broker.sh stop >/dev/null
+rm -rf "$ORDERLINE_BROKER_DIR"
 infra/kafka/broker.sh ensure
+trap 'infra/kafka/broker.sh stop >/dev/null' EXIT
+export ORDERLINE_TEST_KAFKA="$ORDERLINE_BROKER"
 cargo test --workspace "$@"

@@ -215,6 +215,8 @@ pub struct Relay {
     producer: FutureProducer,
     config: KafkaConfig,
     name: String,
+    /// Topics it creates before it publishes (none unless asked).
+    topics: Vec<String>,
 }
 
 const RELAY_BATCH: i64 = 500;
@@ -230,7 +232,34 @@ impl Relay {
             producer: producer(config)?,
             config: config.clone(),
             name: name.into(),
+            topics: vec![],
         })
+    }
+
+    /// Create `topics` (those missing) before publishing: a broker that is down or
+    /// too busy to answer delays the publishing, not the process's start.
+    pub fn creating(mut self, topics: Vec<String>) -> Relay {
+        self.topics = topics;
+        self
+    }
+
+    /// Create the topics, retrying until the broker answers; false on shutdown.
+    async fn create_topics(&self, shutdown: &mut Shutdown) -> bool {
+        let mut backoff = Backoff::default();
+        loop {
+            let created = tokio::select! {
+                created = ensure_topics(&self.config, &self.topics) => created,
+                _ = shutdown.wait() => return false,
+            };
+            let Err(error) = created else {
+                return true;
+            };
+            tracing::warn!(error = %error, kind = error.kind(), "cannot create the topics yet; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.fail()) => {}
+                _ = shutdown.wait() => return false,
+            }
+        }
     }
 
     /// Publish the next batch; true when the published position moved.
@@ -271,6 +300,9 @@ impl Relay {
     /// Publish until shutdown, waking on appends; on a broker error, back off and
     /// publish again from the last acknowledged position.
     pub async fn run(self, mut shutdown: Shutdown) {
+        if !self.topics.is_empty() && !self.create_topics(&mut shutdown).await {
+            return;
+        }
         let mut head = self.store.subscribe();
         let mut backoff = Backoff::default();
         while !shutdown.is_set() {
@@ -543,9 +575,20 @@ fn reader(config: &KafkaConfig, name: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         // A command or an event waits at most this long in the broker before it is
         // fetched: the saga's round trips go through several fetches.
-        .set("fetch.wait.max.ms", "50");
+        .set("fetch.wait.max.ms", "50")
+        // Small fetches: a broker answers each one quickly even when the reader is far
+        // behind (the development broker reads and sizes every record up to the
+        // response limit, one header query per record), so no request outlives its
+        // time-out and gets sent again.
+        .set("fetch.max.bytes", FETCH_BYTES)
+        .set("message.max.bytes", FETCH_BYTES)
+        .set("max.partition.fetch.bytes", FETCH_BYTES);
     client
 }
+
+/// The most a fetch asks for (all partitions together); our records are a few
+/// kilobytes at most.
+const FETCH_BYTES: &str = "262144";
 
 /// The polled records among the first `done` of a batch.
 fn polled(batch: &Batch, done: usize) -> Vec<&Polled> {
@@ -660,15 +703,35 @@ async fn poll_batch(
 
 type Watermarks = BTreeMap<(String, i32), (i64, i64)>;
 
+/// How long the broker has to answer the metadata and watermark requests of one
+/// question (which partitions, how far they go): a broker that is slow makes the
+/// question unavailable, it never holds up a health check or a scrape for long.
+const BROKER_ANSWER: Duration = Duration::from_secs(5);
+
+/// What is left of `budget` since `start`; unavailable once it is spent.
+fn remaining(start: std::time::Instant, budget: Duration) -> Result<Duration, InfraError> {
+    budget
+        .checked_sub(start.elapsed())
+        .filter(|left| !left.is_zero())
+        .ok_or_else(|| {
+            InfraError::Unavailable(format!(
+                "the broker did not answer within {} s",
+                budget.as_secs()
+            ))
+        })
+}
+
 /// Every (topic, partition) of `topics`; unavailable while a topic has none yet.
 async fn partitions(
     consumer: Arc<BaseConsumer>,
     topics: Vec<String>,
 ) -> Result<Vec<(String, i32)>, InfraError> {
     tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
         let mut out = Vec::new();
         for topic in topics {
-            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+            let wait = remaining(start, BROKER_ANSWER)?;
+            let metadata = consumer.fetch_metadata(Some(&topic), wait)?;
             let found: Vec<i32> = metadata
                 .topics()
                 .iter()
@@ -693,16 +756,17 @@ async fn watermarks(
     topics: Vec<String>,
 ) -> Result<Watermarks, InfraError> {
     let partitions = partitions(consumer.clone(), topics).await?;
-    let marks = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
         let mut out = BTreeMap::new();
         for (topic, partition) in partitions {
-            let marks = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10))?;
+            let wait = remaining(start, BROKER_ANSWER)?;
+            let marks = consumer.fetch_watermarks(&topic, partition, wait)?;
             out.insert((topic, partition), marks);
         }
-        Ok::<_, KafkaError>(out)
+        Ok(out)
     })
-    .await??;
-    Ok(marks)
+    .await?
 }
 
 /// Reads topics from their beginning, for replays: it commits nothing; where it stands is kept in memory

@@ -193,11 +193,22 @@ async fn replicas_read_disjoint_partitions_that_together_are_the_topic() {
         .expect("topic created");
     produce_sequences(&config, &topic, 20, 5).await;
 
+    let marks = infra::kafka::TopicReader::from_beginning(&config, std::slice::from_ref(&topic))
+        .await
+        .expect("reader")
+        .watermarks()
+        .await
+        .expect("watermarks");
     let dir = tempfile::tempdir().expect("dir");
     let mut read = vec![];
     for index in 0..2 {
         let mut replica = config.clone();
         replica.replica = Replica::new(index, 2).expect("replica");
+        let owned: i64 = marks
+            .iter()
+            .filter(|((_, partition), _)| replica.replica.owns(*partition))
+            .map(|(_, (_, high))| high)
+            .sum();
         let consumer = KafkaConsumer::reading(
             &replica,
             std::slice::from_ref(&topic),
@@ -205,23 +216,18 @@ async fn replicas_read_disjoint_partitions_that_together_are_the_topic() {
         )
         .await
         .expect("consumer");
-        let mut records = vec![];
-        // Each replica reads until its partitions are drained.
-        let start = Instant::now();
-        loop {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "replica {index} read nothing"
-            );
-            let batch = consumer
-                .poll_batch(500, Duration::from_millis(1000))
+        let mut records = read_until(&consumer, |all| all.len() as i64 >= owned).await;
+        records.extend(
+            consumer
+                .poll_batch(500, Duration::from_millis(500))
                 .await
-                .expect("poll");
-            if batch.is_empty() && !records.is_empty() {
-                break;
-            }
-            records.extend(batch);
-        }
+                .expect("poll"),
+        );
+        assert_eq!(
+            records.len() as i64,
+            owned,
+            "replica {index} reads its partitions"
+        );
         assert!(records
             .iter()
             .all(|r| u32::try_from(r.partition).expect("partition") % 2 == index));

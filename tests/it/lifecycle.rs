@@ -128,3 +128,26 @@ async fn after_a_burst_every_accepted_order_is_confirmed_and_a_restart_goes_on()
     confirms(&api, "BURST-0", "after").await;
     server.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_started_while_the_broker_is_down_takes_orders_and_catches_up_after() {
+    let mut broker = OwnBroker::start();
+    let dir = tempfile::tempdir().expect("dir");
+    let mut config = infra::Config::with_data_dir(dir.path().join("data"));
+    config.postgres = Some(postgres_server());
+    config.database_prefix = format!("orderline_t{}", uuid::Uuid::now_v7().simple());
+    config.kafka = Some(infra::kafka::KafkaConfig::local(broker.address.clone()));
+    let mut server = TestServer::start_distributed(config).await;
+    let api = Api::from(&server);
+    api.restock("DOWN", 100).await;
+    confirms(&api, "DOWN", "before").await;
+
+    broker.stop();
+    // The order service starts (and listens) without the broker, and takes orders.
+    server.replace_service("order", Process::kill_and_restart);
+    let id = api.place("while-down", &[("DOWN", 1, 100)], "tok_ok").await;
+    broker.resume();
+    api.order_settles(&id, "confirmed").await;
+    confirms(&api, "DOWN", "after").await;
+    server.finish().await;
+}
