@@ -539,9 +539,9 @@ impl KafkaConsumer {
     }
 
     /// (sum of stored next offsets, records not yet consumed) over every partition
-    /// of `topics`, whichever replica reads it.
-    pub async fn progress(&self, topics: &[String]) -> Result<(i64, i64), InfraError> {
-        let marks = watermarks(self.consumer.clone(), topics.to_vec()).await?;
+    /// of its topics, whichever replica reads it.
+    pub async fn progress(&self) -> Result<(i64, i64), InfraError> {
+        let marks = watermarks(self.consumer.clone(), self.topics.clone()).await?;
         let (mut done, mut lag) = (0, 0);
         for ((topic, partition), (_, high)) in marks {
             let next = self
@@ -658,7 +658,7 @@ impl Source for KafkaConsumer {
     }
 
     async fn standing(&self) -> Result<(i64, i64), InfraError> {
-        self.progress(&self.topics).await
+        self.progress().await
     }
 
     async fn replay(&self) -> Result<Box<dyn Replay>, InfraError> {

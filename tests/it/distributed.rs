@@ -1,7 +1,7 @@
 //! Faults in the distributed deployment: a service killed mid-stream, a relay that
 //! publishes everything again, the broker stopped under load.
 
-use crate::support::{dump, postgres_server, Api, Backend, OwnBroker, Process, TestServer};
+use crate::support::{dump, Api, Backend, OwnBroker, Process, TestServer};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -168,12 +168,7 @@ async fn a_relay_that_publishes_everything_again_changes_nothing_downstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_are_accepted_while_the_broker_is_down_and_everything_arrives_after() {
     let mut broker = OwnBroker::start();
-    let dir = tempfile::tempdir().expect("dir");
-    let mut config = infra::Config::with_data_dir(dir.path().join("data"));
-    config.postgres = Some(postgres_server());
-    config.database_prefix = format!("orderline_t{}", uuid::Uuid::now_v7().simple());
-    config.kafka = Some(infra::kafka::KafkaConfig::local(broker.address.clone()));
-    let server = TestServer::start_distributed(config).await;
+    let server = TestServer::distributed_on(&broker.address).await;
     let api = Api::from(&server);
     api.restock("OUT", 100).await;
     api.quiesce().await;

@@ -2,7 +2,7 @@
 //! cleanly or killed and started again, the broker restarted, a burst through the
 //! gateway. After each, new orders must go all the way to `confirmed`.
 
-use crate::support::{postgres_server, Api, Backend, OwnBroker, Process, TestServer};
+use crate::support::{Api, Backend, OwnBroker, Process, TestServer};
 use reqwest::StatusCode;
 use serde_json::json;
 use std::time::Duration;
@@ -58,12 +58,7 @@ async fn the_whole_deployment_stopped_or_killed_and_started_again_goes_on_consum
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restarted_on_its_state_is_read_again_past_the_next_record() {
     let mut broker = OwnBroker::start();
-    let dir = tempfile::tempdir().expect("dir");
-    let mut config = infra::Config::with_data_dir(dir.path().join("data"));
-    config.postgres = Some(postgres_server());
-    config.database_prefix = format!("orderline_t{}", uuid::Uuid::now_v7().simple());
-    config.kafka = Some(infra::kafka::KafkaConfig::local(broker.address.clone()));
-    let server = TestServer::start_distributed(config).await;
+    let server = TestServer::distributed_on(&broker.address).await;
     let api = Api::from(&server);
     api.restock("BRK", 100).await;
     confirms(&api, "BRK", "before").await;
@@ -132,12 +127,7 @@ async fn after_a_burst_every_accepted_order_is_confirmed_and_a_restart_goes_on()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_started_while_the_broker_is_down_takes_orders_and_catches_up_after() {
     let mut broker = OwnBroker::start();
-    let dir = tempfile::tempdir().expect("dir");
-    let mut config = infra::Config::with_data_dir(dir.path().join("data"));
-    config.postgres = Some(postgres_server());
-    config.database_prefix = format!("orderline_t{}", uuid::Uuid::now_v7().simple());
-    config.kafka = Some(infra::kafka::KafkaConfig::local(broker.address.clone()));
-    let mut server = TestServer::start_distributed(config).await;
+    let mut server = TestServer::distributed_on(&broker.address).await;
     let api = Api::from(&server);
     api.restock("DOWN", 100).await;
     confirms(&api, "DOWN", "before").await;

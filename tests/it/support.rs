@@ -106,6 +106,22 @@ impl TestServer {
 
     /// A server on fresh storage of `backend`.
     pub async fn on_with(backend: Backend, payment_timeout: Duration) -> TestServer {
+        let brokers = (backend == Backend::Distributed).then(kafka_broker);
+        Self::fresh(backend, payment_timeout, brokers).await
+    }
+
+    /// The distributed deployment on fresh databases, on the broker at `brokers`
+    /// (a test's own, to stop and start).
+    pub async fn distributed_on(brokers: &str) -> TestServer {
+        let brokers = Some(brokers.to_owned());
+        Self::fresh(Backend::Distributed, Duration::from_secs(30), brokers).await
+    }
+
+    async fn fresh(
+        backend: Backend,
+        payment_timeout: Duration,
+        brokers: Option<String>,
+    ) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::with_data_dir(dir.path().join("data"));
         config.payment_timeout = payment_timeout;
@@ -113,8 +129,8 @@ impl TestServer {
             config.postgres = Some(postgres_server());
             config.database_prefix = format!("orderline_t{}", uuid::Uuid::now_v7().simple());
         }
-        let mut server = if backend == Backend::Distributed {
-            let mut kafka = infra::kafka::KafkaConfig::local(kafka_broker());
+        let mut server = if let Some(brokers) = brokers {
+            let mut kafka = infra::kafka::KafkaConfig::local(brokers);
             kafka.prefix = format!("orderline-t{}", uuid::Uuid::now_v7().simple());
             config.kafka = Some(kafka);
             Self::start_distributed(config).await
