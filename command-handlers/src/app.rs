@@ -7,7 +7,9 @@ use domain::payment::{Payment, PaymentCommand, PaymentStatus};
 use domain::saga::Participant;
 use domain::shipment::Shipment;
 use domain::{Aggregate, DomainError, EventName, Sku};
-use infra::event_store::{AppendOutcome, AppendRequest, IdempotencyRecord, NewEvent, StoreError};
+use infra::event_store::{
+    AppendOutcome, AppendRequest, IdempotencyRecord, NewEvent, StoreError, Submitted,
+};
 use infra::http::ApiError;
 use infra::metrics::{self, Metrics};
 use infra::{EventStore, InfraError};
@@ -17,10 +19,10 @@ use serde::Serialize;
 use serde_json::Value;
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, PoisonError, Weak};
 use std::time::Duration;
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 use uuid::Uuid;
 
 /// How often a command is retried on a version clash before the client gets a 409.
@@ -95,13 +97,21 @@ pub enum Executed {
 }
 
 /// One lock per aggregate that has a command in flight in this process: commands on
-/// one aggregate take turns instead of clashing, so a hot sku does not turn into
-/// retries and 409s. The expected-version check still guards against other processes.
+/// one aggregate take turns to decide instead of clashing, so a hot sku does not turn
+/// into retries and 409s. A command holds the turn only while it decides and queues
+/// its append, not while the append commits: the next one decides on the state the
+/// queued appends will leave ([`Speculative`]), and its append is queued behind
+/// theirs, so one hot aggregate's commands share group commits instead of waiting
+/// for a commit each. The expected-version check (and the last event seen) still
+/// guards every append.
 #[derive(Clone, Default)]
-struct StreamLocks(Arc<StdMutex<HashMap<String, Weak<Mutex<()>>>>>);
+struct StreamLocks(Arc<StdMutex<HashMap<String, Weak<Turn>>>>);
+
+/// An aggregate's turn, and what the appends queued for it will leave.
+type Turn = Mutex<Option<Speculative>>;
 
 impl StreamLocks {
-    fn get(&self, key: String) -> Arc<Mutex<()>> {
+    fn get(&self, key: String) -> Arc<Turn> {
         let mut locks = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(lock) = locks.get(&key).and_then(Weak::upgrade) {
             return lock;
@@ -109,10 +119,47 @@ impl StreamLocks {
         if locks.len() >= 1024 {
             locks.retain(|_, lock| lock.strong_count() > 0);
         }
-        let lock = Arc::new(Mutex::new(()));
+        let lock = Arc::new(Mutex::new(None));
         locks.insert(key, Arc::downgrade(&lock));
         lock
     }
+}
+
+/// An aggregate's state after the appends queued for it and not yet settled.
+struct Speculative {
+    state: Arc<dyn Any + Send + Sync>,
+    version: i64,
+    /// The id of the last event queued.
+    last_event: Uuid,
+    /// Becomes true when the last append queued has settled (every earlier one has
+    /// then settled too: appends settle in the order they were queued).
+    settled: watch::Receiver<bool>,
+    /// Set when an append of the chain failed: what it stands on never happened.
+    broken: Arc<AtomicBool>,
+}
+
+impl Speculative {
+    /// Wait until every queued append has settled.
+    async fn drained(&self) {
+        let mut settled = self.settled.clone();
+        let _ = settled.wait_for(|done| *done).await;
+    }
+}
+
+/// An append queued by a command, with what the command needs once it settles.
+struct Queued<A> {
+    submitted: Submitted,
+    state: A,
+    version: i64,
+    events: usize,
+    done: watch::Sender<bool>,
+    chain: Arc<AtomicBool>,
+}
+
+/// What a command's turn came to.
+enum Step<A> {
+    Answered(Executed),
+    Queued(Queued<A>),
 }
 
 /// What an aggregate's state needs to be cached and snapshotted.
@@ -150,8 +197,16 @@ impl StateCache {
         cache.remove(key);
     }
 
+    /// Keep `state` at `version`, unless a later version is kept already (appends
+    /// settle in order, but their commands may wake in another).
     fn put<A: Send + Sync + 'static>(&self, key: String, state: A, version: i64, position: i64) {
         let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache
+            .get(&key)
+            .is_some_and(|cached| cached.version > version)
+        {
+            return;
+        }
         if cache.len() >= CACHE_CAPACITY && !cache.contains_key(&key) {
             cache.clear();
         }
@@ -276,9 +331,16 @@ impl Handlers {
     {
         let key = format!("{}/{id}", A::TYPE);
         let lock = self.locks.get(key.clone());
-        let _turn = lock.lock().await;
         for attempt in 0..MAX_ATTEMPTS {
-            if let Some(executed) = self.attempt::<A>(&key, id, command, meta).await? {
+            let turn = {
+                let mut queued = lock.lock().await;
+                self.turn::<A>(&mut queued, &key, id, command, meta).await?
+            };
+            let settled = match turn {
+                Step::Answered(executed) => return Ok(executed),
+                Step::Queued(queued) => self.settle::<A>(&key, id, queued).await?,
+            };
+            if let Some(executed) = settled {
                 return Ok(executed);
             }
             tracing::debug!(attempt, "version conflict; deciding again");
@@ -289,54 +351,153 @@ impl Handlers {
         Err(CommandError::Contention(key))
     }
 
-    /// Load, decide and append once; `None` when another writer appended first.
-    async fn attempt<A>(
+    /// Decide, and queue the append (or answer at once), holding the aggregate's turn.
+    async fn turn<A>(
         &self,
+        queued: &mut Option<Speculative>,
         key: &str,
         id: &str,
         command: &A::Command,
         meta: &Meta,
-    ) -> Result<Option<Executed>, CommandError>
+    ) -> Result<Step<A>, CommandError>
     where
         A: Aggregate + Stateful,
         A::Event: Serialize + DeserializeOwned + EventName,
     {
-        let (mut state, version, position, events) =
-            self.decide::<A>(key, id, command, meta).await?;
+        if let Some(ahead) = queued.as_ref() {
+            // Usable while its last append is in flight (its command still waits for
+            // it) and nothing of the chain failed.
+            let usable = ahead.settled.has_changed().is_ok()
+                && !*ahead.settled.borrow()
+                && !ahead.broken.load(Ordering::Acquire);
+            let state = ahead.state.downcast_ref::<A>().filter(|_| usable).cloned();
+            if let Some(state) = state {
+                if let Ok(events) = state.decide(command) {
+                    if !events.is_empty() {
+                        let (version, last, chain) =
+                            (ahead.version, ahead.last_event, ahead.broken.clone());
+                        return self
+                            .queue(
+                                queued,
+                                (id, meta),
+                                (state, version, Some(last)),
+                                events,
+                                chain,
+                            )
+                            .await;
+                    }
+                }
+            }
+            // A refusal, or nothing to do, is answered on committed state only: wait
+            // for the appends ahead to settle.
+            ahead.drained().await;
+            *queued = None;
+        }
+        let (state, version, position, events) = self.decide::<A>(key, id, command, meta).await?;
         if events.is_empty() && meta.idempotency.is_none() {
-            return Ok(Some(Executed::Done {
+            return Ok(Step::Answered(Executed::Done {
                 token: self.token::<A>(id, position, version),
                 events: 0,
             }));
         }
+        let chain = Arc::new(AtomicBool::new(false));
+        self.queue(queued, (id, meta), (state, version, None), events, chain)
+            .await
+    }
+
+    /// Queue the append of `events`, decided on `state` at `version`; the state they
+    /// leave becomes what the next command on the aggregate decides on.
+    async fn queue<A>(
+        &self,
+        queued: &mut Option<Speculative>,
+        (id, meta): (&str, &Meta),
+        (mut state, version, last_event): (A, i64, Option<Uuid>),
+        events: Vec<A::Event>,
+        chain: Arc<AtomicBool>,
+    ) -> Result<Step<A>, CommandError>
+    where
+        A: Aggregate + Stateful,
+        A::Event: Serialize + EventName,
+    {
         let new_events = new_events(&events, meta)?;
         for event in &events {
             state.apply(event);
         }
         let new_version = version + events.len() as i64;
+        let last = new_events.last().map(|event| event.event_id);
         let request = AppendRequest {
             aggregate_type: A::TYPE.to_owned(),
             aggregate_id: id.to_owned(),
             expected_version: version,
+            expected_last_event: last_event,
             events: new_events,
             idempotency: self.idempotency_record::<A>(id, meta, new_version),
             snapshot: (new_version / SNAPSHOT_EVERY > version / SNAPSHOT_EVERY)
                 .then(|| serde_json::to_value(&state).ok())
                 .flatten(),
         };
-        match self.store.append(request).await {
+        let submitted = self
+            .store
+            .submit(request)
+            .await
+            .map_err(CommandError::Store)?;
+        let (done, settled) = watch::channel(false);
+        if let Some(last) = last {
+            *queued = Some(Speculative {
+                state: Arc::new(state.clone()),
+                version: new_version,
+                last_event: last,
+                settled,
+                broken: chain.clone(),
+            });
+        }
+        Ok(Step::Queued(Queued {
+            submitted,
+            state,
+            version: new_version,
+            events: events.len(),
+            done,
+            chain,
+        }))
+    }
+
+    /// Wait for a queued append; `None` when another writer appended first (or an
+    /// append it stood on failed): decide again.
+    async fn settle<A>(
+        &self,
+        key: &str,
+        id: &str,
+        queued: Queued<A>,
+    ) -> Result<Option<Executed>, CommandError>
+    where
+        A: Aggregate + Stateful,
+    {
+        let Queued {
+            submitted,
+            state,
+            version,
+            events,
+            done,
+            chain,
+        } = queued;
+        let outcome = submitted.outcome().await;
+        if events > 0 && !matches!(outcome, Ok(AppendOutcome::Appended { .. })) {
+            // The state the commands queued behind this one decided on never happened.
+            chain.store(true, Ordering::Release);
+        }
+        let settled = match outcome {
             Ok(AppendOutcome::Appended { position, .. }) => {
-                if !events.is_empty() {
+                if events > 0 {
                     self.metrics.add(
                         &metrics::EVENTS_APPENDED,
                         &[("aggregate_type", A::TYPE)],
-                        events.len() as u64,
+                        events as u64,
                     );
-                    self.cache.put(key.to_owned(), state, new_version, position);
+                    self.cache.put(key.to_owned(), state, version, position);
                 }
                 Ok(Some(Executed::Done {
-                    token: self.token::<A>(id, position, new_version),
-                    events: events.len(),
+                    token: self.token::<A>(id, position, version),
+                    events,
                 }))
             }
             Ok(AppendOutcome::Duplicate { response, position }) => Ok(Some(Executed::Repeated {
@@ -350,7 +511,9 @@ impl Handlers {
             }
             Err(StoreError::KeyReused) => Err(CommandError::KeyReused),
             Err(error) => Err(CommandError::Store(error)),
-        }
+        };
+        let _ = done.send(true);
+        settled
     }
 
     /// Decide `command` on the aggregate's state: the state this process last

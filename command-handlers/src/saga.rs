@@ -14,7 +14,7 @@ use domain::saga::{Config, Deadline, Fulfilment, Input, Outcome, Stage};
 use domain::Sku;
 use infra::clock::{Clock, SystemClock};
 use infra::consume::{Backoff, Consumer, Failures, Handler, Idle, Source, Transport};
-use infra::db::Db;
+use infra::db::{Db, Dialect};
 use infra::guard;
 use infra::kafka::KafkaConfig;
 use infra::metrics;
@@ -24,6 +24,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::commands::{CommandMessage, SagaCommand};
 use schemas::topics::AggregateType;
 use schemas::{AnyEvent, RecordedEvent};
+use serde_json::{json, Value};
 use sqlx::{AnyConnection, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -246,6 +247,7 @@ impl SagaRunner {
         let mut outcomes = vec![];
         let mut settled = 0;
         let mut confirmed_after = vec![];
+        let mut writes = Writes::default();
         let fresh = guard::first_deliveries(tx, self.db.dialect, "saga_applied", events).await?;
         for (i, (recorded, fresh)) in events.iter().zip(fresh).enumerate() {
             if !fresh {
@@ -285,17 +287,14 @@ impl SagaRunner {
             }
             let cause = recorded.envelope.event_id;
             let meta = (saga.correlation_id, cause);
-            stage_commands(tx, order_id, &transition.commands, meta, |i| {
+            writes.stage(order_id, &transition.commands, meta, |i| {
                 Uuid::new_v5(&COMMAND_NAMESPACE, format!("{cause}/{i}").as_bytes())
-            })
-            .await?;
-            set_deadline(tx, order_id, transition.deadline).await?;
+            })?;
+            writes.deadline(order_id, transition.deadline);
             outcomes.extend(transition.outcome);
         }
         sagas.retain(|_, saga| saga.state.stage != Stage::NotStarted);
-        for (order_id, saga) in &sagas {
-            save(tx, *order_id, saga).await?;
-        }
+        writes.write(tx, self.db.dialect, &sagas).await?;
         Ok(Folded {
             outcomes,
             sagas: sagas.into_iter().collect(),
@@ -327,13 +326,11 @@ impl SagaRunner {
         }
         let mut tx = self.db.begin_write().await?;
         let mut outcomes = vec![];
-        let mut sagas = vec![];
+        let mut sagas = HashMap::new();
+        let mut writes = Writes::default();
         for (order_id, due_at) in &due {
             let order_id = parse_uuid(order_id)?;
-            sqlx::query("DELETE FROM saga_deadlines WHERE order_id = $1")
-                .bind(order_id.to_string())
-                .execute(&mut *tx)
-                .await?;
+            writes.deadline(order_id, Deadline::Clear);
             let Some(mut saga) = self.load(&mut tx, order_id).await? else {
                 continue;
             };
@@ -344,19 +341,17 @@ impl SagaRunner {
                 &COMMAND_NAMESPACE,
                 format!("deadline/{order_id}/{due_at}").as_bytes(),
             );
-            stage_commands(
-                &mut tx,
+            writes.stage(
                 order_id,
                 &transition.commands,
                 (saga.correlation_id, cause),
                 |i| Uuid::new_v5(&cause, i.to_string().as_bytes()),
-            )
-            .await?;
-            set_deadline(&mut tx, order_id, transition.deadline).await?;
+            )?;
+            writes.deadline(order_id, transition.deadline);
             outcomes.extend(transition.outcome);
-            save(&mut tx, order_id, &saga).await?;
-            sagas.push((order_id, saga));
+            sagas.insert(order_id, saga);
         }
+        writes.write(&mut tx, self.db.dialect, &sagas).await?;
         tx.commit().await?;
         self.cache.put(sagas);
         self.count(&outcomes);
@@ -377,8 +372,8 @@ impl SagaRunner {
         }
     }
 
-    /// Carry out the staged commands: one target aggregate's in order, different
-    /// targets side by side. A command the participant refuses is logged and dropped;
+    /// Carry out the staged commands: one order's commands to one target aggregate in
+    /// order, the rest side by side. A command the participant refuses is logged and dropped;
     /// one that fails for another reason stays for the next round.
     pub async fn dispatch(&self) -> Result<bool, InfraError> {
         let rows = sqlx::query("SELECT id, command_id, command, correlation_id, causation_id FROM saga_outbox ORDER BY id LIMIT 2000")
@@ -415,8 +410,21 @@ impl SagaRunner {
             done.extend(publish(producer, config, groups).await);
             return self.forget(done).await;
         }
+        // In process, one order's commands to one aggregate run in order; different
+        // orders' commands run side by side even on one aggregate (a hot sku), where
+        // they take turns to decide and share group commits.
+        let mut chains: BTreeMap<(AggregateType, String, Uuid), Vec<Staged>> = BTreeMap::new();
+        for ((aggregate_type, target), group) in groups {
+            for staged in group {
+                let order_id = staged.2.order_id;
+                chains
+                    .entry((aggregate_type, target.clone(), order_id))
+                    .or_default()
+                    .push(staged);
+            }
+        }
         let mut tasks = JoinSet::new();
-        for (_, group) in groups {
+        for (_, group) in chains {
             let handlers = self.handlers.clone();
             tasks.spawn(async move {
                 let mut done = vec![];
@@ -599,72 +607,141 @@ async fn load(conn: &mut AnyConnection, order_id: Uuid) -> Result<Option<Loaded>
     }))
 }
 
-async fn save(conn: &mut AnyConnection, order_id: Uuid, saga: &Loaded) -> Result<(), InfraError> {
-    let state = serde_json::to_string(&saga.state)?;
-    let stage = serde_json::to_value(saga.state.stage)?;
-    sqlx::query(
-        "INSERT INTO sagas (order_id, state, stage, correlation_id, updated_at) VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (order_id) DO UPDATE SET state = excluded.state, stage = excluded.stage, updated_at = excluded.updated_at",
-    )
-    .bind(order_id.to_string())
-    .bind(state)
-    .bind(stage.as_str().unwrap_or_default())
-    .bind(saga.correlation_id.to_string())
-    .bind(timestamp(Utc::now()))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+/// The rows a batch (or a round of deadlines) writes, gathered while its sagas are
+/// folded and written with a few multi-row statements at the end.
+#[derive(Default)]
+struct Writes {
+    /// Commands staged, in the order they were emitted.
+    outbox: Vec<OutboxRow>,
+    /// Each order's deadline after the batch: set to a time, or cleared.
+    deadlines: BTreeMap<Uuid, Option<DateTime<Utc>>>,
 }
 
-async fn stage_commands(
-    conn: &mut AnyConnection,
+struct OutboxRow {
+    command_id: Uuid,
     order_id: Uuid,
-    commands: &[domain::saga::Command],
-    (correlation_id, causation_id): (Uuid, Uuid),
-    command_id: impl Fn(usize) -> Uuid,
-) -> Result<(), InfraError> {
-    for (i, command) in commands.iter().enumerate() {
-        let wire = SagaCommand::new(order_id, command.clone());
-        let text = serde_json::to_string(&wire)?;
-        sqlx::query(
-            "INSERT INTO saga_outbox (command_id, order_id, command, correlation_id, causation_id, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (command_id) DO NOTHING",
-        )
-        .bind(command_id(i).to_string())
-        .bind(order_id.to_string())
-        .bind(text)
-        .bind(correlation_id.to_string())
-        .bind(causation_id.to_string())
-        .bind(timestamp(Utc::now()))
-        .execute(&mut *conn)
-        .await?;
+    command: String,
+    correlation_id: Uuid,
+    causation_id: Uuid,
+}
+
+impl Writes {
+    fn stage(
+        &mut self,
+        order_id: Uuid,
+        commands: &[domain::saga::Command],
+        (correlation_id, causation_id): (Uuid, Uuid),
+        command_id: impl Fn(usize) -> Uuid,
+    ) -> Result<(), InfraError> {
+        for (i, command) in commands.iter().enumerate() {
+            let wire = SagaCommand::new(order_id, command.clone());
+            self.outbox.push(OutboxRow {
+                command_id: command_id(i),
+                order_id,
+                command: serde_json::to_string(&wire)?,
+                correlation_id,
+                causation_id,
+            });
+        }
+        Ok(())
     }
-    Ok(())
-}
 
-async fn set_deadline(
-    conn: &mut AnyConnection,
-    order_id: Uuid,
-    deadline: Deadline,
-) -> Result<(), InfraError> {
-    match deadline {
-        Deadline::Keep => {}
-        Deadline::Set(due) => {
-            sqlx::query(
-                "INSERT INTO saga_deadlines (order_id, due_at) VALUES ($1, $2)
-                 ON CONFLICT (order_id) DO UPDATE SET due_at = excluded.due_at",
-            )
-            .bind(order_id.to_string())
-            .bind(timestamp(due))
+    fn deadline(&mut self, order_id: Uuid, deadline: Deadline) {
+        match deadline {
+            Deadline::Keep => {}
+            Deadline::Set(due) => {
+                self.deadlines.insert(order_id, Some(due));
+            }
+            Deadline::Clear => {
+                self.deadlines.insert(order_id, None);
+            }
+        }
+    }
+
+    /// Write the staged commands, the deadlines and the sagas' new states: a
+    /// statement for each, whatever the batch's size.
+    async fn write<'a>(
+        self,
+        conn: &mut AnyConnection,
+        dialect: Dialect,
+        sagas: impl IntoIterator<Item = (&'a Uuid, &'a Loaded)>,
+    ) -> Result<(), InfraError> {
+        let now = timestamp(Utc::now());
+        let rows = |rows: Vec<Value>| Value::Array(rows).to_string();
+        if !self.outbox.is_empty() {
+            let outbox = self.outbox.iter().map(|row| {
+                json!([
+                    row.command_id,
+                    row.order_id,
+                    row.command,
+                    row.correlation_id,
+                    row.causation_id,
+                    now
+                ])
+            });
+            sqlx::query(&format!(
+                "INSERT INTO saga_outbox (command_id, order_id, command, correlation_id, causation_id, created_at)
+                 SELECT k.value ->> 0, k.value ->> 1, k.value ->> 2, k.value ->> 3, k.value ->> 4, k.value ->> 5
+                   FROM {} WHERE true ORDER BY k.key
+                 ON CONFLICT (command_id) DO NOTHING",
+                dialect.json_rows("$1")
+            ))
+            .bind(rows(outbox.collect()))
             .execute(&mut *conn)
             .await?;
         }
-        Deadline::Clear => {
-            sqlx::query("DELETE FROM saga_deadlines WHERE order_id = $1")
-                .bind(order_id.to_string())
-                .execute(&mut *conn)
-                .await?;
+        let (set, cleared): (Vec<_>, Vec<_>) = self
+            .deadlines
+            .into_iter()
+            .partition(|(_, due)| due.is_some());
+        if !cleared.is_empty() {
+            let ids: Vec<Value> = cleared.iter().map(|(id, _)| json!(id)).collect();
+            sqlx::query(&format!(
+                "DELETE FROM saga_deadlines WHERE order_id IN ({})",
+                dialect.text_list("$1")
+            ))
+            .bind(rows(ids))
+            .execute(&mut *conn)
+            .await?;
         }
+        if !set.is_empty() {
+            let set = set
+                .iter()
+                .map(|(order_id, due)| json!([order_id, due.map(timestamp)]));
+            sqlx::query(&format!(
+                "INSERT INTO saga_deadlines (order_id, due_at)
+                 SELECT k.value ->> 0, k.value ->> 1 FROM {} WHERE true ORDER BY k.key
+                 ON CONFLICT (order_id) DO UPDATE SET due_at = excluded.due_at",
+                dialect.json_rows("$1")
+            ))
+            .bind(rows(set.collect()))
+            .execute(&mut *conn)
+            .await?;
+        }
+        let mut states = vec![];
+        for (order_id, saga) in sagas {
+            let stage = serde_json::to_value(saga.state.stage)?;
+            states.push(json!([
+                order_id,
+                serde_json::to_string(&saga.state)?,
+                stage,
+                saga.correlation_id,
+                now
+            ]));
+        }
+        if !states.is_empty() {
+            sqlx::query(&format!(
+                "INSERT INTO sagas (order_id, state, stage, correlation_id, updated_at)
+                 SELECT k.value ->> 0, k.value ->> 1, k.value ->> 2, k.value ->> 3, k.value ->> 4
+                   FROM {} WHERE true ORDER BY k.key
+                 ON CONFLICT (order_id) DO UPDATE SET state = excluded.state,
+                    stage = excluded.stage, updated_at = excluded.updated_at",
+                dialect.json_rows("$1")
+            ))
+            .bind(rows(states))
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
     }
-    Ok(())
 }

@@ -326,3 +326,98 @@ async fn past_the_backlog_bound_new_orders_are_refused_and_retries_answered() {
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(saga.count_backlog().await.expect("counted"), 0);
 }
+
+/// Reserve one unit of `sku` for a new order, with an optional idempotency record.
+async fn reserve(
+    handlers: Handlers,
+    sku: &'static str,
+    key: Option<(&'static str, &'static str)>,
+) -> Result<crate::app::Executed, crate::app::CommandError> {
+    let mut meta = crate::app::Meta::fresh();
+    meta.idempotency = key.map(|(key, hash)| infra::event_store::IdempotencyRecord {
+        key: key.into(),
+        request_hash: hash.into(),
+        response: Value::Null,
+    });
+    let command = domain::inventory::InventoryCommand::Reserve {
+        order_id: uuid::Uuid::now_v7(),
+        quantity: 1,
+    };
+    handlers
+        .execute::<domain::inventory::InventoryItem>(sku, &command, &meta)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_on_one_aggregate_share_commits_and_add_up() {
+    let f = fixture().await;
+    let (status, _) = post(
+        &f.handlers,
+        "/v1/inventory/S-HOT/restock",
+        r#"{"quantity": 1000}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let before = f.handlers.store.commits();
+    let mut reservations = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        reservations.spawn(reserve(f.handlers.clone(), "S-HOT", None));
+    }
+    while let Some(done) = reservations.join_next().await {
+        done.expect("task").expect("reserved");
+    }
+    let commits = f.handlers.store.commits() - before;
+    assert!(
+        commits < 200,
+        "200 commands on one aggregate took {commits} commits: each waited for the one before"
+    );
+    let (item, version, _) = f
+        .handlers
+        .load::<domain::inventory::InventoryItem>("S-HOT")
+        .await
+        .expect("load");
+    assert_eq!((item.reserved(), version), (200, 201));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_queued_behind_an_append_that_fails_decide_again_on_what_was_written() {
+    let f = fixture().await;
+    let (status, _) = post(
+        &f.handlers,
+        "/v1/inventory/S-HOT/restock",
+        r#"{"quantity": 1000}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    reserve(f.handlers.clone(), "S-HOT", Some(("k", "first")))
+        .await
+        .expect("first use of the key");
+    // The key reused for another request fails after it was queued; the commands
+    // queued behind it decided on a reservation that is never written.
+    let mut rest = tokio::task::JoinSet::new();
+    let reused = tokio::spawn(reserve(f.handlers.clone(), "S-HOT", Some(("k", "another"))));
+    for _ in 0..20 {
+        rest.spawn(reserve(f.handlers.clone(), "S-HOT", None));
+    }
+    let reused = reused.await.expect("task");
+    assert!(
+        matches!(reused, Err(crate::app::CommandError::KeyReused)),
+        "{reused:?}"
+    );
+    while let Some(done) = rest.join_next().await {
+        done.expect("task").expect("reserved");
+    }
+    let (item, version, _) = f
+        .handlers
+        .load::<domain::inventory::InventoryItem>("S-HOT")
+        .await
+        .expect("load");
+    assert_eq!((item.reserved(), version), (21, 22));
+    let events = f
+        .handlers
+        .store
+        .load_stream("inventory", "S-HOT")
+        .await
+        .expect("stream");
+    assert_eq!(events.len(), 22);
+}

@@ -63,6 +63,19 @@ impl Dialect {
         }
     }
 
+    /// A source of rows for multi-row statements: the elements of the JSON array of
+    /// arrays bound as `param`, as `k`, in order (`ORDER BY k.key`). Column i of a row
+    /// is `k.value ->> i` (text; cast it for other types). One parameter whatever the
+    /// number of rows, so the statement is prepared once and binding stays cheap.
+    pub fn json_rows(self, param: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("json_each({param}) AS k"),
+            Dialect::Postgres => format!(
+                "jsonb_array_elements(CAST({param} AS jsonb)) WITH ORDINALITY AS k(value, key)"
+            ),
+        }
+    }
+
     /// The base migrations (one set, written with `{serial}`) in this dialect.
     pub fn migrator(self) -> Migrator {
         static TEMPLATE: Migrator = sqlx::migrate!("./migrations");

@@ -51,6 +51,10 @@ pub struct AppendRequest {
     pub aggregate_id: String,
     /// The stream's version the events were decided on (0: no events yet).
     pub expected_version: i64,
+    /// The id of the stream's last event the decision saw, when the caller knows it:
+    /// checked too, so a decision made on events still in flight (pipelined behind
+    /// an append that then failed) cannot pass on a version another writer reached.
+    pub expected_last_event: Option<Uuid>,
     pub events: Vec<NewEvent>,
     pub idempotency: Option<IdempotencyRecord>,
     /// The aggregate's state after these events, to store as its snapshot.
@@ -101,6 +105,16 @@ impl From<sqlx::Error> for StoreError {
 struct Job {
     request: AppendRequest,
     reply: oneshot::Sender<Result<AppendOutcome, StoreError>>,
+}
+
+/// An append queued with [`EventStore::submit`].
+pub struct Submitted(oneshot::Receiver<Result<AppendOutcome, StoreError>>);
+
+impl Submitted {
+    /// Wait until the append is committed or refused.
+    pub async fn outcome(self) -> Result<AppendOutcome, StoreError> {
+        self.0.await.map_err(|_| StoreError::Closed)?
+    }
 }
 
 /// A stored idempotency record.
@@ -164,13 +178,20 @@ impl EventStore {
 
     /// Append to one stream if it is still at `expected_version`.
     pub async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        self.submit(request).await?.outcome().await
+    }
+
+    /// Queue an append; its outcome comes later. Appends are decided and committed in
+    /// the order they were queued, so an append may be queued on the version the one
+    /// before it will leave (its own check refuses it if that one fails).
+    pub async fn submit(&self, request: AppendRequest) -> Result<Submitted, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.inner
             .jobs
             .send(Job { request, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        Ok(Submitted(answer))
     }
 
     /// The position of the last committed event (0 for an empty log).
@@ -477,134 +498,366 @@ async fn commit_group(
             .execute(&mut *conn)
             .await?;
     }
-    let mut outcomes = Vec::with_capacity(group.len());
-    let mut last = None;
-    for job in group {
-        // An append that is refused (a version clash, a reused key) or answered from
-        // its idempotency record finds out before it writes anything, so it needs no
-        // savepoint; a database error fails the whole group.
-        let outcome = append_one(conn, &job.request).await;
-        match outcome {
-            Ok(AppendOutcome::Appended { position, .. }) => {
-                last = Some(last.map_or(position, |l: i64| l.max(position)));
-            }
-            Err(StoreError::Infra(InfraError::Database(error))) => return Err(error),
-            Ok(AppendOutcome::Duplicate { .. }) | Err(_) => {}
-        }
-        outcomes.push(outcome);
-    }
+    let requests: Vec<&AppendRequest> = group.iter().map(|job| &job.request).collect();
+    let outcomes = append_all(conn, dialect, &requests).await?;
+    let last = outcomes
+        .iter()
+        .filter_map(|outcome| match outcome {
+            Ok(AppendOutcome::Appended { position, .. }) => Some(*position),
+            _ => None,
+        })
+        .max();
     sqlx::query("COMMIT").execute(&mut *conn).await?;
     Ok((outcomes, last))
 }
 
-async fn append_one(
+/// An append that passed its checks: where its events go.
+struct Planned {
+    stream: (String, String),
+    /// The stream's version before and after it.
+    from: i64,
+    to: i64,
+}
+
+/// What became of one append while the group is planned.
+enum Plan {
+    Write(Planned),
+    /// Answered before: refused, or the first answer under its key.
+    Done(Result<AppendOutcome, StoreError>),
+    /// Its key was first used by the group's append at this index, for the same
+    /// request: that append's answer.
+    SameAs(usize),
+}
+
+/// Apply every append of a group in a few statements, whatever its size: read the
+/// idempotency records and the stream heads the group names, decide each append in
+/// order (an append sees the ones before it), then write all events, snapshots and
+/// records. An append that is refused or answered from its record writes nothing; a
+/// database error fails the whole group.
+async fn append_all(
     conn: &mut AnyConnection,
-    request: &AppendRequest,
-) -> Result<AppendOutcome, StoreError> {
-    if let Some(record) = &request.idempotency {
-        if let Some(first) = answered_before(conn, record).await? {
-            return Ok(first);
+    dialect: Dialect,
+    requests: &[&AppendRequest],
+) -> Result<Vec<Result<AppendOutcome, StoreError>>, sqlx::Error> {
+    let keys: Vec<&str> = requests
+        .iter()
+        .filter_map(|r| r.idempotency.as_ref().map(|i| i.key.as_str()))
+        .collect();
+    let answered = idempotency_records(conn, dialect, &keys).await?;
+    let mut streams: Vec<(&str, &str)> = requests
+        .iter()
+        .map(|r| (r.aggregate_type.as_str(), r.aggregate_id.as_str()))
+        .collect();
+    streams.sort_unstable();
+    streams.dedup();
+    let stored_heads = stream_heads(conn, dialect, &streams).await?;
+    let mut heads: std::collections::HashMap<(String, String), (i64, Option<String>)> =
+        stored_heads
+            .iter()
+            .map(|(stream, head)| (stream.clone(), (head.version, Some(head.event_id.clone()))))
+            .collect();
+    let mut first_use: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut plans = Vec::with_capacity(requests.len());
+    for (index, request) in requests.iter().enumerate() {
+        if let Some(record) = &request.idempotency {
+            let earlier = answered
+                .get(&record.key)
+                .map(|stored| (stored.request_hash.as_str(), None))
+                .or_else(|| {
+                    first_use.get(record.key.as_str()).and_then(|&i| {
+                        let first = requests[i].idempotency.as_ref()?;
+                        Some((first.request_hash.as_str(), Some(i)))
+                    })
+                });
+            match earlier {
+                Some((hash, _)) if hash != record.request_hash => {
+                    plans.push(Plan::Done(Err(StoreError::KeyReused)));
+                    continue;
+                }
+                Some((_, Some(first))) => {
+                    plans.push(Plan::SameAs(first));
+                    continue;
+                }
+                Some((_, None)) => {
+                    let stored = &answered[&record.key];
+                    plans.push(Plan::Done(Ok(AppendOutcome::Duplicate {
+                        response: stored.response.clone(),
+                        position: stored.position,
+                    })));
+                    continue;
+                }
+                None => {}
+            }
         }
+        let stream = (request.aggregate_type.clone(), request.aggregate_id.clone());
+        let (actual, last_event) = heads.get(&stream).cloned().unwrap_or((0, None));
+        let saw_last = request
+            .expected_last_event
+            .is_none_or(|id| last_event.as_deref() == Some(id.to_string().as_str()));
+        if actual != request.expected_version || !saw_last {
+            plans.push(Plan::Done(Err(StoreError::Conflict {
+                aggregate_type: request.aggregate_type.clone(),
+                aggregate_id: request.aggregate_id.clone(),
+                expected: request.expected_version,
+                actual,
+            })));
+            continue;
+        }
+        let to = actual + request.events.len() as i64;
+        let last_event = match request.events.last() {
+            Some(event) => Some(event.event_id.to_string()),
+            None => last_event,
+        };
+        heads.insert(stream.clone(), (to, last_event));
+        if let Some(record) = &request.idempotency {
+            first_use.insert(record.key.as_str(), index);
+        }
+        plans.push(Plan::Write(Planned {
+            stream,
+            from: actual,
+            to,
+        }));
     }
-    let (actual, stream_position): (i64, i64) = sqlx::query_as(
-        "SELECT COALESCE(MAX(version), 0), COALESCE(MAX(position), 0) FROM events
-          WHERE aggregate_type = $1 AND aggregate_id = $2",
-    )
-    .bind(&request.aggregate_type)
-    .bind(&request.aggregate_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    if actual != request.expected_version {
-        return Err(StoreError::Conflict {
-            aggregate_type: request.aggregate_type.clone(),
-            aggregate_id: request.aggregate_id.clone(),
-            expected: request.expected_version,
-            actual,
+    let positions = insert_events(conn, dialect, requests, &plans).await?;
+    // The position of a stream's event at `version` (its head when nothing was added).
+    let position_of = |stream: &(String, String), version: i64| -> i64 {
+        positions
+            .get(&(stream.0.clone(), stream.1.clone(), version))
+            .copied()
+            .or_else(|| {
+                stored_heads
+                    .get(stream)
+                    .filter(|head| head.version == version)
+                    .map(|head| head.position)
+            })
+            .unwrap_or(0)
+    };
+    let mut snapshots: std::collections::BTreeMap<&(String, String), (i64, i64, &Value)> =
+        Default::default();
+    let mut records = vec![];
+    let mut outcomes: Vec<Result<AppendOutcome, StoreError>> = Vec::with_capacity(plans.len());
+    for (request, plan) in requests.iter().zip(&plans) {
+        outcomes.push(match plan {
+            Plan::Write(planned) => {
+                let position = position_of(&planned.stream, planned.to);
+                if let (Some(state), true) = (&request.snapshot, planned.to > planned.from) {
+                    snapshots.insert(&planned.stream, (planned.to, position, state));
+                }
+                if let Some(record) = &request.idempotency {
+                    records.push((record, position));
+                }
+                Ok(AppendOutcome::Appended {
+                    position,
+                    version: planned.to,
+                })
+            }
+            Plan::Done(outcome) => clone_outcome(outcome),
+            Plan::SameAs(first) => match (&outcomes[*first], &requests[*first].idempotency) {
+                (Ok(AppendOutcome::Appended { position, .. }), Some(record)) => {
+                    Ok(AppendOutcome::Duplicate {
+                        response: record.response.clone(),
+                        position: *position,
+                    })
+                }
+                (other, _) => clone_outcome(other),
+            },
         });
     }
-    let (version, position) = insert_events(conn, request, actual, stream_position).await?;
-    if let (Some(state), false) = (&request.snapshot, request.events.is_empty()) {
-        sqlx::query(
+    if !snapshots.is_empty() {
+        let rows: Vec<Value> = snapshots
+            .into_iter()
+            .map(
+                |((aggregate_type, aggregate_id), (version, position, state))| {
+                    serde_json::json!([
+                        aggregate_type,
+                        aggregate_id,
+                        version,
+                        position,
+                        state.to_string()
+                    ])
+                },
+            )
+            .collect();
+        sqlx::query(&format!(
             "INSERT INTO snapshots (aggregate_type, aggregate_id, version, position, state)
-             VALUES ($1, $2, $3, $4, $5)
+             SELECT k.value ->> 0, k.value ->> 1, CAST(k.value ->> 2 AS BIGINT),
+                    CAST(k.value ->> 3 AS BIGINT), k.value ->> 4
+               FROM {} WHERE true ORDER BY k.key
              ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
                 version = excluded.version, position = excluded.position, state = excluded.state",
-        )
-        .bind(&request.aggregate_type)
-        .bind(&request.aggregate_id)
-        .bind(version)
-        .bind(position)
-        .bind(state.to_string())
+            dialect.json_rows("$1")
+        ))
+        .bind(Value::Array(rows).to_string())
         .execute(&mut *conn)
         .await?;
     }
-    if let Some(record) = &request.idempotency {
-        sqlx::query(
+    if !records.is_empty() {
+        let now = timestamp(Utc::now());
+        let rows: Vec<Value> = records
+            .into_iter()
+            .map(|(record, position)| {
+                serde_json::json!([
+                    record.key,
+                    record.request_hash,
+                    record.response.to_string(),
+                    position,
+                    now
+                ])
+            })
+            .collect();
+        sqlx::query(&format!(
             "INSERT INTO idempotency (key, request_hash, response, position, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(&record.key)
-        .bind(&record.request_hash)
-        .bind(record.response.to_string())
-        .bind(position)
-        .bind(timestamp(Utc::now()))
+             SELECT k.value ->> 0, k.value ->> 1, k.value ->> 2, CAST(k.value ->> 3 AS BIGINT),
+                    k.value ->> 4
+               FROM {} WHERE true ORDER BY k.key",
+            dialect.json_rows("$1")
+        ))
+        .bind(Value::Array(rows).to_string())
         .execute(&mut *conn)
         .await?;
     }
-    Ok(AppendOutcome::Appended { position, version })
+    Ok(outcomes)
 }
 
-/// The first answer given under the record's key, if the key was used; refused when
-/// it was used for another request.
-async fn answered_before(
-    conn: &mut AnyConnection,
-    record: &IdempotencyRecord,
-) -> Result<Option<AppendOutcome>, StoreError> {
-    let existing =
-        sqlx::query("SELECT request_hash, response, position FROM idempotency WHERE key = $1")
-            .bind(&record.key)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some(row) = existing else {
-        return Ok(None);
-    };
-    let stored = stored_response(&row)?;
-    if stored.request_hash != record.request_hash {
-        return Err(StoreError::KeyReused);
+/// A copy of an outcome decided for another append of the group.
+fn clone_outcome(outcome: &Result<AppendOutcome, StoreError>) -> Result<AppendOutcome, StoreError> {
+    match outcome {
+        Ok(outcome) => Ok(outcome.clone()),
+        Err(StoreError::Conflict {
+            aggregate_type,
+            aggregate_id,
+            expected,
+            actual,
+        }) => Err(StoreError::Conflict {
+            aggregate_type: aggregate_type.clone(),
+            aggregate_id: aggregate_id.clone(),
+            expected: *expected,
+            actual: *actual,
+        }),
+        Err(StoreError::KeyReused) => Err(StoreError::KeyReused),
+        Err(StoreError::Closed) => Err(StoreError::Closed),
+        Err(StoreError::Infra(error)) => {
+            Err(StoreError::Infra(InfraError::Corrupt(error.to_string())))
+        }
     }
-    Ok(Some(AppendOutcome::Duplicate {
-        response: stored.response,
-        position: stored.position,
-    }))
 }
 
-/// Insert the request's events after `version` (the stream's last, at `position`):
-/// the stream's new (version, position).
+/// The stored records under `keys`.
+async fn idempotency_records(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    keys: &[&str],
+) -> Result<std::collections::HashMap<String, StoredResponse>, sqlx::Error> {
+    let mut found = std::collections::HashMap::new();
+    if !keys.is_empty() {
+        let sql = format!(
+            "SELECT key, request_hash, response, position FROM idempotency WHERE key IN ({})",
+            dialect.text_list("$1")
+        );
+        let list = serde_json::to_string(keys).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        for row in sqlx::query(&sql).bind(list).fetch_all(&mut *conn).await? {
+            let key: String = row.try_get("key")?;
+            let stored = stored_response(&row).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            found.insert(key, stored);
+        }
+    }
+    Ok(found)
+}
+
+/// The last event of a stream.
+struct Head {
+    version: i64,
+    position: i64,
+    event_id: String,
+}
+
+/// The last event of each of `streams` that has one: one statement, an index seek
+/// per stream.
+async fn stream_heads(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    streams: &[(&str, &str)],
+) -> Result<std::collections::HashMap<(String, String), Head>, sqlx::Error> {
+    let mut found = std::collections::HashMap::new();
+    if !streams.is_empty() {
+        let sql = format!(
+            "SELECT h.aggregate_type, h.aggregate_id, h.version, h.position, h.event_id
+               FROM events h JOIN (
+                 SELECT (SELECT e.position FROM events e
+                          WHERE e.aggregate_type = k.value ->> 0 AND e.aggregate_id = k.value ->> 1
+                          ORDER BY e.version DESC LIMIT 1) AS position
+                   FROM {}) AS last ON h.position = last.position",
+            dialect.json_rows("$1")
+        );
+        let list = serde_json::to_string(streams).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        for row in sqlx::query(&sql).bind(list).fetch_all(&mut *conn).await? {
+            found.insert(
+                (row.try_get("aggregate_type")?, row.try_get("aggregate_id")?),
+                Head {
+                    version: row.try_get("version")?,
+                    position: row.try_get("position")?,
+                    event_id: row.try_get("event_id")?,
+                },
+            );
+        }
+    }
+    Ok(found)
+}
+
+/// Insert the events of the planned appends, in order: the position of each, by
+/// (aggregate type, aggregate id, version).
 async fn insert_events(
     conn: &mut AnyConnection,
-    request: &AppendRequest,
-    mut version: i64,
-    mut position: i64,
-) -> Result<(i64, i64), StoreError> {
-    for event in &request.events {
-        version += 1;
-        position = sqlx::query_scalar(
-            "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type,
-                schema_version, occurred_at, correlation_id, causation_id, payload)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING position",
-        )
-        .bind(event.event_id.to_string())
-        .bind(&request.aggregate_type)
-        .bind(&request.aggregate_id)
-        .bind(version)
-        .bind(&event.event_type)
-        .bind(i64::from(event.schema_version))
-        .bind(timestamp(event.occurred_at))
-        .bind(event.correlation_id.to_string())
-        .bind(event.causation_id.to_string())
-        .bind(event.payload.to_string())
-        .fetch_one(&mut *conn)
-        .await?;
+    dialect: Dialect,
+    requests: &[&AppendRequest],
+    plans: &[Plan],
+) -> Result<std::collections::HashMap<(String, String, i64), i64>, sqlx::Error> {
+    let mut rows = vec![];
+    for (request, plan) in requests.iter().zip(plans) {
+        if let Plan::Write(planned) = plan {
+            for (version, event) in (planned.from + 1..).zip(&request.events) {
+                rows.push(serde_json::json!([
+                    event.event_id,
+                    request.aggregate_type,
+                    request.aggregate_id,
+                    version,
+                    event.event_type,
+                    event.schema_version,
+                    timestamp(event.occurred_at),
+                    event.correlation_id,
+                    event.causation_id,
+                    event.payload.to_string(),
+                ]));
+            }
+        }
     }
-    Ok((version, position))
+    let mut positions = std::collections::HashMap::with_capacity(rows.len());
+    if rows.is_empty() {
+        return Ok(positions);
+    }
+    let sql = format!(
+        "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type,
+            schema_version, occurred_at, correlation_id, causation_id, payload)
+         SELECT k.value ->> 0, k.value ->> 1, k.value ->> 2, CAST(k.value ->> 3 AS BIGINT),
+                k.value ->> 4, CAST(k.value ->> 5 AS BIGINT), k.value ->> 6, k.value ->> 7,
+                k.value ->> 8, k.value ->> 9
+           FROM {} WHERE true ORDER BY k.key
+         RETURNING aggregate_type, aggregate_id, version, position",
+        dialect.json_rows("$1")
+    );
+    let rows = sqlx::query(&sql)
+        .bind(Value::Array(rows).to_string())
+        .fetch_all(&mut *conn)
+        .await?;
+    for row in rows {
+        positions.insert(
+            (
+                row.try_get("aggregate_type")?,
+                row.try_get("aggregate_id")?,
+                row.try_get("version")?,
+            ),
+            row.try_get("position")?,
+        );
+    }
+    Ok(positions)
 }

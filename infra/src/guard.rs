@@ -8,7 +8,7 @@ use schemas::RecordedEvent;
 use sqlx::{AnyConnection, Row};
 use std::collections::HashMap;
 
-/// How many streams one statement names at most (each takes three parameters).
+/// How many streams one statement names at most.
 const CHUNK: usize = 300;
 
 /// Which of `events` (in log order) are delivered for the first time, moving the
@@ -62,7 +62,7 @@ pub async fn first_deliveries(
         .filter(|(key, version)| before.get(key) != Some(version))
         .collect();
     for chunk in moved.chunks(CHUNK) {
-        advance(conn, table, chunk).await?;
+        advance(conn, dialect, table, chunk).await?;
     }
     Ok(fresh)
 }
@@ -102,24 +102,27 @@ async fn stored(
 /// Move the guards of distinct streams forward (never back), in one statement.
 async fn advance(
     conn: &mut AnyConnection,
+    dialect: Dialect,
     table: &str,
     moved: &[((&str, &str), i64)],
 ) -> Result<(), sqlx::Error> {
-    let values: Vec<String> = (0..moved.len())
-        .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
-        .collect();
     let sql = format!(
-        "INSERT INTO {table} (aggregate_type, aggregate_id, version) VALUES {}
+        "INSERT INTO {table} (aggregate_type, aggregate_id, version)
+         SELECT k.value ->> 0, k.value ->> 1, CAST(k.value ->> 2 AS BIGINT)
+           FROM {} WHERE true ORDER BY k.key
          ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
          WHERE {table}.version < excluded.version",
-        values.join(", ")
+        dialect.json_rows("$1")
     );
-    let mut query = sqlx::query(&sql);
-    for ((aggregate_type, aggregate_id), version) in moved {
-        query = query
-            .bind(*aggregate_type)
-            .bind(*aggregate_id)
-            .bind(*version);
-    }
-    query.execute(conn).await.map(|_| ())
+    let rows: Vec<serde_json::Value> = moved
+        .iter()
+        .map(|((aggregate_type, aggregate_id), version)| {
+            serde_json::json!([aggregate_type, aggregate_id, version])
+        })
+        .collect();
+    sqlx::query(&sql)
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(conn)
+        .await
+        .map(|_| ())
 }

@@ -57,6 +57,7 @@ impl Scratch {
                 aggregate_type: aggregate_type.into(),
                 aggregate_id: aggregate_id.into(),
                 expected_version: version,
+                expected_last_event: None,
                 events,
                 idempotency: None,
                 snapshot: None,

@@ -14,6 +14,7 @@ on_both_backends!(
     an_idempotency_key_answers_as_the_first_time_and_refuses_another_request,
     concurrent_appends_share_commits,
     a_conflict_in_a_group_fails_only_its_own_append,
+    appends_in_one_group_see_the_ones_before_them,
     subscribers_are_woken_by_an_append,
     events_survive_reopening_and_readers_pass_over_other_topics,
     an_aggregate_loads_from_its_snapshot_and_the_events_after_it,
@@ -80,6 +81,7 @@ fn request(id: &str, expected: i64, events: Vec<NewEvent>) -> AppendRequest {
         aggregate_type: "inventory".into(),
         aggregate_id: id.into(),
         expected_version: expected,
+        expected_last_event: None,
         events,
         idempotency: None,
         snapshot: None,
@@ -240,6 +242,62 @@ async fn a_conflict_in_a_group_fails_only_its_own_append(backend: Backend) {
             .len(),
         1
     );
+    fresh.finish().await;
+}
+
+/// Appends queued together (one group commit, most likely) are decided in order: an
+/// append may build on the one before it in the same group, and a key used earlier
+/// in the group answers as that first use.
+async fn appends_in_one_group_see_the_ones_before_them(backend: Backend) {
+    let fresh = Fresh::on(backend).await;
+    let store = fresh.store.clone();
+    let keyed = |id: &str, expected, events, key: &str, hash: &str| AppendRequest {
+        idempotency: Some(IdempotencyRecord {
+            key: key.into(),
+            request_hash: hash.into(),
+            response: json!({ "first": id }),
+        }),
+        ..request(id, expected, events)
+    };
+    let (a, b, c, d, e) = tokio::join!(
+        store.append(keyed("X", 0, vec![event(1), event(2)], "k1", "h")),
+        store.append(request("X", 2, vec![event(3)])),
+        store.append(keyed("Y", 0, vec![event(4)], "k1", "h")),
+        store.append(keyed("Z", 0, vec![event(5)], "k1", "other")),
+        store.append(keyed("X", 3, vec![], "k2", "h")),
+    );
+    let Ok(AppendOutcome::Appended { position, version }) = a else {
+        panic!("first append: {a:?}")
+    };
+    assert_eq!(version, 2);
+    assert_eq!(
+        b.expect("second append builds on the first"),
+        AppendOutcome::Appended {
+            position: position + 1,
+            version: 3
+        }
+    );
+    assert_eq!(
+        c.expect("same key, same request"),
+        AppendOutcome::Duplicate {
+            response: json!({ "first": "X" }),
+            position
+        }
+    );
+    assert!(matches!(d, Err(StoreError::KeyReused)), "{d:?}");
+    assert_eq!(
+        e.expect("no events, a record"),
+        AppendOutcome::Appended {
+            position: position + 1,
+            version: 3
+        }
+    );
+    for (stream, length) in [("X", 3), ("Y", 0), ("Z", 0)] {
+        let events = store.load_stream("inventory", stream).await.expect("load");
+        assert_eq!(events.len(), length, "{stream}");
+    }
+    let stored = store.idempotency("k2").await.expect("read").expect("kept");
+    assert_eq!(stored.position, position + 1);
     fresh.finish().await;
 }
 
