@@ -334,7 +334,10 @@ impl Handlers {
         for attempt in 0..MAX_ATTEMPTS {
             let turn = {
                 let mut queued = lock.lock().await;
-                self.turn::<A>(&mut queued, &key, id, command, meta).await?
+                // The first attempt may guess that the aggregate is new.
+                let guess_new = attempt == 0;
+                self.turn::<A>(&mut queued, (&key, id, guess_new), command, meta)
+                    .await?
             };
             let settled = match turn {
                 Step::Answered(executed) => return Ok(executed),
@@ -344,9 +347,12 @@ impl Handlers {
                 return Ok(executed);
             }
             tracing::debug!(attempt, "version conflict; deciding again");
-            // Spread the retries of clashing writers apart.
-            let jitter = u64::from(Uuid::now_v7().as_bytes()[15] % 8);
-            tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 2 + jitter)).await;
+            if attempt > 0 {
+                // Spread the retries of clashing writers apart (the first retry may
+                // only have found a guess wrong: it loads at once).
+                let jitter = u64::from(Uuid::now_v7().as_bytes()[15] % 8);
+                tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 2 + jitter)).await;
+            }
         }
         Err(CommandError::Contention(key))
     }
@@ -355,8 +361,7 @@ impl Handlers {
     async fn turn<A>(
         &self,
         queued: &mut Option<Speculative>,
-        key: &str,
-        id: &str,
+        (key, id, guess_new): (&str, &str, bool),
         command: &A::Command,
         meta: &Meta,
     ) -> Result<Step<A>, CommandError>
@@ -393,7 +398,9 @@ impl Handlers {
             ahead.drained().await;
             *queued = None;
         }
-        let (state, version, position, events) = self.decide::<A>(key, id, command, meta).await?;
+        let (state, version, position, events) = self
+            .decide::<A>((key, id, guess_new), command, meta)
+            .await?;
         if events.is_empty() && meta.idempotency.is_none() {
             return Ok(Step::Answered(Executed::Done {
                 token: self.token::<A>(id, position, version),
@@ -523,8 +530,7 @@ impl Handlers {
     /// the stored state.
     async fn decide<A>(
         &self,
-        key: &str,
-        id: &str,
+        (key, id, guess_new): (&str, &str, bool),
         command: &A::Command,
         meta: &Meta,
     ) -> Result<(A, i64, i64, Vec<A::Event>), CommandError>
@@ -532,7 +538,16 @@ impl Handlers {
         A: Aggregate + Stateful,
         A::Event: DeserializeOwned,
     {
-        if let Some((state, version, position)) = self.cache.get::<A>(key) {
+        // Not held: guess a new aggregate (most commands that find nothing in memory
+        // create one: an order, its payment, its shipment). A guess that is wrong
+        // fails the append's version check and the command is decided again on the
+        // stored state; an answer that would not reach that check is never guessed.
+        let known = match self.cache.get::<A>(key) {
+            Some(cached) => Some(cached),
+            None if guess_new => Some((A::default(), 0, 0)),
+            None => None,
+        };
+        if let Some((state, version, position)) = known {
             match state.decide(command) {
                 Ok(events) if !events.is_empty() || meta.idempotency.is_some() => {
                     return Ok((state, version, position, events));
@@ -659,7 +674,14 @@ impl Handlers {
         id: &str,
         meta: &Meta,
     ) -> Result<(), CommandError> {
-        let (payment, _, _) = self.load::<Payment>(id).await?;
+        // The payment as this process last committed it (it just did), else stored.
+        let payment = match self
+            .cache
+            .get::<Payment>(&format!("{}/{id}", Payment::TYPE))
+        {
+            Some((payment, _, _)) => payment,
+            None => self.load::<Payment>(id).await?.0,
+        };
         let (Some(PaymentStatus::Requested), Some(token)) =
             (payment.status, payment.token.as_ref())
         else {

@@ -266,11 +266,18 @@ impl SagaRunner {
             let saga = match sagas.entry(order_id) {
                 std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
                 std::collections::hash_map::Entry::Vacant(entry) => {
-                    let loaded = self.load(tx, order_id).await?.unwrap_or(Loaded {
+                    let new = Loaded {
                         state: Fulfilment::default(),
                         correlation_id: recorded.envelope.correlation_id,
-                    });
-                    entry.insert(loaded)
+                    };
+                    // An order's first event, delivered for the first time, starts its
+                    // saga: nothing is stored for it yet.
+                    let first = matches!(input, Input::Order(_)) && recorded.envelope.version == 1;
+                    let loaded = match first {
+                        true => None,
+                        false => self.load(tx, order_id).await?,
+                    };
+                    entry.insert(loaded.unwrap_or(new))
                 }
             };
             if saga.state.stage == Stage::NotStarted && !matches!(input, Input::Order(_)) {

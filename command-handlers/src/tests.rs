@@ -421,3 +421,28 @@ async fn commands_queued_behind_an_append_that_fails_decide_again_on_what_was_wr
         .expect("stream");
     assert_eq!(events.len(), 22);
 }
+
+#[tokio::test]
+async fn a_command_on_an_aggregate_this_process_does_not_hold_is_decided_on_what_is_stored() {
+    let f = fixture().await;
+    let restock = domain::inventory::InventoryCommand::Restock {
+        quantity: domain::Quantity::new(5).expect("quantity"),
+    };
+    let meta = crate::app::Meta::fresh;
+    f.handlers
+        .execute::<domain::inventory::InventoryItem>("S-1", &restock, &meta())
+        .await
+        .expect("first restock");
+    // Another process (nothing in memory) guesses the sku is new; the guess fails the
+    // version check and the command is decided again on the stored stream.
+    let other = Handlers::new(f.handlers.store.clone(), Metrics::default());
+    other
+        .execute::<domain::inventory::InventoryItem>("S-1", &restock, &meta())
+        .await
+        .expect("second restock");
+    let (item, version, _) = other
+        .load::<domain::inventory::InventoryItem>("S-1")
+        .await
+        .expect("load");
+    assert_eq!((item.on_hand, version), (10, 2));
+}

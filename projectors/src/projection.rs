@@ -1,7 +1,6 @@
 //! The projections. Each owns a few tables in its service's database; the same SQL
 //! builds the live tables and their shadow copies (a suffix on every table name).
 
-use chrono::{DateTime, Utc};
 use domain::inventory::InventoryEvent;
 use domain::order::OrderEvent;
 use domain::payment::PaymentEvent;
@@ -22,15 +21,129 @@ pub trait ReadModel {
     fn create_tables(self, suffix: &str) -> String;
     /// Indexes of the live tables (built after a swap, not while filling a shadow).
     fn create_indexes(self) -> &'static str;
-    /// Apply one event to the tables with `suffix`, in one statement (so an event
-    /// that fails has changed nothing, and the caller dead-letters it).
+    /// The change one event makes to the tables with `suffix`: one statement (so an
+    /// event that fails has changed nothing, and the caller dead-letters it), or none.
+    fn change(
+        self,
+        suffix: &str,
+        envelope: &Envelope,
+        event: &AnyEvent,
+    ) -> Result<Option<Change>, String>;
+
+    /// Apply one event to the tables with `suffix`.
     fn apply(
         self,
         conn: &mut AnyConnection,
         suffix: &str,
         envelope: &Envelope,
         event: &AnyEvent,
-    ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send
+    where
+        Self: Sized,
+    {
+        let change = self.change(suffix, envelope, event);
+        async move {
+            match change.map_err(sqlx::Error::Protocol)? {
+                Some(change) => change.execute(conn).await,
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// One statement with its values: `$1`, `$2`, ... are `binds` in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub sql: String,
+    pub binds: Vec<Bind>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bind {
+    Text(String),
+    Integer(i64),
+    Null,
+}
+
+impl Change {
+    fn new(sql: String, binds: Vec<Bind>) -> Change {
+        Change { sql, binds }
+    }
+
+    /// A statement without values.
+    pub fn statement(sql: &str) -> Change {
+        Change::new(sql.to_owned(), vec![])
+    }
+
+    /// Execute without keeping the prepared statement (a script's text is new each
+    /// time; cached, it would push the statements that repeat out of the cache).
+    pub async fn execute_once(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        bind_all(sqlx::query(&self.sql), &self.binds)
+            .persistent(false)
+            .execute(conn)
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn execute(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        bind_all(sqlx::query(&self.sql), &self.binds)
+            .execute(conn)
+            .await
+            .map(|_| ())
+    }
+
+    /// Several changes as one SQLite script of statements (their parameters
+    /// numbered on), so they cost one round trip to the connection's thread.
+    pub fn script(changes: &[Change]) -> Change {
+        let mut sql = String::new();
+        let mut binds = vec![];
+        for change in changes {
+            sql.push_str(&renumber(&change.sql, binds.len()));
+            sql.push_str(";\n");
+            binds.extend(change.binds.iter().cloned());
+        }
+        Change { sql, binds }
+    }
+}
+
+fn bind_all<'q>(
+    mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    binds: &'q [Bind],
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    for bind in binds {
+        query = match bind {
+            Bind::Text(text) => query.bind(text.as_str()),
+            Bind::Integer(n) => query.bind(*n),
+            Bind::Null => query.bind(None::<String>),
+        };
+    }
+    query
+}
+
+/// `sql` with every `$n` made `$(n + offset)`.
+fn renumber(sql: &str, offset: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut digits = String::new();
+        while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+            digits.push(*d);
+            chars.next();
+        }
+        match digits.parse::<usize>() {
+            Ok(n) => out.push_str(&(n + offset).to_string()),
+            Err(_) => out.push_str(&digits),
+        }
+    }
+    out
+}
+
+fn text(value: impl Into<String>) -> Bind {
+    Bind::Text(value.into())
 }
 
 impl ReadModel for Projection {
@@ -95,39 +208,33 @@ impl ReadModel for Projection {
         }
     }
 
-    async fn apply(
+    fn change(
         self,
-        conn: &mut AnyConnection,
         suffix: &str,
         envelope: &Envelope,
         event: &AnyEvent,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<Option<Change>, String> {
         let id = envelope.aggregate_id.as_str();
         let at = timestamp(envelope.occurred_at);
-        match (self, event) {
-            (Projection::Orders, AnyEvent::Order(event)) => apply_order(conn, suffix, id, &at, envelope.occurred_at, event).await,
+        Ok(match (self, event) {
+            (Projection::Orders, AnyEvent::Order(event)) => Some(order_change(suffix, id, &at, event)?),
             (Projection::Orders, AnyEvent::Payment(event)) => {
-                set_progress(conn, suffix, id, &at, "payment_status", payment_status(event)).await
+                Some(progress_change(suffix, id, &at, "payment_status", payment_status(event)))
             }
             (Projection::Orders, AnyEvent::Shipment(event)) => {
-                set_progress(conn, suffix, id, &at, "shipment_status", shipment_status(event)).await
+                Some(progress_change(suffix, id, &at, "shipment_status", shipment_status(event)))
             }
-            (Projection::Inventory, AnyEvent::Inventory(event)) => apply_inventory(conn, suffix, id, &at, event).await,
-            (Projection::Payments, AnyEvent::Payment(event)) => apply_payment(conn, suffix, id, &at, event).await,
-            (Projection::Shipments, AnyEvent::Shipment(event)) => {
-                sqlx::query(&format!(
+            (Projection::Inventory, AnyEvent::Inventory(event)) => inventory_change(suffix, id, &at, event),
+            (Projection::Payments, AnyEvent::Payment(event)) => Some(payment_change(suffix, id, &at, event)),
+            (Projection::Shipments, AnyEvent::Shipment(event)) => Some(Change::new(
+                format!(
                     "INSERT INTO shipments{suffix} (order_id, status, updated_at) VALUES ($1, $2, $3)
                      ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at"
-                ))
-                .bind(id)
-                .bind(shipment_status(event))
-                .bind(&at)
-                .execute(conn)
-                .await
-                .map(|_| ())
-            }
-            _ => Ok(()),
-        }
+                ),
+                vec![text(id), text(shipment_status(event)), text(at)],
+            )),
+            _ => None,
+        })
     }
 }
 
@@ -151,36 +258,19 @@ fn shipment_status(event: &ShipmentEvent) -> &'static str {
 }
 
 /// The payment or shipment status of an order, kept apart from the order's row.
-async fn set_progress(
-    conn: &mut AnyConnection,
-    suffix: &str,
-    id: &str,
-    at: &str,
-    field: &str,
-    value: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(&format!(
-        "INSERT INTO order_progress{suffix} (order_id, {field}, updated_at) VALUES ($1, $2, $3)
-         ON CONFLICT (order_id) DO UPDATE SET {field} = excluded.{field},
-            updated_at = CASE WHEN excluded.updated_at > order_progress{suffix}.updated_at
-                              THEN excluded.updated_at ELSE order_progress{suffix}.updated_at END"
-    ))
-    .bind(id)
-    .bind(value)
-    .bind(at)
-    .execute(conn)
-    .await
-    .map(|_| ())
+fn progress_change(suffix: &str, id: &str, at: &str, field: &str, value: &str) -> Change {
+    Change::new(
+        format!(
+            "INSERT INTO order_progress{suffix} (order_id, {field}, updated_at) VALUES ($1, $2, $3)
+             ON CONFLICT (order_id) DO UPDATE SET {field} = excluded.{field},
+                updated_at = CASE WHEN excluded.updated_at > order_progress{suffix}.updated_at
+                                  THEN excluded.updated_at ELSE order_progress{suffix}.updated_at END"
+        ),
+        vec![text(id), text(value), text(at)],
+    )
 }
 
-async fn apply_order(
-    conn: &mut AnyConnection,
-    suffix: &str,
-    id: &str,
-    at: &str,
-    occurred_at: DateTime<Utc>,
-    event: &OrderEvent,
-) -> Result<(), sqlx::Error> {
+fn order_change(suffix: &str, id: &str, at: &str, event: &OrderEvent) -> Result<Change, String> {
     let status = match event {
         OrderEvent::OrderPlaced {
             customer_id,
@@ -188,54 +278,40 @@ async fn apply_order(
             total_cents,
             ..
         } => {
-            let lines =
-                serde_json::to_string(lines).map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-            return sqlx::query(&format!(
-                "INSERT INTO orders{suffix} (order_id, customer_id, status, lines, total_cents, placed_at, updated_at)
-                 VALUES ($1, $2, 'pending', $3, $4, $5, $5)"
-            ))
-            .bind(id)
-            .bind(customer_id.as_str())
-            .bind(lines)
-            .bind(total_cents.cents() as i64)
-            .bind(timestamp(occurred_at))
-            .execute(conn)
-            .await
-            .map(|_| ());
+            let lines = serde_json::to_string(lines).map_err(|e| e.to_string())?;
+            return Ok(Change::new(
+                format!(
+                    "INSERT INTO orders{suffix} (order_id, customer_id, status, lines, total_cents, placed_at, updated_at)
+                     VALUES ($1, $2, 'pending', $3, $4, $5, $5)"
+                ),
+                vec![
+                    text(id),
+                    text(customer_id.as_str()),
+                    text(lines),
+                    Bind::Integer(total_cents.cents() as i64),
+                    text(at),
+                ],
+            ));
         }
         OrderEvent::OrderConfirmed {} => "confirmed",
         OrderEvent::OrderShipped {} => "shipped",
         OrderEvent::OrderDelivered {} => "delivered",
         OrderEvent::OrderCancelled { reason, .. } => {
-            return sqlx::query(&format!(
-                "UPDATE orders{suffix} SET status = 'cancelled', cancel_reason = $2, updated_at = $3 WHERE order_id = $1"
-            ))
-            .bind(id)
-            .bind(reason.as_str())
-            .bind(at)
-            .execute(conn)
-            .await
-            .map(|_| ());
+            return Ok(Change::new(
+                format!(
+                    "UPDATE orders{suffix} SET status = 'cancelled', cancel_reason = $2, updated_at = $3 WHERE order_id = $1"
+                ),
+                vec![text(id), text(reason.as_str()), text(at)],
+            ));
         }
     };
-    sqlx::query(&format!(
-        "UPDATE orders{suffix} SET status = $2, updated_at = $3 WHERE order_id = $1"
+    Ok(Change::new(
+        format!("UPDATE orders{suffix} SET status = $2, updated_at = $3 WHERE order_id = $1"),
+        vec![text(id), text(status), text(at)],
     ))
-    .bind(id)
-    .bind(status)
-    .bind(at)
-    .execute(conn)
-    .await
-    .map(|_| ())
 }
 
-async fn apply_inventory(
-    conn: &mut AnyConnection,
-    suffix: &str,
-    sku: &str,
-    at: &str,
-    event: &InventoryEvent,
-) -> Result<(), sqlx::Error> {
+fn inventory_change(suffix: &str, sku: &str, at: &str, event: &InventoryEvent) -> Option<Change> {
     let (on_hand, reserved) = match event {
         InventoryEvent::StockRestocked {
             on_hand, reserved, ..
@@ -249,42 +325,38 @@ async fn apply_inventory(
         | InventoryEvent::StockCommitted {
             on_hand, reserved, ..
         } => (*on_hand, *reserved),
-        InventoryEvent::StockReservationRejected { .. } => return Ok(()),
+        InventoryEvent::StockReservationRejected { .. } => return None,
     };
-    sqlx::query(&format!(
-        "INSERT INTO inventory_levels{suffix} (sku, on_hand, reserved, updated_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, reserved = excluded.reserved, updated_at = excluded.updated_at"
+    Some(Change::new(
+        format!(
+            "INSERT INTO inventory_levels{suffix} (sku, on_hand, reserved, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, reserved = excluded.reserved, updated_at = excluded.updated_at"
+        ),
+        vec![
+            text(sku),
+            Bind::Integer(on_hand as i64),
+            Bind::Integer(reserved as i64),
+            text(at),
+        ],
     ))
-    .bind(sku)
-    .bind(on_hand as i64)
-    .bind(reserved as i64)
-    .bind(at)
-    .execute(conn)
-    .await
-    .map(|_| ())
 }
 
-async fn apply_payment(
-    conn: &mut AnyConnection,
-    suffix: &str,
-    id: &str,
-    at: &str,
-    event: &PaymentEvent,
-) -> Result<(), sqlx::Error> {
+fn payment_change(suffix: &str, id: &str, at: &str, event: &PaymentEvent) -> Change {
     let status = payment_status(event);
-    let sql = match event {
+    let (column, cents) = match event {
         PaymentEvent::PaymentRequested { amount_cents, .. } => {
-            return sqlx::query(&format!(
-                "INSERT INTO payments{suffix} (order_id, status, amount_cents, updated_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (order_id) DO NOTHING"
-            ))
-            .bind(id)
-            .bind(status)
-            .bind(amount_cents.cents() as i64)
-            .bind(at)
-            .execute(conn)
-            .await
-            .map(|_| ());
+            return Change::new(
+                format!(
+                    "INSERT INTO payments{suffix} (order_id, status, amount_cents, updated_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (order_id) DO NOTHING"
+                ),
+                vec![
+                    text(id),
+                    text(status),
+                    Bind::Integer(amount_cents.cents() as i64),
+                    text(at),
+                ],
+            );
         }
         PaymentEvent::PaymentAuthorized { amount_cents } => {
             ("authorized_cents", amount_cents.cents())
@@ -292,29 +364,20 @@ async fn apply_payment(
         PaymentEvent::PaymentCaptured { amount_cents } => ("captured_cents", amount_cents.cents()),
         PaymentEvent::PaymentVoided { amount_cents } => ("voided_cents", amount_cents.cents()),
         PaymentEvent::PaymentDeclined { reason } => {
-            return sqlx::query(&format!(
-                "UPDATE payments{suffix} SET status = $2, decline_reason = $3, updated_at = $4 WHERE order_id = $1"
-            ))
-            .bind(id)
-            .bind(status)
-            .bind(reason)
-            .bind(at)
-            .execute(conn)
-            .await
-            .map(|_| ());
+            return Change::new(
+                format!(
+                    "UPDATE payments{suffix} SET status = $2, decline_reason = $3, updated_at = $4 WHERE order_id = $1"
+                ),
+                vec![text(id), text(status), text(reason.as_str()), text(at)],
+            );
         }
     };
-    let (column, cents) = sql;
-    sqlx::query(&format!(
-        "UPDATE payments{suffix} SET status = $2, {column} = $3, updated_at = $4 WHERE order_id = $1"
-    ))
-    .bind(id)
-    .bind(status)
-    .bind(cents as i64)
-    .bind(at)
-    .execute(conn)
-    .await
-    .map(|_| ())
+    Change::new(
+        format!(
+            "UPDATE payments{suffix} SET status = $2, {column} = $3, updated_at = $4 WHERE order_id = $1"
+        ),
+        vec![text(id), text(status), Bind::Integer(cents as i64), text(at)],
+    )
 }
 
 #[cfg(test)]

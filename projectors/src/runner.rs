@@ -3,7 +3,7 @@
 //! projection's position. Driven by [`infra::consume::drive`] over whatever source
 //! the process reads (the embedded log, or Kafka).
 
-use crate::projection::{Projection, ReadModel};
+use crate::projection::{Change, Projection, ReadModel};
 use infra::consume::{self, Consumer, Failures, Handler, Source, Transport};
 use infra::db::{Db, Dialect};
 use infra::guard;
@@ -140,6 +140,10 @@ impl Handler for Runner {
         let dialect = self.consumer.db.dialect;
         let guard = self.projection.applied_table(self.suffix);
         let fresh = guard::first_deliveries(tx, dialect, &guard, events).await?;
+        if dialect == Dialect::Sqlite {
+            return apply_scripted(tx, self.projection, self.suffix, events, &fresh, failures)
+                .await;
+        }
         for (i, (recorded, fresh)) in events.iter().zip(fresh).enumerate() {
             if !fresh {
                 continue;
@@ -158,6 +162,55 @@ impl Handler for Runner {
             progress.set_checkpoint(self.projection.as_str(), checkpoint);
         }
     }
+}
+
+/// Changes per script: each is a short statement prepared anew, so a script is kept
+/// to a size whose preparation costs less than the round trips it saves.
+const SCRIPT_CHANGES: usize = 200;
+
+/// SQLite: apply the changes of the fresh events as scripts, one round trip to the
+/// connection's thread per script instead of one per event. A script that fails is
+/// rolled back to its savepoint and its changes are applied one by one, so only the
+/// event that fails is dead-lettered.
+async fn apply_scripted(
+    tx: &mut AnyConnection,
+    projection: Projection,
+    suffix: &str,
+    events: &[RecordedEvent],
+    fresh: &[bool],
+    failures: &mut Failures,
+) -> Result<(), InfraError> {
+    let mut changes = vec![];
+    for (i, (recorded, fresh)) in events.iter().zip(fresh).enumerate() {
+        if !fresh {
+            continue;
+        }
+        let change = AnyEvent::from_envelope(&recorded.envelope)
+            .map_err(|e| e.to_string())
+            .and_then(|event| projection.change(suffix, &recorded.envelope, &event));
+        match change {
+            Ok(Some(change)) => changes.push((i, change)),
+            Ok(None) => {}
+            Err(error) => failures.push(i, error),
+        }
+    }
+    for chunk in changes.chunks(SCRIPT_CHANGES) {
+        let mut script = vec![Change::statement("SAVEPOINT project_batch")];
+        script.extend(chunk.iter().map(|(_, change)| change.clone()));
+        script.push(Change::statement("RELEASE project_batch"));
+        if Change::script(&script).execute_once(tx).await.is_ok() {
+            continue;
+        }
+        for sql in ["ROLLBACK TO project_batch", "RELEASE project_batch"] {
+            sqlx::query(sql).execute(&mut *tx).await?;
+        }
+        for (i, change) in chunk {
+            if let Err(error) = change.execute(tx).await {
+                failures.push(*i, error.to_string());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Decode and apply one event, without the version guard. Each event's change is one
