@@ -2,8 +2,8 @@
 //! arrive on `<prefix>.<service>.commands`, keyed by target aggregate. Each is carried
 //! out with its command id as the idempotency key, so one delivered twice takes effect
 //! once; the offsets of what was carried out are then stored in the service's
-//! database. A command that fails for a reason other than a refusal stops the batch:
-//! it and the rest are read again after a pause.
+//! database. A command that fails for a reason other than a refusal stops the batch
+//! there: it and the rest are read again after a pause.
 
 use crate::app::{CommandError, Handlers, Meta};
 use infra::consume::{Consumer, Failures, Handler, Transport};
@@ -11,8 +11,11 @@ use infra::db::Db;
 use infra::kafka::{KafkaConsumer, OffsetStore};
 use infra::InfraError;
 use schemas::commands::CommandMessage;
-use schemas::topics::Service;
+use schemas::topics::{AggregateType, Service};
 use sqlx::AnyConnection;
+use std::collections::BTreeMap;
+use tokio::task::JoinSet;
+use uuid::Uuid;
 
 /// The consumer name of every inbox: its offsets and dead letters go under it.
 pub const NAME: &str = "commands";
@@ -59,31 +62,46 @@ impl Handler for Inbox {
         200
     }
 
-    /// Carry out the commands in order, up to the first that fails for a reason other
-    /// than the participant refusing it.
+    /// Carry out the commands: one order's commands to one aggregate in order,
+    /// different ones side by side (on one aggregate, a hot sku, they take turns to
+    /// decide and share group commits). What is done is the prefix before the first
+    /// command that failed for a reason other than the participant refusing it; a
+    /// command after it that was carried out too is answered as the first time when
+    /// it is read again.
     async fn before(&self, messages: &[CommandMessage]) -> usize {
-        for (done, message) in messages.iter().enumerate() {
-            let meta = Meta {
-                correlation_id: message.correlation_id,
-                causation_id: message.causation_id,
-                idempotency: None,
-            };
-            match self
-                .handlers
-                .run_saga_command(message.command_id, &message.command, &meta)
-                .await
-            {
-                Ok(_) => {}
-                Err(CommandError::Domain(refusal)) => {
-                    tracing::info!(command = ?message.command, reason = %refusal, correlation_id = %meta.correlation_id, "command refused");
+        let mut chains: BTreeMap<(AggregateType, String, Uuid), Vec<(usize, CommandMessage)>> =
+            BTreeMap::new();
+        for (index, message) in messages.iter().enumerate() {
+            let (aggregate_type, target) = message.command.target();
+            chains
+                .entry((aggregate_type, target, message.command.order_id))
+                .or_default()
+                .push((index, message.clone()));
+        }
+        let mut tasks = JoinSet::new();
+        for (_, chain) in chains {
+            let handlers = self.handlers.clone();
+            tasks.spawn(async move {
+                for (index, message) in chain {
+                    if !carry_out(&handlers, &message).await {
+                        return Some(index);
+                    }
                 }
+                None
+            });
+        }
+        let mut done = messages.len();
+        while let Some(finished) = tasks.join_next().await {
+            match finished {
+                Ok(Some(failed)) => done = done.min(failed),
+                Ok(None) => {}
                 Err(error) => {
-                    tracing::warn!(command = ?message.command, error = %error, "command failed; it will be read again");
-                    return done;
+                    tracing::error!(error = %error, "inbox task failed");
+                    done = 0;
                 }
             }
         }
-        messages.len()
+        done
     }
 
     async fn apply(
@@ -96,4 +114,27 @@ impl Handler for Inbox {
     }
 
     fn after(&self, _: (), _checkpoint: i64) {}
+}
+
+/// Carry out one command; false when it failed for a reason other than a refusal.
+async fn carry_out(handlers: &Handlers, message: &CommandMessage) -> bool {
+    let meta = Meta {
+        correlation_id: message.correlation_id,
+        causation_id: message.causation_id,
+        idempotency: None,
+    };
+    match handlers
+        .run_saga_command(message.command_id, &message.command, &meta)
+        .await
+    {
+        Ok(_) => true,
+        Err(CommandError::Domain(refusal)) => {
+            tracing::info!(command = ?message.command, reason = %refusal, correlation_id = %meta.correlation_id, "command refused");
+            true
+        }
+        Err(error) => {
+            tracing::warn!(command = ?message.command, error = %error, "command failed; it will be read again");
+            false
+        }
+    }
 }
