@@ -14,11 +14,13 @@
 //! `--quick`, 20 s. Rows go to `target/bench/summary.json` (merged with other
 //! scenarios' rows) and to standard output.
 
+mod support;
+
 use orderline::{serve, System};
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{report, Row};
 
 const CLIENTS: usize = 64;
 const SKUS: usize = 1_000;
@@ -29,14 +31,6 @@ const OFFERED: f64 = 500.0;
 enum Load {
     Saturation,
     OpenLoop(f64),
-}
-
-struct Row {
-    scenario: &'static str,
-    metric: String,
-    ours: f64,
-    baseline: Option<f64>,
-    unit: &'static str,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,7 +50,7 @@ fn main() -> anyhow::Result<()> {
             rows.extend(runtime.block_on(variant(&label, skus, load, seconds))?);
         }
     }
-    report(&rows)
+    report("end-to-end", &rows)
 }
 
 /// A fresh embedded server with its stock on the shelf.
@@ -317,42 +311,4 @@ async fn outcomes(
     }
     durations.sort();
     Ok((confirmed, timed_out, durations))
-}
-
-/// Print the rows and merge them into `target/bench/summary.json` (rows of other
-/// scenarios already there stay).
-fn report(rows: &[Row]) -> anyhow::Result<()> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("summary.json");
-    let mut all: Vec<Value> = std::fs::read(&path)
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-        .unwrap_or_default();
-    all.retain(|row| row["scenario"] != "end-to-end");
-    for row in rows {
-        let ratio = row
-            .baseline
-            .map(|b| if b > 0.0 { row.ours / b } else { 0.0 });
-        println!(
-            "{:<12} {:<48} ours {:>10.1} {:<8} baseline {:>10} ratio {}",
-            row.scenario,
-            row.metric,
-            row.ours,
-            row.unit,
-            row.baseline.map_or("-".into(), |b| format!("{b:.1}")),
-            ratio.map_or("-".into(), |r| format!("{r:.2}")),
-        );
-        all.push(json!({
-            "scenario": row.scenario,
-            "metric": row.metric,
-            "ours": row.ours,
-            "baseline": row.baseline,
-            "ratio": ratio,
-            "unit": row.unit,
-        }));
-    }
-    std::fs::write(&path, serde_json::to_vec_pretty(&all)?)?;
-    println!("wrote {}", path.display());
-    Ok(())
 }

@@ -1,0 +1,149 @@
+//! The `append` benchmark: durable appends through the command path in process (no
+//! HTTP): each command a restock of a new SKU, decided and appended through the
+//! event store's group commit on a SQLite file with `synchronous=FULL`, by 1, 16 and
+//! 256 concurrent callers. Reported: events per second and events per commit.
+//!
+//! The baseline, in the same run: raw SQLite (rusqlite, no async runtime, no
+//! channel) inserting rows of the same size into a table of the same shape with the
+//! same durability: one transaction per row at concurrency 1, one per batch of as
+//! many rows as there are callers otherwise. A last row sets concurrency 256 against
+//! one commit per row (the goal: ten times that).
+//!
+//! `cargo bench --bench append -- --quick` runs 3 s per variant; without `--quick`,
+//! 10 s.
+
+mod support;
+
+use command_handlers::app::Meta;
+use command_handlers::Handlers;
+use domain::inventory::{InventoryCommand, InventoryItem};
+use domain::Quantity;
+use infra::metrics::Metrics;
+use infra::EventStore;
+use std::time::{Duration, Instant};
+use support::{report, Row};
+
+const CONCURRENCY: [usize; 3] = [1, 16, 256];
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let seconds = Duration::from_secs(if quick { 3 } else { 10 });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let mut rows = vec![];
+    let mut one_commit_per_row = None;
+    for callers in CONCURRENCY {
+        eprintln!(
+            "append: {callers} callers, {} s each for ours and the baseline ...",
+            seconds.as_secs()
+        );
+        let (events, per_commit) = runtime.block_on(ours(callers, seconds))?;
+        let raw = raw_sqlite(callers, seconds)?;
+        if callers == 1 {
+            one_commit_per_row = Some(raw);
+        }
+        rows.push(Row {
+            scenario: "append",
+            metric: format!("c={callers}"),
+            ours: events,
+            baseline: Some(raw),
+            unit: "events/s",
+        });
+        rows.push(Row {
+            scenario: "append",
+            metric: format!("c={callers} events per commit"),
+            ours: per_commit,
+            baseline: None,
+            unit: "events",
+        });
+        if callers == 256 {
+            rows.push(Row {
+                scenario: "append",
+                metric: "c=256 vs one commit per row".into(),
+                ours: events,
+                baseline: one_commit_per_row,
+                unit: "events/s",
+            });
+        }
+    }
+    report("append", &rows)
+}
+
+/// Restocks of new SKUs by `callers` tasks for `time`: (events/s, events per commit).
+async fn ours(callers: usize, time: Duration) -> anyhow::Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let store = EventStore::open(&dir.path().join("events.db")).await?;
+    let handlers = Handlers::new(store.clone(), Metrics::default());
+    let restock = InventoryCommand::Restock {
+        quantity: Quantity::new(5)?,
+    };
+    let commits_before = store.commits();
+    let start = Instant::now();
+    let deadline = start + time;
+    let mut tasks = tokio::task::JoinSet::new();
+    for caller in 0..callers {
+        let (handlers, restock) = (handlers.clone(), restock.clone());
+        tasks.spawn(async move {
+            let mut events = 0u64;
+            while Instant::now() < deadline {
+                let sku = format!("A-{caller}-{events}");
+                handlers
+                    .execute::<InventoryItem>(&sku, &restock, &Meta::fresh())
+                    .await?;
+                events += 1;
+            }
+            anyhow::Ok(events)
+        });
+    }
+    let mut events = 0;
+    while let Some(done) = tasks.join_next().await {
+        events += done??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let commits = (store.commits() - commits_before).max(1);
+    Ok((events as f64 / elapsed, events as f64 / commits as f64))
+}
+
+/// Raw SQLite: rows of the same shape and size, `batch` per transaction, with the
+/// event store's durability settings: rows/s.
+fn raw_sqlite(batch: usize, time: Duration) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let mut conn = rusqlite::Connection::open(dir.path().join("raw.db"))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;
+         CREATE TABLE events (
+            position INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE,
+            aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, version BIGINT NOT NULL,
+            event_type TEXT NOT NULL, schema_version BIGINT NOT NULL, occurred_at TEXT NOT NULL,
+            correlation_id TEXT NOT NULL, causation_id TEXT NOT NULL, payload TEXT NOT NULL,
+            UNIQUE (aggregate_type, aggregate_id, version));
+         CREATE INDEX events_by_type ON events (aggregate_type, position);",
+    )?;
+    let payload = r#"{"quantity":5,"on_hand":5,"reserved":0}"#;
+    let start = Instant::now();
+    let mut rows = 0u64;
+    while start.elapsed() < time {
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type,
+                    schema_version, occurred_at, correlation_id, causation_id, payload)
+                 VALUES (?1, 'inventory', ?2, 1, 'StockRestocked', 1, ?3, ?4, ?4, ?5)",
+            )?;
+            for _ in 0..batch {
+                let id = uuid::Uuid::now_v7().to_string();
+                insert.execute(rusqlite::params![
+                    id,
+                    format!("A-{rows}"),
+                    infra::timestamp(chrono::Utc::now()),
+                    id,
+                    payload
+                ])?;
+                rows += 1;
+            }
+        }
+        tx.commit()?;
+    }
+    Ok(rows as f64 / start.elapsed().as_secs_f64())
+}

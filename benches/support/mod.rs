@@ -1,0 +1,52 @@
+//! What every benchmark shares: its rows, printed and merged into
+//! `target/bench/summary.json`.
+
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+/// One figure: ours, the baseline measured in the same run, and their unit.
+pub struct Row {
+    pub scenario: &'static str,
+    pub metric: String,
+    pub ours: f64,
+    pub baseline: Option<f64>,
+    pub unit: &'static str,
+}
+
+/// Print the rows of `scenario` and merge them into `target/bench/summary.json`
+/// (rows of other scenarios already there stay).
+pub fn report(scenario: &str, rows: &[Row]) -> anyhow::Result<()> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("summary.json");
+    let mut all: Vec<Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    all.retain(|row| row["scenario"] != scenario);
+    for row in rows {
+        let ratio = row
+            .baseline
+            .map(|b| if b > 0.0 { row.ours / b } else { 0.0 });
+        println!(
+            "{:<12} {:<48} ours {:>10.1} {:<8} baseline {:>10} ratio {}",
+            row.scenario,
+            row.metric,
+            row.ours,
+            row.unit,
+            row.baseline.map_or("-".into(), |b| format!("{b:.1}")),
+            ratio.map_or("-".into(), |r| format!("{r:.2}")),
+        );
+        all.push(json!({
+            "scenario": row.scenario,
+            "metric": row.metric,
+            "ours": row.ours,
+            "baseline": row.baseline,
+            "ratio": ratio,
+            "unit": row.unit,
+        }));
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&all)?)?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
