@@ -348,8 +348,8 @@ async fn reserve(
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commands_on_one_aggregate_share_commits_and_add_up() {
+/// A fixture with 1,000 units of `S-HOT` on the shelf.
+async fn hot_sku() -> Fixture {
     let f = fixture().await;
     let (status, _) = post(
         &f.handlers,
@@ -358,6 +358,22 @@ async fn commands_on_one_aggregate_share_commits_and_add_up() {
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED);
+    f
+}
+
+/// The reservations held on `S-HOT` and its stream's version.
+async fn held(f: &Fixture) -> (u64, i64) {
+    let (item, version, _) = f
+        .handlers
+        .load::<domain::inventory::InventoryItem>("S-HOT")
+        .await
+        .expect("load");
+    (item.reserved(), version)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_on_one_aggregate_share_commits_and_add_up() {
+    let f = hot_sku().await;
     let before = f.handlers.store.commits();
     let mut reservations = tokio::task::JoinSet::new();
     for _ in 0..200 {
@@ -371,24 +387,12 @@ async fn commands_on_one_aggregate_share_commits_and_add_up() {
         commits < 200,
         "200 commands on one aggregate took {commits} commits: each waited for the one before"
     );
-    let (item, version, _) = f
-        .handlers
-        .load::<domain::inventory::InventoryItem>("S-HOT")
-        .await
-        .expect("load");
-    assert_eq!((item.reserved(), version), (200, 201));
+    assert_eq!(held(&f).await, (200, 201));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_queued_behind_an_append_that_fails_decide_again_on_what_was_written() {
-    let f = fixture().await;
-    let (status, _) = post(
-        &f.handlers,
-        "/v1/inventory/S-HOT/restock",
-        r#"{"quantity": 1000}"#,
-    )
-    .await;
-    assert_eq!(status, StatusCode::ACCEPTED);
+    let f = hot_sku().await;
     reserve(f.handlers.clone(), "S-HOT", Some(("k", "first")))
         .await
         .expect("first use of the key");
@@ -407,12 +411,7 @@ async fn commands_queued_behind_an_append_that_fails_decide_again_on_what_was_wr
     while let Some(done) = rest.join_next().await {
         done.expect("task").expect("reserved");
     }
-    let (item, version, _) = f
-        .handlers
-        .load::<domain::inventory::InventoryItem>("S-HOT")
-        .await
-        .expect("load");
-    assert_eq!((item.reserved(), version), (21, 22));
+    assert_eq!(held(&f).await, (21, 22));
     let events = f
         .handlers
         .store
