@@ -46,6 +46,7 @@ pub fn router(upstreams: Upstreams) -> anyhow::Result<Router> {
         .route("/v1/projections", get(projections))
         .route("/v1/dead-letters", get(dead_letters))
         .fallback(proxy)
+        .layer(axum::middleware::from_fn(infra::http::problem_json))
         .with_state(gateway))
 }
 

@@ -342,6 +342,7 @@ fn api(commands: Router, queries: &QueryState, watched: Watched) -> Router {
         .route_layer(timing)
         .fallback(infra::http::not_found_fallback)
         .layer(DefaultBodyLimit::max(infra::http::MAX_BODY_BYTES))
+        .layer(middleware::from_fn(infra::http::problem_json))
 }
 
 /// Count each request's duration by route, method and status.

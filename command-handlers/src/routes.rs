@@ -69,7 +69,7 @@ fn idempotency(
     let key = raw
         .to_str()
         .ok()
-        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
         .ok_or_else(|| {
             ApiError::malformed("Idempotency-Key must be 1 to 255 visible ASCII characters")
         })?;

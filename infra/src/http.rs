@@ -168,6 +168,62 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Every error answer as `application/problem+json`. The framework's own answers (a
+/// method a route does not take, a path that does not decode, an extractor's
+/// rejection, a body over the limit) come as plain text or with no body; they are
+/// rewritten here with their status and their other headers (`Allow`,
+/// `Retry-After`) kept. A server error's own text is not passed on.
+pub async fn problem_json(request: Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/problem+json"));
+    if is_problem || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .unwrap_or_default();
+    let said = String::from_utf8_lossy(&text).trim().to_owned();
+    let reason = status.canonical_reason().unwrap_or("Error");
+    let error = match status {
+        StatusCode::BAD_REQUEST if !said.is_empty() => ApiError::malformed(said),
+        StatusCode::NOT_FOUND => ApiError::not_found("no such resource"),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large(format!(
+            "the body is over the limit of {MAX_BODY_BYTES} bytes"
+        )),
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::new(
+            status,
+            "method-not-allowed",
+            "Method not allowed",
+            "the resource does not take this method; `Allow` lists those it takes",
+        ),
+        status if status.is_server_error() => {
+            ApiError::new(status, "internal", "Internal error", reason)
+        }
+        status => ApiError::new(
+            status,
+            "request-refused",
+            "Request refused",
+            if said.is_empty() {
+                reason.to_owned()
+            } else {
+                said
+            },
+        ),
+    };
+    let problem = error.into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in problem.headers() {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    Response::from_parts(parts, problem.into_body())
+}
+
 impl From<crate::InfraError> for ApiError {
     /// 503 when a dependency is down (the request may succeed later), 500 otherwise.
     fn from(error: crate::InfraError) -> Self {

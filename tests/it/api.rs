@@ -14,6 +14,7 @@ on_every_backend!(
     a_shipped_order_cannot_be_cancelled,
     dispatch_needs_a_confirmed_order_and_delivery_a_dispatched_one,
     unknown_resources_are_404_problems,
+    errors_of_routing_and_extractors_are_problems_too,
     malformed_bodies_are_400_and_write_nothing,
     invalid_values_are_422_and_write_nothing,
     a_body_over_the_limit_is_413,
@@ -348,6 +349,56 @@ async fn unknown_resources_are_404_problems(backend: Backend) {
             .and_then(|v| v.to_str().ok()),
         Some("application/problem+json")
     );
+    assert_eq!(api.head().await, 0, "nothing was written");
+    server.finish().await;
+}
+
+/// What the framework answers by itself (a method a route does not take, a path that
+/// does not decode) is problem+json like every other error; an Idempotency-Key with a
+/// space is refused (the contract says visible ASCII). Nothing is written.
+async fn errors_of_routing_and_extractors_are_problems_too(backend: Backend) {
+    let server = TestServer::on(backend).await;
+    let api = Api::from(&server);
+    let send = |method: reqwest::Method, path: &str| {
+        api.client
+            .request(method, api.url(path))
+            .header("content-type", "application/json")
+            .body(r#"{"quantity": 1}"#)
+    };
+    let cases = [
+        (
+            send(reqwest::Method::POST, "/health"),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            send(reqwest::Method::DELETE, "/v1/orders"),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            send(reqwest::Method::POST, "/v1/inventory/%FF/restock"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            send(reqwest::Method::POST, "/v1/inventory/S-1/restock")
+                .header("idempotency-key", "two words"),
+            StatusCode::BAD_REQUEST,
+        ),
+    ];
+    for (request, expected) in cases {
+        let response = request.send().await.expect("request");
+        let content_type = response.headers().get("content-type").cloned();
+        let allow = response.headers().get("allow").cloned();
+        let (status, problem) = body(response).await;
+        assert_problem(status, &problem, expected);
+        assert_eq!(
+            content_type.as_ref().and_then(|v| v.to_str().ok()),
+            Some("application/problem+json"),
+            "{problem}"
+        );
+        if expected == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(allow.is_some(), "a 405 names the methods it takes");
+        }
+    }
     assert_eq!(api.head().await, 0, "nothing was written");
     server.finish().await;
 }
