@@ -231,6 +231,27 @@ impl EventStore {
         rows.iter().map(recorded).collect()
     }
 
+    /// At most `limit` events of one stream after `version`, in version order.
+    pub async fn load_stream_page(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        version: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, InfraError> {
+        let rows = sqlx::query(
+            "SELECT * FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3
+             ORDER BY version LIMIT $4",
+        )
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(version)
+        .bind(limit)
+        .fetch_all(&self.inner.db.pool)
+        .await?;
+        rows.iter().map(recorded).collect()
+    }
+
     /// The events of one stream after `version`, in version order.
     pub async fn load_stream_after(
         &self,

@@ -257,23 +257,90 @@ async fn shipment(
     })))
 }
 
+/// Most events one page of a stream holds, and how many when not asked.
+pub const MAX_STREAM_PAGE: i64 = 1000;
+pub const DEFAULT_STREAM_PAGE: i64 = 100;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamParams {
+    from_version: Option<String>,
+    limit: Option<String>,
+}
+
+/// A whole number in `range` from the query, or `default` when absent; 422 otherwise.
+fn number(
+    raw: Option<&str>,
+    name: &str,
+    range: std::ops::RangeInclusive<i64>,
+    default: i64,
+) -> Result<i64, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "{name} must be a whole number from {} to {}",
+                    range.start(),
+                    range.end()
+                ))
+            }),
+    }
+}
+
+/// One page of a stream, in version order from `from_version` (default 1), at most
+/// `limit` events (default 100, at most 1000); `next_from_version` when more follow.
 async fn stream(
     State(s): State<QueryState>,
     Path((aggregate_type, aggregate_id)): Path<(String, String)>,
+    params: Result<Query<StreamParams>, QueryRejection>,
 ) -> Result<Json<StreamView>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::malformed(e.body_text()))?;
     let aggregate_type: AggregateType = aggregate_type
         .parse()
         .map_err(|e: UnknownName| ApiError::not_found(e.to_string()))?;
-    let events = s
+    let from = number(
+        params.from_version.as_deref(),
+        "from_version",
+        1..=i64::MAX,
+        1,
+    )?;
+    let limit = number(
+        params.limit.as_deref(),
+        "limit",
+        1..=MAX_STREAM_PAGE,
+        DEFAULT_STREAM_PAGE,
+    )?;
+    let mut events = s
         .store
-        .load_stream(aggregate_type.as_str(), &aggregate_id)
+        .load_stream_page(aggregate_type.as_str(), &aggregate_id, from - 1, limit + 1)
         .await?;
-    if events.is_empty() {
+    let next_from_version = match events.len() as i64 > limit {
+        true => {
+            events.truncate(limit as usize);
+            events.last().map(|e| e.envelope.version + 1)
+        }
+        false => None,
+    };
+    let exists = !events.is_empty()
+        || (from > 1
+            && !s
+                .store
+                .load_stream_page(aggregate_type.as_str(), &aggregate_id, 0, 1)
+                .await?
+                .is_empty());
+    if !exists {
         return Err(ApiError::not_found(format!(
             "no stream {aggregate_type}/{aggregate_id}"
         )));
     }
-    Ok(Json(StreamView { events }))
+    Ok(Json(StreamView {
+        events,
+        next_from_version,
+    }))
 }
 
 #[cfg(test)]

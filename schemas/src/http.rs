@@ -87,6 +87,8 @@ pub struct OrderPage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StreamView {
     pub events: Vec<crate::RecordedEvent>,
+    /// Where the next page starts (`from_version`), when more events follow.
+    pub next_from_version: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

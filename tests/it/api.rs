@@ -23,6 +23,7 @@ on_every_backend!(
     a_token_not_yet_reached_answers_503_with_retry_after,
     orders_are_listed_by_customer_and_status_page_by_page,
     a_stream_shows_every_envelope_field_in_version_order,
+    a_stream_is_read_a_page_at_a_time,
     operators_see_health_projections_and_metrics,
 );
 
@@ -749,6 +750,55 @@ async fn orders_are_listed_by_customer_and_status_page_by_page(backend: Backend)
     assert_eq!(all_alice["items"].as_array().map(Vec::len), Some(6));
     let (_, cancelled) = api.get("/v1/orders?status=cancelled").await;
     assert_eq!(cancelled["items"][0]["order_id"], declined.as_str());
+    server.finish().await;
+}
+
+/// `/v1/streams` pages: `from_version` and `limit`, and where the next page starts;
+/// out-of-range values are 422, unknown parameters 400.
+async fn a_stream_is_read_a_page_at_a_time(backend: Backend) {
+    let server = TestServer::on(backend).await;
+    let api = Api::from(&server);
+    for _ in 0..5 {
+        api.restock("P", 1).await;
+    }
+    let api = &api;
+    let page = |query: &str| {
+        let path = format!("/v1/streams/inventory/P{query}");
+        async move { api.get(&path).await }
+    };
+    let versions = |page: &Value| -> Vec<u64> {
+        page["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["version"].as_u64())
+            .collect()
+    };
+    let (status, first) = page("?limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(versions(&first), [1, 2]);
+    assert_eq!(first["next_from_version"], 3);
+    let (_, second) = page("?from_version=3&limit=2").await;
+    assert_eq!(versions(&second), [3, 4]);
+    let (_, last) = page("?from_version=5&limit=2").await;
+    assert_eq!(versions(&last), [5]);
+    assert_eq!(last["next_from_version"], Value::Null);
+    let (status, past) = page("?from_version=9").await;
+    assert_eq!((status, versions(&past)), (StatusCode::OK, vec![]));
+    let (_, whole) = page("").await;
+    assert_eq!(versions(&whole), [1, 2, 3, 4, 5]);
+    for (query, expected) in [
+        ("?limit=0", StatusCode::UNPROCESSABLE_ENTITY),
+        ("?limit=1001", StatusCode::UNPROCESSABLE_ENTITY),
+        ("?from_version=0", StatusCode::UNPROCESSABLE_ENTITY),
+        ("?from_version=x", StatusCode::UNPROCESSABLE_ENTITY),
+        ("?page=2", StatusCode::BAD_REQUEST),
+    ] {
+        let (status, problem) = page(query).await;
+        assert_problem(status, &problem, expected);
+    }
+    let (status, problem) = api.get("/v1/streams/inventory/NONE?from_version=3").await;
+    assert_problem(status, &problem, StatusCode::NOT_FOUND);
     server.finish().await;
 }
 
