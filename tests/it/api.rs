@@ -540,8 +540,15 @@ async fn a_body_over_the_limit_is_413(backend: Backend) {
     let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     let huge = format!("{{\"customer_id\": \"{}\"}}", "x".repeat(100 * 1024));
-    let (status, problem) = post_raw(&api, "/v1/orders", &huge).await;
-    assert_problem(status, &problem, StatusCode::PAYLOAD_TOO_LARGE);
+    // A route that reads its body as JSON, and one that reads raw bytes.
+    let missing = "0190a0e4-1f00-7000-8000-000000000000";
+    for path in [
+        "/v1/orders".to_owned(),
+        format!("/v1/shipments/{missing}/dispatch"),
+    ] {
+        let (status, problem) = post_raw(&api, &path, &huge).await;
+        assert_problem(status, &problem, StatusCode::PAYLOAD_TOO_LARGE);
+    }
     assert_eq!(api.head().await, 0);
     server.finish().await;
 }
