@@ -165,6 +165,7 @@ impl Storage {
             inventory: pool(Service::Inventory),
             payments: pool(Service::Payment),
             shipments: pool(Service::Shipping),
+            stream_reads: QueryState::stream_reads(),
         }
     }
 

@@ -131,6 +131,18 @@ impl ApiError {
         error
     }
 
+    /// Too many requests of this kind are in progress: come back shortly.
+    pub fn busy(detail: impl Into<String>) -> Self {
+        let mut error = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "Too many such requests in progress",
+            detail,
+        );
+        error.retry_after = Some(1);
+        error
+    }
+
     /// Log the cause; answer 500 without it.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "internal error");

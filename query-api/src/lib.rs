@@ -17,6 +17,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
+use std::sync::Arc;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 /// What the query routes read from: the event store (for `/v1/streams`) and the
@@ -30,6 +32,20 @@ pub struct QueryState {
     pub inventory: Option<AnyPool>,
     pub payments: Option<AnyPool>,
     pub shipments: Option<AnyPool>,
+    /// Stream reads in progress at most ([`STREAM_READS`]): they read the event
+    /// store's pool, which commands share; past the bound a read is refused (503 with
+    /// `Retry-After`) rather than queued in front of commands.
+    pub stream_reads: Arc<Semaphore>,
+}
+
+/// How many `/v1/streams` reads run at once in a process.
+pub const STREAM_READS: usize = 4;
+
+impl QueryState {
+    /// The bound on stream reads of a process.
+    pub fn stream_reads() -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(STREAM_READS))
+    }
 }
 
 /// Routes for the read models present in `state`, and the stream view.
@@ -299,6 +315,11 @@ async fn stream(
     params: Result<Query<StreamParams>, QueryRejection>,
 ) -> Result<Json<StreamView>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::malformed(e.body_text()))?;
+    let _turn = s
+        .stream_reads
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::busy("too many stream reads in progress; retry"))?;
     let aggregate_type: AggregateType = aggregate_type
         .parse()
         .map_err(|e: UnknownName| ApiError::not_found(e.to_string()))?;

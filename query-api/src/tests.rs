@@ -29,6 +29,7 @@ async fn fixture() -> Fixture {
         inventory: pool.clone(),
         payments: pool.clone(),
         shipments: pool,
+        stream_reads: QueryState::stream_reads(),
     };
     Fixture { state, scratch }
 }
@@ -163,4 +164,23 @@ async fn a_read_waits_for_its_consistency_token_and_answers_503_when_it_does_not
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn stream_reads_past_the_bound_are_refused_not_queued() {
+    let f = fixture().await;
+    let held = f
+        .state
+        .stream_reads
+        .clone()
+        .acquire_many_owned(STREAM_READS as u32)
+        .await
+        .expect("permits");
+    let (status, content_type, problem) = get(&f.state, "/v1/streams/inventory/S-1", &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
+    assert_eq!(content_type, "application/problem+json");
+    assert_eq!(problem["type"], "urn:orderline:problem:busy");
+    drop(held);
+    let (status, _, _) = get(&f.state, "/v1/streams/inventory/S-1", &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "a read goes through again");
 }
