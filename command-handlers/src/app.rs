@@ -139,6 +139,23 @@ struct Speculative {
 }
 
 impl Speculative {
+    /// The events `command` appends on this state, with the state to apply them to;
+    /// `None` when the state is no longer usable (its last append settled, or one of
+    /// its chain failed) or the answer would append nothing.
+    fn decide<A: Aggregate + Clone + 'static>(
+        &self,
+        command: &A::Command,
+    ) -> Option<(A, Vec<A::Event>)> {
+        // Usable while its last append is in flight (its command still waits for it)
+        // and nothing of the chain failed.
+        let usable = self.settled.has_changed().is_ok()
+            && !*self.settled.borrow()
+            && !self.broken.load(Ordering::Acquire);
+        let state = self.state.downcast_ref::<A>().filter(|_| usable)?.clone();
+        let events = state.decide(command).ok().filter(|e| !e.is_empty())?;
+        Some((state, events))
+    }
+
     /// Wait until every queued append has settled.
     async fn drained(&self) {
         let mut settled = self.settled.clone();
@@ -149,7 +166,8 @@ impl Speculative {
 /// An append queued by a command, with what the command needs once it settles.
 struct Queued<A> {
     submitted: Submitted,
-    state: A,
+    /// The state the append leaves (shared with the next command's [`Speculative`]).
+    state: Arc<A>,
     version: i64,
     events: usize,
     done: watch::Sender<bool>,
@@ -160,6 +178,11 @@ struct Queued<A> {
 enum Step<A> {
     Answered(Executed),
     Queued(Queued<A>),
+}
+
+/// The key of an aggregate's stream in this process's locks and cache.
+fn stream_key<A: Aggregate>(id: &str) -> String {
+    format!("{}/{id}", A::TYPE)
 }
 
 /// What an aggregate's state needs to be cached and snapshotted.
@@ -199,7 +222,13 @@ impl StateCache {
 
     /// Keep `state` at `version`, unless a later version is kept already (appends
     /// settle in order, but their commands may wake in another).
-    fn put<A: Send + Sync + 'static>(&self, key: String, state: A, version: i64, position: i64) {
+    fn put<A: Send + Sync + 'static>(
+        &self,
+        key: String,
+        state: Arc<A>,
+        version: i64,
+        position: i64,
+    ) {
         let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if cache
             .get(&key)
@@ -215,7 +244,7 @@ impl StateCache {
             Cached {
                 version,
                 position,
-                state: Arc::new(state),
+                state,
             },
         );
     }
@@ -329,7 +358,7 @@ impl Handlers {
         A: Aggregate + Stateful,
         A::Event: Serialize + DeserializeOwned + EventName,
     {
-        let key = format!("{}/{id}", A::TYPE);
+        let key = stream_key::<A>(id);
         let lock = self.locks.get(key.clone());
         for attempt in 0..MAX_ATTEMPTS {
             let turn = {
@@ -370,28 +399,18 @@ impl Handlers {
         A::Event: Serialize + DeserializeOwned + EventName,
     {
         if let Some(ahead) = queued.as_ref() {
-            // Usable while its last append is in flight (its command still waits for
-            // it) and nothing of the chain failed.
-            let usable = ahead.settled.has_changed().is_ok()
-                && !*ahead.settled.borrow()
-                && !ahead.broken.load(Ordering::Acquire);
-            let state = ahead.state.downcast_ref::<A>().filter(|_| usable).cloned();
-            if let Some(state) = state {
-                if let Ok(events) = state.decide(command) {
-                    if !events.is_empty() {
-                        let (version, last, chain) =
-                            (ahead.version, ahead.last_event, ahead.broken.clone());
-                        return self
-                            .queue(
-                                queued,
-                                (id, meta),
-                                (state, version, Some(last)),
-                                events,
-                                chain,
-                            )
-                            .await;
-                    }
-                }
+            if let Some((state, events)) = ahead.decide::<A>(command) {
+                let (version, last, chain) =
+                    (ahead.version, ahead.last_event, ahead.broken.clone());
+                return self
+                    .queue(
+                        queued,
+                        (id, meta),
+                        (state, version, Some(last)),
+                        events,
+                        chain,
+                    )
+                    .await;
             }
             // A refusal, or nothing to do, is answered on committed state only: wait
             // for the appends ahead to settle.
@@ -448,10 +467,11 @@ impl Handlers {
             .submit(request)
             .await
             .map_err(CommandError::Store)?;
+        let state = Arc::new(state);
         let (done, settled) = watch::channel(false);
         if let Some(last) = last {
             *queued = Some(Speculative {
-                state: Arc::new(state.clone()),
+                state: state.clone(),
                 version: new_version,
                 last_event: last,
                 settled,
@@ -601,7 +621,7 @@ impl Handlers {
         A: Aggregate + Stateful,
         A::Event: DeserializeOwned,
     {
-        let key = format!("{}/{id}", A::TYPE);
+        let key = stream_key::<A>(id);
         let (mut state, mut version, mut position) = match self.cache.get::<A>(&key) {
             Some(cached) => cached,
             None => match self.store.snapshot(A::TYPE, id).await? {
@@ -628,7 +648,8 @@ impl Handlers {
             position = recorded.position;
         }
         if version != loaded_from {
-            self.cache.put(key, state.clone(), version, position);
+            self.cache
+                .put(key, Arc::new(state.clone()), version, position);
         }
         Ok((state, version, position))
     }
@@ -675,10 +696,7 @@ impl Handlers {
         meta: &Meta,
     ) -> Result<(), CommandError> {
         // The payment as this process last committed it (it just did), else stored.
-        let payment = match self
-            .cache
-            .get::<Payment>(&format!("{}/{id}", Payment::TYPE))
-        {
+        let payment = match self.cache.get::<Payment>(&stream_key::<Payment>(id)) {
             Some((payment, _, _)) => payment,
             None => self.load::<Payment>(id).await?.0,
         };

@@ -72,9 +72,8 @@ impl Handler for Inbox {
         let mut chains: BTreeMap<(AggregateType, String, Uuid), Vec<(usize, CommandMessage)>> =
             BTreeMap::new();
         for (index, message) in messages.iter().enumerate() {
-            let (aggregate_type, target) = message.command.target();
             chains
-                .entry((aggregate_type, target, message.command.order_id))
+                .entry(message.command.chain())
                 .or_default()
                 .push((index, message.clone()));
         }

@@ -273,11 +273,12 @@ impl SagaRunner {
                     // An order's first event, delivered for the first time, starts its
                     // saga: nothing is stored for it yet.
                     let first = matches!(input, Input::Order(_)) && recorded.envelope.version == 1;
-                    let loaded = match first {
-                        true => None,
-                        false => self.load(tx, order_id).await?,
+                    let stored = if first {
+                        None
+                    } else {
+                        self.load(tx, order_id).await?
                     };
-                    entry.insert(loaded.unwrap_or(new))
+                    entry.insert(stored.unwrap_or(new))
                 }
             };
             if saga.state.stage == Stage::NotStarted && !matches!(input, Input::Order(_)) {
@@ -421,14 +422,8 @@ impl SagaRunner {
         // orders' commands run side by side even on one aggregate (a hot sku), where
         // they take turns to decide and share group commits.
         let mut chains: BTreeMap<(AggregateType, String, Uuid), Vec<Staged>> = BTreeMap::new();
-        for ((aggregate_type, target), group) in groups {
-            for staged in group {
-                let order_id = staged.2.order_id;
-                chains
-                    .entry((aggregate_type, target.clone(), order_id))
-                    .or_default()
-                    .push(staged);
-            }
+        for staged in groups.into_values().flatten() {
+            chains.entry(staged.2.chain()).or_default().push(staged);
         }
         let mut tasks = JoinSet::new();
         for (_, group) in chains {

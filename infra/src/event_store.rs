@@ -221,14 +221,19 @@ impl EventStore {
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<Vec<RecordedEvent>, InfraError> {
-        let rows = sqlx::query(
-            "SELECT * FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY version",
-        )
-        .bind(aggregate_type)
-        .bind(aggregate_id)
-        .fetch_all(&self.inner.db.pool)
-        .await?;
-        rows.iter().map(recorded).collect()
+        self.load_stream_after(aggregate_type, aggregate_id, 0)
+            .await
+    }
+
+    /// The events of one stream after `version`, in version order.
+    pub async fn load_stream_after(
+        &self,
+        aggregate_type: &str,
+        aggregate_id: &str,
+        version: i64,
+    ) -> Result<Vec<RecordedEvent>, InfraError> {
+        self.load_stream_page(aggregate_type, aggregate_id, version, i64::MAX)
+            .await
     }
 
     /// At most `limit` events of one stream after `version`, in version order.
@@ -247,25 +252,6 @@ impl EventStore {
         .bind(aggregate_id)
         .bind(version)
         .bind(limit)
-        .fetch_all(&self.inner.db.pool)
-        .await?;
-        rows.iter().map(recorded).collect()
-    }
-
-    /// The events of one stream after `version`, in version order.
-    pub async fn load_stream_after(
-        &self,
-        aggregate_type: &str,
-        aggregate_id: &str,
-        version: i64,
-    ) -> Result<Vec<RecordedEvent>, InfraError> {
-        let rows = sqlx::query(
-            "SELECT * FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3
-             ORDER BY version",
-        )
-        .bind(aggregate_type)
-        .bind(aggregate_id)
-        .bind(version)
         .fetch_all(&self.inner.db.pool)
         .await?;
         rows.iter().map(recorded).collect()
@@ -533,6 +519,7 @@ async fn commit_group(
 }
 
 /// An append that passed its checks: where its events go.
+#[derive(Clone)]
 struct Planned {
     stream: (String, String),
     /// The stream's version before and after it.
@@ -541,13 +528,24 @@ struct Planned {
 }
 
 /// What became of one append while the group is planned.
-enum Plan {
+#[derive(Clone)]
+enum Plan<'a> {
     Write(Planned),
-    /// Answered before: refused, or the first answer under its key.
-    Done(Result<AppendOutcome, StoreError>),
-    /// Its key was first used by the group's append at this index, for the same
-    /// request: that append's answer.
-    SameAs(usize),
+    /// Its key was used before for the same request: the first answer.
+    Repeat(AppendOutcome),
+    /// Its key was used before for another request.
+    KeyReused,
+    /// The stream is not where the append was decided (`actual` is its version).
+    Conflict {
+        actual: i64,
+    },
+    /// Its key was first used earlier in the group, for the same request, by an
+    /// append that leaves `stream` at `version`: the first answer.
+    SameAs {
+        stream: (String, String),
+        version: i64,
+        response: &'a Value,
+    },
 }
 
 /// Apply every append of a group in a few statements, whatever its size: read the
@@ -577,37 +575,30 @@ async fn append_all(
             .iter()
             .map(|(stream, head)| (stream.clone(), (head.version, Some(head.event_id.clone()))))
             .collect();
-    let mut first_use: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    // Each key's first use in this group: its request, and where it leaves its stream.
+    let mut first_use: std::collections::HashMap<&str, (&IdempotencyRecord, Plan)> =
+        std::collections::HashMap::new();
     let mut plans = Vec::with_capacity(requests.len());
-    for (index, request) in requests.iter().enumerate() {
+    for request in requests {
         if let Some(record) = &request.idempotency {
-            let earlier = answered
-                .get(&record.key)
-                .map(|stored| (stored.request_hash.as_str(), None))
-                .or_else(|| {
-                    first_use.get(record.key.as_str()).and_then(|&i| {
-                        let first = requests[i].idempotency.as_ref()?;
-                        Some((first.request_hash.as_str(), Some(i)))
-                    })
-                });
-            match earlier {
-                Some((hash, _)) if hash != record.request_hash => {
-                    plans.push(Plan::Done(Err(StoreError::KeyReused)));
-                    continue;
-                }
-                Some((_, Some(first))) => {
-                    plans.push(Plan::SameAs(first));
-                    continue;
-                }
-                Some((_, None)) => {
-                    let stored = &answered[&record.key];
-                    plans.push(Plan::Done(Ok(AppendOutcome::Duplicate {
+            if let Some(stored) = answered.get(&record.key) {
+                plans.push(if stored.request_hash == record.request_hash {
+                    Plan::Repeat(AppendOutcome::Duplicate {
                         response: stored.response.clone(),
                         position: stored.position,
-                    })));
-                    continue;
-                }
-                None => {}
+                    })
+                } else {
+                    Plan::KeyReused
+                });
+                continue;
+            }
+            if let Some((first, same_as)) = first_use.get(record.key.as_str()) {
+                plans.push(if first.request_hash == record.request_hash {
+                    same_as.clone()
+                } else {
+                    Plan::KeyReused
+                });
+                continue;
             }
         }
         let stream = (request.aggregate_type.clone(), request.aggregate_id.clone());
@@ -616,12 +607,7 @@ async fn append_all(
             .expected_last_event
             .is_none_or(|id| last_event.as_deref() == Some(id.to_string().as_str()));
         if actual != request.expected_version || !saw_last {
-            plans.push(Plan::Done(Err(StoreError::Conflict {
-                aggregate_type: request.aggregate_type.clone(),
-                aggregate_id: request.aggregate_id.clone(),
-                expected: request.expected_version,
-                actual,
-            })));
+            plans.push(Plan::Conflict { actual });
             continue;
         }
         let to = actual + request.events.len() as i64;
@@ -631,7 +617,12 @@ async fn append_all(
         };
         heads.insert(stream.clone(), (to, last_event));
         if let Some(record) = &request.idempotency {
-            first_use.insert(record.key.as_str(), index);
+            let same_as = Plan::SameAs {
+                stream: stream.clone(),
+                version: to,
+                response: &record.response,
+            };
+            first_use.insert(record.key.as_str(), (record, same_as));
         }
         plans.push(Plan::Write(Planned {
             stream,
@@ -672,16 +663,22 @@ async fn append_all(
                     version: planned.to,
                 })
             }
-            Plan::Done(outcome) => clone_outcome(outcome),
-            Plan::SameAs(first) => match (&outcomes[*first], &requests[*first].idempotency) {
-                (Ok(AppendOutcome::Appended { position, .. }), Some(record)) => {
-                    Ok(AppendOutcome::Duplicate {
-                        response: record.response.clone(),
-                        position: *position,
-                    })
-                }
-                (other, _) => clone_outcome(other),
-            },
+            Plan::Repeat(outcome) => Ok(outcome.clone()),
+            Plan::KeyReused => Err(StoreError::KeyReused),
+            Plan::Conflict { actual } => Err(StoreError::Conflict {
+                aggregate_type: request.aggregate_type.clone(),
+                aggregate_id: request.aggregate_id.clone(),
+                expected: request.expected_version,
+                actual: *actual,
+            }),
+            Plan::SameAs {
+                stream,
+                version,
+                response,
+            } => Ok(AppendOutcome::Duplicate {
+                response: (*response).clone(),
+                position: position_of(stream, *version),
+            }),
         });
     }
     if !snapshots.is_empty() {
@@ -738,29 +735,6 @@ async fn append_all(
         .await?;
     }
     Ok(outcomes)
-}
-
-/// A copy of an outcome decided for another append of the group.
-fn clone_outcome(outcome: &Result<AppendOutcome, StoreError>) -> Result<AppendOutcome, StoreError> {
-    match outcome {
-        Ok(outcome) => Ok(outcome.clone()),
-        Err(StoreError::Conflict {
-            aggregate_type,
-            aggregate_id,
-            expected,
-            actual,
-        }) => Err(StoreError::Conflict {
-            aggregate_type: aggregate_type.clone(),
-            aggregate_id: aggregate_id.clone(),
-            expected: *expected,
-            actual: *actual,
-        }),
-        Err(StoreError::KeyReused) => Err(StoreError::KeyReused),
-        Err(StoreError::Closed) => Err(StoreError::Closed),
-        Err(StoreError::Infra(error)) => {
-            Err(StoreError::Infra(InfraError::Corrupt(error.to_string())))
-        }
-    }
 }
 
 /// The stored records under `keys`.
@@ -831,7 +805,7 @@ async fn insert_events(
     conn: &mut AnyConnection,
     dialect: Dialect,
     requests: &[&AppendRequest],
-    plans: &[Plan],
+    plans: &[Plan<'_>],
 ) -> Result<std::collections::HashMap<(String, String, i64), i64>, sqlx::Error> {
     let mut rows = vec![];
     for (request, plan) in requests.iter().zip(plans) {

@@ -62,7 +62,6 @@ pub struct Change {
 pub enum Bind {
     Text(String),
     Integer(i64),
-    Null,
 }
 
 impl Change {
@@ -114,7 +113,6 @@ fn bind_all<'q>(
         query = match bind {
             Bind::Text(text) => query.bind(text.as_str()),
             Bind::Integer(n) => query.bind(*n),
-            Bind::Null => query.bind(None::<String>),
         };
     }
     query

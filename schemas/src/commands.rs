@@ -45,6 +45,13 @@ impl SagaCommand {
             Participant::Order(_) => (AggregateType::Order, self.order_id.to_string()),
         }
     }
+
+    /// The commands that must be carried out in the order they were emitted: one
+    /// order's commands to one aggregate. Different chains may run side by side.
+    pub fn chain(&self) -> (AggregateType, String, Uuid) {
+        let (aggregate_type, target) = self.target();
+        (aggregate_type, target, self.order_id)
+    }
 }
 
 #[cfg(test)]
