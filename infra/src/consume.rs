@@ -629,7 +629,22 @@ pub async fn drive<H: Handler>(source: Arc<dyn Source>, handler: H, mut shutdown
         }
     }
     backoff.reset();
+    // After a failed or stalled batch the source goes back to the stored position
+    // before it reads again; until it has, nothing is read (reading on from where a
+    // failed batch left the source would skip that batch's records).
+    let mut rewind = false;
     while !shutdown.is_set() {
+        if rewind {
+            if let Err(error) = source.rewind().await {
+                tracing::error!(error = %error, consumer = %name, "cannot rewind to the stored position; retrying before reading on");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.fail()) => {}
+                    _ = shutdown.wait() => {}
+                }
+                continue;
+            }
+            rewind = false;
+        }
         let round = async {
             let step = step(&*source, &handler).await?;
             let idle = handler
@@ -658,9 +673,7 @@ pub async fn drive<H: Handler>(source: Arc<dyn Source>, handler: H, mut shutdown
                 backoff.fail()
             }
         };
-        if let Err(error) = source.rewind().await {
-            tracing::error!(error = %error, consumer = %name, "cannot rewind to the stored position");
-        }
+        rewind = true;
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = shutdown.wait() => {}

@@ -152,6 +152,20 @@ impl Db {
             .min_connections(1)
             // A database that is down answers within this (503), not after a long hang.
             .acquire_timeout(Duration::from_secs(10))
+            // A transaction dropped without a commit leaves its rollback queued on
+            // the connection. When the database has already ended the transaction
+            // itself (SQLite does on a full disk or an i/o error), that rollback fails
+            // and sqlx goes on counting the transaction as open, so every later
+            // `begin` on the connection would fail: such a connection is closed.
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    if conn.is_in_transaction() {
+                        conn.ping().await?;
+                        return Ok(!conn.is_in_transaction());
+                    }
+                    Ok(true)
+                })
+            })
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {

@@ -66,18 +66,7 @@ impl InfraError {
     /// request may succeed later, so it is answered 503 rather than 500.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            InfraError::Database(error) => {
-                matches!(
-                    error,
-                    sqlx::Error::Io(_)
-                        | sqlx::Error::PoolTimedOut
-                        | sqlx::Error::PoolClosed
-                        | sqlx::Error::WorkerCrashed
-                ) || error.as_database_error().is_some_and(|e| {
-                    e.message().contains("database is locked")
-                        || e.code().is_some_and(|code| server_unavailable(&code))
-                })
-            }
+            InfraError::Database(error) => database_unavailable(error),
             InfraError::Broker(_) | InfraError::Unavailable(_) | InfraError::Io(_) => true,
             InfraError::Shared(error) => error.is_unavailable(),
             InfraError::Topic { .. }
@@ -104,10 +93,44 @@ impl InfraError {
     }
 }
 
+/// Whether a database error says the database cannot serve now (down, busy, full,
+/// read-only) rather than that the statement is wrong: the same statement may work
+/// later, so a consumer retries its batch instead of dead-lettering the event.
+pub fn database_unavailable(error: &sqlx::Error) -> bool {
+    matches!(
+        error,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    ) || error.as_database_error().is_some_and(|e| {
+        let code = e.code().unwrap_or_default();
+        if e.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+            sqlite_unavailable(&code)
+        } else {
+            server_unavailable(&code)
+        }
+    })
+}
+
 /// PostgreSQL error codes of a server that cannot serve now: connection exceptions
-/// (class 08), too many connections (53300), shutting down or starting up (57P01-57P03).
+/// (class 08), a full disk, no memory, too many connections (53100, 53200, 53300),
+/// an i/o error (58030), a read-only transaction (25006), shutting down or starting
+/// up (57P01-57P03).
 fn server_unavailable(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "53300" | "57P01" | "57P02" | "57P03")
+    code.starts_with("08")
+        || matches!(
+            code,
+            "53100" | "53200" | "53300" | "58030" | "25006" | "57P01" | "57P02" | "57P03"
+        )
+}
+
+/// SQLite result codes (extended; the primary code is the low byte) of storage that
+/// cannot take the write now: busy or locked (5, 6), read-only (8), an i/o error
+/// (10), a full disk (13), a file that cannot be opened (14).
+fn sqlite_unavailable(code: &str) -> bool {
+    code.parse::<i32>()
+        .is_ok_and(|code| matches!(code & 0xff, 5 | 6 | 8 | 10 | 13 | 14))
 }
 
 pub type Result<T, E = InfraError> = std::result::Result<T, E>;

@@ -205,8 +205,11 @@ async fn apply_scripted(
             sqlx::query(sql).execute(&mut *tx).await?;
         }
         for (i, change) in chunk {
-            if let Err(error) = change.execute(tx).await {
-                failures.push(*i, error.to_string());
+            match change.execute(tx).await {
+                Ok(()) => {}
+                // The database cannot take writes now: the batch is tried again.
+                Err(error) if infra::database_unavailable(&error) => return Err(error.into()),
+                Err(error) => failures.push(*i, error.to_string()),
             }
         }
     }
@@ -237,6 +240,11 @@ pub async fn apply_one(
     let applied = projection
         .apply(conn, suffix, &recorded.envelope, &event)
         .await;
+    let applied = match applied {
+        // The database cannot take writes now: the batch is tried again.
+        Err(error) if infra::database_unavailable(&error) => return Err(error),
+        other => other,
+    };
     if guarded {
         if applied.is_err() {
             sqlx::query("ROLLBACK TO apply_event")

@@ -3,11 +3,14 @@
 //! (SIGKILL of the real binary) and replays.
 
 mod api;
+mod chaos;
 mod cli;
 mod concurrency;
 mod distributed;
 mod durability;
 mod event_store;
+mod faults;
+mod history;
 mod kafka;
 mod lifecycle;
 mod replay;

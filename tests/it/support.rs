@@ -107,26 +107,41 @@ impl TestServer {
     /// A server on fresh storage of `backend`.
     pub async fn on_with(backend: Backend, payment_timeout: Duration) -> TestServer {
         let brokers = (backend == Backend::Distributed).then(kafka_broker);
-        Self::fresh(backend, payment_timeout, brokers).await
+        Self::fresh(backend, payment_timeout, brokers, None).await
     }
 
     /// The distributed deployment on fresh databases, on the broker at `brokers`
     /// (a test's own, to stop and start).
     pub async fn distributed_on(brokers: &str) -> TestServer {
         let brokers = Some(brokers.to_owned());
-        Self::fresh(Backend::Distributed, Duration::from_secs(30), brokers).await
+        Self::fresh(Backend::Distributed, Duration::from_secs(30), brokers, None).await
+    }
+
+    /// The distributed deployment on fresh databases of the PostgreSQL server at
+    /// `postgres` (a URL, e.g. through a test's proxy).
+    pub async fn distributed_with_postgres(postgres: &str) -> TestServer {
+        let brokers = Some(kafka_broker());
+        let postgres = Some(postgres.to_owned());
+        Self::fresh(
+            Backend::Distributed,
+            Duration::from_secs(30),
+            brokers,
+            postgres,
+        )
+        .await
     }
 
     async fn fresh(
         backend: Backend,
         payment_timeout: Duration,
         brokers: Option<String>,
+        postgres: Option<String>,
     ) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = Config::with_data_dir(dir.path().join("data"));
         config.payment_timeout = payment_timeout;
         if backend != Backend::Sqlite {
-            config.postgres = Some(postgres_server());
+            config.postgres = Some(postgres.unwrap_or_else(postgres_server));
             config.database_prefix = format!("orderline_t{}", uuid::Uuid::now_v7().simple());
         }
         let mut server = if let Some(brokers) = brokers {
@@ -607,6 +622,13 @@ impl Process {
         self.child.wait().expect("reaped");
         let args = std::mem::take(&mut self.args);
         drop(self);
+        Process::spawn(&args)
+    }
+
+    /// SIGTERM (it must exit cleanly), then the same command again.
+    pub fn stop_and_restart(mut self) -> Process {
+        let args = std::mem::take(&mut self.args);
+        self.stop_cleanly();
         Process::spawn(&args)
     }
 
