@@ -385,11 +385,17 @@ async fn metrics(State(watched): State<Watched>) -> impl IntoResponse {
     let all = &watched.projections;
     let mut lag = vec![];
     let mut checkpoint = vec![];
-    if let Ok(views) = projectors::admin::views(all).await {
-        for view in views {
-            let labels = format!("projection=\"{}\"", view.name);
-            lag.push((labels.clone(), view.lag));
-            checkpoint.push((labels, view.checkpoint));
+    match projectors::admin::views(all).await {
+        Ok(views) => {
+            for view in views {
+                let labels = format!("projection=\"{}\"", view.name);
+                lag.push((labels.clone(), view.lag));
+                checkpoint.push((labels, view.checkpoint));
+            }
+        }
+        // The samples are left out (a scraper sees them missing, not a false 0).
+        Err(error) => {
+            tracing::warn!(error = %error.detail, "projection standing unavailable for /metrics")
         }
     }
     let head = all.store.head();

@@ -446,9 +446,17 @@ impl Api {
         let start = Instant::now();
         let mut last_head = -1;
         let mut stable_since = Instant::now();
+        // A scrape that could not read a projection's standing leaves its samples
+        // out: settled only when every projection seen so far reports.
+        let mut projections = 0;
         loop {
             let text = self.metrics().await;
             let head = sum(&text, "orderline_log_head");
+            let reporting = text
+                .lines()
+                .filter(|l| l.starts_with("orderline_projection_lag{"))
+                .count();
+            projections = projections.max(reporting);
             let lagging = [
                 "orderline_projection_lag{",
                 "orderline_relay_lag{",
@@ -465,7 +473,11 @@ impl Api {
                 last_head = head;
                 stable_since = Instant::now();
             }
-            if !lagging && stable_since.elapsed() > Duration::from_millis(300) {
+            if !lagging
+                && reporting == projections
+                && projections > 0
+                && stable_since.elapsed() > Duration::from_millis(300)
+            {
                 return;
             }
             assert!(

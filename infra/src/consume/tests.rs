@@ -4,7 +4,7 @@ use super::*;
 use crate::scratch::Scratch;
 use crate::shutdown;
 use serde_json::json;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 async fn fixture() -> Scratch {
     let f = Scratch::new().await.expect("scratch");
@@ -277,4 +277,125 @@ async fn a_replay_reads_from_the_start_and_stores_where_it_stands_for_another_co
     tx.commit().await.expect("commit");
     live.rewind().await.expect("rewound");
     assert_eq!(live.checkpoint().await.expect("checkpoint"), last);
+}
+
+/// A source that reads ahead like a Kafka consumer (its read position moves when it
+/// reads, not when a batch commits) and whose rewind fails `failing_rewinds` times.
+struct ReadAhead {
+    inner: LogSource,
+    failing_rewinds: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Source for ReadAhead {
+    async fn next_batch(&self, max: usize) -> Result<Batch, InfraError> {
+        let batch = self.inner.next_batch(max).await?;
+        self.inner.committed(&batch, batch.records.len()).await?;
+        Ok(batch)
+    }
+
+    async fn store(
+        &self,
+        conn: &mut AnyConnection,
+        batch: &Batch,
+        done: usize,
+    ) -> Result<(), InfraError> {
+        self.inner.store(conn, batch, done).await
+    }
+
+    async fn committed(&self, batch: &Batch, done: usize) -> Result<i64, InfraError> {
+        Ok(self.inner.position_after(batch, done))
+    }
+
+    async fn rewind(&self) -> Result<(), InfraError> {
+        let failing = self.failing_rewinds.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.failing_rewinds.store(failing - 1, Ordering::SeqCst);
+            return Err(InfraError::Unavailable("the database is away".into()));
+        }
+        self.inner.rewind().await
+    }
+
+    async fn idle(&self, pause: Duration, shutdown: &mut Shutdown) {
+        self.inner.idle(pause, shutdown).await
+    }
+
+    async fn checkpoint(&self) -> Result<i64, InfraError> {
+        self.inner.checkpoint().await
+    }
+
+    async fn standing(&self) -> Result<(i64, i64), InfraError> {
+        self.inner.standing().await
+    }
+
+    async fn replay(&self) -> Result<Box<dyn Replay>, InfraError> {
+        self.inner.replay().await
+    }
+}
+
+/// Fails its first batch (the database away), then records like [`Recorder`].
+struct FailsFirst {
+    recorder: Recorder,
+    failed: AtomicBool,
+}
+
+impl Handler for FailsFirst {
+    type Item = Seen;
+    type Done = usize;
+
+    fn consumer(&self) -> &Consumer {
+        self.recorder.consumer()
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut AnyConnection,
+        items: &[Seen],
+        failures: &mut Failures,
+    ) -> Result<usize, InfraError> {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            return Err(InfraError::Unavailable("the database is away".into()));
+        }
+        self.recorder.apply(tx, items, failures).await
+    }
+
+    fn after(&self, done: usize, checkpoint: i64) {
+        self.recorder.after(done, checkpoint)
+    }
+}
+
+#[tokio::test]
+async fn after_a_failed_batch_nothing_is_read_until_the_rewind_succeeds() {
+    let f = fixture().await;
+    append(&f, "inventory", "S-1", 3).await;
+    append(&f, "inventory", "S-2", 4).await;
+    let source: Arc<dyn Source> = Arc::new(ReadAhead {
+        inner: inventory_source(&f, "recorder").await,
+        failing_rewinds: AtomicUsize::new(2),
+    });
+    let handler = FailsFirst {
+        recorder: Recorder::new(&f.db),
+        failed: AtomicBool::new(false),
+    };
+    let (trigger, stop) = shutdown::channel();
+    let task = tokio::spawn(drive(source, handler, stop));
+    append(&f, "inventory", "S-3", 5).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen(&f.db).await.len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "skipped: {:?}",
+            seen(&f.db).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        seen(&f.db).await,
+        vec![("S-1".into(), 3), ("S-2".into(), 4), ("S-3".into(), 5)]
+    );
+    trigger.fire();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stopped")
+        .expect("no panic");
 }
