@@ -141,3 +141,19 @@ async fn a_service_started_while_the_broker_is_down_takes_orders_and_catches_up_
     confirms(&api, "DOWN", "after").await;
     server.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_broker_away_every_process_stops_within_seconds_of_sigterm() {
+    let mut broker = OwnBroker::start();
+    let server = TestServer::distributed_on(&broker.address).await;
+    let api = Api::from(&server);
+    api.restock("TERM", 100).await;
+    confirms(&api, "TERM", "before").await;
+    broker.stop();
+    // Records the relay cannot publish, and consumers that cannot fetch.
+    for n in 0..3 {
+        api.place(&format!("while-away-{n}"), &[("TERM", 1, 100)], "tok_ok")
+            .await;
+    }
+    server.finish_within(Duration::from_secs(15)).await;
+}

@@ -239,6 +239,18 @@ impl TestServer {
         self._dir.take()
     }
 
+    /// Stop every process with SIGTERM; each must exit cleanly within `limit`. Then
+    /// drop the PostgreSQL databases.
+    pub async fn finish_within(mut self, limit: Duration) {
+        for process in self.processes.drain(..).rev() {
+            assert!(
+                process.terminate_within(limit).success(),
+                "a process did not stop cleanly"
+            );
+        }
+        self.finish().await;
+    }
+
     /// Stop, and drop the PostgreSQL databases it made.
     pub async fn finish(self) {
         let config = self.config.clone();
@@ -647,6 +659,25 @@ impl Process {
     /// SIGTERM, and wait until it exits, cleanly.
     pub fn stop_cleanly(self) {
         assert!(self.terminate().success(), "a process did not stop cleanly");
+    }
+
+    /// SIGTERM, and the exit status; panics when it has not exited within `limit`.
+    pub fn terminate_within(mut self, limit: Duration) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "still running {limit:?} after SIGTERM: {:?}",
+                self.args
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGTERM, and the exit status.
