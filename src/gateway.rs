@@ -13,7 +13,6 @@ use infra::http::{ApiError, MAX_BODY_BYTES};
 use schemas::topics::{AggregateType, ProjectionName, Service};
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Where each service listens (`http://host:port`).
 #[derive(Debug, Clone)]
@@ -35,19 +34,30 @@ struct Gateway {
     client: reqwest::Client,
 }
 
-pub fn router(upstreams: Upstreams) -> anyhow::Result<Router> {
+pub fn router(upstreams: Upstreams, limits: &infra::serve::Limits) -> anyhow::Result<Router> {
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
+        .timeout(limits.request_timeout)
+        // Idle connections are dropped before a service's header timeout closes them
+        // (which could meet a request on its way).
+        .pool_idle_timeout(limits.header_timeout / 2)
         .build()?;
     let gateway = Arc::new(Gateway { upstreams, client });
-    Ok(Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/v1/projections", get(projections))
-        .route("/v1/dead-letters", get(dead_letters))
-        .fallback(proxy)
-        .layer(axum::middleware::from_fn(infra::http::problem_json))
-        .with_state(gateway))
+    // Operators' /health and /metrics stay outside the cap on requests in progress.
+    let limited = limits.apply(
+        Router::new()
+            .route("/v1/projections", get(projections))
+            .route("/v1/dead-letters", get(dead_letters))
+            .fallback(proxy)
+            .with_state(gateway.clone()),
+    );
+    Ok(limited
+        .merge(
+            Router::new()
+                .route("/health", get(health))
+                .route("/metrics", get(metrics))
+                .with_state(gateway),
+        )
+        .layer(axum::middleware::from_fn(infra::http::problem_json)))
 }
 
 /// The service that owns what a request names.

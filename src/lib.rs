@@ -20,6 +20,7 @@ pub mod gateway;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
@@ -32,9 +33,11 @@ use command_handlers::saga::{Dispatch, SagaRunner};
 use command_handlers::Handlers;
 use infra::consume::{drive, Source, Transport};
 use infra::db::Db;
+use infra::http::ApiError;
 use infra::kafka::Relay;
 use infra::metrics::{Gauge, Metrics, REQUEST_SECONDS};
 use infra::progress::Progress;
+use infra::serve::Limits;
 use infra::shutdown::{self, Shutdown, Trigger};
 use infra::{Config, EventStore};
 use projectors::Projections;
@@ -43,6 +46,7 @@ use schemas::topics::Service;
 use serde_json::json;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -282,7 +286,7 @@ impl System {
                 handlers.clone(),
             ))
         });
-        let router = api(commands, &queries, watched);
+        let router = api(commands, &queries, watched, &config.limits);
         Ok(System {
             config,
             store,
@@ -332,14 +336,18 @@ fn inbox(
 }
 
 /// A process's API: its commands, its queries, the operator routes.
-fn api(commands: Router, queries: &QueryState, watched: Watched) -> Router {
+fn api(commands: Router, queries: &QueryState, watched: Watched, limits: &Limits) -> Router {
     let timing = middleware::from_fn_with_state(watched.projections.metrics.clone(), timed);
-    Router::new()
+    // Operators' /health and /metrics stay outside the cap on requests in progress.
+    limits
+        .apply(
+            Router::new()
+                .merge(commands)
+                .merge(query_api::router(queries.clone()))
+                .merge(projectors::admin::router(watched.projections.clone())),
+        )
         .route("/health", get(health).with_state(watched.clone()))
-        .route("/metrics", get(metrics).with_state(watched.clone()))
-        .merge(commands)
-        .merge(query_api::router(queries.clone()))
-        .merge(projectors::admin::router(watched.projections))
+        .route("/metrics", get(metrics).with_state(watched))
         .route_layer(timing)
         .fallback(infra::http::not_found_fallback)
         .layer(DefaultBodyLimit::max(infra::http::MAX_BODY_BYTES))
@@ -381,11 +389,20 @@ async fn health(State(watched): State<Watched>) -> impl IntoResponse {
     }
 }
 
+/// How long one scrape of /metrics may wait for what needs the brokers.
+const SCRAPE_BUDGET: Duration = Duration::from_secs(5);
+
 async fn metrics(State(watched): State<Watched>) -> impl IntoResponse {
     let all = &watched.projections;
     let mut lag = vec![];
     let mut checkpoint = vec![];
-    match projectors::admin::views(all).await {
+    // What needs the brokers (distributed) is bounded, so a slow broker cannot hold
+    // a scrape: what did not answer in time is left out.
+    let scrape = tokio::time::Instant::now() + SCRAPE_BUDGET;
+    match tokio::time::timeout_at(scrape, projectors::admin::views(all))
+        .await
+        .unwrap_or_else(|_| Err(ApiError::busy("no answer in time")))
+    {
         Ok(views) => {
             for view in views {
                 let labels = format!("projection=\"{}\"", view.name);
@@ -451,7 +468,7 @@ async fn metrics(State(watched): State<Watched>) -> impl IntoResponse {
         });
     }
     if let Some(inbox) = &watched.inbox {
-        if let Ok((_, lag)) = inbox.standing().await {
+        if let Ok(Ok((_, lag))) = tokio::time::timeout_at(scrape, inbox.standing()).await {
             gauges.push(Gauge {
                 name: "orderline_command_inbox_lag",
                 help: "Commands on this service's command topic not yet carried out.",
@@ -471,14 +488,13 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let app = system.router();
     let mut internal = system.shutdown_signal();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            tokio::select! {
-                _ = stop => {}
-                _ = internal.wait() => {}
-            }
-        })
-        .await?;
+    let stop = async move {
+        tokio::select! {
+            _ = stop => {}
+            _ = internal.wait() => {}
+        }
+    };
+    infra::serve::serve(listener, app, system.config.limits, stop).await?;
     system.stop().await;
     Ok(())
 }

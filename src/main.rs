@@ -68,7 +68,55 @@ enum Command {
         /// The shipping service.
         #[arg(long, env = "ORDERLINE_SHIPPING_URL")]
         shipping: String,
+        #[command(flatten)]
+        edge: EdgeArgs,
     },
+}
+
+/// The HTTP edge's limits (`infra::serve::Limits`).
+#[derive(Args, Clone)]
+struct EdgeArgs {
+    /// Open connections at most; past it new connections wait until one closes.
+    #[arg(long, env = "ORDERLINE_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Requests in progress at most; past it a request is answered 503 with
+    /// Retry-After (/health and /metrics are not counted).
+    #[arg(long, env = "ORDERLINE_MAX_IN_FLIGHT", default_value_t = 512)]
+    max_in_flight: usize,
+    /// How long a request's head may take, and a connection may stay idle, in ms.
+    #[arg(long, env = "ORDERLINE_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// How long a request's body may pause, in ms (then 408).
+    #[arg(long, env = "ORDERLINE_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    body_timeout_ms: u64,
+    /// How long a whole request may take, consistency waits included, in ms (then 408).
+    #[arg(long, env = "ORDERLINE_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    request_timeout_ms: u64,
+}
+
+impl EdgeArgs {
+    fn limits(&self) -> anyhow::Result<infra::serve::Limits> {
+        let limits = infra::serve::Limits {
+            max_connections: self.max_connections,
+            max_in_flight: self.max_in_flight,
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
+        };
+        if limits.max_connections == 0 || limits.max_in_flight == 0 {
+            anyhow::bail!("--max-connections and --max-in-flight must be at least 1");
+        }
+        if [
+            limits.header_timeout,
+            limits.body_timeout,
+            limits.request_timeout,
+        ]
+        .contains(&Duration::ZERO)
+        {
+            anyhow::bail!("the timeouts must be at least 1 ms");
+        }
+        Ok(limits)
+    }
 }
 
 #[derive(Args, Clone)]
@@ -151,11 +199,13 @@ struct ServeArgs {
     #[arg(long, env = "ORDERLINE_MAX_BACKLOG", default_value_t = 1_000)]
     max_backlog: u64,
     #[command(flatten)]
+    edge: EdgeArgs,
+    #[command(flatten)]
     kafka: KafkaArgs,
 }
 
 /// The settings a `--config` file may hold.
-const SETTINGS: [&str; 18] = [
+const SETTINGS: [&str; 23] = [
     "ORDERLINE_LISTEN",
     "ORDERLINE_MAX_BACKLOG",
     "ORDERLINE_DATA_DIR",
@@ -173,6 +223,11 @@ const SETTINGS: [&str; 18] = [
     "ORDERLINE_INVENTORY_URL",
     "ORDERLINE_PAYMENT_URL",
     "ORDERLINE_SHIPPING_URL",
+    "ORDERLINE_MAX_CONNECTIONS",
+    "ORDERLINE_MAX_IN_FLIGHT",
+    "ORDERLINE_HEADER_TIMEOUT_MS",
+    "ORDERLINE_BODY_TIMEOUT_MS",
+    "ORDERLINE_REQUEST_TIMEOUT_MS",
     "RUST_LOG",
 ];
 
@@ -241,6 +296,7 @@ fn main() -> anyhow::Result<()> {
                 inventory,
                 payment,
                 shipping,
+                edge,
             }) => {
                 let upstreams = orderline::gateway::Upstreams {
                     services: vec![
@@ -250,7 +306,7 @@ fn main() -> anyhow::Result<()> {
                         (Service::Shipping, shipping),
                     ],
                 };
-                run_gateway(listen, upstreams).await
+                run_gateway(listen, upstreams, edge.limits()?).await
             }
         }
     })
@@ -264,6 +320,7 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     config.listen = args.listen;
     config.payment_timeout = Duration::from_millis(args.payment_timeout_ms);
     config.max_backlog = args.max_backlog;
+    config.limits = args.edge.limits()?;
     if let Some(kafka) = config.kafka.as_mut() {
         kafka.partitions = args.kafka.kafka_partitions;
         kafka.replication_factor = args.kafka.kafka_replication;
@@ -293,18 +350,17 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
 async fn run_gateway(
     listen: SocketAddr,
     upstreams: orderline::gateway::Upstreams,
+    limits: infra::serve::Limits,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let address = listener.local_addr()?;
-    let app = orderline::gateway::router(upstreams)?.layer(axum::extract::DefaultBodyLimit::max(
-        infra::http::MAX_BODY_BYTES,
-    ));
+    let app = orderline::gateway::router(upstreams, &limits)?.layer(
+        axum::extract::DefaultBodyLimit::max(infra::http::MAX_BODY_BYTES),
+    );
     tracing::info!("orderline gateway listening on http://{address}");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop_signal())
-        .await?;
+    infra::serve::serve(listener, app, limits, stop_signal()).await?;
     tracing::info!("orderline gateway stopped");
     Ok(())
 }

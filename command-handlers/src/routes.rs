@@ -13,7 +13,7 @@ use domain::order::{Order, OrderCommand, OrderLine, MAX_LINES};
 use domain::values::parse_note;
 use domain::{CancelReason, CustomerId, Money, PaymentToken, Quantity, Sku};
 use infra::event_store::IdempotencyRecord;
-use infra::http::{token_header, ApiError, JsonBody};
+use infra::http::{token_header, ApiError, JsonBody, RawBody};
 use infra::metrics;
 use schemas::http::{CancelOrderRequest, PlaceOrderRequest, RestockRequest, IDEMPOTENCY_KEY};
 use schemas::topics::Service;
@@ -341,7 +341,7 @@ async fn dispatch(
     State(h): State<Handlers>,
     Path(order_id): Path<String>,
     headers: HeaderMap,
-    raw: Bytes,
+    RawBody(raw): RawBody,
 ) -> Response {
     let step = shipment_step(&h, &order_id, &headers, &raw, OrderCommand::Ship);
     observe(&h, "dispatch_shipment", step.await)
@@ -351,7 +351,7 @@ async fn deliver(
     State(h): State<Handlers>,
     Path(order_id): Path<String>,
     headers: HeaderMap,
-    raw: Bytes,
+    RawBody(raw): RawBody,
 ) -> Response {
     let step = shipment_step(&h, &order_id, &headers, &raw, OrderCommand::Deliver);
     observe(&h, "deliver_shipment", step.await)

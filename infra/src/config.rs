@@ -23,6 +23,8 @@ pub struct Config {
     /// The most orders in progress (accepted, not yet confirmed or cancelled) before
     /// new ones are refused with 503 (`ORDERLINE_MAX_BACKLOG`, 1000; 0: no bound).
     pub max_backlog: u64,
+    /// The HTTP edge's connection, concurrency and time limits.
+    pub limits: crate::serve::Limits,
 }
 
 impl Config {
@@ -35,6 +37,7 @@ impl Config {
             database_prefix: "orderline".into(),
             kafka: None,
             max_backlog: 1_000,
+            limits: crate::serve::Limits::default(),
         }
     }
 

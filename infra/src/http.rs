@@ -266,15 +266,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| {
-                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::too_large(format!("the body may be at most {MAX_BODY_BYTES} bytes"))
-                } else {
-                    ApiError::malformed(rejection.body_text())
-                }
-            })?;
+        let RawBody(bytes) = RawBody::from_request(request, state).await?;
         let text: &[u8] = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
             None => b"{}",
             Some(b'{') => &bytes,
@@ -293,6 +285,41 @@ where
         json.end()
             .map_err(|e| ApiError::malformed(format!("the body is not valid: {e}")))?;
         Ok(JsonBody(value, bytes))
+    }
+}
+
+/// A request's body as bytes: past [`MAX_BODY_BYTES`] a 413, a body that paused
+/// longer than the body timeout (`serve::Limits`) a 408, any other failure to read it
+/// a 400.
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(request, state)
+            .await
+            .map(RawBody)
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    return ApiError::too_large(format!(
+                        "the body may be at most {MAX_BODY_BYTES} bytes"
+                    ));
+                }
+                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&rejection);
+                while let Some(error) = cause {
+                    if error.is::<tower_http::timeout::TimeoutError>() {
+                        return ApiError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "request-timeout",
+                            "Request timeout",
+                            "the body stopped arriving before it was complete",
+                        );
+                    }
+                    cause = error.source();
+                }
+                ApiError::malformed(rejection.body_text())
+            })
     }
 }
 

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod progress;
 #[cfg(any(test, feature = "testing"))]
 pub mod scratch;
+pub mod serve;
 pub mod shutdown;
 
 pub use config::Config;

@@ -5,7 +5,7 @@
 use crate::support::{Api, Backend, OwnBroker, Process, TestServer};
 use reqwest::StatusCode;
 use serde_json::json;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How the deployment is restarted: a name, how each process stops, how long it
 /// stays down.
@@ -16,6 +16,28 @@ async fn confirms(api: &Api, sku: &str, customer: &str) -> String {
     let id = api.place(customer, &[(sku, 1, 100)], "tok_ok").await;
     api.order_settles(&id, "confirmed").await;
     id
+}
+
+/// How soon after a restart (the processes started, or the broker back) consumers
+/// must be reading new records again: a new order is confirmed by then.
+const RESUMED_WITHIN: Duration = Duration::from_secs(30);
+
+/// Place an order of one unit of `sku`; it must be confirmed within
+/// [`RESUMED_WITHIN`] of `since`. Prints how long it took.
+async fn confirms_soon_after(api: &Api, sku: &str, customer: &str, since: Instant) {
+    let id = api.place(customer, &[(sku, 1, 100)], "tok_ok").await;
+    let limit = RESUMED_WITHIN.saturating_sub(since.elapsed());
+    api.eventually_within(
+        &format!("/v1/orders/{id}"),
+        "confirmed",
+        |o| o["status"] == "confirmed",
+        limit,
+    )
+    .await;
+    println!(
+        "lifecycle {customer}: confirmed {:.1} s after the restart",
+        since.elapsed().as_secs_f64()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,11 +61,11 @@ async fn the_whole_deployment_stopped_or_killed_and_started_again_goes_on_consum
     ];
     let mut placed = 1;
     for (how, stop, down) in stops {
-        server.restart_every_process(stop, down).await;
+        let started = server.restart_every_process(stop, down).await;
         // Two orders one after the other: the second needs records that arrived
         // after the consumers had caught up with the first.
         for n in 0..2 {
-            confirms(&api, "LIFE", &format!("{how}-{n}")).await;
+            confirms_soon_after(&api, "LIFE", &format!("{how}-{n}"), started).await;
             placed += 1;
         }
     }
@@ -66,8 +88,9 @@ async fn a_broker_restarted_on_its_state_is_read_again_past_the_next_record() {
     for round in 0..2 {
         broker.stop();
         broker.resume();
+        let back = Instant::now();
         for n in 0..3 {
-            confirms(&api, "BRK", &format!("after-{round}-{n}")).await;
+            confirms_soon_after(&api, "BRK", &format!("after-{round}-{n}"), back).await;
         }
     }
     server.finish().await;
@@ -117,10 +140,10 @@ async fn after_a_burst_every_accepted_order_is_confirmed_and_a_restart_goes_on()
         api.order_settles(id, "confirmed").await;
     }
 
-    server
+    let started = server
         .restart_every_process(Process::stop_cleanly, Duration::ZERO)
         .await;
-    confirms(&api, "BURST-0", "after").await;
+    confirms_soon_after(&api, "BURST-0", "after", started).await;
     server.finish().await;
 }
 
@@ -137,8 +160,9 @@ async fn a_service_started_while_the_broker_is_down_takes_orders_and_catches_up_
     server.replace_service("order", Process::kill_and_restart);
     let id = api.place("while-down", &[("DOWN", 1, 100)], "tok_ok").await;
     broker.resume();
+    let back = Instant::now();
     api.order_settles(&id, "confirmed").await;
-    confirms(&api, "DOWN", "after").await;
+    confirms_soon_after(&api, "DOWN", "after", back).await;
     server.finish().await;
 }
 

@@ -8,6 +8,7 @@ mod cli;
 mod concurrency;
 mod distributed;
 mod durability;
+mod edge;
 mod event_store;
 mod faults;
 mod history;

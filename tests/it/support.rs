@@ -265,16 +265,18 @@ impl TestServer {
     /// Stop every process of the distributed deployment with `stop` (SIGTERM or
     /// SIGKILL), wait `down`, then start each again with its arguments, on the same
     /// addresses and the same state; ready when the gateway says so.
-    pub async fn restart_every_process(&mut self, stop: fn(Process), down: Duration) {
+    pub async fn restart_every_process(&mut self, stop: fn(Process), down: Duration) -> Instant {
         let processes: Vec<Process> = self.processes.drain(..).collect();
         let args: Vec<Vec<String>> = processes.iter().map(|p| p.args.clone()).collect();
         for process in processes.into_iter().rev() {
             stop(process);
         }
         tokio::time::sleep(down).await;
+        let started = Instant::now();
         self.processes = args.iter().map(|args| Process::spawn(args)).collect();
         let gateway = &self.processes.last().expect("the gateway").api;
         gateway.eventually("/health", "ready", |_| true).await;
+        started
     }
 
     /// Run `change` on the process of a service (distributed only), in its place.
@@ -327,6 +329,8 @@ pub fn storage_args(config: &Config) -> Vec<String> {
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
+        // Dropped before the server's idle timeout (10 s) closes them.
+        .pool_idle_timeout(Duration::from_secs(5))
         .build()
         .expect("client")
 }
@@ -426,14 +430,27 @@ impl Api {
         what: &str,
         check: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.eventually_within(path, what, check, SETTLE).await
+    }
+
+    /// Wait until `check` holds of what GET `path` answers; panics after `limit`.
+    pub async fn eventually_within(
+        &self,
+        path: &str,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+        limit: Duration,
+    ) -> Value {
         let start = Instant::now();
         loop {
             let (status, body) = self.get(path).await;
             if status == StatusCode::OK && check(&body) {
                 return body;
             }
-            if start.elapsed() > SETTLE {
-                panic!("{path} never became {what}; last answer {status}: {body}");
+            if start.elapsed() > limit {
+                panic!(
+                    "{path} did not become {what} within {limit:?}; last answer {status}: {body}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -462,7 +479,11 @@ impl Api {
         // out: settled only when every projection seen so far reports.
         let mut projections = 0;
         loop {
-            let text = self.metrics().await;
+            // A scrape that fails (a gateway waiting on a busy service) is not settled.
+            let text = match self.client.get(self.url("/metrics")).send().await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
             let head = sum(&text, "orderline_log_head");
             let reporting = text
                 .lines()
