@@ -410,9 +410,16 @@ async fn metrics(State(watched): State<Watched>) -> impl IntoResponse {
                 checkpoint.push((labels, view.checkpoint));
             }
         }
-        // The samples are left out (a scraper sees them missing, not a false 0).
+        // The lag is left out (a scraper sees it missing, not a false 0); where each
+        // projection stands is read from its own database.
         Err(error) => {
-            tracing::warn!(error = %error.detail, "projection standing unavailable for /metrics")
+            tracing::warn!(error = %error.detail, "projection lag unavailable for /metrics");
+            for handle in &all.handles {
+                if let Ok(at) = handle.source.checkpoint().await {
+                    let labels = format!("projection=\"{}\"", handle.projection.as_str());
+                    checkpoint.push((labels, at));
+                }
+            }
         }
     }
     let head = all.store.head();

@@ -123,7 +123,13 @@ impl KafkaConfig {
 
     fn client(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", &self.brokers);
+        config
+            .set("bootstrap.servers", &self.brokers)
+            // A broker that comes back is found within a second (librdkafka waits up
+            // to 10 s between attempts by default; a chain of consumers across
+            // services added those waits up).
+            .set("reconnect.backoff.ms", "100")
+            .set("reconnect.backoff.max.ms", "1000");
         config
     }
 }
@@ -476,7 +482,14 @@ pub struct KafkaConsumer {
     /// Set once it has been given its partitions.
     reading: Arc<std::sync::atomic::AtomicBool>,
     pub offsets: OffsetStore,
+    /// The watermarks last asked of the brokers, and when: reused for
+    /// [`WATERMARKS_REUSED_FOR`], so frequent scrapes do not load the brokers.
+    watermarks: Arc<std::sync::Mutex<Option<(std::time::Instant, Watermarks)>>>,
 }
+
+/// How long the watermarks a consumer asked for serve its lag figures (shorter than
+/// any settling window that reads them).
+const WATERMARKS_REUSED_FOR: Duration = Duration::from_millis(250);
 
 impl KafkaConsumer {
     /// A consumer of `topics` that reads once [`KafkaConsumer::start`]ed (so a tool
@@ -493,6 +506,7 @@ impl KafkaConsumer {
             config: config.clone(),
             reading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             offsets,
+            watermarks: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 
@@ -541,7 +555,25 @@ impl KafkaConsumer {
     /// (sum of stored next offsets, records not yet consumed) over every partition
     /// of its topics, whichever replica reads it.
     pub async fn progress(&self) -> Result<(i64, i64), InfraError> {
-        let marks = watermarks(self.consumer.clone(), self.topics.clone()).await?;
+        let cached = self
+            .watermarks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < WATERMARKS_REUSED_FOR)
+            .map(|(_, marks)| marks.clone());
+        let marks = match cached {
+            Some(marks) => marks,
+            None => {
+                let marks = watermarks(self.consumer.clone(), self.topics.clone()).await?;
+                *self
+                    .watermarks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some((std::time::Instant::now(), marks.clone()));
+                marks
+            }
+        };
         let (mut done, mut lag) = (0, 0);
         for ((topic, partition), (_, high)) in marks {
             let next = self

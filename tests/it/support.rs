@@ -517,7 +517,7 @@ impl Api {
                 start.elapsed() < SETTLE,
                 "the system never settled:\n{text}"
             );
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
@@ -595,7 +595,11 @@ impl Process {
     /// Start `orderline` with `args`; it must log where it listens.
     pub fn spawn(args: &[String]) -> Process {
         use std::io::{BufRead, BufReader};
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orderline"))
+        // ORDERLINE_TEST_BIN runs another build (the long history profile uses the
+        // release binary).
+        let binary = std::env::var("ORDERLINE_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_orderline").to_owned());
+        let mut child = std::process::Command::new(binary)
             .args(args)
             .env("RUST_LOG", "info,sqlx=warn,rdkafka=warn")
             .stdout(std::process::Stdio::null())
