@@ -16,6 +16,22 @@ use std::time::{Duration, Instant};
 /// development broker on purpose; two at once on two cores measure the machine.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Place one order of a SKU no workload uses (the history need not know of it): its
+/// status, whether it carries `Retry-After`, and its body.
+async fn probe(api: &Api) -> (StatusCode, bool, serde_json::Value) {
+    let response = api
+        .client
+        .post(api.url("/v1/orders"))
+        .json(&json!({ "customer_id": "probe", "lines": [{ "sku": "PROBE", "quantity": 1, "unit_price_cents": 250 }], "payment_token": "tok_ok" }))
+        .send()
+        .await
+        .expect("an answer");
+    let status = response.status();
+    let retry_after = response.headers().contains_key("retry-after");
+    let (_, body) = crate::support::body(response).await;
+    (status, retry_after, body)
+}
+
 /// How soon after a fault is healed, under load, consumers must be reading new
 /// records again. Each scenario prints what it measured. (Without load the lifecycle
 /// tests hold the deployment to 30 s; under this load on the development broker,
@@ -391,16 +407,7 @@ async fn postgres_away(distributed: bool) {
     let mut probes = 0;
     while away.elapsed() < profile.outage {
         let asked = Instant::now();
-        let response = api
-            .client
-            .post(api.url("/v1/orders"))
-            .json(&json!({ "customer_id": "probe", "lines": [{ "sku": "PROBE", "quantity": 1, "unit_price_cents": 250 }], "payment_token": "tok_ok" }))
-            .send()
-            .await
-            .expect("an answer while PostgreSQL is away");
-        let status = response.status();
-        let retry_after = response.headers().contains_key("retry-after");
-        let (_, body) = crate::support::body(response).await;
+        let (status, retry_after, body) = probe(&api).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         assert!(retry_after, "a 503 without Retry-After: {body}");
         assert!(
@@ -572,16 +579,7 @@ async fn refused_with_503(api: &Api, within: Duration) -> usize {
             start.elapsed() < crate::support::SETTLE,
             "writes were never refused"
         );
-        let response = api
-            .client
-            .post(api.url("/v1/orders"))
-            .json(&json!({ "customer_id": "probe", "lines": [{ "sku": "PROBE", "quantity": 1, "unit_price_cents": 250 }], "payment_token": "tok_ok" }))
-            .send()
-            .await
-            .expect("an answer");
-        let status = response.status();
-        let retry_after = response.headers().contains_key("retry-after");
-        let (_, body) = crate::support::body(response).await;
+        let (status, retry_after, body) = probe(api).await;
         match status {
             StatusCode::ACCEPTED => {}
             StatusCode::SERVICE_UNAVAILABLE => {

@@ -548,7 +548,7 @@ pub async fn check(api: &Api, history: &[Op], stock: &BTreeMap<String, i64>) -> 
         ..Report::default()
     };
     // What a customer's orders are, per place operation (each has a customer of its own).
-    let mut orders: Vec<(Value, Vec<Value>)> = vec![];
+    let mut orders: Vec<Value> = vec![];
     let mut acked_cancel: HashMap<String, usize> = HashMap::new();
     let mut acked_dispatch: HashMap<String, usize> = HashMap::new();
     for op in history {
@@ -637,15 +637,13 @@ pub async fn check(api: &Api, history: &[Op], stock: &BTreeMap<String, i64>) -> 
                     .collect::<Vec<_>>()
             ));
         }
-        for item in items {
-            orders.push((item, vec![]));
-        }
+        orders.extend(items);
     }
 
     // Each order: its stream, its payment, its shipment.
     let mut holding: BTreeMap<String, i64> = BTreeMap::new();
     let mut shipped: BTreeMap<String, i64> = BTreeMap::new();
-    for (view, _) in &mut orders {
+    for view in &orders {
         let id = view["order_id"].as_str().unwrap_or_default().to_owned();
         let status = view["status"].as_str().unwrap_or_default().to_owned();
         report.orders += 1;
