@@ -105,6 +105,61 @@ impl Change {
     }
 }
 
+impl Change {
+    /// Several changes as one PostgreSQL script with their values written in as
+    /// literals (`E'...'` with backslashes and quotes escaped, so the text reads
+    /// back exactly whatever `standard_conforming_strings` says), for the simple
+    /// query protocol.
+    pub fn literal_script(changes: &[Change]) -> String {
+        let mut sql = String::new();
+        for change in changes {
+            sql.push_str(&inline(&change.sql, &change.binds));
+            sql.push_str(";\n");
+        }
+        sql
+    }
+}
+
+/// A value as a PostgreSQL literal.
+fn literal(bind: &Bind) -> String {
+    match bind {
+        // In parentheses when negative: `x -$1` must not become the comment `x --1`.
+        Bind::Integer(n) if *n < 0 => format!("({n})"),
+        Bind::Integer(n) => n.to_string(),
+        Bind::Text(text) => format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''")),
+    }
+}
+
+/// `sql` with every `$n` replaced by the literal of `binds[n - 1]` (a number with
+/// no value is left as it is, and fails when run).
+fn inline(sql: &str, binds: &[Bind]) -> String {
+    let mut out = String::with_capacity(sql.len() + 64);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        let mut digits = String::new();
+        while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+            digits.push(*d);
+            chars.next();
+        }
+        match digits
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| binds.get(n.checked_sub(1)?))
+        {
+            Some(bind) => out.push_str(&literal(bind)),
+            None => {
+                out.push('$');
+                out.push_str(&digits);
+            }
+        }
+    }
+    out
+}
+
 fn bind_all<'q>(
     mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
     binds: &'q [Bind],

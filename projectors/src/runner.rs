@@ -140,21 +140,16 @@ impl Handler for Runner {
         let dialect = self.consumer.db.dialect;
         let guard = self.projection.applied_table(self.suffix);
         let fresh = guard::first_deliveries(tx, dialect, &guard, events).await?;
-        if dialect == Dialect::Sqlite {
-            return apply_scripted(tx, self.projection, self.suffix, events, &fresh, failures)
-                .await;
-        }
-        for (i, (recorded, fresh)) in events.iter().zip(fresh).enumerate() {
-            if !fresh {
-                continue;
-            }
-            if let Err(error) =
-                apply_one(tx, dialect, self.projection, self.suffix, recorded).await?
-            {
-                failures.push(i, error);
-            }
-        }
-        Ok(())
+        apply_scripted(
+            tx,
+            dialect,
+            self.projection,
+            self.suffix,
+            events,
+            &fresh,
+            failures,
+        )
+        .await
     }
 
     fn after(&self, _: (), checkpoint: i64) {
@@ -168,12 +163,16 @@ impl Handler for Runner {
 /// to a size whose preparation costs less than the round trips it saves.
 const SCRIPT_CHANGES: usize = 200;
 
-/// SQLite: apply the changes of the fresh events as scripts, one round trip to the
-/// connection's thread per script instead of one per event. A script that fails is
-/// rolled back to its savepoint and its changes are applied one by one, so only the
-/// event that fails is dead-lettered.
+/// Apply the changes of the fresh events as scripts, one round trip per script
+/// instead of one (SQLite) or three (PostgreSQL, with a savepoint each) per event:
+/// on SQLite one statement text with numbered parameters, on PostgreSQL statements
+/// with their values written in as literals (the simple query protocol takes several
+/// statements, the extended one does not). A script that fails is rolled back to its
+/// savepoint and its changes are applied one by one, so only the event that fails is
+/// dead-lettered.
 async fn apply_scripted(
     tx: &mut AnyConnection,
+    dialect: Dialect,
     projection: Projection,
     suffix: &str,
     events: &[RecordedEvent],
@@ -198,22 +197,62 @@ async fn apply_scripted(
         let mut script = vec![Change::statement("SAVEPOINT project_batch")];
         script.extend(chunk.iter().map(|(_, change)| change.clone()));
         script.push(Change::statement("RELEASE project_batch"));
-        if Change::script(&script).execute_once(tx).await.is_ok() {
-            continue;
+        let ran = match dialect {
+            Dialect::Sqlite => Change::script(&script).execute_once(tx).await,
+            Dialect::Postgres => run_script(tx, Change::literal_script(&script)).await,
+        };
+        match ran {
+            Ok(()) => continue,
+            // The database cannot take writes now: the batch is tried again.
+            Err(error) if infra::database_unavailable(&error) => return Err(error.into()),
+            Err(_) => {}
         }
         for sql in ["ROLLBACK TO project_batch", "RELEASE project_batch"] {
             sqlx::query(sql).execute(&mut *tx).await?;
         }
         for (i, change) in chunk {
-            match change.execute(tx).await {
+            match apply_change(tx, dialect, change).await? {
                 Ok(()) => {}
-                // The database cannot take writes now: the batch is tried again.
-                Err(error) if infra::database_unavailable(&error) => return Err(error.into()),
-                Err(error) => failures.push(*i, error.to_string()),
+                Err(error) => failures.push(*i, error),
             }
         }
     }
     Ok(())
+}
+
+/// Statements without parameters, in one round trip (PostgreSQL's simple query
+/// protocol).
+async fn run_script(tx: &mut AnyConnection, script: String) -> Result<(), sqlx::Error> {
+    use sqlx::Executor;
+    tx.execute(script.as_str()).await.map(|_| ())
+}
+
+/// One change on its own; on PostgreSQL under a savepoint, rolled back if it fails
+/// (a failed statement spoils the whole transaction there).
+async fn apply_change(
+    tx: &mut AnyConnection,
+    dialect: Dialect,
+    change: &Change,
+) -> Result<Result<(), String>, sqlx::Error> {
+    let guarded = dialect == Dialect::Postgres;
+    if guarded {
+        sqlx::query("SAVEPOINT apply_event")
+            .execute(&mut *tx)
+            .await?;
+    }
+    let applied = match change.execute(tx).await {
+        Err(error) if infra::database_unavailable(&error) => return Err(error),
+        other => other,
+    };
+    if guarded {
+        if applied.is_err() {
+            sqlx::query("ROLLBACK TO apply_event")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("RELEASE apply_event").execute(&mut *tx).await?;
+    }
+    Ok(applied.map_err(|e| e.to_string()))
 }
 
 /// Decode and apply one event, without the version guard. Each event's change is one

@@ -241,3 +241,120 @@ async fn an_event_a_projection_cannot_apply_is_dead_lettered_and_the_projection_
         .contains("still cannot be applied"));
     second.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_batch_is_one_script_and_a_change_that_fails_is_dead_lettered_alone() {
+    use domain::order::{OrderEvent, OrderLine};
+    use domain::shipment::ShipmentEvent;
+    use infra::consume::{step, Consumer, LogSource, Step};
+    use projectors::projection::{Bind, Change, ReadModel};
+    use projectors::runner::Runner;
+    use projectors::Projection;
+
+    let url = format!(
+        "{}/orderline_script_{}",
+        crate::support::postgres_server(),
+        uuid::Uuid::now_v7().simple()
+    );
+    let db = infra::db::Db::open(&url, 2).await.expect("database");
+
+    // Values written into a script as literals read back exactly.
+    sqlx::raw_sql("CREATE TABLE literals (t TEXT, n BIGINT)")
+        .execute(&db.pool)
+        .await
+        .expect("table");
+    let tricky = "it's a \\ back'slash, $1, E'x' -- not a comment; DROP TABLE literals; é";
+    let script = Change::literal_script(&[Change {
+        sql: "INSERT INTO literals (t, n) VALUES ($1, 5 -$2)".into(),
+        binds: vec![Bind::Text(tricky.into()), Bind::Integer(-7)],
+    }]);
+    sqlx::raw_sql(&script)
+        .execute(&db.pool)
+        .await
+        .expect("script");
+    let (t, n): (String, i64) = sqlx::query_as("SELECT t, n FROM literals")
+        .fetch_one(&db.pool)
+        .await
+        .expect("row");
+    assert_eq!((t.as_str(), n), (tricky, 12));
+
+    // A batch whose middle event's change fails: the others apply, that one is
+    // dead-lettered, the transaction goes on.
+    let store = infra::EventStore::with_db(db.clone()).await.expect("store");
+    let projection = Projection::Orders;
+    db.migrate(&projection.create_tables(""))
+        .await
+        .expect("tables");
+    sqlx::raw_sql("DROP TABLE order_progress")
+        .execute(&db.pool)
+        .await
+        .expect("drop");
+    let id = uuid::Uuid::now_v7().to_string();
+    let placed = OrderEvent::OrderPlaced {
+        customer_id: domain::CustomerId::parse("c-1").expect("id"),
+        lines: vec![OrderLine {
+            sku: domain::Sku::parse("S-1").expect("sku"),
+            quantity: domain::Quantity::new(1).expect("quantity"),
+            unit_price_cents: domain::Money::from_cents(100),
+        }],
+        total_cents: domain::Money::from_cents(100),
+        payment_token: domain::PaymentToken::parse("tok_ok").expect("token"),
+    };
+    let append =
+        |aggregate_type: &'static str, version: i64, event: (String, u32, serde_json::Value)| {
+            let (store, id) = (store.clone(), id.clone());
+            async move {
+                let event_id = uuid::Uuid::now_v7();
+                store
+                    .append(infra::event_store::AppendRequest {
+                        aggregate_type: aggregate_type.into(),
+                        aggregate_id: id,
+                        expected_version: version,
+                        expected_last_event: None,
+                        events: vec![infra::event_store::NewEvent {
+                            event_id,
+                            event_type: event.0,
+                            schema_version: event.1,
+                            payload: event.2,
+                            occurred_at: chrono::Utc::now(),
+                            correlation_id: event_id,
+                            causation_id: event_id,
+                        }],
+                        idempotency: None,
+                        snapshot: None,
+                    })
+                    .await
+                    .expect("appended");
+            }
+        };
+    append("order", 0, schemas::encode(&placed).expect("encodes")).await;
+    let created = ShipmentEvent::ShipmentCreated {};
+    append("shipment", 0, schemas::encode(&created).expect("encodes")).await;
+    let confirmed = OrderEvent::OrderConfirmed {};
+    append("order", 1, schemas::encode(&confirmed).expect("encodes")).await;
+    let source = LogSource::open(store.clone(), projection.topics(), "orders", &db)
+        .await
+        .expect("source");
+    let runner = Runner {
+        projection,
+        suffix: "",
+        consumer: Consumer::new("orders", &db, &infra::metrics::Metrics::default()),
+        lock: None,
+        progress: None,
+    };
+    while step(&source, &runner).await.expect("step") != Step::Idle {}
+    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
+        .bind(&id)
+        .fetch_one(&db.pool)
+        .await
+        .expect("order");
+    assert_eq!(status, "confirmed");
+    let letters = infra::dead_letters::list(&db.pool, "order")
+        .await
+        .expect("dead letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].event["event_type"], "ShipmentCreated");
+    db.pool.close().await;
+    use sqlx::migrate::MigrateDatabase;
+    let _ = sqlx::Any::force_drop_database(&url).await;
+}
