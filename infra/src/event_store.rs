@@ -775,15 +775,31 @@ async fn stream_heads(
 ) -> Result<std::collections::HashMap<(String, String), Head>, sqlx::Error> {
     let mut found = std::collections::HashMap::new();
     if !streams.is_empty() {
-        let sql = format!(
-            "SELECT h.aggregate_type, h.aggregate_id, h.version, h.position, h.event_id
-               FROM events h JOIN (
-                 SELECT (SELECT e.position FROM events e
-                          WHERE e.aggregate_type = k.value ->> 0 AND e.aggregate_id = k.value ->> 1
-                          ORDER BY e.version DESC LIMIT 1) AS position
-                   FROM {}) AS last ON h.position = last.position",
-            dialect.json_rows("$1")
-        );
+        let sql = match dialect {
+            // SQLite finds each head by its rowid (`position`).
+            Dialect::Sqlite => format!(
+                "SELECT h.aggregate_type, h.aggregate_id, h.version, h.position, h.event_id
+                   FROM events h JOIN (
+                     SELECT (SELECT e.position FROM events e
+                              WHERE e.aggregate_type = k.value ->> 0
+                                AND e.aggregate_id = k.value ->> 1
+                              ORDER BY e.version DESC LIMIT 1) AS position
+                       FROM {}) AS last ON h.position = last.position",
+                dialect.json_rows("$1")
+            ),
+            // PostgreSQL would hash-join the form above against a scan of the whole
+            // event table (it cannot tell how few streams a group names): a lateral
+            // join seeks each head in the stream index instead.
+            Dialect::Postgres => format!(
+                "SELECT h.aggregate_type, h.aggregate_id, h.version, h.position, h.event_id
+                   FROM {} CROSS JOIN LATERAL (
+                     SELECT e.aggregate_type, e.aggregate_id, e.version, e.position, e.event_id
+                       FROM events e
+                      WHERE e.aggregate_type = k.value ->> 0 AND e.aggregate_id = k.value ->> 1
+                      ORDER BY e.version DESC LIMIT 1) AS h",
+                dialect.json_rows("$1")
+            ),
+        };
         let list = serde_json::to_string(streams).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         for row in sqlx::query(&sql).bind(list).fetch_all(&mut *conn).await? {
             found.insert(
