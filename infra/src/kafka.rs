@@ -226,6 +226,28 @@ pub struct Relay {
 }
 
 const RELAY_BATCH: i64 = 500;
+/// Batches the relay has sent and the brokers not yet acknowledged, at most.
+const RELAY_IN_FLIGHT: usize = 4;
+
+/// A batch handed to the producer: the position it reaches, and its deliveries.
+struct Sent {
+    reached: i64,
+    deliveries: Vec<rdkafka::producer::DeliveryFuture>,
+}
+
+impl Sent {
+    /// Wait until the brokers acknowledged every record of the batch.
+    async fn acknowledged(self) -> Result<i64, InfraError> {
+        for delivery in self.deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((error, _))) => return Err(error.into()),
+                Err(_) => return Err(KafkaError::Canceled.into()),
+            }
+        }
+        Ok(self.reached)
+    }
+}
 
 impl Relay {
     pub fn new(
@@ -268,13 +290,16 @@ impl Relay {
         }
     }
 
-    /// Publish the next batch; true when the published position moved.
-    pub async fn publish_batch(&self) -> Result<bool, InfraError> {
-        let published = self.store.relay_position(&self.name).await?;
+    /// Read the batch after `after` and hand its records to the producer; `None`
+    /// when there is nothing after it.
+    async fn send_batch(&self, after: i64) -> Result<Option<Sent>, InfraError> {
         let (events, reached) = self
             .store
-            .read_after(published, &AGGREGATE_TYPES, RELAY_BATCH)
+            .read_after(after, &AGGREGATE_TYPES, RELAY_BATCH)
             .await?;
+        if reached == after {
+            return Ok(None);
+        }
         let mut deliveries = Vec::with_capacity(events.len());
         for event in &events {
             let (topic, key, payload, headers) = record_of(&self.config, event)?;
@@ -288,19 +313,46 @@ impl Relay {
             };
             deliveries.push(delivery);
         }
-        for delivery in deliveries {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((error, _))) => return Err(error.into()),
-                Err(_) => return Err(KafkaError::Canceled.into()),
-            }
-        }
-        if reached == published {
+        Ok(Some(Sent {
+            reached,
+            deliveries,
+        }))
+    }
+
+    /// Publish the next batch; true when the published position moved.
+    pub async fn publish_batch(&self) -> Result<bool, InfraError> {
+        let published = self.store.relay_position(&self.name).await?;
+        let Some(sent) = self.send_batch(published).await? else {
             return Ok(false);
-        }
+        };
+        let reached = sent.acknowledged().await?;
         // Every record up to `reached` is acknowledged: only now does the position move.
         self.store.set_relay_position(&self.name, reached).await?;
         Ok(true)
+    }
+
+    /// Publish everything there is, with up to [`RELAY_IN_FLIGHT`] batches sent and
+    /// not yet acknowledged: the position moves past a batch once it and every batch
+    /// before it are acknowledged (the producer keeps each partition's records in
+    /// order). True when the position moved.
+    pub async fn publish_available(&self) -> Result<bool, InfraError> {
+        let start = self.store.relay_position(&self.name).await?;
+        let mut next = start;
+        let mut in_flight = std::collections::VecDeque::with_capacity(RELAY_IN_FLIGHT);
+        loop {
+            while in_flight.len() < RELAY_IN_FLIGHT {
+                let Some(sent) = self.send_batch(next).await? else {
+                    break;
+                };
+                next = sent.reached;
+                in_flight.push_back(sent);
+            }
+            let Some(oldest) = in_flight.pop_front() else {
+                return Ok(next != start);
+            };
+            let reached = oldest.acknowledged().await?;
+            self.store.set_relay_position(&self.name, reached).await?;
+        }
     }
 
     /// Publish until shutdown, waking on appends; on a broker error, back off and
@@ -317,7 +369,7 @@ impl Relay {
             // retried without limit): shutdown does not wait for it. What was not
             // acknowledged is published again by the next start.
             let published = tokio::select! {
-                published = self.publish_batch() => published,
+                published = self.publish_available() => published,
                 _ = shutdown.wait() => break,
             };
             let pause = match published {

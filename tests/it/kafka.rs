@@ -333,6 +333,60 @@ async fn the_relay_publishes_the_log_in_order_and_republishes_rather_than_loses(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_keeps_several_batches_in_flight_and_each_stream_stays_in_order() {
+    let config = isolated(&kafka_broker());
+    ensure_topics(&config, &config.event_topics())
+        .await
+        .expect("topics");
+    let dir = tempfile::tempdir().expect("dir");
+    let store = EventStore::open(&dir.path().join("events.db"))
+        .await
+        .expect("store");
+    let handlers = Handlers::new(store.clone(), Metrics::default());
+    // 3,000 events: more than the batches the relay keeps in flight at once.
+    let mut writers = tokio::task::JoinSet::new();
+    for sku in 0..30 {
+        let handlers = handlers.clone();
+        writers.spawn(async move {
+            for _ in 0..100 {
+                handlers
+                    .execute::<InventoryItem>(
+                        &format!("P-{sku}"),
+                        &InventoryCommand::Restock {
+                            quantity: Quantity::new(1).expect("valid"),
+                        },
+                        &Meta::fresh(),
+                    )
+                    .await
+                    .expect("restock");
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.expect("writer");
+    }
+    let relay = Relay::new(store.clone(), &config, "relay").expect("relay");
+    assert!(relay.publish_available().await.expect("published"));
+    assert_eq!(
+        store.relay_position("relay").await.expect("position"),
+        3_000
+    );
+    assert!(!relay.publish_available().await.expect("nothing new"));
+
+    let consumer = KafkaConsumer::reading(
+        &config,
+        &[config.events_topic(AggregateType::Inventory)],
+        offsets(&dir, "reader").await,
+    )
+    .await
+    .expect("consumer");
+    let records = read_until(&consumer, |all| all.len() >= 3_000).await;
+    assert_eq!(records.len(), 3_000, "each record once");
+    assert_in_order_per_key(&records, 30, 100);
+    consumer.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_produce_and_fetch_errors_are_retried_without_loss_or_reordering() {
     let cluster = MockCluster::new(3).expect("mock cluster");
     let mut config = KafkaConfig::local(cluster.bootstrap_servers());
