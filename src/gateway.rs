@@ -106,6 +106,12 @@ fn unavailable(service: Service, error: impl std::fmt::Display) -> ApiError {
 async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
+    // The upstream URL is normalised (a `..` segment, also written `%2e%2e`, takes
+    // the one before it away): a path with such segments would reach another
+    // resource than the one it was routed by.
+    if path.split('/').any(dot_segment) {
+        return ApiError::malformed("the path may not hold `.` or `..` segments").into_response();
+    }
     let Some(service) = owner(&parts.method, &path) else {
         return ApiError::not_found("no such resource").into_response();
     };
@@ -114,10 +120,7 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
     };
     let body = match to_bytes(body, MAX_BODY_BYTES).await {
         Ok(body) => body,
-        Err(_) => {
-            return ApiError::too_large(format!("the body may be at most {MAX_BODY_BYTES} bytes"))
-                .into_response()
-        }
+        Err(error) => return infra::http::unreadable_body(&error).into_response(),
     };
     let query = parts
         .uri
@@ -146,11 +149,19 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
     }
 }
 
+/// `.` or `..`, plainly or percent-encoded (as URL parsers read them).
+fn dot_segment(segment: &str) -> bool {
+    let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+    decoded == "." || decoded == ".."
+}
+
 fn forwarded(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, value) in headers {
         if !HOP_BY_HOP.contains(&name.as_str()) {
-            out.insert(HeaderName::from(name), value.clone());
+            // `append`: a header the service sent several times (e.g. `Vary`,
+            // `Set-Cookie`) is passed on with every value.
+            out.append(HeaderName::from(name), value.clone());
         }
     }
     out

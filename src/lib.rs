@@ -241,6 +241,7 @@ impl System {
         handlers.backlog.bound = (config.max_backlog > 0).then_some(config.max_backlog);
         if transport.kafka().is_some() {
             handlers.tokens = TokenStyle::Stream;
+            projections.progress.issue_stream_tokens();
         }
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = projections.spawn_all(&shutdown);

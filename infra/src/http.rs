@@ -302,25 +302,36 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
             .map(RawBody)
             .map_err(|rejection| {
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    return ApiError::too_large(format!(
-                        "the body may be at most {MAX_BODY_BYTES} bytes"
-                    ));
+                    return too_large();
                 }
-                let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&rejection);
-                while let Some(error) = cause {
-                    if error.is::<tower_http::timeout::TimeoutError>() {
-                        return ApiError::new(
-                            StatusCode::REQUEST_TIMEOUT,
-                            "request-timeout",
-                            "Request timeout",
-                            "the body stopped arriving before it was complete",
-                        );
-                    }
-                    cause = error.source();
-                }
-                ApiError::malformed(rejection.body_text())
+                unreadable_body(&rejection)
             })
     }
+}
+
+fn too_large() -> ApiError {
+    ApiError::too_large(format!("the body may be at most {MAX_BODY_BYTES} bytes"))
+}
+
+/// The answer to a body that could not be read: past [`MAX_BODY_BYTES`] a 413, a
+/// body that paused longer than the body timeout a 408, anything else a 400.
+pub fn unreadable_body(error: &(dyn std::error::Error + 'static)) -> ApiError {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return too_large();
+        }
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "Request timeout",
+                "the body stopped arriving before it was complete",
+            );
+        }
+        cause = error.source();
+    }
+    ApiError::malformed(format!("the body could not be read: {error}"))
 }
 
 /// A consistency token: what a read must reflect to reflect a write.
@@ -408,6 +419,14 @@ pub async fn await_consistency(
     let Some((token, wait)) = requested_consistency(headers)? else {
         return Ok(());
     };
+    // A token of the other deployment's kind was never issued here: a position
+    // means nothing to a distributed service, and a stream token would cost a
+    // database read per checkpoint change in the embedded one.
+    if matches!(token, Token::Stream { .. }) != progress.issues_stream_tokens() {
+        return Err(ApiError::malformed(
+            "X-Consistency-Token is not a token this server issued",
+        ));
+    }
     let reflected = match token {
         Token::Position(position) => progress.wait_for(projection.as_str(), position, wait).await,
         Token::Stream {

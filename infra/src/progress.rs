@@ -2,6 +2,7 @@
 //! consistency token without polling) and the progress of a rebuild.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -21,9 +22,21 @@ struct Entry {
 #[derive(Clone, Default)]
 pub struct Progress {
     entries: Arc<Mutex<BTreeMap<String, Entry>>>,
+    /// The consistency tokens this process hands out: stream versions (distributed)
+    /// rather than log positions (embedded). A read accepts only the kind issued.
+    stream_tokens: Arc<AtomicBool>,
 }
 
 impl Progress {
+    /// From now on, tokens are stream versions (the distributed deployment).
+    pub fn issue_stream_tokens(&self) {
+        self.stream_tokens.store(true, Ordering::Relaxed);
+    }
+
+    pub fn issues_stream_tokens(&self) -> bool {
+        self.stream_tokens.load(Ordering::Relaxed)
+    }
+
     fn with<R>(&self, name: &str, f: impl FnOnce(&mut Entry) -> R) -> R {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = entries.entry(name.to_owned()).or_insert_with(|| Entry {

@@ -164,6 +164,17 @@ async fn a_read_waits_for_its_consistency_token_and_answers_503_when_it_does_not
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // A stream token is what the distributed deployment issues, not this one.
+    let (status, _, body) = get(
+        &f.state,
+        "/v1/inventory/S-1",
+        &[("x-consistency-token", "inventory:S-1:1")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    f.state.progress.issue_stream_tokens();
+    let (status, _, body) = get(&f.state, "/v1/inventory/S-1", &token).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }
 
 #[tokio::test]

@@ -692,10 +692,16 @@ async fn a_token_not_yet_reached_answers_503_with_retry_after(backend: Backend) 
     let server = TestServer::on(backend).await;
     let api = Api::from(&server);
     api.restock("A", 1).await;
+    // A token of the kind this deployment issues (a log position embedded, a
+    // stream version distributed), far ahead; the other kind was never issued here.
+    let (ahead, foreign) = match backend {
+        Backend::Distributed => ("inventory:A:99", "999999"),
+        _ => ("999999", "inventory:A:99"),
+    };
     let response = api
         .client
         .get(api.url("/v1/inventory/A"))
-        .header("X-Consistency-Token", "999999")
+        .header("X-Consistency-Token", ahead)
         .header("X-Consistency-Wait-Ms", "50")
         .send()
         .await
@@ -708,6 +714,14 @@ async fn a_token_not_yet_reached_answers_503_with_retry_after(backend: Backend) 
         .client
         .get(api.url("/v1/inventory/A"))
         .header("X-Consistency-Token", "yesterday")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let response = api
+        .client
+        .get(api.url("/v1/inventory/A"))
+        .header("X-Consistency-Token", foreign)
         .send()
         .await
         .expect("request");

@@ -254,3 +254,83 @@ async fn a_body_that_stops_arriving_is_answered_408() {
     }
     node.kill();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_passes_repeated_headers_answers_a_stopped_body_408_and_refuses_dot_segments() {
+    // One upstream for every service: it answers with a header sent twice and the
+    // path it was asked for.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", upstream.local_addr().expect("address"));
+    let app = axum::Router::new().fallback(|uri: axum::http::Uri| async move {
+        (
+            axum::response::AppendHeaders([("vary", "origin"), ("vary", "accept")]),
+            uri.path().to_owned(),
+        )
+    });
+    let served = tokio::spawn(async move { axum::serve(upstream, app).await });
+    let gateway = Process::spawn(
+        &[
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--order",
+            &url,
+            "--inventory",
+            &url,
+            "--payment",
+            &url,
+            "--shipping",
+            &url,
+            "--body-timeout-ms",
+            "1000",
+        ]
+        .map(String::from),
+    );
+    let client = reqwest::Client::new();
+    let answer = client
+        .get(format!("{}/v1/orders/o-1", gateway.api.base))
+        .send()
+        .await
+        .expect("get");
+    let vary: Vec<_> = answer.headers().get_all("vary").iter().cloned().collect();
+    assert_eq!(
+        vary,
+        ["origin", "accept"],
+        "every value of a repeated header"
+    );
+
+    // A body that stops arriving: 408 (not 413, which says the body was too large).
+    let at = address(&gateway.api);
+    let mut connection = stalled(&at, &announcing_a_body("/v1/orders")).await;
+    connection.write_all(b"{\"customer").await.expect("part");
+    let sent = until_closed(&mut connection, SETTLE)
+        .await
+        .expect("closed by the gateway");
+    assert!(sent.starts_with("HTTP/1.1 408"), "{sent}");
+    assert!(sent.contains("application/problem+json"), "{sent}");
+
+    // Dot segments, plain or encoded, would be routed by one path and sent on as
+    // another: refused, and nothing reaches a service.
+    for path in [
+        "/v1/inventory/%2e%2e/orders",
+        "/v1/inventory/%2E./orders",
+        "/v1/inventory/../orders",
+        "/v1/orders/./o-1",
+    ] {
+        let mut connection = TcpStream::connect(&at).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n");
+        connection
+            .write_all(request.as_bytes())
+            .await
+            .expect("send");
+        let sent = until_closed(&mut connection, SETTLE)
+            .await
+            .expect("answered");
+        assert!(sent.starts_with("HTTP/1.1 400"), "{path}: {sent}");
+        assert!(sent.contains("application/problem+json"), "{path}: {sent}");
+    }
+    gateway.kill();
+    served.abort();
+}
