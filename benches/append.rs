@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let mut rows = vec![];
     let mut one_commit_per_row = None;
+    let (mut ours_curve, mut raw_curve) = (vec![], vec![]);
     for callers in CONCURRENCY {
         eprintln!(
             "append: {callers} callers, {} s each for ours and the baseline ...",
@@ -43,6 +44,8 @@ fn main() -> anyhow::Result<()> {
         if callers == 1 {
             one_commit_per_row = Some(raw);
         }
+        ours_curve.push((callers as f64, events));
+        raw_curve.push((callers as f64, raw));
         rows.push(Row {
             scenario: "append",
             metric: format!("c={callers}"),
@@ -67,6 +70,22 @@ fn main() -> anyhow::Result<()> {
             });
         }
     }
+    support::plot::lines_log_x(
+        "append_throughput.png",
+        "append: durable appends by concurrency (synchronous=FULL)",
+        "concurrent callers",
+        "events/s",
+        &[
+            support::plot::Series {
+                label: "ours (command path, group commit)".into(),
+                points: ours_curve,
+            },
+            support::plot::Series {
+                label: "raw SQLite (one transaction per batch)".into(),
+                points: raw_curve,
+            },
+        ],
+    );
     report("append", &rows)
 }
 

@@ -10,17 +10,21 @@
 //! ratio, p50/p99 of the 202 and of placement-to-confirmed, orders refused with 503
 //! (admission control) and orders cancelled for `payment_timeout`.
 //!
+//! The same on the distributed deployment (one process per service and the
+//! gateway, PostgreSQL databases, the benchmarks' own broker; `distributed spread`
+//! variants): what it reaches, measured the same way.
+//!
 //! `cargo bench --bench end_to_end -- --quick` runs 5 s per variant; without
 //! `--quick`, 20 s. Rows go to `target/bench/summary.json` (merged with other
 //! scenarios' rows) and to standard output.
 
 mod support;
 
-use orderline::{serve, System};
-use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{report, Row};
+use support::plot::{self, Series};
+use support::server::{sku, Server};
+use support::{lock, percentile, report, Row};
 
 const CLIENTS: usize = 64;
 const SKUS: usize = 1_000;
@@ -40,73 +44,63 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let mut rows = vec![];
-    for (name, skus) in [("spread", SKUS), ("hot-sku", 1)] {
+    let mut curves = vec![];
+    let broker = support::services::Broker::start()?;
+    let variants = [
+        ("spread", SKUS, None),
+        ("hot-sku", 1, None),
+        ("distributed spread", SKUS, Some(&broker)),
+    ];
+    for (name, skus, distributed) in variants {
         for load in [Load::Saturation, Load::OpenLoop(OFFERED)] {
             let label = match load {
                 Load::Saturation => format!("{name} saturated"),
                 Load::OpenLoop(rate) => format!("{name} offered={rate:.0}/s"),
             };
             eprintln!("end-to-end: {label}, {seconds} s of load ...");
-            rows.extend(runtime.block_on(variant(&label, skus, load, seconds))?);
+            let (variant_rows, curve) = runtime.block_on(async {
+                let server = match distributed {
+                    Some(broker) => Server::distributed(broker, skus, CLIENTS).await?,
+                    None => Server::start(skus, CLIENTS).await?,
+                };
+                let measured = variant(&server, &label, skus, load, seconds).await;
+                server.stop().await?;
+                measured
+            })?;
+            rows.extend(variant_rows);
+            curves.push(Series {
+                label,
+                points: curve,
+            });
         }
     }
+    drop(broker);
+    // The distributed deployment's times are of another order: a plot of its own.
+    let (distributed, embedded): (Vec<Series>, Vec<Series>) = curves
+        .into_iter()
+        .partition(|s| s.label.starts_with("distributed"));
+    plot::lines(
+        "end_to_end_latency.png",
+        "end-to-end (embedded): placement to confirmed, by percentile",
+        "percentile",
+        "ms",
+        &embedded,
+    );
+    plot::lines(
+        "end_to_end_latency_distributed.png",
+        "end-to-end (distributed): placement to confirmed, by percentile",
+        "percentile",
+        "ms",
+        &distributed,
+    );
     report("end-to-end", &rows)
 }
 
-/// A fresh embedded server with its stock on the shelf.
-struct Server {
-    base: String,
-    client: reqwest::Client,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    _dir: tempfile::TempDir,
-}
+/// The percentiles drawn.
+const QUANTILES: [f64; 7] = [0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999];
 
-impl Server {
-    async fn start(skus: usize) -> anyhow::Result<Server> {
-        let dir = tempfile::tempdir()?;
-        let mut config = infra::Config::with_data_dir(dir.path());
-        config.listen = "127.0.0.1:0".parse()?;
-        let listener = tokio::net::TcpListener::bind(config.listen).await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        let system = System::start(config).await?;
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, system, async {
-            let _ = stopped.await;
-        }));
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(CLIENTS)
-            .build()?;
-        for i in 0..skus {
-            let response = client
-                .post(format!("{base}/v1/inventory/{}/restock", sku(i, skus)))
-                .json(&json!({ "quantity": 1_000_000 }))
-                .send()
-                .await?;
-            anyhow::ensure!(
-                response.status() == 202,
-                "restock answered {}",
-                response.status()
-            );
-        }
-        Ok(Server {
-            base,
-            client,
-            stop,
-            task,
-            _dir: dir,
-        })
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        self.task.await?
-    }
-}
-
-fn sku(n: usize, skus: usize) -> String {
-    format!("B-{}", n % skus)
-}
+/// How long the orders of a variant may take to settle once the load stops.
+const PATIENCE: Duration = Duration::from_secs(180);
 
 /// What the clients saw: the 202 latencies, and how many were refused.
 #[derive(Default)]
@@ -129,11 +123,7 @@ async fn drive(
         let customer = customer.to_owned();
         move |n: usize| {
             let (client, base, answers) = (client.clone(), base.clone(), answers.clone());
-            let body = json!({
-                "customer_id": customer,
-                "lines": [{"sku": sku(n * 7919, skus), "quantity": 1, "unit_price_cents": 100}],
-                "payment_token": "tok_ok",
-            });
+            let body = Server::order(&customer, &sku(n * 7919, skus));
             async move {
                 let started = Instant::now();
                 let answer = client
@@ -183,16 +173,24 @@ async fn drive(
     (answers, elapsed)
 }
 
-/// One variant on a fresh embedded server.
-async fn variant(label: &str, skus: usize, load: Load, seconds: u64) -> anyhow::Result<Vec<Row>> {
-    let server = Server::start(skus).await?;
+/// One variant on a fresh server: its rows, and its placement-to-confirmed curve
+/// (percentile, ms).
+async fn variant(
+    server: &Server,
+    label: &str,
+    skus: usize,
+    load: Load,
+    seconds: u64,
+) -> anyhow::Result<(Vec<Row>, Vec<(f64, f64)>)> {
     let customer = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let start = Instant::now();
-    let (mut answers, load_time) = drive(&server, &customer, skus, load, seconds).await;
-    let settled_at = wait_settled(&server.client, &server.base, &customer).await?;
-    let (confirmed, timed_out, to_confirmed) =
-        outcomes(&server.client, &server.base, &customer).await?;
-    server.stop().await?;
+    let (mut answers, load_time) = drive(server, &customer, skus, load, seconds).await;
+    let settled = server
+        .wait_settled(&customer, answers.accepted.len(), PATIENCE)
+        .await?;
+    // Orders still pending after the patience ran out count as not confirmed.
+    let settled_at = settled.unwrap_or_else(Instant::now);
+    let (confirmed, timed_out, pending, to_confirmed) = outcomes(server, &customer).await?;
 
     answers.accepted.sort();
     let door = answers.accepted.len() as f64 / load_time.as_secs_f64();
@@ -205,7 +203,11 @@ async fn variant(label: &str, skus: usize, load: Load, seconds: u64) -> anyhow::
         baseline,
         unit,
     };
-    Ok(vec![
+    let curve = QUANTILES
+        .iter()
+        .map(|q| (q * 100.0, ms(&to_confirmed, *q)))
+        .collect();
+    let mut rows = vec![
         row("confirmed/s vs 202/s", end_to_end, Some(door), "orders/s"),
         row("202 p50", ms(&answers.accepted, 0.50), None, "ms"),
         row("202 p99", ms(&answers.accepted, 0.99), None, "ms"),
@@ -228,87 +230,39 @@ async fn variant(label: &str, skus: usize, load: Load, seconds: u64) -> anyhow::
             None,
             "orders",
         ),
-    ])
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn percentile(sorted: &[Duration], q: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
+    ];
+    if settled.is_none() {
+        eprintln!("end-to-end: {label}: {pending} orders still pending after {PATIENCE:?}");
+        rows.push(row("still pending", pending as f64, None, "orders"));
     }
-    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
+    Ok((rows, curve))
 }
 
-/// Wait until none of the customer's orders is pending; when that was.
-async fn wait_settled(
-    client: &reqwest::Client,
-    base: &str,
-    customer: &str,
-) -> anyhow::Result<Instant> {
-    let give_up = Instant::now() + Duration::from_secs(600);
-    loop {
-        let page: Value = client
-            .get(format!(
-                "{base}/v1/orders?customer_id={customer}&status=pending&limit=1"
-            ))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if page["items"].as_array().is_some_and(Vec::is_empty) {
-            return Ok(Instant::now());
-        }
-        anyhow::ensure!(
-            Instant::now() < give_up,
-            "orders still pending after 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// (confirmed, cancelled for payment_timeout, placement-to-confirmation of each
-/// confirmed order) from the orders read model.
+/// (confirmed, cancelled for payment_timeout, pending, placement-to-confirmation
+/// of each confirmed order) from the orders read model.
 async fn outcomes(
-    client: &reqwest::Client,
-    base: &str,
+    server: &Server,
     customer: &str,
-) -> anyhow::Result<(usize, usize, Vec<Duration>)> {
-    let mut cursor: Option<String> = None;
-    let (mut confirmed, mut timed_out, mut durations) = (0, 0, vec![]);
-    loop {
-        let mut url = format!("{base}/v1/orders?customer_id={customer}&limit=100");
-        if let Some(cursor) = &cursor {
-            url.push_str(&format!("&cursor={cursor}"));
-        }
-        let page: Value = client.get(url).send().await?.json().await?;
-        for order in page["items"].as_array().into_iter().flatten() {
-            match order["status"].as_str() {
-                Some("confirmed") => {
-                    confirmed += 1;
-                    let at = |field: &str| {
-                        order[field]
-                            .as_str()
-                            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                    };
-                    if let (Some(placed), Some(updated)) = (at("placed_at"), at("updated_at")) {
-                        durations.push((updated - placed).to_std().unwrap_or_default());
-                    }
+) -> anyhow::Result<(usize, usize, usize, Vec<Duration>)> {
+    let (mut confirmed, mut timed_out, mut pending, mut durations) = (0, 0, 0, vec![]);
+    for order in server.orders_of(customer).await? {
+        match order["status"].as_str() {
+            Some("confirmed") => {
+                confirmed += 1;
+                let at = |field: &str| {
+                    order[field]
+                        .as_str()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                };
+                if let (Some(placed), Some(updated)) = (at("placed_at"), at("updated_at")) {
+                    durations.push((updated - placed).to_std().unwrap_or_default());
                 }
-                Some("cancelled") if order["cancel_reason"] == "payment_timeout" => timed_out += 1,
-                _ => {}
             }
-        }
-        match page["next_cursor"].as_str() {
-            Some(next) => cursor = Some(next.to_owned()),
-            None => break,
+            Some("cancelled") if order["cancel_reason"] == "payment_timeout" => timed_out += 1,
+            Some("pending") => pending += 1,
+            _ => {}
         }
     }
     durations.sort();
-    Ok((confirmed, timed_out, durations))
+    Ok((confirmed, timed_out, pending, durations))
 }

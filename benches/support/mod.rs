@@ -1,8 +1,18 @@
 //! What every benchmark shares: its rows, printed and merged into
-//! `target/bench/summary.json`.
+//! `target/bench/summary.json`; percentiles; an embedded server; progress; the
+//! outside services some scenarios need. (Each benchmark uses a part of it.)
+#![allow(dead_code)]
+
+pub mod log;
+pub mod plot;
+pub mod progress;
+pub mod server;
+pub mod services;
 
 use serde_json::{json, Value};
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 /// One figure: ours, the baseline measured in the same run, and their unit.
 pub struct Row {
@@ -49,4 +59,20 @@ pub fn report(scenario: &str, rows: &[Row]) -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_vec_pretty(&all)?)?;
     println!("wrote {}", path.display());
     Ok(())
+}
+
+/// The `q` quantile of sorted durations (zero when there are none).
+pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// A lock that a panicked holder does not poison.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

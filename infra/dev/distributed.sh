@@ -10,6 +10,7 @@
 # ORDERLINE_RUN_DIR        logs and pid files          (default target/distributed)
 # ORDERLINE_BIN            the orderline binary        (default target/release/orderline, built when missing)
 # ORDERLINE_POSTGRES_URL   the PostgreSQL server       (default postgres://postgres@127.0.0.1:5432)
+# ORDERLINE_PORT_BASE      the gateway's port; the services take the next four (default 8090)
 # ORDERLINE_DATABASE_PREFIX, ORDERLINE_TOPIC_PREFIX, ORDERLINE_KAFKA_BROKERS,
 # ORDERLINE_PAYMENT_TIMEOUT_MS are passed on to the services.
 set -euo pipefail
@@ -19,8 +20,9 @@ run="${ORDERLINE_RUN_DIR:-$PWD/target/distributed}"
 bin="${ORDERLINE_BIN:-$PWD/target/release/orderline}"
 export ORDERLINE_POSTGRES_URL="${ORDERLINE_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}"
 export ORDERLINE_KAFKA_BROKERS="${ORDERLINE_KAFKA_BROKERS:-127.0.0.1:9092}"
-gateway_port="${ORDERLINE_GATEWAY_PORT:-8090}"
-declare -A ports=([order]=8091 [inventory]=8092 [payment]=8093 [shipping]=8094)
+gateway_port="${ORDERLINE_PORT_BASE:-8090}"
+declare -A ports=([order]=$((gateway_port + 1)) [inventory]=$((gateway_port + 2))
+  [payment]=$((gateway_port + 3)) [shipping]=$((gateway_port + 4)))
 services=(order inventory payment shipping)
 
 alive() {
@@ -28,7 +30,7 @@ alive() {
 }
 
 healthy() {
-  curl -fsS -o /dev/null --max-time 2 "http://127.0.0.1:$1/health"
+  curl -fs -o /dev/null --max-time 2 "http://127.0.0.1:$1/health"
 }
 
 wait_healthy() {
