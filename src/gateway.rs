@@ -4,11 +4,13 @@
 //! and `/metrics` gather every service's.
 
 use axum::body::to_bytes;
-use axum::extract::{Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use infra::dead_letters;
 use infra::http::{ApiError, MAX_BODY_BYTES};
 use schemas::topics::{AggregateType, ProjectionName, Service};
 use serde_json::{json, Value};
@@ -227,8 +229,51 @@ async fn projections(State(gateway): State<Arc<Gateway>>) -> Response {
     listing(&gateway, "/v1/projections", "projections").await
 }
 
-async fn dead_letters(State(gateway): State<Arc<Gateway>>) -> Response {
-    listing(&gateway, "/v1/dead-letters", "dead_letters").await
+/// A page of every service's dead letters: each service is asked for the same page
+/// (its first `limit` after the cursor), and the first `limit` of them all, in order
+/// of service then number, are the page.
+async fn dead_letters(
+    State(gateway): State<Arc<Gateway>>,
+    params: Result<Query<dead_letters::PageParams>, QueryRejection>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let page = match params
+        .map_err(|e| ApiError::malformed(e.body_text()))
+        .and_then(|Query(params)| params.page().map_err(ApiError::invalid))
+    {
+        Ok(page) => page,
+        Err(problem) => return problem.into_response(),
+    };
+    let path = match query {
+        Some(query) => format!("/v1/dead-letters?{query}"),
+        None => "/v1/dead-letters".to_owned(),
+    };
+    let mut items = vec![];
+    let mut more = false;
+    for (service, answer) in gather(&gateway, &path).await {
+        match answer {
+            Ok(body) => {
+                items.extend(body["dead_letters"].as_array().cloned().unwrap_or_default());
+                more |= !body["next_cursor"].is_null();
+            }
+            Err(error) => return unavailable(service, error).into_response(),
+        }
+    }
+    let order = |letter: &Value| {
+        letter["id"]
+            .as_str()
+            .and_then(dead_letters::order_of)
+            .unwrap_or((usize::MAX, i64::MAX))
+    };
+    items.sort_by_key(order);
+    more |= items.len() > page.limit;
+    items.truncate(page.limit);
+    let next_cursor = if more {
+        items.last().map(|letter| letter["id"].clone())
+    } else {
+        None
+    };
+    Json(json!({ "dead_letters": items, "next_cursor": next_cursor })).into_response()
 }
 
 /// Every service's metrics as one exposition, each sample labelled with its service.

@@ -3,8 +3,85 @@
 
 use crate::{parse_timestamp, timestamp, InfraError};
 use schemas::http::DeadLetterView;
+use schemas::topics::Service;
 use schemas::RecordedEvent;
 use sqlx::{AnyConnection, AnyPool, Row};
+
+/// How the stored text of an error the database gave starts.
+pub const DATABASE_ERROR: &str = "database: ";
+
+/// What the API shows of a stored error: the decoder's message as it is; for an
+/// error of the database (whose message names tables, constraints and values) a
+/// summary. The whole text is in the server's log (logged when the event was
+/// dead-lettered) and in the store.
+pub fn public_error(stored: &str) -> String {
+    if stored.starts_with(DATABASE_ERROR) {
+        "the read model's database refused the change (the server's log has the details)".into()
+    } else {
+        stored.to_owned()
+    }
+}
+
+pub const DEFAULT_PAGE: usize = 100;
+pub const MAX_PAGE: usize = 1_000;
+
+/// The query of `GET /v1/dead-letters`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    pub limit: Option<String>,
+    pub after: Option<String>,
+}
+
+/// A page asked for: at most `limit` dead letters after `after`, in order of service
+/// (as in `Service::ALL`) then number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub limit: usize,
+    pub after: Option<(usize, i64)>,
+}
+
+impl PageParams {
+    pub fn page(&self) -> Result<Page, String> {
+        let limit = match self.limit.as_deref() {
+            None => DEFAULT_PAGE,
+            Some(raw) => raw
+                .parse::<usize>()
+                .ok()
+                .filter(|l| (1..=MAX_PAGE).contains(l))
+                .ok_or_else(|| format!("limit must be a whole number from 1 to {MAX_PAGE}"))?,
+        };
+        let after = match self.after.as_deref() {
+            None => None,
+            Some(raw) => Some(order_of(raw).ok_or_else(|| {
+                format!("after must be the id of a dead letter (<service>:<number>), not {raw:?}")
+            })?),
+        };
+        Ok(Page { limit, after })
+    }
+}
+
+/// Where a dead letter's id (`<service>:<number>`) sorts: (the service's rank, the
+/// number).
+pub fn order_of(id: &str) -> Option<(usize, i64)> {
+    let (service, number) = parse_id(id)?;
+    Some((rank(service), number))
+}
+
+/// A dead letter's id as (service, number).
+pub fn parse_id(id: &str) -> Option<(Service, i64)> {
+    let (service, number) = id.split_once(':')?;
+    let number = number.parse().ok().filter(|n: &i64| *n > 0)?;
+    Some((service.parse().ok()?, number))
+}
+
+/// A service's place in the order of pages.
+pub fn rank(service: Service) -> usize {
+    Service::ALL
+        .iter()
+        .position(|s| *s == service)
+        .unwrap_or(usize::MAX)
+}
 
 pub async fn record(
     conn: &mut AnyConnection,
@@ -70,14 +147,27 @@ fn view(service: &str, row: &sqlx::any::AnyRow) -> Result<DeadLetterView, InfraE
         consumer: row.try_get("consumer")?,
         position: row.try_get("position")?,
         event,
-        error: row.try_get("error")?,
+        error: public_error(&row.try_get::<String, _>("error")?),
         failed_at: parse_timestamp(row.try_get("failed_at")?)?,
     })
 }
 
 /// Every dead letter in one service's database, oldest first.
 pub async fn list(pool: &AnyPool, service: &str) -> Result<Vec<DeadLetterView>, InfraError> {
-    let rows = sqlx::query("SELECT * FROM dead_letters ORDER BY id")
+    list_after(pool, service, 0, i64::MAX).await
+}
+
+/// At most `limit` dead letters of one service's database numbered after `after`,
+/// oldest first.
+pub async fn list_after(
+    pool: &AnyPool,
+    service: &str,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<DeadLetterView>, InfraError> {
+    let rows = sqlx::query("SELECT * FROM dead_letters WHERE id > $1 ORDER BY id LIMIT $2")
+        .bind(after)
+        .bind(limit)
         .fetch_all(pool)
         .await?;
     rows.iter().map(|row| view(service, row)).collect()
@@ -99,9 +189,18 @@ pub async fn get(
     pool: &AnyPool,
     id: i64,
 ) -> Result<Option<(String, Result<RecordedEvent, String>)>, InfraError> {
+    let mut conn = pool.acquire().await?;
+    get_in(&mut conn, id).await
+}
+
+/// [`get`], in the caller's transaction.
+pub async fn get_in(
+    conn: &mut AnyConnection,
+    id: i64,
+) -> Result<Option<(String, Result<RecordedEvent, String>)>, InfraError> {
     let row = sqlx::query("SELECT consumer, event FROM dead_letters WHERE id = $1")
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await?;
     match row {
         None => Ok(None),

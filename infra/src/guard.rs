@@ -99,6 +99,22 @@ async fn stored(
         .collect()
 }
 
+/// Move the guard of `event`'s stream up to its version (never back), in the
+/// caller's transaction: a retried dead letter counts as applied.
+pub async fn advance_to(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    table: &str,
+    event: &RecordedEvent,
+) -> Result<(), sqlx::Error> {
+    let envelope = &event.envelope;
+    let stream = (
+        envelope.aggregate_type.as_str(),
+        envelope.aggregate_id.as_str(),
+    );
+    advance(conn, dialect, table, &[(stream, envelope.version)]).await
+}
+
 /// Move the guards of distinct streams forward (never back), in one statement.
 async fn advance(
     conn: &mut AnyConnection,

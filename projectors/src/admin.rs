@@ -3,13 +3,15 @@
 
 use crate::rebuild::rebuild;
 use crate::runner::{apply_one, Projections};
-use axum::extract::{Path, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use infra::dead_letters;
+use infra::db::Db;
 use infra::http::ApiError;
+use infra::{dead_letters, guard};
 use schemas::http::{DeadLetterList, ProjectionList, ProjectionView, RebuildProgress};
 use schemas::topics::Service;
 use serde_json::json;
@@ -92,20 +94,46 @@ async fn start_rebuild(
         .into_response())
 }
 
+/// A page of the dead letters of every service this process runs, in order of
+/// service then number.
 async fn list_dead_letters(
     State(all): State<Projections>,
+    params: Result<Query<dead_letters::PageParams>, QueryRejection>,
 ) -> Result<Json<DeadLetterList>, ApiError> {
-    let mut seen = vec![];
-    let mut out = vec![];
+    let Query(params) = params.map_err(|e| ApiError::malformed(e.body_text()))?;
+    let page = params.page().map_err(ApiError::invalid)?;
+    let mut services: Vec<(Service, &Db)> = vec![];
     for handle in &all.handles {
         let service = handle.projection.service();
-        if seen.contains(&service) {
-            continue;
+        if !services.iter().any(|(s, _)| *s == service) {
+            services.push((service, &handle.db));
         }
-        seen.push(service);
-        out.extend(dead_letters::list(&handle.db.pool, service.as_str()).await?);
     }
-    Ok(Json(DeadLetterList { dead_letters: out }))
+    services.sort_by_key(|(service, _)| dead_letters::rank(*service));
+    let mut out = vec![];
+    for (service, db) in services {
+        let rank = dead_letters::rank(service);
+        let after = match page.after {
+            Some((at, _)) if at > rank => continue,
+            Some((at, number)) if at == rank => number,
+            _ => 0,
+        };
+        let wanted = (page.limit + 1 - out.len()) as i64;
+        out.extend(dead_letters::list_after(&db.pool, service.as_str(), after, wanted).await?);
+        if out.len() > page.limit {
+            break;
+        }
+    }
+    let next_cursor = if out.len() > page.limit {
+        out.truncate(page.limit);
+        out.last().map(|letter| letter.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(DeadLetterList {
+        dead_letters: out,
+        next_cursor,
+    }))
 }
 
 /// Apply a dead-lettered event to its projection's live tables again; on success it
@@ -116,23 +144,17 @@ async fn retry_dead_letter(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::not_found(format!("no dead letter {id:?}"));
-    let (service, number) = id.split_once(':').ok_or_else(not_found)?;
-    let service: Service = service.parse().map_err(|_| not_found())?;
-    let number: i64 = number.parse().map_err(|_| not_found())?;
+    let (service, number) = dead_letters::parse_id(&id).ok_or_else(not_found)?;
     let db = all
         .handles
         .iter()
         .find(|h| h.projection.service() == service)
         .map(|h| h.db.clone())
         .ok_or_else(not_found)?;
-    let (consumer, event) = dead_letters::get(&db.pool, number)
+    // Which projection it belongs to (read again below, under that projection's lock).
+    let (consumer, _) = dead_letters::get(&db.pool, number)
         .await?
         .ok_or_else(not_found)?;
-    let event = event.map_err(|e| {
-        ApiError::conflict(format!(
-            "the record is not an event ({e}); it cannot be applied"
-        ))
-    })?;
     let handle = consumer
         .parse()
         .ok()
@@ -143,10 +165,44 @@ async fn retry_dead_letter(
                 "{consumer} does not retry dead letters; rebuild or replay instead"
             ))
         })?;
+    // The live runner is paused while the dead letter is read, applied and removed,
+    // all in one transaction: two retries of one dead letter apply it once.
     let _live = handle.lock.lock().await;
     let mut tx = db.begin_write().await?;
+    let (_, event) = dead_letters::get_in(&mut tx, number)
+        .await?
+        .ok_or_else(not_found)?;
+    let event = event.map_err(|e| {
+        ApiError::conflict(format!(
+            "the record is not an event ({e}); it cannot be applied"
+        ))
+    })?;
+    // The version guard: applied over later events of its stream, an old event
+    // would set the read model back.
+    let envelope = &event.envelope;
+    let applied: Option<i64> = sqlx::query_scalar(&format!(
+        "SELECT version FROM {} WHERE aggregate_type = $1 AND aggregate_id = $2",
+        handle.projection.applied_table("")
+    ))
+    .bind(&envelope.aggregate_type)
+    .bind(&envelope.aggregate_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if applied.is_some_and(|version| version > envelope.version) {
+        return Err(ApiError::conflict(format!(
+            "later events of {} {} were applied since; rebuild the projection to apply this one in order",
+            envelope.aggregate_type, envelope.aggregate_id
+        )));
+    }
     match apply_one(&mut tx, db.dialect, handle.projection, "", &event).await? {
         Ok(()) => {
+            guard::advance_to(
+                &mut tx,
+                db.dialect,
+                &handle.projection.applied_table(""),
+                &event,
+            )
+            .await?;
             dead_letters::delete(&mut tx, number).await?;
             tx.commit().await?;
             Ok((
@@ -159,7 +215,8 @@ async fn retry_dead_letter(
             tx.rollback().await?;
             dead_letters::set_error(&db.pool, number, &error).await?;
             Err(ApiError::conflict(format!(
-                "the event still cannot be applied: {error}"
+                "the event still cannot be applied: {}",
+                dead_letters::public_error(&error)
             )))
         }
     }

@@ -252,7 +252,7 @@ async fn apply_change(
         }
         sqlx::query("RELEASE apply_event").execute(&mut *tx).await?;
     }
-    Ok(applied.map_err(|e| e.to_string()))
+    Ok(applied.map_err(|e| format!("{}{e}", infra::dead_letters::DATABASE_ERROR)))
 }
 
 /// Decode and apply one event, without the version guard. Each event's change is one
@@ -294,5 +294,5 @@ pub async fn apply_one(
             .execute(&mut *conn)
             .await?;
     }
-    Ok(applied.map_err(|e| e.to_string()))
+    Ok(applied.map_err(|e| format!("{}{e}", infra::dead_letters::DATABASE_ERROR)))
 }

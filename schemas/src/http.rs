@@ -126,13 +126,20 @@ pub struct DeadLetterView {
     pub position: i64,
     /// The event's envelope, or the record as read when it was not an event.
     pub event: serde_json::Value,
+    /// Why it failed: the decoder's message, or a summary when the database refused
+    /// the change (its own message, which names tables and values, is in the
+    /// server's log).
     pub error: String,
     pub failed_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// A page of dead letters, in order of service then number; `next_cursor` is the
+/// `after` of the next page when more follow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetterList {
     pub dead_letters: Vec<DeadLetterView>,
+    #[serde(default)]
+    pub next_cursor: Option<String>,
 }
 
 /// An RFC 9457 problem document (`application/problem+json`).

@@ -334,3 +334,65 @@ async fn the_gateway_passes_repeated_headers_answers_a_stopped_body_408_and_refu
     gateway.kill();
     served.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_pages_every_services_dead_letters_in_one_order() {
+    // Each service answers its own two dead letters (the page it is asked for).
+    let mut urls = vec![];
+    let mut served = vec![];
+    for service in ["order", "inventory", "payment", "shipping"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        urls.push(format!(
+            "http://{}",
+            listener.local_addr().expect("address")
+        ));
+        let app = axum::Router::new().route(
+            "/v1/dead-letters",
+            axum::routing::get(move || async move {
+                let letter = |n: u32| json!({ "id": format!("{service}:{n}") });
+                axum::Json(json!({ "dead_letters": [letter(2), letter(1)], "next_cursor": null }))
+            }),
+        );
+        served.push(tokio::spawn(
+            async move { axum::serve(listener, app).await },
+        ));
+    }
+    let gateway = Process::spawn(
+        &[
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--order",
+            &urls[0],
+            "--inventory",
+            &urls[1],
+            "--payment",
+            &urls[2],
+            "--shipping",
+            &urls[3],
+        ]
+        .map(String::from),
+    );
+    let (status, page) = gateway.api.get("/v1/dead-letters?limit=3").await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let ids: Vec<&str> = page["dead_letters"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|l| l["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["order:1", "order:2", "inventory:1"]);
+    assert_eq!(page["next_cursor"], "inventory:1");
+    let (status, all) = gateway.api.get("/v1/dead-letters").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(all["dead_letters"].as_array().map(Vec::len), Some(8));
+    assert!(all["next_cursor"].is_null());
+    let (status, problem) = gateway.api.get("/v1/dead-letters?limit=0").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+    gateway.kill();
+    for task in served {
+        task.abort();
+    }
+}

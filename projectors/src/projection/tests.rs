@@ -260,6 +260,139 @@ async fn an_event_that_cannot_be_applied_is_undone_dead_lettered_and_passed() {
         .expect("dead letters");
     assert_eq!(letters.len(), 1);
     assert_eq!(letters[0].event["event_type"], "ShipmentCreated");
+    // The database's own message (it names the table) stays out of the API.
+    assert!(
+        !letters[0].error.contains("order_progress"),
+        "{}",
+        letters[0].error
+    );
+    assert!(
+        letters[0].error.contains("database refused"),
+        "{}",
+        letters[0].error
+    );
+}
+
+/// Ask the operator routes of `projections`: (status, JSON body).
+async fn operator(projections: &Projections, method: &str, uri: &str) -> (u16, serde_json::Value) {
+    use tower::ServiceExt;
+    let request = axum::http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(axum::body::Body::empty())
+        .expect("request");
+    let response = crate::admin::router(projections.clone())
+        .oneshot(request)
+        .await
+        .expect("answer");
+    let status = response.status().as_u16();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn dead_letters_are_paged_and_a_retry_applies_once_and_never_over_later_events() {
+    let f = fixture().await;
+    // Three shipments whose first event the read model cannot take (its table is
+    // gone); the third's stream then moves on.
+    sqlx::query("DROP TABLE shipments")
+        .execute(&f.db.pool)
+        .await
+        .expect("drop");
+    let ids: Vec<String> = (0..3).map(|_| Uuid::now_v7().to_string()).collect();
+    for id in &ids {
+        f.append("shipment", id, &[ShipmentEvent::ShipmentCreated {}])
+            .await;
+    }
+    f.project(Projection::Shipments).await;
+    f.db.migrate(&Projection::Shipments.create_tables(""))
+        .await
+        .expect("tables back");
+    f.append("shipment", &ids[2], &[ShipmentEvent::ShipmentDispatched {}])
+        .await;
+    f.project(Projection::Shipments).await;
+
+    let transport = infra::consume::Transport::InProcess(f.store.clone());
+    let projections = Projections::open(
+        f.store.clone(),
+        Progress::default(),
+        Metrics::default(),
+        &[(Projection::Shipments, f.db.clone())],
+        &transport,
+    )
+    .await
+    .expect("open");
+
+    // Paged: two, then the last one.
+    let (status, first) = operator(&projections, "GET", "/v1/dead-letters?limit=2").await;
+    assert_eq!(status, 200, "{first}");
+    let page: Vec<&str> = first["dead_letters"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|l| l["id"].as_str())
+        .collect();
+    assert_eq!(page.len(), 2);
+    let cursor = first["next_cursor"].as_str().expect("more");
+    assert_eq!(cursor, page[1]);
+    let (_, rest) = operator(
+        &projections,
+        "GET",
+        &format!("/v1/dead-letters?limit=2&after={cursor}"),
+    )
+    .await;
+    let last = rest["dead_letters"].as_array().expect("list");
+    assert_eq!(last.len(), 1);
+    assert!(rest["next_cursor"].is_null());
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=x",
+        "after=nothing",
+        "other=1",
+    ] {
+        let (status, problem) =
+            operator(&projections, "GET", &format!("/v1/dead-letters?{bad}")).await;
+        assert!(status == 400 || status == 422, "{bad}: {status} {problem}");
+    }
+
+    // The first applies once: a second retry finds nothing.
+    let (status, applied) = operator(
+        &projections,
+        "POST",
+        &format!("/v1/dead-letters/{}/retry", page[0]),
+    )
+    .await;
+    assert_eq!(status, 200, "{applied}");
+    let (status, _) = operator(
+        &projections,
+        "POST",
+        &format!("/v1/dead-letters/{}/retry", page[0]),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let shipped: String = sqlx::query_scalar("SELECT status FROM shipments WHERE order_id = $1")
+        .bind(&ids[0])
+        .fetch_one(&f.db.pool)
+        .await
+        .expect("row");
+    assert_eq!(shipped, "created");
+
+    // The third's stream moved on: its old event is not applied over the new one.
+    let third = last[0]["id"].as_str().expect("id");
+    let (status, problem) = operator(
+        &projections,
+        "POST",
+        &format!("/v1/dead-letters/{third}/retry"),
+    )
+    .await;
+    assert_eq!(status, 409, "{problem}");
+    assert!(problem["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("later events"));
 }
 
 #[tokio::test]
