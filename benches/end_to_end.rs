@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::plot::{self, Series};
 use support::server::{sku, Server};
-use support::{lock, percentile, report, Row};
+use support::{lock, percentile, progress, report, Row};
 
 const CLIENTS: usize = 64;
 const SKUS: usize = 1_000;
@@ -184,10 +184,14 @@ async fn variant(
 ) -> anyhow::Result<(Vec<Row>, Vec<(f64, f64)>)> {
     let customer = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let start = Instant::now();
+    let placing = progress::timed(seconds, "placing orders");
     let (mut answers, load_time) = drive(server, &customer, skus, load, seconds).await;
+    placing.finish_and_clear();
+    let settling = progress::timed(PATIENCE.as_secs(), "waiting until settled");
     let settled = server
         .wait_settled(&customer, answers.accepted.len(), PATIENCE)
         .await?;
+    settling.finish_and_clear();
     // Orders still pending after the patience ran out count as not confirmed.
     let settled_at = settled.unwrap_or_else(Instant::now);
     let (confirmed, timed_out, pending, to_confirmed) = outcomes(server, &customer).await?;

@@ -16,7 +16,7 @@ use axum::routing::get;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::server::{sku, Server};
-use support::{percentile, report, Row};
+use support::{percentile, progress, report, Row};
 
 const CLIENTS: usize = 64;
 const ORDERS: usize = 1_000;
@@ -91,13 +91,21 @@ async fn run(seconds: u64) -> anyhow::Result<Vec<Row>> {
         "query: {}-byte body; saturation, then half of it, {seconds} s each, ours and the baseline ...",
         body.len()
     );
+    let phase = progress::timed(seconds, "ours, saturated");
     let ours_saturated = saturate(&client, &ours, seconds).await;
+    phase.finish_and_clear();
+    let phase = progress::timed(seconds, "baseline, saturated");
     let baseline_saturated = saturate(&client, &baseline, seconds).await;
+    phase.finish_and_clear();
     // Both at half of our saturation: the same offered load (at half of the static
     // handler's rate the load generator itself would be the bottleneck).
     let half = ours_saturated / 2.0;
+    let phase = progress::timed(seconds, "ours, half of saturation");
     let mut ours_half = open_loop(&client, &ours, half, seconds).await;
+    phase.finish_and_clear();
+    let phase = progress::timed(seconds, "baseline, half of saturation");
     let mut baseline_half = open_loop(&client, &baseline, half, seconds).await;
+    phase.finish_and_clear();
     baseline_task.abort();
     server.stop().await?;
 
