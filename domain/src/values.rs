@@ -188,10 +188,17 @@ impl From<CustomerId> for String {
     }
 }
 
-/// The token a payment gateway charges: 1 to 128 of `A-Z a-z 0-9 - _`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// The token a payment gateway charges: 1 to 128 of `A-Z a-z 0-9 - _`. A secret
+/// (ADR 13): its `Debug` form does not show it.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct PaymentToken(String);
+
+impl std::fmt::Debug for PaymentToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PaymentToken([redacted])")
+    }
+}
 
 impl PaymentToken {
     pub fn parse(raw: &str) -> Result<PaymentToken, ValueError> {

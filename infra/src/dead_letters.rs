@@ -142,6 +142,7 @@ fn view(service: &str, row: &sqlx::any::AnyRow) -> Result<DeadLetterView, InfraE
     if let Some(object) = event.as_object_mut() {
         object.remove("position");
     }
+    schemas::redact_secrets(&mut event);
     Ok(DeadLetterView {
         id: format!("{service}:{id}"),
         consumer: row.try_get("consumer")?,

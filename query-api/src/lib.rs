@@ -358,6 +358,9 @@ async fn stream(
             "no stream {aggregate_type}/{aggregate_id}"
         )));
     }
+    for event in &mut events {
+        schemas::redact_secrets(&mut event.envelope.payload);
+    }
     Ok(Json(StreamView {
         events,
         next_from_version,

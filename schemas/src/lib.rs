@@ -14,3 +14,51 @@ pub mod topics;
 
 pub use envelope::{Envelope, RecordedEvent};
 pub use events::{decode, encode, AnyEvent, SchemaError};
+
+/// Fields of event payloads that hold secrets (ADR 13): kept in the log, never
+/// shown by a read API.
+pub const SECRET_FIELDS: [&str; 1] = ["payment_token"];
+
+/// What a read API shows in place of a secret.
+pub const REDACTED: &str = "[redacted]";
+
+/// Replace the value of every secret field in `value`, at any depth, with
+/// [`REDACTED`].
+pub fn redact_secrets(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (name, field) in fields.iter_mut() {
+                if SECRET_FIELDS.contains(&name.as_str()) {
+                    *field = serde_json::Value::String(REDACTED.into());
+                } else {
+                    redact_secrets(field);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_secrets),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_at_any_depth_and_nothing_else_changes() {
+        let mut value = serde_json::json!({
+            "payment_token": "tok_1",
+            "event": {"payload": {"payment_token": "tok_2", "amount_cents": 5}},
+            "list": [{"payment_token": "tok_3"}, "payment_token"],
+        });
+        redact_secrets(&mut value);
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "payment_token": REDACTED,
+                "event": {"payload": {"payment_token": REDACTED, "amount_cents": 5}},
+                "list": [{"payment_token": REDACTED}, "payment_token"],
+            })
+        );
+    }
+}

@@ -856,6 +856,15 @@ async fn a_stream_shows_every_envelope_field_in_version_order(backend: Backend) 
         assert_eq!(event["aggregate_id"], id.as_str());
     }
     assert_eq!(events[0]["schema_version"], 2);
+    // The payment token is a secret: kept in the log, not shown.
+    assert_eq!(events[0]["payload"]["payment_token"], "[redacted]");
+    let (_, payment) = api.get(&format!("/v1/streams/payment/{id}")).await;
+    assert_eq!(payment["events"][0]["event_type"], "PaymentRequested");
+    assert_eq!(
+        payment["events"][0]["payload"]["payment_token"],
+        "[redacted]"
+    );
+    assert!(!payment.to_string().contains("tok_ok"), "{payment}");
     // The saga's confirmation carries the order's correlation id.
     assert_eq!(events[1]["correlation_id"], events[0]["correlation_id"]);
     let (_, stock) = api.get("/v1/streams/inventory/A").await;
