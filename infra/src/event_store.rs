@@ -801,7 +801,12 @@ async fn stream_heads(
             ),
         };
         let list = serde_json::to_string(streams).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        for row in sqlx::query(&sql).bind(list).fetch_all(&mut *conn).await? {
+        // Planned anew each time, not prepared once per connection: a plan made while
+        // the table was nearly empty (and PostgreSQL without statistics of it) can scan
+        // every event of a type for each head, and a prepared plan is kept for good
+        // when nothing analyzes the table.
+        let query = sqlx::query(&sql).persistent(dialect == Dialect::Sqlite);
+        for row in query.bind(list).fetch_all(&mut *conn).await? {
             found.insert(
                 (row.try_get("aggregate_type")?, row.try_get("aggregate_id")?),
                 Head {

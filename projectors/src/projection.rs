@@ -29,26 +29,6 @@ pub trait ReadModel {
         envelope: &Envelope,
         event: &AnyEvent,
     ) -> Result<Option<Change>, String>;
-
-    /// Apply one event to the tables with `suffix`.
-    fn apply(
-        self,
-        conn: &mut AnyConnection,
-        suffix: &str,
-        envelope: &Envelope,
-        event: &AnyEvent,
-    ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send
-    where
-        Self: Sized,
-    {
-        let change = self.change(suffix, envelope, event);
-        async move {
-            match change.map_err(sqlx::Error::Protocol)? {
-                Some(change) => change.execute(conn).await,
-                None => Ok(()),
-            }
-        }
-    }
 }
 
 /// One statement with its values: `$1`, `$2`, ... are `binds` in order.

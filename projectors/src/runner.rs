@@ -255,10 +255,8 @@ async fn apply_change(
     Ok(applied.map_err(|e| format!("{}{e}", infra::dead_letters::DATABASE_ERROR)))
 }
 
-/// Decode and apply one event, without the version guard. Each event's change is one
-/// statement ([`ReadModel::apply`]), so an event that fails has written nothing; on
-/// PostgreSQL, where a failed statement spoils the transaction, it runs under a
-/// savepoint that is rolled back.
+/// Decode and apply one event, without the version guard: its one change
+/// ([`apply_change`]), so an event that fails has written nothing.
 pub async fn apply_one(
     conn: &mut AnyConnection,
     dialect: Dialect,
@@ -266,33 +264,12 @@ pub async fn apply_one(
     suffix: &str,
     recorded: &RecordedEvent,
 ) -> Result<Result<(), String>, sqlx::Error> {
-    let event = match AnyEvent::from_envelope(&recorded.envelope) {
-        Ok(event) => event,
-        Err(error) => return Ok(Err(error.to_string())),
-    };
-    let guarded = dialect == Dialect::Postgres;
-    if guarded {
-        sqlx::query("SAVEPOINT apply_event")
-            .execute(&mut *conn)
-            .await?;
+    let change = AnyEvent::from_envelope(&recorded.envelope)
+        .map_err(|e| e.to_string())
+        .and_then(|event| projection.change(suffix, &recorded.envelope, &event));
+    match change {
+        Ok(Some(change)) => apply_change(conn, dialect, &change).await,
+        Ok(None) => Ok(Ok(())),
+        Err(error) => Ok(Err(error)),
     }
-    let applied = projection
-        .apply(conn, suffix, &recorded.envelope, &event)
-        .await;
-    let applied = match applied {
-        // The database cannot take writes now: the batch is tried again.
-        Err(error) if infra::database_unavailable(&error) => return Err(error),
-        other => other,
-    };
-    if guarded {
-        if applied.is_err() {
-            sqlx::query("ROLLBACK TO apply_event")
-                .execute(&mut *conn)
-                .await?;
-        }
-        sqlx::query("RELEASE apply_event")
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(applied.map_err(|e| format!("{}{e}", infra::dead_letters::DATABASE_ERROR)))
 }
