@@ -53,6 +53,17 @@ impl Dialect {
         }
     }
 
+    /// `column` is one of the strings of the JSON array bound as `param`. On
+    /// PostgreSQL as `= ANY(ARRAY(...))`, which it answers with an index scan even
+    /// without statistics of the table; `IN (sub-select)` it may answer with a hash
+    /// join over a scan of the whole table.
+    pub fn in_text_list(self, column: &str, param: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("{column} IN ({})", self.text_list(param)),
+            Dialect::Postgres => format!("{column} = ANY(ARRAY({}))", self.text_list(param)),
+        }
+    }
+
     /// A sub-select of the elements of the JSON array of integers bound as `param`.
     pub fn integer_list(self, param: &str) -> String {
         match self {

@@ -746,11 +746,13 @@ async fn idempotency_records(
     let mut found = std::collections::HashMap::new();
     if !keys.is_empty() {
         let sql = format!(
-            "SELECT key, request_hash, response, position FROM idempotency WHERE key IN ({})",
-            dialect.text_list("$1")
+            "SELECT key, request_hash, response, position FROM idempotency WHERE {}",
+            dialect.in_text_list("key", "$1")
         );
         let list = serde_json::to_string(keys).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        for row in sqlx::query(&sql).bind(list).fetch_all(&mut *conn).await? {
+        // Planned anew each time on PostgreSQL (once per group; see `stream_heads`).
+        let query = sqlx::query(&sql).persistent(dialect == Dialect::Sqlite);
+        for row in query.bind(list).fetch_all(&mut *conn).await? {
             let key: String = row.try_get("key")?;
             let stored = stored_response(&row).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
             found.insert(key, stored);

@@ -81,10 +81,13 @@ async fn stored(
     let list = |values: &[&str]| serde_json::to_string(values).unwrap_or_else(|_| "[]".into());
     let rows = sqlx::query(&format!(
         "SELECT aggregate_type, aggregate_id, version FROM {table}
-          WHERE aggregate_type IN ({}) AND aggregate_id IN ({})",
-        dialect.text_list("$1"),
-        dialect.text_list("$2"),
+          WHERE {} AND {}",
+        dialect.in_text_list("aggregate_type", "$1"),
+        dialect.in_text_list("aggregate_id", "$2"),
     ))
+    // Planned anew each time on PostgreSQL (once per batch): a plan prepared while
+    // the table was small could scan it whole for good (see `stream_heads`).
+    .persistent(dialect == Dialect::Sqlite)
     .bind(list(&types))
     .bind(list(&ids))
     .fetch_all(&mut *conn)
