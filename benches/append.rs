@@ -26,11 +26,9 @@ use support::{report, Row};
 const CONCURRENCY: [usize; 3] = [1, 16, 256];
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let quick = support::quick();
     let seconds = Duration::from_secs(if quick { 3 } else { 10 });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = support::runtime()?;
     let mut rows = vec![];
     let mut one_commit_per_row = None;
     let (mut ours_curve, mut raw_curve) = (vec![], vec![]);

@@ -38,11 +38,9 @@ enum Load {
 }
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let quick = support::quick();
     let seconds = if quick { 5 } else { 20 };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = support::runtime()?;
     let mut rows = vec![];
     let mut curves = vec![];
     let broker = support::services::Broker::start()?;

@@ -40,11 +40,9 @@ const PEER_CONNECTIONS: usize = 48;
 const COMMANDS_PER_ORDER: usize = 3;
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let quick = support::quick();
     let orders = if quick { 2_000 } else { 10_000 };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = support::runtime()?;
     let server = support::services::postgres()?;
     let mut rows = vec![];
     for tasks in CONCURRENCY {

@@ -22,11 +22,9 @@ const CLIENTS: usize = 64;
 const ORDERS: usize = 1_000;
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let quick = support::quick();
     let seconds = if quick { 3 } else { 10 };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = support::runtime()?;
     let rows = runtime.block_on(run(seconds))?;
     report("query", &rows)
 }

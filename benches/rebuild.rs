@@ -29,11 +29,9 @@ use support::{report, Row};
 const PREFIX: &str = "orderline_bench_rebuild";
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let quick = support::quick();
     let events = if quick { 200_000 } else { 1_000_000 };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = support::runtime()?;
     let mut rows = vec![];
     let mut series = vec![];
     for backend in [Backend::Sqlite, Backend::Postgres] {

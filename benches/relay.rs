@@ -24,12 +24,10 @@ use support::log::{self, EVENTS_PER_ORDER};
 use support::{progress, report, Row};
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let quick = support::quick();
     let events = if quick { 20_000 } else { 100_000 };
     let broker = support::services::Broker::start()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = support::runtime()?;
     eprintln!("relay: {events} events to {} ...", broker.address);
     let (ours, baseline) = runtime.block_on(run(&broker.address, events))?;
     report(

@@ -245,8 +245,9 @@ async fn replicas_read_disjoint_partitions_that_together_are_the_topic() {
     assert!(read.iter().all(|records| !records.is_empty()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_relay_publishes_the_log_in_order_and_republishes_rather_than_loses() {
+/// Topics of a test's own on the suite's broker, and an event store (with its
+/// command handlers) in a temporary folder for a relay to publish.
+async fn relay_setup() -> (KafkaConfig, tempfile::TempDir, EventStore, Handlers) {
     let config = isolated(&kafka_broker());
     ensure_topics(&config, &config.event_topics())
         .await
@@ -256,6 +257,12 @@ async fn the_relay_publishes_the_log_in_order_and_republishes_rather_than_loses(
         .await
         .expect("store");
     let handlers = Handlers::new(store.clone(), Metrics::default());
+    (config, dir, store, handlers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_publishes_the_log_in_order_and_republishes_rather_than_loses() {
+    let (config, dir, store, handlers) = relay_setup().await;
     for round in 0..10 {
         for sku in ["R-1", "R-2", "R-3"] {
             handlers
@@ -334,15 +341,7 @@ async fn the_relay_publishes_the_log_in_order_and_republishes_rather_than_loses(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_keeps_several_batches_in_flight_and_each_stream_stays_in_order() {
-    let config = isolated(&kafka_broker());
-    ensure_topics(&config, &config.event_topics())
-        .await
-        .expect("topics");
-    let dir = tempfile::tempdir().expect("dir");
-    let store = EventStore::open(&dir.path().join("events.db"))
-        .await
-        .expect("store");
-    let handlers = Handlers::new(store.clone(), Metrics::default());
+    let (config, dir, store, handlers) = relay_setup().await;
     // 3,000 events: more than the batches the relay keeps in flight at once.
     let mut writers = tokio::task::JoinSet::new();
     for sku in 0..30 {
