@@ -60,11 +60,18 @@ pub const PLACED_TO_CONFIRMED_SECONDS: HistogramFamily = HistogramFamily {
     bounds: SECONDS,
 };
 
-const HISTOGRAMS: [&HistogramFamily; 4] = [
+pub const REBUILD_PAUSE_SECONDS: HistogramFamily = HistogramFamily {
+    name: "orderline_rebuild_pause_seconds",
+    help: "How long a rebuild kept its live projection paused (the last events and the swap), by projection.",
+    bounds: SECONDS,
+};
+
+const HISTOGRAMS: [&HistogramFamily; 5] = [
     &REQUEST_SECONDS,
     &COMMIT_SECONDS,
     &EVENTS_PER_COMMIT,
     &PLACED_TO_CONFIRMED_SECONDS,
+    &REBUILD_PAUSE_SECONDS,
 ];
 
 fn label_text(labels: &[(&str, &str)]) -> String {
@@ -107,13 +114,25 @@ pub const CONSUMER_ERRORS: Family = Family {
     help: "Batches a consumer had to retry, by consumer and kind of error.",
 };
 
-const COUNTERS: [&Family; 6] = [
+pub const REBUILD_EVENTS: Family = Family {
+    name: "orderline_rebuild_events_total",
+    help: "Events applied by rebuilds, by projection and phase: `live` while the live projection ran, `paused` while it waited for the swap.",
+};
+
+pub const PRUNED: Family = Family {
+    name: "orderline_pruned_total",
+    help: "Rows removed by retention, by kind (idempotency, saga, snapshot).",
+};
+
+const COUNTERS: [&Family; 8] = [
     &COMMANDS_ACCEPTED,
     &COMMANDS_REJECTED,
     &EVENTS_APPENDED,
     &SAGA_OUTCOMES,
     &DEAD_LETTERS,
     &CONSUMER_ERRORS,
+    &REBUILD_EVENTS,
+    &PRUNED,
 ];
 
 impl Metrics {

@@ -1,17 +1,22 @@
 //! Rebuilding a projection from the start of its topics: from the embedded log, or
 //! from Kafka (whichever the live projection reads: its source makes the reader).
 //!
-//! The events go into shadow tables while the live tables keep serving. When the
-//! shadow has caught up, the live runner is paused (its lock), the last events are
-//! applied, and in one transaction the live tables are dropped, the shadows renamed
-//! into their place, and the checkpoint (a position, or the offsets of every
-//! partition) set. Events that fail during the rebuild are dead-lettered under
+//! The events go into shadow tables while the live tables keep serving and the live
+//! runner goes on. Catch-up passes repeat while the live projection runs, each up to
+//! the end the source had when it began, until one has little left to apply (at most
+//! [`TAIL`] events; writes go on meanwhile, so each pass is shorter than the one
+//! before as long as the rebuild outpaces them). Only then is the live runner paused
+//! (its lock), the few events written during the last pass applied, and in one
+//! transaction the live tables dropped, the shadows renamed into their place, and the
+//! checkpoint (a position, or the offsets of every partition) set. The pause is
+//! measured (`orderline_rebuild_pause_seconds`, `orderline_rebuild_events_total`). Events that fail during the rebuild are dead-lettered under
 //! `<name>@rebuild` and take the place of the old dead letters in the same swap.
 
 use crate::projection::ReadModel;
 use crate::runner::{ProjectionHandle, Projections, Runner};
 use infra::consume::{apply_batch, Consumer, Replay};
 use infra::db::{Db, Dialect};
+use infra::metrics::{REBUILD_EVENTS, REBUILD_PAUSE_SECONDS};
 use infra::progress::Rebuild;
 use infra::InfraError;
 use sqlx::AnyConnection;
@@ -22,6 +27,11 @@ const SHADOW: &str = "_shadow";
 /// How long a reader may return nothing before it is caught up, before the rebuild
 /// gives up.
 const STALLED: Duration = Duration::from_secs(60);
+/// A catch-up pass that applied at most this many events ends the catch-up while live.
+const TAIL: u64 = 256;
+/// Catch-up passes at most while live; past them (writes that outpace the rebuild)
+/// the live runner is paused for what is left.
+const PASSES: usize = 32;
 
 /// Rebuild `handle`'s projection; `report` hears (processed, total) as it goes.
 /// Returns the number of events applied.
@@ -53,11 +63,29 @@ pub async fn rebuild(
         },
     };
     shadow.report(&mut report);
-    // Catch up without holding up the live runner...
-    shadow.fill(&*reader, &mut report).await?;
+    // Catch up without holding up the live runner, pass after pass...
+    let mut passes = 0;
+    loop {
+        let applied = shadow.fill(&*reader, &mut report).await?;
+        all.metrics.add(
+            &REBUILD_EVENTS,
+            &[("projection", name), ("phase", "live")],
+            applied,
+        );
+        passes += 1;
+        if applied <= TAIL || passes >= PASSES {
+            break;
+        }
+    }
     // ...then pause it for the last events and the swap.
     let paused = handle.lock.lock().await;
-    shadow.fill(&*reader, &mut report).await?;
+    let paused_at = Instant::now();
+    let tail = shadow.fill(&*reader, &mut report).await?;
+    all.metrics.add(
+        &REBUILD_EVENTS,
+        &[("projection", name), ("phase", "paused")],
+        tail,
+    );
     let mut tx = db.begin_write().await?;
     swap(&mut tx, handle, &shadow.dead_letters).await?;
     reader.save_as(&mut tx, name).await?;
@@ -67,6 +95,19 @@ pub async fn rebuild(
     all.progress
         .set_checkpoint(name, handle.source.checkpoint().await?);
     drop(paused);
+    let pause = paused_at.elapsed();
+    all.metrics.observe(
+        &REBUILD_PAUSE_SECONDS,
+        &[("projection", name)],
+        pause.as_secs_f64(),
+    );
+    tracing::info!(
+        projection = name,
+        passes,
+        paused_events = tail,
+        pause_ms = pause.as_millis() as u64,
+        "rebuild swapped in"
+    );
     let mut progress = shadow.progress;
     all.progress.set_rebuild(name, None);
     progress.total = progress.total.max(progress.processed);
@@ -152,12 +193,14 @@ impl Shadow<'_> {
         report(self.progress);
     }
 
-    /// Apply what the reader holds now, until it has caught up with it.
+    /// Apply what the reader holds now, until it has caught up with it; the number of
+    /// events applied.
     async fn fill(
         &mut self,
         reader: &dyn Replay,
         report: &mut impl FnMut(Rebuild),
-    ) -> Result<(), InfraError> {
+    ) -> Result<u64, InfraError> {
+        let mut applied = 0;
         let end = reader.end().await?;
         let mut last_read = Instant::now();
         while !reader.reached(&end) {
@@ -176,10 +219,11 @@ impl Shadow<'_> {
                 apply_batch(&self.runner, &self.dead_letters, &mut tx, &batch).await?;
             tx.commit().await?;
             reader.committed(&batch, done).await?;
+            applied += done as u64;
             self.progress.processed += done as u64;
             self.progress.total = self.progress.total.max(self.progress.processed);
             self.report(report);
         }
-        Ok(())
+        Ok(applied)
     }
 }
