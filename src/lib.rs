@@ -37,6 +37,7 @@ use infra::http::ApiError;
 use infra::kafka::Relay;
 use infra::metrics::{Gauge, Metrics, REQUEST_SECONDS};
 use infra::progress::Progress;
+use infra::retention::Retention;
 use infra::serve::Limits;
 use infra::shutdown::{self, Shutdown, Trigger};
 use infra::{Config, EventStore};
@@ -245,14 +246,22 @@ impl System {
         }
         let (trigger, shutdown) = shutdown::channel();
         let mut tasks = projections.spawn_all(&shutdown);
+        tasks.push(tokio::spawn(retain(
+            store.clone(),
+            config.retention,
+            shutdown.clone(),
+        )));
         let mut watched = Watched::new(&projections);
         if let Some((_, order)) = services.iter().find(|(s, _)| *s == Service::Order) {
-            let saga = Arc::new(SagaRunner::new(
-                handlers.clone(),
-                order.clone(),
-                config.payment_timeout,
-                Dispatch::over(&transport)?,
-            )?);
+            let saga = Arc::new(
+                SagaRunner::new(
+                    handlers.clone(),
+                    order.clone(),
+                    config.payment_timeout,
+                    Dispatch::over(&transport)?,
+                )?
+                .with_retention(config.retention),
+            );
             saga.count_backlog().await?;
             let source = SagaRunner::source(&transport, order).await?;
             watched.sources.push(source.clone());
@@ -319,6 +328,31 @@ impl System {
 
     pub fn shutdown_signal(&self) -> Shutdown {
         self.shutdown.clone()
+    }
+}
+
+/// Retention over the event store's database (idempotency records, snapshots that
+/// no longer read), a pass every interval until shutdown.
+async fn retain(store: EventStore, retention: Retention, mut shutdown: Shutdown) {
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            () = tokio::time::sleep(retention.interval) => {}
+        }
+        let pass = infra::retention::prune_store(
+            &store,
+            &retention,
+            chrono::Utc::now(),
+            &command_handlers::app::snapshot_readable,
+        )
+        .await;
+        match pass {
+            Ok(0) => {}
+            Ok(rows) => tracing::info!(rows, "retention: bookkeeping past its time removed"),
+            Err(error) => {
+                tracing::warn!(error = %error, "retention pass failed; it runs again next interval")
+            }
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use infra::retention::Retention;
 use infra::Config;
 use orderline::{serve, Storage, System};
 use schemas::topics::{ProjectionName, Service};
@@ -198,6 +199,21 @@ struct ServeArgs {
     /// new orders are refused with 503 and Retry-After; 0 for no bound.
     #[arg(long, env = "ORDERLINE_MAX_BACKLOG", default_value_t = 1_000)]
     max_backlog: u64,
+    /// How long clients' idempotency records are kept, in seconds: a retry with the
+    /// same Idempotency-Key after that is a new request; 0 keeps them for good.
+    #[arg(
+        long,
+        env = "ORDERLINE_IDEMPOTENCY_RETENTION_SECS",
+        default_value_t = 86_400
+    )]
+    idempotency_retention_secs: u64,
+    /// How long a finished saga's state and the records of the saga's commands are
+    /// kept, in seconds; 0 keeps them for good.
+    #[arg(long, env = "ORDERLINE_SAGA_RETENTION_SECS", default_value_t = 604_800)]
+    saga_retention_secs: u64,
+    /// Seconds between two retention passes.
+    #[arg(long, env = "ORDERLINE_RETENTION_INTERVAL_SECS", default_value_t = 600)]
+    retention_interval_secs: u64,
     #[command(flatten)]
     edge: EdgeArgs,
     #[command(flatten)]
@@ -205,9 +221,12 @@ struct ServeArgs {
 }
 
 /// The settings a `--config` file may hold.
-const SETTINGS: [&str; 23] = [
+const SETTINGS: [&str; 26] = [
     "ORDERLINE_LISTEN",
     "ORDERLINE_MAX_BACKLOG",
+    "ORDERLINE_IDEMPOTENCY_RETENTION_SECS",
+    "ORDERLINE_SAGA_RETENTION_SECS",
+    "ORDERLINE_RETENTION_INTERVAL_SECS",
     "ORDERLINE_DATA_DIR",
     "ORDERLINE_PAYMENT_TIMEOUT_MS",
     "ORDERLINE_POSTGRES_URL",
@@ -321,6 +340,15 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     config.payment_timeout = Duration::from_millis(args.payment_timeout_ms);
     config.max_backlog = args.max_backlog;
     config.limits = args.edge.limits()?;
+    if args.retention_interval_secs == 0 {
+        anyhow::bail!("--retention-interval-secs must be at least 1");
+    }
+    let kept = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
+    config.retention = Retention {
+        idempotency: kept(args.idempotency_retention_secs),
+        sagas: kept(args.saga_retention_secs),
+        interval: Duration::from_secs(args.retention_interval_secs),
+    };
     if let Some(kafka) = config.kafka.as_mut() {
         kafka.partitions = args.kafka.kafka_partitions;
         kafka.replication_factor = args.kafka.kafka_replication;

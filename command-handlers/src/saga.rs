@@ -18,6 +18,7 @@ use infra::db::{Db, Dialect};
 use infra::guard;
 use infra::kafka::KafkaConfig;
 use infra::metrics;
+use infra::retention::{self, Retention};
 use infra::shutdown::Shutdown;
 use infra::{parse_timestamp, parse_uuid, timestamp, InfraError};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -58,6 +59,10 @@ pub struct SagaRunner {
     /// The time up to which every event has been folded (the start of the last read
     /// that found everything there was).
     heard_until: StdMutex<Option<DateTime<Utc>>>,
+    /// How long a settled saga's state is kept, and how often they are pruned.
+    retention: Retention,
+    /// When settled sagas were last pruned.
+    pruned_at: StdMutex<Option<DateTime<Utc>>>,
 }
 
 fn lock<T>(mutex: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -105,6 +110,14 @@ struct SagaCache(StdMutex<HashMap<Uuid, Loaded>>);
 impl SagaCache {
     fn get(&self, order_id: &Uuid) -> Option<Loaded> {
         lock(&self.0).get(order_id).cloned()
+    }
+
+    /// After sagas were pruned: their states are gone from the table.
+    fn forget(&self, order_ids: impl IntoIterator<Item = Uuid>) {
+        let mut cache = lock(&self.0);
+        for order_id in order_ids {
+            cache.remove(&order_id);
+        }
     }
 
     /// After a commit: the states it wrote.
@@ -157,7 +170,104 @@ impl SagaRunner {
             staged: Notify::new(),
             reading: StdMutex::new(None),
             heard_until: StdMutex::new(None),
+            retention: Retention::default(),
+            pruned_at: StdMutex::new(None),
         })
+    }
+
+    /// Keep settled sagas' state as `retention` says (by default: 7 days).
+    pub fn with_retention(mut self, retention: Retention) -> SagaRunner {
+        self.retention = retention;
+        self
+    }
+
+    /// Forget the state of every saga settled (`Fulfilment::is_settled`) and last
+    /// changed before `before`, with its deadline: nothing its order's streams may
+    /// still bring would need it. The per-stream guard (`saga_applied`) stays, so a
+    /// redelivered old event is still passed over rather than starting a saga anew.
+    /// Returns how many were forgotten.
+    pub async fn prune_settled(&self, before: DateTime<Utc>) -> Result<u64, InfraError> {
+        let before = timestamp(before);
+        let dialect = self.db.dialect;
+        let mut removed = 0;
+        let mut after = String::new();
+        loop {
+            let page: Vec<(String, String)> = sqlx::query_as(
+                "SELECT order_id, state FROM sagas s
+                 WHERE stage IN ('delivered', 'cancelled') AND updated_at < $1 AND order_id > $2
+                   AND NOT EXISTS (SELECT 1 FROM saga_outbox o WHERE o.order_id = s.order_id)
+                 ORDER BY order_id LIMIT $3",
+            )
+            .bind(&before)
+            .bind(&after)
+            .bind(retention::BATCH)
+            .fetch_all(&self.db.pool)
+            .await?;
+            let Some((last, _)) = page.last() else {
+                return Ok(removed);
+            };
+            after = last.clone();
+            let full = page.len() as i64 == retention::BATCH;
+            let settled: Vec<String> = page
+                .into_iter()
+                .filter(|(_, state)| {
+                    serde_json::from_str::<Fulfilment>(state).is_ok_and(|s| s.is_settled())
+                })
+                .map(|(order_id, _)| order_id)
+                .collect();
+            if !settled.is_empty() {
+                let ids = Value::from(settled.clone()).to_string();
+                let mut tx = self.db.begin_write().await?;
+                for table in ["saga_deadlines", "sagas"] {
+                    let sql = format!(
+                        "DELETE FROM {table} WHERE {}",
+                        dialect.in_text_list("order_id", "$1")
+                    );
+                    let n = sqlx::query(&sql)
+                        .bind(&ids)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if table == "sagas" {
+                        removed += n;
+                    }
+                }
+                tx.commit().await?;
+                self.cache
+                    .forget(settled.iter().filter_map(|id| Uuid::parse_str(id).ok()));
+            }
+            if !full {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// Prune settled sagas when the retention interval has passed since the last time.
+    async fn prune_when_due(&self) -> Result<(), InfraError> {
+        let Some(age) = self.retention.sagas else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        {
+            let mut last = lock(&self.pruned_at);
+            let interval = chrono::Duration::from_std(self.retention.interval)
+                .unwrap_or(chrono::Duration::MAX);
+            if last.is_some_and(|at| now - at < interval) {
+                return Ok(());
+            }
+            *last = Some(now);
+        }
+        let Ok(age) = chrono::Duration::from_std(age) else {
+            return Ok(());
+        };
+        let Some(before) = now.checked_sub_signed(age) else {
+            return Ok(());
+        };
+        let removed = self.prune_settled(before).await?;
+        self.handlers
+            .metrics
+            .add(&metrics::PRUNED, &[("kind", "saga")], removed);
+        Ok(())
     }
 
     /// Read the time from `clock` (deadlines are set and fired by it).
@@ -225,12 +335,14 @@ impl SagaRunner {
         let next: Option<String> = sqlx::query_scalar("SELECT MIN(due_at) FROM saga_deadlines")
             .fetch_one(&self.db.pool)
             .await?;
+        // At most a minute, and at most the retention interval (pruning runs then).
+        let most = Duration::from_secs(60).min(self.retention.interval);
         Ok(match next {
-            None => Duration::from_secs(60),
+            None => most,
             Some(due) => (parse_timestamp(&due)? - self.clock.now())
                 .to_std()
                 .unwrap_or(Duration::ZERO)
-                .min(Duration::from_secs(60)),
+                .min(most),
         })
     }
 
@@ -514,6 +626,7 @@ impl Handler for SagaRunner {
             Some(until) => self.fire_deadlines(until).await?,
             None => false,
         };
+        self.prune_when_due().await?;
         Ok(if fired {
             Idle::Busy
         } else {

@@ -58,6 +58,15 @@ pub struct Fulfilment {
     pub shipment_created: bool,
     pub payment_deadline: Option<DateTime<Utc>>,
     pub cancel_reason: Option<CancelReason>,
+    /// The skus whose reservation was answered (reserved or refused). Absent from
+    /// states stored before it was kept: such a saga is never taken as settled.
+    #[serde(default)]
+    pub answered: BTreeSet<Sku>,
+    /// Whether the shipment was asked for, and whether that was answered.
+    #[serde(default)]
+    pub shipment_requested: bool,
+    #[serde(default)]
+    pub shipment_answered: bool,
 }
 
 /// What the saga hears.
@@ -194,6 +203,28 @@ impl Fulfilment {
         matches!(self.stage, Stage::Delivered | Stage::Cancelled)
     }
 
+    /// Finished, with nothing left that could still arrive and need an answer:
+    /// delivered; or cancelled with every reservation answered and none still held,
+    /// no payment authorized and not voided, and no shipment asked for and not
+    /// answered or left open. Only such a saga's state may be forgotten (retention):
+    /// whatever else its order's streams may still bring, it would not act on.
+    pub fn is_settled(&self) -> bool {
+        match self.stage {
+            Stage::Delivered => true,
+            Stage::Cancelled => {
+                self.reserved.is_empty()
+                    && self.items.keys().all(|sku| self.answered.contains(sku))
+                    && matches!(
+                        self.payment,
+                        PaymentProgress::None | PaymentProgress::Declined | PaymentProgress::Voided
+                    )
+                    && !self.shipment_created
+                    && (!self.shipment_requested || self.shipment_answered)
+            }
+            _ => false,
+        }
+    }
+
     /// The pure transition: fold `input` into the state and say what to do.
     /// `now` is when the input is handled.
     pub fn handle(&mut self, input: &Input, now: DateTime<Utc>, config: &Config) -> Transition {
@@ -319,6 +350,9 @@ impl Fulfilment {
     fn on_inventory(&mut self, sku: &Sku, event: &InventoryEvent) -> Transition {
         match event {
             InventoryEvent::StockReserved { .. } => {
+                if self.items.contains_key(sku) {
+                    self.answered.insert(sku.clone());
+                }
                 if !self.items.contains_key(sku) || !self.reserved.insert(sku.clone()) {
                     return Transition::none();
                 }
@@ -330,6 +364,9 @@ impl Fulfilment {
                 self.after_reservation_answer()
             }
             InventoryEvent::StockReservationRejected { .. } => {
+                if self.items.contains_key(sku) {
+                    self.answered.insert(sku.clone());
+                }
                 if !self.items.contains_key(sku) || !self.rejected.insert(sku.clone()) {
                     return Transition::none();
                 }
@@ -389,6 +426,7 @@ impl Fulfilment {
                 self.payment = PaymentProgress::Authorized;
                 self.stage = Stage::AwaitingShipment;
                 self.payment_deadline = None;
+                self.shipment_requested = true;
                 Transition {
                     commands: vec![Command::CreateShipment],
                     deadline: Deadline::Clear,
@@ -435,6 +473,7 @@ impl Fulfilment {
         match event {
             ShipmentEvent::ShipmentCreated {} => {
                 self.shipment_created = true;
+                self.shipment_answered = true;
                 if self.stage == Stage::Cancelled {
                     return Transition::commands(vec![Command::CancelShipment]);
                 }
@@ -770,6 +809,127 @@ mod tests {
         let t = when(&mut saga, reserved("B", 1));
         assert!(t.commands.is_empty());
         assert_eq!(saga, before);
+    }
+
+    fn released(s: &str) -> Input {
+        Input::Inventory {
+            sku: sku(s),
+            event: InventoryEvent::StockReleased {
+                order_id: ORDER,
+                quantity: 1,
+                on_hand: 10,
+                reserved: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn a_delivered_saga_is_settled_and_one_in_progress_is_not() {
+        let mut inputs = up_to_confirmed();
+        assert!(!given(inputs.clone()).is_settled());
+        inputs.push(Input::Order(OrderEvent::OrderShipped {}));
+        assert!(!given(inputs.clone()).is_settled());
+        inputs.push(Input::Order(OrderEvent::OrderDelivered {}));
+        assert!(given(inputs).is_settled());
+    }
+
+    #[test]
+    fn a_cancelled_saga_is_settled_only_once_every_reservation_is_answered_and_released() {
+        // Cancelled while B's reservation is still on its way.
+        let mut saga = given(vec![
+            placed("tok_ok"),
+            reserved("A", 3),
+            cancelled(CancelReason::CustomerRequest),
+        ]);
+        assert!(!saga.is_settled(), "A is held, B unanswered");
+        when(&mut saga, released("A"));
+        assert!(
+            !saga.is_settled(),
+            "B unanswered: its late reservation must be undone"
+        );
+        // The late reservation is answered with its release; nothing more to wait for
+        // (the release's own answer asks nothing of the saga).
+        let late = when(&mut saga, reserved("B", 1));
+        assert_eq!(late.commands, vec![release_cmd("B")]);
+        assert!(saga.is_settled());
+        when(&mut saga, released("B"));
+        assert!(saga.is_settled());
+        // Refused stock is an answer too.
+        let refused = given(vec![placed("tok_ok"), reserved("A", 3), rejected("B")]);
+        let mut saga = refused;
+        when(&mut saga, cancelled(CancelReason::OutOfStock));
+        when(&mut saga, released("A"));
+        assert!(saga.is_settled());
+    }
+
+    #[test]
+    fn a_cancelled_saga_with_a_payment_or_shipment_outstanding_is_not_settled() {
+        // Cancelled while the payment was asked for: its answer is still to come.
+        let mut saga = given(vec![
+            placed("tok_ok"),
+            reserved("A", 3),
+            reserved("B", 1),
+            requested(),
+            cancelled(CancelReason::PaymentTimeout),
+            released("A"),
+            released("B"),
+        ]);
+        assert!(!saga.is_settled());
+        when(&mut saga, authorized());
+        assert!(!saga.is_settled(), "authorized, the void still to come");
+        when(
+            &mut saga,
+            Input::Payment(PaymentEvent::PaymentVoided {
+                amount_cents: Money::from_cents(400),
+            }),
+        );
+        assert!(saga.is_settled());
+
+        // Cancelled after the shipment was asked for, before it was created.
+        let mut saga = given(vec![
+            placed("tok_ok"),
+            reserved("A", 3),
+            reserved("B", 1),
+            authorized(),
+            cancelled(CancelReason::CustomerRequest),
+            released("A"),
+            released("B"),
+            Input::Payment(PaymentEvent::PaymentVoided {
+                amount_cents: Money::from_cents(400),
+            }),
+        ]);
+        assert!(!saga.is_settled(), "the shipment may still be created");
+        let late = when(
+            &mut saga,
+            Input::Shipment(ShipmentEvent::ShipmentCreated {}),
+        );
+        assert_eq!(late.commands, vec![Command::CancelShipment]);
+        assert!(!saga.is_settled());
+        when(
+            &mut saga,
+            Input::Shipment(ShipmentEvent::ShipmentCancelled {}),
+        );
+        assert!(saga.is_settled());
+    }
+
+    #[test]
+    fn a_state_stored_before_answers_were_kept_reads_and_is_never_settled() {
+        let mut saga = given(vec![
+            placed("tok_ok"),
+            reserved("A", 3),
+            rejected("B"),
+            cancelled(CancelReason::OutOfStock),
+            released("A"),
+        ]);
+        assert!(saga.is_settled());
+        let mut stored = serde_json::to_value(&saga).expect("state");
+        if let Some(fields) = stored.as_object_mut() {
+            for field in ["answered", "shipment_requested", "shipment_answered"] {
+                fields.remove(field);
+            }
+        }
+        saga = serde_json::from_value(stored).expect("an older state reads");
+        assert!(!saga.is_settled());
     }
 
     fn any_input() -> impl Strategy<Value = Input> {

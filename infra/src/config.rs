@@ -25,6 +25,8 @@ pub struct Config {
     pub max_backlog: u64,
     /// The HTTP edge's connection, concurrency and time limits.
     pub limits: crate::serve::Limits,
+    /// How long bookkeeping (idempotency records, finished sagas) is kept.
+    pub retention: crate::retention::Retention,
 }
 
 impl Config {
@@ -38,6 +40,7 @@ impl Config {
             kafka: None,
             max_backlog: 1_000,
             limits: crate::serve::Limits::default(),
+            retention: crate::retention::Retention::default(),
         }
     }
 

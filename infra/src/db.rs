@@ -284,6 +284,6 @@ mod tests {
             .fetch_one(&db.pool)
             .await
             .expect("migrations");
-        assert_eq!(applied, 1);
+        assert_eq!(applied, 2);
     }
 }

@@ -199,6 +199,11 @@ impl EventStore {
         *self.inner.head.borrow()
     }
 
+    /// The database the store is in.
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
     /// Where the writer counts (commit durations, events per commit); the process's
     /// other parts count there too.
     pub fn metrics(&self) -> &Metrics {

@@ -23,6 +23,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod progress;
+pub mod retention;
 #[cfg(any(test, feature = "testing"))]
 pub mod scratch;
 pub mod serve;
