@@ -140,12 +140,25 @@ async fn past_the_connection_cap_a_new_connection_waits_until_one_closes() {
 /// still answered.
 async fn sheds_past(api: &Api, n: usize, path: &str) -> Vec<TcpStream> {
     let at = address(api);
+    let head = announcing_a_body(path);
     let mut held = vec![];
     for _ in 0..n {
-        held.push(stalled(&at, &announcing_a_body(path)).await);
+        held.push(stalled(&at, &head).await);
     }
     let deadline = std::time::Instant::now() + SETTLE;
     loop {
+        // A held request that met a probe still in progress was itself shed (it was
+        // answered): hold another in its place.
+        for connection in &mut held {
+            let mut buffer = [0u8; 64];
+            let answered = match connection.try_read(&mut buffer) {
+                Ok(_) => true,
+                Err(error) => error.kind() != std::io::ErrorKind::WouldBlock,
+            };
+            if answered {
+                *connection = stalled(&at, &head).await;
+            }
+        }
         let response = api
             .client
             .post(api.url(path))

@@ -284,3 +284,143 @@ fn envelopes_fit_the_envelope_schema() {
         assert!(violations(&schema, envelope).is_empty());
     }
 }
+
+mod decoders {
+    //! The envelope decoder under arbitrary input: whatever a log or a topic holds, it
+    //! answers with an event or an error (which the consumers dead-letter), never a
+    //! panic; and what it accepts is an event the code could have written.
+    use super::*;
+    use crate::RecordedEvent;
+    use proptest::prelude::*;
+
+    /// Any JSON value, nested a few levels.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "\\PC{0,12}".prop_map(Value::from),
+            Just(Value::from("tok_ok")),
+            Just(Value::from("0190a0e4-1f00-7000-8000-0000000000aa")),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z_]{1,16}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A sample event's envelope as JSON, with a field of its payload replaced,
+    /// removed or added, and its type, version and aggregate sometimes changed.
+    fn mutated_envelope() -> impl Strategy<Value = Value> {
+        let samples = samples();
+        let count = samples.len();
+        (
+            0..count,
+            any::<prop::sample::Index>(),
+            0..4u8,
+            any_json(),
+            0..4u32,
+            proptest::option::of(prop::sample::select(vec![
+                "order",
+                "inventory",
+                "payment",
+                "shipment",
+                "",
+                "Order",
+            ])),
+        )
+            .prop_map(move |(i, field, how, value, version, aggregate)| {
+                let (sample_aggregate, mut payload, event_type) = samples[i].clone();
+                if let Some(fields) = payload.as_object_mut() {
+                    let names: Vec<String> = fields.keys().cloned().collect();
+                    match (how, names.is_empty()) {
+                        (0, false) => {
+                            fields.insert(names[field.index(names.len())].clone(), value);
+                        }
+                        (1, false) => {
+                            fields.remove(&names[field.index(names.len())]);
+                        }
+                        (2, _) => {
+                            fields.insert("unexpected".into(), value);
+                        }
+                        _ => payload = value,
+                    }
+                }
+                json!({
+                    "position": 1,
+                    "event_id": "0190a0e4-1f00-7000-8000-000000000001",
+                    "aggregate_type": aggregate.unwrap_or(sample_aggregate),
+                    "aggregate_id": "a-1",
+                    "version": 1,
+                    "event_type": event_type,
+                    "schema_version": version,
+                    "occurred_at": "2026-01-01T00:00:00Z",
+                    "correlation_id": "0190a0e4-1f00-7000-8000-000000000002",
+                    "causation_id": "0190a0e4-1f00-7000-8000-000000000003",
+                    "payload": payload,
+                })
+            })
+    }
+
+    /// Decode `bytes` as a consumer does: the envelope, then the event in it. Any
+    /// event accepted is checked against the schema of what it re-encodes to.
+    fn decode_record(bytes: &[u8]) -> Result<(), String> {
+        let recorded: RecordedEvent = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let event = AnyEvent::from_envelope(&recorded.envelope).map_err(|e| e.to_string())?;
+        let (event_type, version, payload) = match &event {
+            AnyEvent::Order(e) => encode(e),
+            AnyEvent::Inventory(e) => encode(e),
+            AnyEvent::Payment(e) => encode(e),
+            AnyEvent::Shipment(e) => encode(e),
+        }
+        .map_err(|e| e.to_string())?;
+        let problems = violations(&schema(&event_type, version), &payload);
+        assert!(
+            problems.is_empty(),
+            "{event_type} decoded from {} re-encodes outside its schema: {problems:?}",
+            String::from_utf8_lossy(bytes)
+        );
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bytes_are_an_error_never_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_record(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_is_an_error_never_a_panic(value in any_json()) {
+            let _ = decode_record(value.to_string().as_bytes());
+        }
+
+        #[test]
+        fn damaged_envelopes_are_an_error_or_a_valid_event_never_a_panic(envelope in mutated_envelope()) {
+            let _ = decode_record(envelope.to_string().as_bytes());
+        }
+
+        #[test]
+        fn a_truncated_envelope_is_an_error(cut in 0usize..400) {
+            let (aggregate, payload, event_type) = samples().remove(0);
+            let whole = json!({
+                "position": 1, "event_id": "0190a0e4-1f00-7000-8000-000000000001",
+                "aggregate_type": aggregate, "aggregate_id": "a-1", "version": 1,
+                "event_type": event_type, "schema_version": 2,
+                "occurred_at": "2026-01-01T00:00:00Z",
+                "correlation_id": "0190a0e4-1f00-7000-8000-000000000002",
+                "causation_id": "0190a0e4-1f00-7000-8000-000000000003", "payload": payload,
+            })
+            .to_string();
+            prop_assume!(cut < whole.len());
+            prop_assert!(decode_record(&whole.as_bytes()[..cut]).is_err());
+        }
+    }
+}
