@@ -2,11 +2,13 @@
 //! state of settled sagas and snapshots that no longer read are removed; everything
 //! still needed stays, and the system goes on as before.
 
-use crate::support::{body, metric, Api, Process, SETTLE};
+use crate::support::{
+    body, drop_databases, metric, postgres_server, storage_args, Api, Process, SETTLE,
+};
 use infra::db::Db;
+use infra::Config;
 use reqwest::StatusCode;
 use serde_json::json;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 async fn restock_with_key(api: &Api, sku: &str, key: &str) -> StatusCode {
@@ -21,8 +23,8 @@ async fn restock_with_key(api: &Api, sku: &str, key: &str) -> StatusCode {
     body(response).await.0
 }
 
-async fn sagas(data: &Path) -> Vec<(String, String)> {
-    let db = Db::open_sqlite(&data.join("order.db"), 1)
+async fn sagas(config: &Config) -> Vec<(String, String)> {
+    let db = Db::open(&config.database_url("order"), 1)
         .await
         .expect("order database");
     let rows = sqlx::query_as("SELECT order_id, stage FROM sagas ORDER BY order_id")
@@ -33,8 +35,8 @@ async fn sagas(data: &Path) -> Vec<(String, String)> {
     rows
 }
 
-async fn snapshots(data: &Path) -> Vec<(String, String)> {
-    let db = Db::open_sqlite(&data.join("events.db"), 1)
+async fn snapshots(config: &Config) -> Vec<(String, String)> {
+    let db = Db::open(&config.database_url("events"), 1)
         .await
         .expect("log");
     let rows =
@@ -49,24 +51,36 @@ async fn snapshots(data: &Path) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_their_retention_keys_settled_sagas_and_unreadable_snapshots_go_and_nothing_else() {
     let dir = tempfile::tempdir().expect("dir");
-    let data = dir.path().join("data");
+    prunes_what_is_past_its_time(Config::with_data_dir(dir.path().join("data"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_past_their_retention_keys_settled_sagas_and_unreadable_snapshots_go() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut config = Config::with_data_dir(dir.path().join("data"));
+    config.postgres = Some(postgres_server());
+    config.database_prefix = format!("orderline_t{}", uuid::Uuid::now_v7().simple());
+    prunes_what_is_past_its_time(config.clone()).await;
+    drop_databases(&config).await;
+}
+
+async fn prunes_what_is_past_its_time(config: Config) {
     let start = |retention: &str| {
-        Process::spawn(
-            &[
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                &data.display().to_string(),
-                "--idempotency-retention-secs",
-                retention,
-                "--saga-retention-secs",
-                retention,
-                "--retention-interval-secs",
-                "1",
-            ]
-            .map(String::from),
-        )
+        let mut args: Vec<String> = [
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--idempotency-retention-secs",
+            retention,
+            "--saga-retention-secs",
+            retention,
+            "--retention-interval-secs",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(storage_args(&config));
+        Process::spawn(&args)
     };
     // First with everything kept: the history to prune.
     let node = start("0");
@@ -114,9 +128,9 @@ async fn past_their_retention_keys_settled_sagas_and_unreadable_snapshots_go_and
         "the retry was a replay"
     );
     node.terminate();
-    assert_eq!(sagas(&data).await.len(), 3);
+    assert_eq!(sagas(&config).await.len(), 3);
     // A snapshot of a shape no version of the code reads, beside the real one.
-    let log = Db::open_sqlite(&data.join("events.db"), 1)
+    let log = Db::open(&config.database_url("events"), 1)
         .await
         .expect("log");
     sqlx::query(
@@ -127,7 +141,7 @@ async fn past_their_retention_keys_settled_sagas_and_unreadable_snapshots_go_and
     .await
     .expect("snapshot");
     log.pool.close().await;
-    assert_eq!(snapshots(&data).await.len(), 2);
+    assert_eq!(snapshots(&config).await.len(), 2);
 
     // Then with a retention of a second.
     let node = start("1");
@@ -149,11 +163,11 @@ async fn past_their_retention_keys_settled_sagas_and_unreadable_snapshots_go_and
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The settled sagas are gone; the confirmed order's, still needed to ship it, stays.
-    let left = sagas(&data).await;
+    let left = sagas(&config).await;
     assert_eq!(left, vec![(confirmed.clone(), "confirmed".to_owned())]);
     // The unreadable snapshot is gone; the real one stays.
     assert_eq!(
-        snapshots(&data).await,
+        snapshots(&config).await,
         vec![("inventory".to_owned(), "LONG".to_owned())]
     );
     // A key past its retention is a new request.
