@@ -59,6 +59,8 @@ pub fn router(upstreams: Upstreams, limits: &infra::serve::Limits) -> anyhow::Re
                 .route("/metrics", get(metrics))
                 .with_state(gateway),
         )
+        // The whole contract, as the embedded server describes it.
+        .merge(crate::openapi::serving(crate::openapi::document()))
         .layer(axum::middleware::from_fn(infra::http::problem_json)))
 }
 

@@ -12,6 +12,7 @@
 //! signal, then stops every task cleanly. `main.rs` is the command line over these.
 
 pub mod gateway;
+pub mod openapi;
 
 /// The allocator of every binary that links this crate (the server, its benchmarks and
 /// tests): the system allocator spent about a fifth of the CPU of a loaded server
@@ -25,7 +26,6 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::IntoResponse;
 use axum::response::Response;
-use axum::routing::get;
 use axum::{Json, Router};
 use command_handlers::app::{Backlog, TokenStyle};
 use command_handlers::inbox::Inbox;
@@ -50,6 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use utoipa_axum::router::OpenApiRouter;
 
 /// The name of each service's relay (its published position is kept under it).
 const RELAY: &str = "kafka";
@@ -290,12 +291,12 @@ impl System {
                 tasks.push(task);
             }
         }
-        let commands = services.iter().fold(Router::new(), |router, (service, _)| {
-            router.merge(command_handlers::routes::service_router(
-                *service,
-                handlers.clone(),
-            ))
-        });
+        let commands = services
+            .iter()
+            .fold(OpenApiRouter::new(), |router, (service, _)| {
+                router.merge(command_handlers::routes::service_routes(*service))
+            })
+            .with_state(handlers.clone());
         let router = api(commands, &queries, watched, &config.limits);
         Ok(System {
             config,
@@ -371,18 +372,24 @@ fn inbox(
 }
 
 /// A process's API: its commands, its queries, the operator routes.
-fn api(commands: Router, queries: &QueryState, watched: Watched, limits: &Limits) -> Router {
+fn api(commands: OpenApiRouter, queries: &QueryState, watched: Watched, limits: &Limits) -> Router {
     let timing = middleware::from_fn_with_state(watched.projections.metrics.clone(), timed);
+    let mut document = openapi::base();
+    let (limited, served) = OpenApiRouter::new()
+        .merge(commands)
+        .merge(query_api::router(queries.clone()))
+        .merge(projectors::admin::routes().with_state(watched.projections.clone()))
+        .split_for_parts();
+    document.merge(served);
     // Operators' /health and /metrics stay outside the cap on requests in progress.
+    let (operators, described) = openapi::operator_routes()
+        .with_state(watched)
+        .split_for_parts();
+    document.merge(described);
     limits
-        .apply(
-            Router::new()
-                .merge(commands)
-                .merge(query_api::router(queries.clone()))
-                .merge(projectors::admin::router(watched.projections.clone())),
-        )
-        .route("/health", get(health).with_state(watched.clone()))
-        .route("/metrics", get(metrics).with_state(watched))
+        .apply(limited)
+        .merge(operators)
+        .merge(openapi::serving(document))
         .route_layer(timing)
         .fallback(infra::http::not_found_fallback)
         .layer(DefaultBodyLimit::max(infra::http::MAX_BODY_BYTES))
@@ -413,6 +420,15 @@ async fn timed(
 
 /// 200 once every Kafka consumer has been given its partitions (at once when
 /// embedded); 503 while the process is still starting.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operators",
+    responses(
+        (status = 200, description = "Serving", body = schemas::http::Health),
+        (status = 503, description = "Still starting", body = schemas::http::Health)
+    )
+)]
 async fn health(State(watched): State<Watched>) -> impl IntoResponse {
     if watched.sources.iter().all(|source| source.ready()) {
         (StatusCode::OK, Json(json!({ "status": "ok" })))
@@ -427,6 +443,13 @@ async fn health(State(watched): State<Watched>) -> impl IntoResponse {
 /// How long one scrape of /metrics may wait for what needs the brokers.
 const SCRAPE_BUDGET: Duration = Duration::from_secs(5);
 
+/// Counters, histograms and gauges in the Prometheus text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operators",
+    responses((status = 200, description = "Prometheus text", content_type = "text/plain", body = String))
+)]
 async fn metrics(State(watched): State<Watched>) -> impl IntoResponse {
     let all = &watched.projections;
     let mut lag = vec![];

@@ -6,7 +6,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use axum::{Json, Router};
 use domain::inventory::{InventoryCommand, InventoryItem};
 use domain::order::{Order, OrderCommand, OrderLine, MAX_LINES};
@@ -15,45 +14,42 @@ use domain::{CancelReason, CustomerId, Money, PaymentToken, Quantity, Sku};
 use infra::event_store::IdempotencyRecord;
 use infra::http::{token_header, ApiError, JsonBody, RawBody};
 use infra::metrics;
-use schemas::http::{CancelOrderRequest, PlaceOrderRequest, RestockRequest, IDEMPOTENCY_KEY};
+use schemas::http::{
+    Accepted, CancelOrderRequest, CommandRefusals, PlaceOrderRequest, RestockRequest,
+    IDEMPOTENCY_KEY,
+};
 use schemas::topics::Service;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 /// Every command route (embedded: one process serves them all).
 pub fn router(handlers: Handlers) -> Router {
-    Service::ALL.iter().fold(Router::new(), |router, service| {
-        router.merge(service_router(*service, handlers.clone()))
-    })
+    let (router, _) = Service::ALL
+        .iter()
+        .fold(OpenApiRouter::new(), |router, service| {
+            router.merge(service_routes(*service))
+        })
+        .with_state(handlers)
+        .split_for_parts();
+    router
 }
 
-/// The command routes of one service (payment and shipping take commands from the
-/// saga only).
-pub fn service_router(service: Service, handlers: Handlers) -> Router {
+/// The command routes of one service, each registered with its description in the
+/// OpenAPI document (payment and shipping take commands from the saga only).
+pub fn service_routes(service: Service) -> OpenApiRouter<Handlers> {
     match service {
-        Service::Order => orders_router(handlers),
-        Service::Inventory => inventory_router(handlers),
-        Service::Payment | Service::Shipping => Router::new(),
+        // The order stream decides placing, cancelling, dispatching and delivering.
+        Service::Order => OpenApiRouter::new()
+            .routes(routes!(place_order))
+            .routes(routes!(cancel_order))
+            .routes(routes!(dispatch))
+            .routes(routes!(deliver)),
+        Service::Inventory => OpenApiRouter::new().routes(routes!(restock)),
+        Service::Payment | Service::Shipping => OpenApiRouter::new(),
     }
-}
-
-/// The order service's commands: the order stream decides placing, cancelling,
-/// dispatching and delivering.
-pub fn orders_router(handlers: Handlers) -> Router {
-    Router::new()
-        .route("/v1/orders", post(place_order))
-        .route("/v1/orders/{order_id}/cancel", post(cancel_order))
-        .route("/v1/shipments/{order_id}/dispatch", post(dispatch))
-        .route("/v1/shipments/{order_id}/deliver", post(deliver))
-        .with_state(handlers)
-}
-
-/// The inventory service's commands.
-pub fn inventory_router(handlers: Handlers) -> Router {
-    Router::new()
-        .route("/v1/inventory/{sku}/restock", post(restock))
-        .with_state(handlers)
 }
 
 /// The `Idempotency-Key` of a request, with a hash of what the request asks.
@@ -198,6 +194,18 @@ where
     Ok(finish(executed, body))
 }
 
+/// Add stock to a SKU.
+#[utoipa::path(
+    post,
+    path = "/v1/inventory/{sku}/restock",
+    tag = "inventory",
+    params(
+        ("sku" = String, Path, description = "1 to 64 of A-Z a-z 0-9 - _"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a retry with the same key and body is answered as the first time, for 24 hours"),
+    ),
+    request_body = RestockRequest,
+    responses((status = 202, description = "Restocked", body = Accepted), CommandRefusals)
+)]
 async fn restock(
     State(h): State<Handlers>,
     Path(sku): Path<String>,
@@ -251,6 +259,16 @@ fn parse_order(request: &PlaceOrderRequest) -> Result<OrderCommand, ApiError> {
     })
 }
 
+/// Place an order: its saga reserves the stock, takes the payment and creates the
+/// shipment, or cancels it.
+#[utoipa::path(
+    post,
+    path = "/v1/orders",
+    tag = "orders",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a retry with the same key and body is answered as the first time, for 24 hours")),
+    request_body = PlaceOrderRequest,
+    responses((status = 202, description = "Accepted; fulfilment follows", body = Accepted), CommandRefusals)
+)]
 async fn place_order(
     State(h): State<Handlers>,
     headers: HeaderMap,
@@ -277,6 +295,15 @@ async fn place_order(
     observe(&h, "place_order", result)
 }
 
+/// Cancel an order (before it ships): its stock is released and its payment voided.
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{order_id}/cancel",
+    tag = "orders",
+    params(("order_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a retry with the same key and body is answered as the first time, for 24 hours")),
+    request_body(content = CancelOrderRequest, description = "May be empty"),
+    responses((status = 202, description = "Cancelled", body = Accepted), CommandRefusals)
+)]
 async fn cancel_order(
     State(h): State<Handlers>,
     Path(order_id): Path<String>,
@@ -337,6 +364,15 @@ async fn shipment_step(
     }
 }
 
+/// Dispatch a confirmed order's shipment (the stock is committed and the payment
+/// captured).
+#[utoipa::path(
+    post,
+    path = "/v1/shipments/{order_id}/dispatch",
+    tag = "shipments",
+    params(("order_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a retry with the same key and body is answered as the first time, for 24 hours")),
+    responses((status = 202, description = "Dispatched", body = Accepted), CommandRefusals)
+)]
 async fn dispatch(
     State(h): State<Handlers>,
     Path(order_id): Path<String>,
@@ -347,6 +383,14 @@ async fn dispatch(
     observe(&h, "dispatch_shipment", step.await)
 }
 
+/// Record a dispatched shipment as delivered.
+#[utoipa::path(
+    post,
+    path = "/v1/shipments/{order_id}/deliver",
+    tag = "shipments",
+    params(("order_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a retry with the same key and body is answered as the first time, for 24 hours")),
+    responses((status = 202, description = "Delivered", body = Accepted), CommandRefusals)
+)]
 async fn deliver(
     State(h): State<Handlers>,
     Path(order_id): Path<String>,

@@ -2,7 +2,8 @@
 # The whole test suite. Starts what the tests talk to (PostgreSQL on 127.0.0.1:5432,
 # installed on first use; a Kafka-protocol broker of the suite's own on
 # 127.0.0.1:19092, started on empty state for every run so that what earlier runs
-# left on a broker cannot slow this one), then runs every test of the workspace.
+# left on a broker cannot slow this one), runs every test of the workspace, then
+# fuzzes the public API against its OpenAPI document (infra/dev/fuzz.sh).
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -16,3 +17,7 @@ infra/kafka/broker.sh ensure
 trap 'infra/kafka/broker.sh stop >/dev/null' EXIT
 export ORDERLINE_TEST_KAFKA="$ORDERLINE_BROKER"
 cargo test --workspace "$@"
+# The whole suite (no arguments) ends with the fuzzing of the API.
+if [ "$#" -eq 0 ]; then
+  infra/dev/fuzz.sh
+fi

@@ -409,12 +409,14 @@ pub fn requested_consistency(headers: &HeaderMap) -> Result<Option<(Token, Durat
 
 /// Wait, within the bound the client asked for, until `projection` (whose tables are
 /// in `db`) reflects the token in `headers`; a 503 with Retry-After when it does not
-/// in time.
+/// in time. `head` is the last position of the log this process reads (embedded): a
+/// position past it was never issued, and is refused with 400 rather than waited for.
 pub async fn await_consistency(
     progress: &Progress,
     projection: ProjectionName,
     db: &sqlx::AnyPool,
     headers: &HeaderMap,
+    head: i64,
 ) -> Result<(), ApiError> {
     let Some((token, wait)) = requested_consistency(headers)? else {
         return Ok(());
@@ -428,6 +430,11 @@ pub async fn await_consistency(
         ));
     }
     let reflected = match token {
+        Token::Position(position) if position > head => {
+            return Err(ApiError::malformed(
+                "X-Consistency-Token is not a token this server issued",
+            ));
+        }
         Token::Position(position) => progress.wait_for(projection.as_str(), position, wait).await,
         Token::Stream {
             aggregate_type,

@@ -7,23 +7,32 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use infra::db::Db;
 use infra::http::ApiError;
 use infra::{dead_letters, guard};
-use schemas::http::{DeadLetterList, ProjectionList, ProjectionView, RebuildProgress};
+use schemas::http::{
+    CommandRefusals, DeadLetterList, ProjectionList, ProjectionView, ReadRefusals, RebuildProgress,
+    RebuildStarted,
+};
 use schemas::topics::Service;
 use serde_json::json;
 use std::sync::atomic::Ordering;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub fn router(projections: Projections) -> Router {
-    Router::new()
-        .route("/v1/projections", get(list))
-        .route("/v1/projections/{name}/rebuild", post(start_rebuild))
-        .route("/v1/dead-letters", get(list_dead_letters))
-        .route("/v1/dead-letters/{id}/retry", post(retry_dead_letter))
-        .with_state(projections)
+    let (router, _) = routes().with_state(projections).split_for_parts();
+    router
+}
+
+/// The operator routes, each registered with its description in the OpenAPI document.
+pub fn routes() -> OpenApiRouter<Projections> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(start_rebuild))
+        .routes(routes!(list_dead_letters))
+        .routes(routes!(retry_dead_letter))
 }
 
 /// Where every projection stands.
@@ -53,12 +62,29 @@ pub async fn views(all: &Projections) -> Result<Vec<ProjectionView>, ApiError> {
     Ok(views)
 }
 
+/// Where every projection stands: checkpoint, lag, status, dead letters, and a
+/// rebuild's progress.
+#[utoipa::path(
+    get,
+    path = "/v1/projections",
+    tag = "operators",
+    responses((status = 200, body = ProjectionList), ReadRefusals)
+)]
 async fn list(State(all): State<Projections>) -> Result<Json<ProjectionList>, ApiError> {
     Ok(Json(ProjectionList {
         projections: views(&all).await?,
     }))
 }
 
+/// Rebuild a projection from the start of its topics, online: the live tables keep
+/// serving until the swap.
+#[utoipa::path(
+    post,
+    path = "/v1/projections/{name}/rebuild",
+    tag = "operators",
+    params(("name" = String, Path, description = "orders, inventory, payments or shipments")),
+    responses((status = 202, description = "Started", body = RebuildStarted), CommandRefusals)
+)]
 async fn start_rebuild(
     State(all): State<Projections>,
     Path(name): Path<String>,
@@ -89,13 +115,26 @@ async fn start_rebuild(
     });
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "name": name, "status": "rebuilding" })),
+        Json(RebuildStarted {
+            name,
+            status: "rebuilding".into(),
+        }),
     )
         .into_response())
 }
 
 /// A page of the dead letters of every service this process runs, in order of
 /// service then number.
+#[utoipa::path(
+    get,
+    path = "/v1/dead-letters",
+    tag = "operators",
+    params(
+        ("limit" = Option<u32>, Query, description = "Dead letters per page: 1 to 1000 (default 100)"),
+        ("after" = Option<String>, Query, description = "`next_cursor` of the page before"),
+    ),
+    responses((status = 200, body = DeadLetterList), ReadRefusals)
+)]
 async fn list_dead_letters(
     State(all): State<Projections>,
     params: Result<Query<dead_letters::PageParams>, QueryRejection>,
@@ -139,6 +178,15 @@ async fn list_dead_letters(
 /// Apply a dead-lettered event to its projection's live tables again; on success it
 /// leaves the store. (The saga's dead letters are for reading: a saga's inputs must
 /// come in order, so fix and replay instead.)
+/// Apply a dead letter again, in order (under the projection's lock and version
+/// guard); it is removed once applied.
+#[utoipa::path(
+    post,
+    path = "/v1/dead-letters/{id}/retry",
+    tag = "operators",
+    params(("id" = String, Path, description = "`<service>:<number>`, e.g. `order:3`")),
+    responses((status = 200, description = "Applied and removed", body = Object), CommandRefusals)
+)]
 async fn retry_dead_letter(
     State(all): State<Projections>,
     Path(id): Path<String>,

@@ -6,19 +6,23 @@
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use infra::http::{await_consistency, ApiError};
 use infra::progress::Progress;
 use infra::{parse_timestamp, EventStore};
-use schemas::http::{InventoryView, OrderLineView, OrderPage, OrderView, StreamView};
+use schemas::http::{
+    InventoryView, OrderLineView, OrderPage, OrderView, PaymentView, ReadRefusals, ShipmentView,
+    StreamView,
+};
 use schemas::topics::{AggregateType, ProjectionName, UnknownName};
 use serde::Deserialize;
-use serde_json::{json, Value};
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
 /// What the query routes read from: the event store (for `/v1/streams`) and the
@@ -49,24 +53,51 @@ impl QueryState {
 }
 
 /// Routes for the read models present in `state`, and the stream view.
-pub fn router(state: QueryState) -> Router {
-    let mut router =
-        Router::new().route("/v1/streams/{aggregate_type}/{aggregate_id}", get(stream));
-    if state.orders.is_some() {
-        router = router
-            .route("/v1/orders", get(list_orders))
-            .route("/v1/orders/{order_id}", get(order));
+pub fn router(state: QueryState) -> OpenApiRouter {
+    let served = Served {
+        orders: state.orders.is_some(),
+        inventory: state.inventory.is_some(),
+        payments: state.payments.is_some(),
+        shipments: state.shipments.is_some(),
+    };
+    routes(served).with_state(state)
+}
+
+/// Which read models a process serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Served {
+    pub orders: bool,
+    pub inventory: bool,
+    pub payments: bool,
+    pub shipments: bool,
+}
+
+impl Served {
+    pub const ALL: Served = Served {
+        orders: true,
+        inventory: true,
+        payments: true,
+        shipments: true,
+    };
+}
+
+/// The query routes of the read models `served`, each registered with its
+/// description in the OpenAPI document.
+pub fn routes(served: Served) -> OpenApiRouter<QueryState> {
+    let mut router = OpenApiRouter::new().routes(routes!(stream));
+    if served.orders {
+        router = router.routes(routes!(list_orders)).routes(routes!(order));
     }
-    if state.inventory.is_some() {
-        router = router.route("/v1/inventory/{sku}", get(inventory));
+    if served.inventory {
+        router = router.routes(routes!(inventory));
     }
-    if state.payments.is_some() {
-        router = router.route("/v1/payments/{order_id}", get(payment));
+    if served.payments {
+        router = router.routes(routes!(payment));
     }
-    if state.shipments.is_some() {
-        router = router.route("/v1/shipments/{order_id}", get(shipment));
+    if served.shipments {
+        router = router.routes(routes!(shipment));
     }
-    router.with_state(state)
+    router
 }
 
 fn served(pool: &Option<AnyPool>) -> Result<&AnyPool, ApiError> {
@@ -82,6 +113,14 @@ fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::invalid(format!("order_id: {raw:?} is not a UUID")))
 }
 
+/// A SKU's stock.
+#[utoipa::path(
+    get,
+    path = "/v1/inventory/{sku}",
+    tag = "inventory",
+    params(("sku" = String, Path), ("X-Consistency-Token" = Option<String>, Header, description = "The token of a write: the read waits until it reflects it"), ("X-Consistency-Wait-Ms" = Option<u32>, Header, description = "How long to wait for the token, 0 to 30000 ms (default 2000)")),
+    responses((status = 200, body = InventoryView), ReadRefusals)
+)]
 async fn inventory(
     State(s): State<QueryState>,
     Path(sku): Path<String>,
@@ -89,7 +128,14 @@ async fn inventory(
 ) -> Result<Json<InventoryView>, ApiError> {
     let sku = domain::Sku::parse(&sku).map_err(|e| ApiError::invalid(e.to_string()))?;
     let db = served(&s.inventory)?;
-    await_consistency(&s.progress, ProjectionName::Inventory, db, &headers).await?;
+    await_consistency(
+        &s.progress,
+        ProjectionName::Inventory,
+        db,
+        &headers,
+        s.store.head(),
+    )
+    .await?;
     let row = sqlx::query("SELECT on_hand, reserved FROM inventory_levels WHERE sku = $1")
         .bind(sku.as_str())
         .fetch_optional(db)
@@ -135,6 +181,14 @@ fn order_view(row: &AnyRow) -> Result<OrderView, ApiError> {
     })
 }
 
+/// An order, with its payment's and shipment's progress.
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{order_id}",
+    tag = "orders",
+    params(("order_id" = Uuid, Path), ("X-Consistency-Token" = Option<String>, Header, description = "The token of a write: the read waits until it reflects it"), ("X-Consistency-Wait-Ms" = Option<u32>, Header, description = "How long to wait for the token, 0 to 30000 ms (default 2000)")),
+    responses((status = 200, body = OrderView), ReadRefusals)
+)]
 async fn order(
     State(s): State<QueryState>,
     Path(order_id): Path<String>,
@@ -142,7 +196,14 @@ async fn order(
 ) -> Result<Json<OrderView>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     let db = served(&s.orders)?;
-    await_consistency(&s.progress, ProjectionName::Orders, db, &headers).await?;
+    await_consistency(
+        &s.progress,
+        ProjectionName::Orders,
+        db,
+        &headers,
+        s.store.head(),
+    )
+    .await?;
     let row = sqlx::query(&format!("{ORDER_VIEW} WHERE o.order_id = $1"))
         .bind(order_id.to_string())
         .fetch_optional(db)
@@ -151,16 +212,29 @@ async fn order(
     Ok(Json(order_view(&row)?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
+    /// Only this customer's orders.
     customer_id: Option<String>,
+    /// Only orders in this status.
     status: Option<String>,
+    /// Orders per page: 1 to 100 (default 20).
+    #[param(value_type = Option<u32>)]
     limit: Option<String>,
+    /// `next_cursor` of the page before.
     cursor: Option<String>,
 }
 
 /// Newest first; `next_cursor` is the last order id of the page when more follow.
+#[utoipa::path(
+    get,
+    path = "/v1/orders",
+    tag = "orders",
+    params(ListParams, ("X-Consistency-Token" = Option<String>, Header, description = "The token of a write: the read waits until it reflects it"), ("X-Consistency-Wait-Ms" = Option<u32>, Header, description = "How long to wait for the token, 0 to 30000 ms (default 2000)")),
+    responses((status = 200, body = OrderPage), ReadRefusals)
+)]
 async fn list_orders(
     State(s): State<QueryState>,
     params: Result<Query<ListParams>, QueryRejection>,
@@ -202,7 +276,14 @@ async fn list_orders(
         .transpose()?;
     let customer = params.customer_id.filter(|c| !c.is_empty());
     let db = served(&s.orders)?;
-    await_consistency(&s.progress, ProjectionName::Orders, db, &headers).await?;
+    await_consistency(
+        &s.progress,
+        ProjectionName::Orders,
+        db,
+        &headers,
+        s.store.head(),
+    )
+    .await?;
     let rows = sqlx::query(&format!(
         "{ORDER_VIEW}
           WHERE ($1 IS NULL OR o.customer_id = $1) AND ($2 IS NULL OR o.status = $2)
@@ -229,58 +310,93 @@ async fn list_orders(
     Ok(Json(OrderPage { items, next_cursor }))
 }
 
+/// An order's payment.
+#[utoipa::path(
+    get,
+    path = "/v1/payments/{order_id}",
+    tag = "payments",
+    params(("order_id" = Uuid, Path), ("X-Consistency-Token" = Option<String>, Header, description = "The token of a write: the read waits until it reflects it"), ("X-Consistency-Wait-Ms" = Option<u32>, Header, description = "How long to wait for the token, 0 to 30000 ms (default 2000)")),
+    responses((status = 200, body = PaymentView), ReadRefusals)
+)]
 async fn payment(
     State(s): State<QueryState>,
     Path(order_id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<PaymentView>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     let db = served(&s.payments)?;
-    await_consistency(&s.progress, ProjectionName::Payments, db, &headers).await?;
+    await_consistency(
+        &s.progress,
+        ProjectionName::Payments,
+        db,
+        &headers,
+        s.store.head(),
+    )
+    .await?;
     let row = sqlx::query("SELECT * FROM payments WHERE order_id = $1")
         .bind(order_id.to_string())
         .fetch_optional(db)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no payment for order {order_id}")))?;
-    Ok(Json(json!({
-        "order_id": order_id,
-        "status": row.try_get::<String, _>("status")?,
-        "amount_cents": row.try_get::<i64, _>("amount_cents")?,
-        "authorized_cents": row.try_get::<i64, _>("authorized_cents")?,
-        "captured_cents": row.try_get::<i64, _>("captured_cents")?,
-        "voided_cents": row.try_get::<i64, _>("voided_cents")?,
-        "decline_reason": row.try_get::<Option<String>, _>("decline_reason")?,
-    })))
+    Ok(Json(PaymentView {
+        order_id,
+        status: row.try_get("status")?,
+        amount_cents: row.try_get("amount_cents")?,
+        authorized_cents: row.try_get("authorized_cents")?,
+        captured_cents: row.try_get("captured_cents")?,
+        voided_cents: row.try_get("voided_cents")?,
+        decline_reason: row.try_get("decline_reason")?,
+    }))
 }
 
+/// An order's shipment.
+#[utoipa::path(
+    get,
+    path = "/v1/shipments/{order_id}",
+    tag = "shipments",
+    params(("order_id" = Uuid, Path), ("X-Consistency-Token" = Option<String>, Header, description = "The token of a write: the read waits until it reflects it"), ("X-Consistency-Wait-Ms" = Option<u32>, Header, description = "How long to wait for the token, 0 to 30000 ms (default 2000)")),
+    responses((status = 200, body = ShipmentView), ReadRefusals)
+)]
 async fn shipment(
     State(s): State<QueryState>,
     Path(order_id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ShipmentView>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
     let db = served(&s.shipments)?;
-    await_consistency(&s.progress, ProjectionName::Shipments, db, &headers).await?;
+    await_consistency(
+        &s.progress,
+        ProjectionName::Shipments,
+        db,
+        &headers,
+        s.store.head(),
+    )
+    .await?;
     let row = sqlx::query("SELECT status, updated_at FROM shipments WHERE order_id = $1")
         .bind(order_id.to_string())
         .fetch_optional(db)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no shipment for order {order_id}")))?;
-    Ok(Json(json!({
-        "order_id": order_id,
-        "status": row.try_get::<String, _>("status")?,
-        "updated_at": row.try_get::<String, _>("updated_at")?,
-    })))
+    Ok(Json(ShipmentView {
+        order_id,
+        status: row.try_get("status")?,
+        updated_at: parse_timestamp(row.try_get("updated_at")?)?,
+    }))
 }
 
 /// Most events one page of a stream holds, and how many when not asked.
 pub const MAX_STREAM_PAGE: i64 = 1000;
 pub const DEFAULT_STREAM_PAGE: i64 = 100;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct StreamParams {
+    /// The first version of the page (default 1).
+    #[param(value_type = Option<u64>)]
     from_version: Option<String>,
+    /// Events per page: 1 to 1000 (default 100).
+    #[param(value_type = Option<u32>)]
     limit: Option<String>,
 }
 
@@ -309,6 +425,17 @@ fn number(
 
 /// One page of a stream, in version order from `from_version` (default 1), at most
 /// `limit` events (default 100, at most 1000); `next_from_version` when more follow.
+#[utoipa::path(
+    get,
+    path = "/v1/streams/{aggregate_type}/{aggregate_id}",
+    tag = "operators",
+    params(
+        ("aggregate_type" = String, Path, description = "order, inventory, payment or shipment"),
+        ("aggregate_id" = String, Path),
+        StreamParams,
+    ),
+    responses((status = 200, body = StreamView), ReadRefusals)
+)]
 async fn stream(
     State(s): State<QueryState>,
     Path((aggregate_type, aggregate_id)): Path<(String, String)>,

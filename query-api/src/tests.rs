@@ -5,6 +5,7 @@ use axum::body::{to_bytes, Body};
 use axum::http::{Request, StatusCode};
 use infra::scratch::Scratch;
 use projectors::projection::{ReadModel, ALL};
+use serde_json::{json, Value};
 use tower::ServiceExt;
 
 struct Fixture {
@@ -44,7 +45,8 @@ async fn get(
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let response = router(state.clone())
+    let (router, _) = router(state.clone()).split_for_parts();
+    let response = router
         .oneshot(request.body(Body::empty()).expect("request"))
         .await
         .expect("answer");
@@ -147,6 +149,19 @@ async fn a_read_waits_for_its_consistency_token_and_answers_503_when_it_does_not
         .execute(&f.scratch.db.pool)
         .await
         .expect("row");
+    // A token past the log's head was never issued: refused, not waited for.
+    let (status, _, body) = get(
+        &f.state,
+        "/v1/inventory/S-1",
+        &[("x-consistency-token", "5")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let restocked = ("StockRestocked".to_owned(), 1, serde_json::json!({}));
+    f.scratch
+        .append("inventory", "S-1", vec![restocked; 5])
+        .await
+        .expect("events");
     let token = [
         ("x-consistency-token", "5"),
         ("x-consistency-wait-ms", "20"),

@@ -2,6 +2,7 @@
 //! fields are refused) into these raw shapes, then into domain values at the edge.
 
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoResponses, ToSchema};
 use uuid::Uuid;
 
 /// Header carrying the consistency token of a write, and sent back on a read.
@@ -10,29 +11,35 @@ pub const CONSISTENCY_TOKEN: &str = "x-consistency-token";
 pub const CONSISTENCY_WAIT_MS: &str = "x-consistency-wait-ms";
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestockRequest {
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub quantity: i64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LineRequest {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
     pub sku: String,
+    #[schema(minimum = 1, maximum = 1_000_000)]
     pub quantity: i64,
+    #[schema(minimum = 0)]
     pub unit_price_cents: i64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrderRequest {
     pub customer_id: String,
+    #[schema(min_items = 1, max_items = 100)]
     pub lines: Vec<LineRequest>,
+    /// The payment method's token (a secret: never shown by a read).
     pub payment_token: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelOrderRequest {
     #[serde(default)]
@@ -40,7 +47,7 @@ pub struct CancelOrderRequest {
 }
 
 /// The body of every `202 Accepted`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Accepted {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_id: Option<Uuid>,
@@ -49,7 +56,7 @@ pub struct Accepted {
     pub consistency_token: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct InventoryView {
     pub sku: String,
     pub on_hand: u64,
@@ -57,14 +64,14 @@ pub struct InventoryView {
     pub available: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OrderLineView {
     pub sku: String,
     pub quantity: u64,
     pub unit_price_cents: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OrderView {
     pub order_id: Uuid,
     pub customer_id: String,
@@ -78,26 +85,26 @@ pub struct OrderView {
     pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OrderPage {
     pub items: Vec<OrderView>,
     pub next_cursor: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StreamView {
     pub events: Vec<crate::RecordedEvent>,
     /// Where the next page starts (`from_version`), when more events follow.
     pub next_from_version: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct RebuildProgress {
     pub processed: u64,
     pub total: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ProjectionView {
     pub name: String,
     /// The last log position the projection has passed.
@@ -111,12 +118,12 @@ pub struct ProjectionView {
     pub rebuild: Option<RebuildProgress>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ProjectionList {
     pub projections: Vec<ProjectionView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DeadLetterView {
     /// `<service>:<number>`, e.g. `order:3`.
     pub id: String,
@@ -125,6 +132,7 @@ pub struct DeadLetterView {
     /// The log position (embedded) or the Kafka offset (distributed) of the event.
     pub position: i64,
     /// The event's envelope, or the record as read when it was not an event.
+    #[schema(value_type = Object)]
     pub event: serde_json::Value,
     /// Why it failed: the decoder's message, or a summary when the database refused
     /// the change (its own message, which names tables and values, is in the
@@ -135,7 +143,7 @@ pub struct DeadLetterView {
 
 /// A page of dead letters, in order of service then number; `next_cursor` is the
 /// `after` of the next page when more follow.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DeadLetterList {
     pub dead_letters: Vec<DeadLetterView>,
     #[serde(default)]
@@ -143,11 +151,104 @@ pub struct DeadLetterList {
 }
 
 /// An RFC 9457 problem document (`application/problem+json`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
     pub kind: String,
     pub title: String,
     pub status: u16,
     pub detail: String,
+}
+
+/// A payment's progress (`GET /v1/payments/{order_id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PaymentView {
+    pub order_id: Uuid,
+    /// `requested`, `authorized`, `declined`, `captured` or `voided`.
+    pub status: String,
+    pub amount_cents: i64,
+    pub authorized_cents: i64,
+    pub captured_cents: i64,
+    pub voided_cents: i64,
+    pub decline_reason: Option<String>,
+}
+
+/// A shipment's progress (`GET /v1/shipments/{order_id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ShipmentView {
+    pub order_id: Uuid,
+    /// `created`, `dispatched`, `delivered` or `cancelled`.
+    pub status: String,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `GET /health`: `ok`, or `starting` (503) while consumers are not yet reading.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+/// `POST /v1/projections/{name}/rebuild`: the rebuild has started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RebuildStarted {
+    pub name: String,
+    /// `rebuilding`.
+    pub status: String,
+}
+
+const PROBLEM: &str = "application/problem+json";
+
+/// The refusals of a command (problem+json; nothing is written).
+#[derive(IntoResponses)]
+pub enum CommandRefusals {
+    /// A malformed body, an unknown field, a path or header that does not decode.
+    #[response(status = 400, content_type = PROBLEM)]
+    Malformed(Problem),
+    /// No such aggregate (or resource).
+    #[response(status = 404, content_type = PROBLEM)]
+    NotFound(Problem),
+    /// The body stopped arriving, or the request took longer than the server allows.
+    #[response(status = 408, content_type = PROBLEM)]
+    Timeout(Problem),
+    /// Not allowed in the aggregate's current state.
+    #[response(status = 409, content_type = PROBLEM)]
+    Conflict(Problem),
+    /// The body is over 64 KiB.
+    #[response(status = 413, content_type = PROBLEM)]
+    TooLarge(Problem),
+    /// A value out of range, or an `Idempotency-Key` used before with another body.
+    #[response(status = 422, content_type = PROBLEM)]
+    Invalid(Problem),
+    /// The server is at its limits, or a dependency is away: retry after `Retry-After`.
+    #[response(
+        status = 503,
+        content_type = PROBLEM,
+        headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))
+    )]
+    Unavailable(Problem),
+}
+
+/// The refusals of a read (problem+json).
+#[derive(IntoResponses)]
+pub enum ReadRefusals {
+    /// A malformed query string or header, or a path that does not decode.
+    #[response(status = 400, content_type = PROBLEM)]
+    Malformed(Problem),
+    /// Nothing there.
+    #[response(status = 404, content_type = PROBLEM)]
+    NotFound(Problem),
+    /// The request took longer than the server allows.
+    #[response(status = 408, content_type = PROBLEM)]
+    Timeout(Problem),
+    /// A parameter out of range.
+    #[response(status = 422, content_type = PROBLEM)]
+    Invalid(Problem),
+    /// Not yet consistent with the token sent, or the server is at its limits: retry
+    /// after `Retry-After`.
+    #[response(
+        status = 503,
+        content_type = PROBLEM,
+        headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))
+    )]
+    Unavailable(Problem),
 }

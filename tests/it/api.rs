@@ -706,10 +706,17 @@ async fn a_token_not_yet_reached_answers_503_with_retry_after(backend: Backend) 
         .send()
         .await
         .expect("request");
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(response.headers().get("retry-after").is_some());
-    let (status, problem) = body(response).await;
-    assert_problem(status, &problem, StatusCode::SERVICE_UNAVAILABLE);
+    if backend == Backend::Distributed {
+        // A stream version a service may yet reach: waited for, then 503.
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(response.headers().get("retry-after").is_some());
+        let (status, problem) = body(response).await;
+        assert_problem(status, &problem, StatusCode::SERVICE_UNAVAILABLE);
+    } else {
+        // A position past the log's head was never issued (the wait for one not yet
+        // reached is tested with the query API itself).
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    }
     let response = api
         .client
         .get(api.url("/v1/inventory/A"))

@@ -15,6 +15,7 @@ mod faults;
 mod history;
 mod kafka;
 mod lifecycle;
+mod openapi;
 mod replay;
 mod retention;
 mod support;
