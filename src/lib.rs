@@ -164,6 +164,7 @@ impl Storage {
     /// The query API over the read models of these services.
     fn queries(&self) -> QueryState {
         let pool = |service: Service| self.db(service).map(|db| db.pool);
+        let file = |service: Service| self.db(service).and_then(|db| db.sqlite_file());
         QueryState {
             store: self.store.clone(),
             progress: self.projections.progress.clone(),
@@ -172,6 +173,12 @@ impl Storage {
             payments: pool(Service::Payment),
             shipments: pool(Service::Shipping),
             stream_reads: QueryState::stream_reads(),
+            files: query_api::Files {
+                orders: file(Service::Order),
+                inventory: file(Service::Inventory),
+                payments: file(Service::Payment),
+                shipments: file(Service::Shipping),
+            },
         }
     }
 

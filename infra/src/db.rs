@@ -10,7 +10,7 @@ use sqlx::any::{install_default_drivers, AnyPoolOptions};
 use sqlx::migrate::{MigrateDatabase, Migration, Migrator};
 use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Connection, Executor, Transaction};
 use std::borrow::Cow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
@@ -135,6 +135,14 @@ pub fn sqlite_url(path: &Path) -> String {
 }
 
 impl Db {
+    /// The file of an SQLite database (`None` on PostgreSQL, or in memory).
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        match self.dialect {
+            Dialect::Sqlite => sqlite_path(&self.url).map(Path::to_path_buf),
+            Dialect::Postgres => None,
+        }
+    }
+
     /// Open (creating when missing: the file, or the PostgreSQL database) `url`, with
     /// its base tables migrated: every part of Orderline can rely on them.
     pub async fn open(url: &str, max_connections: u32) -> Result<Db, sqlx::Error> {

@@ -16,14 +16,17 @@ use schemas::http::{
 };
 use schemas::topics::{AggregateType, ProjectionName, UnknownName};
 use serde::Deserialize;
-use sqlx::any::AnyRow;
-use sqlx::{AnyPool, Row};
+use sqlx::AnyPool;
+use std::path::{Path as FilePath, PathBuf};
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
+
+pub mod point;
+use point::Columns;
 
 /// What the query routes read from: the event store (for `/v1/streams`) and the
 /// databases of the read models this process serves (all four when embedded, its
@@ -40,6 +43,18 @@ pub struct QueryState {
     /// store's pool, which commands share; past the bound a read is refused (503 with
     /// `Retry-After`) rather than queued in front of commands.
     pub stream_reads: Arc<Semaphore>,
+    /// The files of the read models that are SQLite files: their point reads run on
+    /// the task ([`point`]).
+    pub files: Files,
+}
+
+/// The SQLite files of the read models (none on PostgreSQL).
+#[derive(Debug, Clone, Default)]
+pub struct Files {
+    pub orders: Option<PathBuf>,
+    pub inventory: Option<PathBuf>,
+    pub payments: Option<PathBuf>,
+    pub shipments: Option<PathBuf>,
 }
 
 /// How many `/v1/streams` reads run at once in a process.
@@ -105,6 +120,24 @@ fn served(pool: &Option<AnyPool>) -> Result<&AnyPool, ApiError> {
         .ok_or_else(|| ApiError::not_found("this process does not serve that read model"))
 }
 
+/// The row `sql` finds for `key`, as `map` makes it: read on the task when the read
+/// model is an SQLite `file` ([`point`]), else through the pool.
+async fn read_one<T>(
+    pool: &AnyPool,
+    file: Option<&FilePath>,
+    sql: &str,
+    key: &str,
+    map: impl Fn(&dyn Columns) -> Result<T, ApiError>,
+) -> Result<Option<T>, ApiError> {
+    match file {
+        Some(file) => point::read_one(file, sql, key, |row| map(row)),
+        None => match sqlx::query(sql).bind(key).fetch_optional(pool).await? {
+            Some(row) => map(&row).map(Some),
+            None => Ok(None),
+        },
+    }
+}
+
 /// Most orders one page holds, and how many when not asked.
 pub const MAX_PAGE: i64 = 100;
 pub const DEFAULT_PAGE: i64 = 20;
@@ -136,13 +169,16 @@ async fn inventory(
         s.store.head(),
     )
     .await?;
-    let row = sqlx::query("SELECT on_hand, reserved FROM inventory_levels WHERE sku = $1")
-        .bind(sku.as_str())
-        .fetch_optional(db)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no stock recorded for sku {sku}")))?;
-    let on_hand = row.try_get::<i64, _>("on_hand")?.max(0) as u64;
-    let reserved = row.try_get::<i64, _>("reserved")?.max(0) as u64;
+    let (on_hand, reserved) = read_one(
+        db,
+        s.files.inventory.as_deref(),
+        "SELECT on_hand, reserved FROM inventory_levels WHERE sku = $1",
+        sku.as_str(),
+        |row| Ok((row.int("on_hand")?, row.int("reserved")?)),
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("no stock recorded for sku {sku}")))?;
+    let (on_hand, reserved) = (on_hand.max(0) as u64, reserved.max(0) as u64);
     Ok(Json(InventoryView {
         sku: sku.to_string(),
         on_hand,
@@ -156,24 +192,28 @@ const ORDER_VIEW: &str = "SELECT o.order_id, o.customer_id, o.status, o.lines, o
         o.cancel_reason, o.placed_at, o.updated_at, p.payment_status, p.shipment_status,
         p.updated_at AS progress_at
    FROM orders o LEFT JOIN order_progress p ON p.order_id = o.order_id";
+const ORDER_BY_ID: &str = "SELECT o.order_id, o.customer_id, o.status, o.lines, o.total_cents,
+        o.cancel_reason, o.placed_at, o.updated_at, p.payment_status, p.shipment_status,
+        p.updated_at AS progress_at
+   FROM orders o LEFT JOIN order_progress p ON p.order_id = o.order_id
+  WHERE o.order_id = $1";
 
-fn order_view(row: &AnyRow) -> Result<OrderView, ApiError> {
-    let lines: String = row.try_get("lines")?;
-    let lines: Vec<OrderLineView> = serde_json::from_str(&lines).map_err(ApiError::internal)?;
-    let order_id: String = row.try_get("order_id")?;
+fn order_view(row: &dyn Columns) -> Result<OrderView, ApiError> {
+    let lines: Vec<OrderLineView> =
+        serde_json::from_str(&row.text("lines")?).map_err(ApiError::internal)?;
     Ok(OrderView {
-        order_id: Uuid::parse_str(&order_id).map_err(ApiError::internal)?,
-        customer_id: row.try_get("customer_id")?,
-        status: row.try_get("status")?,
+        order_id: Uuid::parse_str(&row.text("order_id")?).map_err(ApiError::internal)?,
+        customer_id: row.text("customer_id")?,
+        status: row.text("status")?,
         lines,
-        total_cents: row.try_get::<i64, _>("total_cents")?.max(0) as u64,
-        payment_status: row.try_get("payment_status")?,
-        shipment_status: row.try_get("shipment_status")?,
-        cancel_reason: row.try_get("cancel_reason")?,
-        placed_at: parse_timestamp(row.try_get("placed_at")?)?,
+        total_cents: row.int("total_cents")?.max(0) as u64,
+        payment_status: row.maybe_text("payment_status")?,
+        shipment_status: row.maybe_text("shipment_status")?,
+        cancel_reason: row.maybe_text("cancel_reason")?,
+        placed_at: parse_timestamp(&row.text("placed_at")?)?,
         updated_at: {
-            let order_at = parse_timestamp(row.try_get("updated_at")?)?;
-            match row.try_get::<Option<String>, _>("progress_at")? {
+            let order_at = parse_timestamp(&row.text("updated_at")?)?;
+            match row.maybe_text("progress_at")? {
                 Some(progress_at) => order_at.max(parse_timestamp(&progress_at)?),
                 None => order_at,
             }
@@ -204,12 +244,16 @@ async fn order(
         s.store.head(),
     )
     .await?;
-    let row = sqlx::query(&format!("{ORDER_VIEW} WHERE o.order_id = $1"))
-        .bind(order_id.to_string())
-        .fetch_optional(db)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no order {order_id}")))?;
-    Ok(Json(order_view(&row)?))
+    let view = read_one(
+        db,
+        s.files.orders.as_deref(),
+        ORDER_BY_ID,
+        &order_id.to_string(),
+        order_view,
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("no order {order_id}")))?;
+    Ok(Json(view))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -300,7 +344,7 @@ async fn list_orders(
     let items = rows
         .iter()
         .take(limit as usize)
-        .map(order_view)
+        .map(|row| order_view(row))
         .collect::<Result<Vec<_>, _>>()?;
     let next_cursor = if more {
         items.last().map(|o| o.order_id.to_string())
@@ -333,20 +377,28 @@ async fn payment(
         s.store.head(),
     )
     .await?;
-    let row = sqlx::query("SELECT * FROM payments WHERE order_id = $1")
-        .bind(order_id.to_string())
-        .fetch_optional(db)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no payment for order {order_id}")))?;
-    Ok(Json(PaymentView {
-        order_id,
-        status: row.try_get("status")?,
-        amount_cents: row.try_get("amount_cents")?,
-        authorized_cents: row.try_get("authorized_cents")?,
-        captured_cents: row.try_get("captured_cents")?,
-        voided_cents: row.try_get("voided_cents")?,
-        decline_reason: row.try_get("decline_reason")?,
-    }))
+    let view = read_one(
+        db,
+        s.files.payments.as_deref(),
+        "SELECT status, amount_cents, authorized_cents, captured_cents, voided_cents,
+                decline_reason
+           FROM payments WHERE order_id = $1",
+        &order_id.to_string(),
+        |row| {
+            Ok(PaymentView {
+                order_id,
+                status: row.text("status")?,
+                amount_cents: row.int("amount_cents")?,
+                authorized_cents: row.int("authorized_cents")?,
+                captured_cents: row.int("captured_cents")?,
+                voided_cents: row.int("voided_cents")?,
+                decline_reason: row.maybe_text("decline_reason")?,
+            })
+        },
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("no payment for order {order_id}")))?;
+    Ok(Json(view))
 }
 
 /// An order's shipment.
@@ -372,16 +424,22 @@ async fn shipment(
         s.store.head(),
     )
     .await?;
-    let row = sqlx::query("SELECT status, updated_at FROM shipments WHERE order_id = $1")
-        .bind(order_id.to_string())
-        .fetch_optional(db)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no shipment for order {order_id}")))?;
-    Ok(Json(ShipmentView {
-        order_id,
-        status: row.try_get("status")?,
-        updated_at: parse_timestamp(row.try_get("updated_at")?)?,
-    }))
+    let view = read_one(
+        db,
+        s.files.shipments.as_deref(),
+        "SELECT status, updated_at FROM shipments WHERE order_id = $1",
+        &order_id.to_string(),
+        |row| {
+            Ok(ShipmentView {
+                order_id,
+                status: row.text("status")?,
+                updated_at: parse_timestamp(&row.text("updated_at")?)?,
+            })
+        },
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("no shipment for order {order_id}")))?;
+    Ok(Json(view))
 }
 
 /// Most events one page of a stream holds, and how many when not asked.

@@ -31,6 +31,13 @@ async fn fixture() -> Fixture {
         payments: pool.clone(),
         shipments: pool,
         stream_reads: QueryState::stream_reads(),
+        // The point reads of the embedded deployment (on the task, not the pool).
+        files: Files {
+            orders: scratch.db.sqlite_file(),
+            inventory: scratch.db.sqlite_file(),
+            payments: scratch.db.sqlite_file(),
+            shipments: scratch.db.sqlite_file(),
+        },
     };
     Fixture { state, scratch }
 }
