@@ -8,6 +8,7 @@
 //! order, and a subscriber that has read up to the published head has missed nothing.
 
 use crate::db::{Db, Dialect};
+use crate::local::Columns;
 use crate::metrics::{Metrics, COMMIT_SECONDS, EVENTS_PER_COMMIT};
 use crate::{parse_timestamp, parse_uuid, timestamp, InfraError};
 use chrono::{DateTime, Utc};
@@ -133,6 +134,9 @@ pub struct EventStore {
 
 struct Inner {
     db: Db,
+    /// The log's file when it is an SQLite file: batches of events are read from it
+    /// on a blocking thread ([`crate::local`]), one hop per batch.
+    file: Option<std::path::PathBuf>,
     jobs: mpsc::Sender<Job>,
     head: watch::Receiver<i64>,
     commits: Arc<AtomicU64>,
@@ -167,6 +171,7 @@ impl EventStore {
         ));
         Ok(EventStore {
             inner: Arc::new(Inner {
+                file: db.sqlite_file(),
                 db,
                 jobs,
                 head: head_rx,
@@ -259,7 +264,7 @@ impl EventStore {
         .bind(limit)
         .fetch_all(&self.inner.db.pool)
         .await?;
-        rows.iter().map(recorded).collect()
+        rows.iter().map(|row| recorded(row)).collect()
     }
 
     /// The latest snapshot of one aggregate, if one was taken.
@@ -304,14 +309,27 @@ impl EventStore {
                AND aggregate_type IN ({}) ORDER BY position LIMIT $4",
             self.inner.db.dialect.text_list("$3")
         );
-        let rows = sqlx::query(&sql)
-            .bind(after)
-            .bind(head)
-            .bind(types)
-            .bind(limit)
-            .fetch_all(&self.inner.db.pool)
-            .await?;
-        let events: Vec<RecordedEvent> = rows.iter().map(recorded).collect::<Result<_, _>>()?;
+        let events: Vec<RecordedEvent> = match &self.inner.file {
+            Some(file) => {
+                let file = file.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::local::read_rows(&file, &sql, (after, head, types, limit), |row| {
+                        recorded(row)
+                    })
+                })
+                .await??
+            }
+            None => sqlx::query(&sql)
+                .bind(after)
+                .bind(head)
+                .bind(types)
+                .bind(limit)
+                .fetch_all(&self.inner.db.pool)
+                .await?
+                .iter()
+                .map(|row| recorded(row))
+                .collect::<Result<_, _>>()?,
+        };
         let reached = if (events.len() as i64) < limit {
             head
         } else {
@@ -382,22 +400,22 @@ fn stored_response(row: &AnyRow) -> Result<StoredResponse, InfraError> {
     })
 }
 
-fn recorded(row: &AnyRow) -> Result<RecordedEvent, InfraError> {
-    let payload: String = row.try_get("payload")?;
-    let schema_version: i64 = row.try_get("schema_version")?;
+fn recorded(row: &dyn Columns) -> Result<RecordedEvent, InfraError> {
+    let payload = row.text("payload")?;
+    let schema_version = row.int("schema_version")?;
     Ok(RecordedEvent {
-        position: row.try_get("position")?,
+        position: row.int("position")?,
         envelope: Envelope {
-            event_id: parse_uuid(row.try_get("event_id")?)?,
-            aggregate_type: row.try_get("aggregate_type")?,
-            aggregate_id: row.try_get("aggregate_id")?,
-            version: row.try_get("version")?,
-            event_type: row.try_get("event_type")?,
+            event_id: parse_uuid(&row.text("event_id")?)?,
+            aggregate_type: row.text("aggregate_type")?,
+            aggregate_id: row.text("aggregate_id")?,
+            version: row.int("version")?,
+            event_type: row.text("event_type")?,
             schema_version: u32::try_from(schema_version)
                 .map_err(|e| InfraError::Corrupt(format!("schema version: {e}")))?,
-            occurred_at: parse_timestamp(row.try_get("occurred_at")?)?,
-            correlation_id: parse_uuid(row.try_get("correlation_id")?)?,
-            causation_id: parse_uuid(row.try_get("causation_id")?)?,
+            occurred_at: parse_timestamp(&row.text("occurred_at")?)?,
+            correlation_id: parse_uuid(&row.text("correlation_id")?)?,
+            causation_id: parse_uuid(&row.text("causation_id")?)?,
             payload: serde_json::from_str(&payload)
                 .map_err(|e| InfraError::Corrupt(format!("payload: {e}")))?,
         },

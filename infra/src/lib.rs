@@ -21,6 +21,7 @@ pub mod event_store;
 pub mod guard;
 pub mod http;
 pub mod kafka;
+pub mod local;
 pub mod metrics;
 pub mod progress;
 pub mod retention;
@@ -39,6 +40,9 @@ pub use event_store::{AppendOutcome, AppendRequest, EventStore, NewEvent, StoreE
 pub enum InfraError {
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// A read of an SQLite file on the calling thread ([`local`]).
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("broker: {0}")]
     Broker(#[from] rdkafka::error::KafkaError),
     #[error("cannot create topic {topic}: {code}")]
@@ -69,6 +73,9 @@ impl InfraError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             InfraError::Database(error) => database_unavailable(error),
+            InfraError::Sqlite(error) => error
+                .sqlite_error()
+                .is_some_and(|e| sqlite_unavailable(&e.extended_code.to_string())),
             InfraError::Broker(_) | InfraError::Unavailable(_) | InfraError::Io(_) => true,
             InfraError::Shared(error) => error.is_unavailable(),
             InfraError::Topic { .. }
@@ -82,7 +89,7 @@ impl InfraError {
     /// The error's kind as a label for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            InfraError::Database(_) => "database",
+            InfraError::Database(_) | InfraError::Sqlite(_) => "database",
             InfraError::Broker(_) | InfraError::Topic { .. } => "broker",
             InfraError::Unavailable(_) => "unavailable",
             InfraError::Corrupt(_) => "corrupt",

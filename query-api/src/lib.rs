@@ -8,7 +8,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
 use infra::http::{await_consistency, ApiError};
+use infra::local::{self, Columns};
 use infra::progress::Progress;
+use infra::InfraError;
 use infra::{parse_timestamp, EventStore};
 use schemas::http::{
     InventoryView, OrderLineView, OrderPage, OrderView, PaymentView, ReadRefusals, ShipmentView,
@@ -24,9 +26,6 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
-
-pub mod point;
-use point::Columns;
 
 /// What the query routes read from: the event store (for `/v1/streams`) and the
 /// databases of the read models this process serves (all four when embedded, its
@@ -121,18 +120,21 @@ fn served(pool: &Option<AnyPool>) -> Result<&AnyPool, ApiError> {
 }
 
 /// The row `sql` finds for `key`, as `map` makes it: read on the task when the read
-/// model is an SQLite `file` ([`point`]), else through the pool.
+/// model is an SQLite `file` (one short statement: no hop to sqlx's connection
+/// thread, see `infra::local`), else through the pool.
 async fn read_one<T>(
     pool: &AnyPool,
     file: Option<&FilePath>,
     sql: &str,
     key: &str,
-    map: impl Fn(&dyn Columns) -> Result<T, ApiError>,
+    map: impl Fn(&dyn Columns) -> Result<T, InfraError>,
 ) -> Result<Option<T>, ApiError> {
     match file {
-        Some(file) => point::read_one(file, sql, key, |row| map(row)),
+        Some(file) => Ok(local::read_rows(file, sql, [key], |row| map(row))?
+            .into_iter()
+            .next()),
         None => match sqlx::query(sql).bind(key).fetch_optional(pool).await? {
-            Some(row) => map(&row).map(Some),
+            Some(row) => Ok(Some(map(&row)?)),
             None => Ok(None),
         },
     }
@@ -198,11 +200,11 @@ const ORDER_BY_ID: &str = "SELECT o.order_id, o.customer_id, o.status, o.lines, 
    FROM orders o LEFT JOIN order_progress p ON p.order_id = o.order_id
   WHERE o.order_id = $1";
 
-fn order_view(row: &dyn Columns) -> Result<OrderView, ApiError> {
-    let lines: Vec<OrderLineView> =
-        serde_json::from_str(&row.text("lines")?).map_err(ApiError::internal)?;
+fn order_view(row: &dyn Columns) -> Result<OrderView, InfraError> {
+    let lines: Vec<OrderLineView> = serde_json::from_str(&row.text("lines")?)
+        .map_err(|e| InfraError::Corrupt(format!("order lines: {e}")))?;
     Ok(OrderView {
-        order_id: Uuid::parse_str(&row.text("order_id")?).map_err(ApiError::internal)?,
+        order_id: infra::parse_uuid(&row.text("order_id")?)?,
         customer_id: row.text("customer_id")?,
         status: row.text("status")?,
         lines,
