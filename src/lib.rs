@@ -248,6 +248,7 @@ impl System {
         let metrics = projections.metrics.clone();
         let mut handlers = Handlers::new(store.clone(), metrics.clone());
         handlers.backlog.bound = (config.max_backlog > 0).then_some(config.max_backlog);
+        handlers.backlog.refusal_delay = config.refusal_delay;
         if transport.kafka().is_some() {
             handlers.tokens = TokenStyle::Stream;
             projections.progress.issue_stream_tokens();

@@ -199,6 +199,10 @@ struct ServeArgs {
     /// new orders are refused with 503 and Retry-After; 0 for no bound.
     #[arg(long, env = "ORDERLINE_MAX_BACKLOG", default_value_t = 1_000)]
     max_backlog: u64,
+    /// How long a refusal for overload (503) is held before it is answered, in ms:
+    /// clients that send again at once cannot make refusals most of the work.
+    #[arg(long, env = "ORDERLINE_REFUSAL_DELAY_MS", default_value_t = 100)]
+    refusal_delay_ms: u64,
     /// How long clients' idempotency records are kept, in seconds: a retry with the
     /// same Idempotency-Key after that is a new request; 0 keeps them for good.
     #[arg(
@@ -221,9 +225,10 @@ struct ServeArgs {
 }
 
 /// The settings a `--config` file may hold.
-const SETTINGS: [&str; 26] = [
+const SETTINGS: [&str; 27] = [
     "ORDERLINE_LISTEN",
     "ORDERLINE_MAX_BACKLOG",
+    "ORDERLINE_REFUSAL_DELAY_MS",
     "ORDERLINE_IDEMPOTENCY_RETENTION_SECS",
     "ORDERLINE_SAGA_RETENTION_SECS",
     "ORDERLINE_RETENTION_INTERVAL_SECS",
@@ -339,6 +344,7 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     config.listen = args.listen;
     config.payment_timeout = Duration::from_millis(args.payment_timeout_ms);
     config.max_backlog = args.max_backlog;
+    config.refusal_delay = Duration::from_millis(args.refusal_delay_ms);
     config.limits = args.edge.limits()?;
     if args.retention_interval_secs == 0 {
         anyhow::bail!("--retention-interval-secs must be at least 1");

@@ -283,16 +283,24 @@ pub struct Backlog {
     in_flight: Arc<AtomicI64>,
     /// The most orders in flight; `None`: no bound.
     pub bound: Option<u64>,
+    /// How long a refusal is held before it is answered: a client that sends again
+    /// at once, whatever `Retry-After` says, then sends a few times a second rather
+    /// than thousands, and the pipeline keeps the processor.
+    pub refusal_delay: Duration,
 }
 
 /// Orders in flight the door admits unless configured otherwise.
 pub const DEFAULT_MAX_BACKLOG: u64 = 1_000;
+
+/// How long a refusal for overload is held unless configured otherwise.
+pub const DEFAULT_REFUSAL_DELAY: Duration = Duration::from_millis(100);
 
 impl Default for Backlog {
     fn default() -> Self {
         Backlog {
             in_flight: Arc::new(AtomicI64::new(0)),
             bound: Some(DEFAULT_MAX_BACKLOG),
+            refusal_delay: DEFAULT_REFUSAL_DELAY,
         }
     }
 }

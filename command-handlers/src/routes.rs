@@ -178,7 +178,12 @@ where
         return Ok(response);
     }
     if let Some(backlog) = backlog {
-        backlog.admit()?;
+        if let Err(refused) = backlog.admit() {
+            // Held a moment (nothing is written meanwhile): clients that send again at
+            // once cannot turn refusals into most of the server's work.
+            tokio::time::sleep(backlog.refusal_delay).await;
+            return Err(refused);
+        }
     }
     let mut meta = Meta::fresh();
     meta.idempotency = record;

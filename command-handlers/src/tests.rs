@@ -282,6 +282,7 @@ async fn a_stalled_pipeline_cancels_no_order_whose_payment_was_never_requested()
 async fn past_the_backlog_bound_new_orders_are_refused_and_retries_answered() {
     let mut f = fixture().await;
     f.handlers.backlog.bound = Some(2);
+    f.handlers.backlog.refusal_delay = std::time::Duration::from_millis(200);
     let (saga, source) = saga(&f).await;
     post(
         &f.handlers,
@@ -298,11 +299,14 @@ async fn past_the_backlog_bound_new_orders_are_refused_and_retries_answered() {
         .header("content-type", "application/json")
         .body(Body::from(order("tok_ok")))
         .expect("request");
+    let asked = std::time::Instant::now();
     let refused = crate::routes::router(f.handlers.clone())
         .oneshot(request)
         .await
         .expect("answer");
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The refusal is held for the refusal delay before it is answered.
+    assert!(asked.elapsed() >= std::time::Duration::from_millis(200));
     assert_eq!(refused.headers()["retry-after"], "1");
     assert_eq!(
         refused.headers()["content-type"],

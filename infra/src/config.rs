@@ -23,6 +23,9 @@ pub struct Config {
     /// The most orders in progress (accepted, not yet confirmed or cancelled) before
     /// new ones are refused with 503 (`ORDERLINE_MAX_BACKLOG`, 1000; 0: no bound).
     pub max_backlog: u64,
+    /// How long a refusal for overload is held before it is answered
+    /// (`ORDERLINE_REFUSAL_DELAY_MS`, 100 ms).
+    pub refusal_delay: Duration,
     /// The HTTP edge's connection, concurrency and time limits.
     pub limits: crate::serve::Limits,
     /// How long bookkeeping (idempotency records, finished sagas) is kept.
@@ -39,6 +42,7 @@ impl Config {
             database_prefix: "orderline".into(),
             kafka: None,
             max_backlog: 1_000,
+            refusal_delay: Duration::from_millis(100),
             limits: crate::serve::Limits::default(),
             retention: crate::retention::Retention::default(),
         }
