@@ -118,9 +118,9 @@ impl TestServer {
     }
 
     /// The distributed deployment on fresh databases of the PostgreSQL server at
-    /// `postgres` (a URL, e.g. through a test's proxy).
-    pub async fn distributed_with_postgres(postgres: &str) -> TestServer {
-        let brokers = Some(kafka_broker());
+    /// `postgres` (a URL, e.g. through a test's proxy), on the broker at `brokers`.
+    pub async fn distributed_with_postgres(postgres: &str, brokers: &str) -> TestServer {
+        let brokers = Some(brokers.to_owned());
         let postgres = Some(postgres.to_owned());
         Self::fresh(
             Backend::Distributed,
