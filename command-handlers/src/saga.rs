@@ -257,10 +257,7 @@ impl SagaRunner {
             }
             *last = Some(now);
         }
-        let Ok(age) = chrono::Duration::from_std(age) else {
-            return Ok(());
-        };
-        let Some(before) = now.checked_sub_signed(age) else {
+        let Some(before) = retention::cutoff(now, age) else {
             return Ok(());
         };
         let removed = self.prune_settled(before).await?;

@@ -45,11 +45,9 @@ impl Default for Retention {
 /// Rows removed per transaction.
 pub const BATCH: i64 = 500;
 
-/// `now - age` as the stored timestamps read (`None` for a retention longer than
-/// time itself).
-pub fn cutoff(now: DateTime<Utc>, age: Duration) -> Option<String> {
-    let age = chrono::Duration::from_std(age).ok()?;
-    now.checked_sub_signed(age).map(timestamp)
+/// `now - age` (`None` for a retention longer than time itself).
+pub fn cutoff(now: DateTime<Utc>, age: Duration) -> Option<DateTime<Utc>> {
+    now.checked_sub_signed(chrono::Duration::from_std(age).ok()?)
 }
 
 /// One pass over the event store's database: idempotency records past their
@@ -69,7 +67,7 @@ pub async fn prune_store(
         let Some(before) = age.and_then(|age| cutoff(now, age)) else {
             continue;
         };
-        let n = prune_idempotency(store, prefix, &before).await?;
+        let n = prune_idempotency(store, prefix, &timestamp(before)).await?;
         store.metrics().add(&PRUNED, &[("kind", kind)], n);
         removed += n;
     }

@@ -114,29 +114,56 @@ pub fn routes(served: Served) -> OpenApiRouter<QueryState> {
     router
 }
 
-fn served(pool: &Option<AnyPool>) -> Result<&AnyPool, ApiError> {
-    pool.as_ref()
-        .ok_or_else(|| ApiError::not_found("this process does not serve that read model"))
+impl QueryState {
+    /// The read model `projection` in this process, once it reflects the consistency
+    /// token in `headers` (if any); 404 when this process does not serve it.
+    async fn reflecting(
+        &self,
+        projection: ProjectionName,
+        headers: &HeaderMap,
+    ) -> Result<ReadModel<'_>, ApiError> {
+        let (pool, file) = match projection {
+            ProjectionName::Orders => (&self.orders, &self.files.orders),
+            ProjectionName::Inventory => (&self.inventory, &self.files.inventory),
+            ProjectionName::Payments => (&self.payments, &self.files.payments),
+            ProjectionName::Shipments => (&self.shipments, &self.files.shipments),
+        };
+        let pool = pool
+            .as_ref()
+            .ok_or_else(|| ApiError::not_found("this process does not serve that read model"))?;
+        await_consistency(&self.progress, projection, pool, headers, self.store.head()).await?;
+        Ok(ReadModel {
+            pool,
+            file: file.as_deref(),
+        })
+    }
 }
 
-/// The row `sql` finds for `key`, as `map` makes it: read on the task when the read
-/// model is an SQLite `file` (one short statement: no hop to sqlx's connection
-/// thread, see `infra::local`), else through the pool.
-async fn read_one<T>(
-    pool: &AnyPool,
-    file: Option<&FilePath>,
-    sql: &str,
-    key: &str,
-    map: impl Fn(&dyn Columns) -> Result<T, InfraError>,
-) -> Result<Option<T>, ApiError> {
-    match file {
-        Some(file) => Ok(local::read_rows(file, sql, [key], |row| map(row))?
-            .into_iter()
-            .next()),
-        None => match sqlx::query(sql).bind(key).fetch_optional(pool).await? {
-            Some(row) => Ok(Some(map(&row)?)),
-            None => Ok(None),
-        },
+/// A read model's database: its pool, and its file when it is an SQLite file.
+struct ReadModel<'a> {
+    pool: &'a AnyPool,
+    file: Option<&'a FilePath>,
+}
+
+impl ReadModel<'_> {
+    /// The row `sql` finds for `key`, as `map` makes it: read on the task when the
+    /// read model is an SQLite file (one short statement: no hop to sqlx's connection
+    /// thread, see `infra::local`), else through the pool.
+    async fn read_one<T>(
+        &self,
+        sql: &str,
+        key: &str,
+        map: impl Fn(&dyn Columns) -> Result<T, InfraError>,
+    ) -> Result<Option<T>, ApiError> {
+        match self.file {
+            Some(file) => Ok(local::read_rows(file, sql, [key], |row| map(row))?
+                .into_iter()
+                .next()),
+            None => match sqlx::query(sql).bind(key).fetch_optional(self.pool).await? {
+                Some(row) => Ok(Some(map(&row)?)),
+                None => Ok(None),
+            },
+        }
     }
 }
 
@@ -162,24 +189,15 @@ async fn inventory(
     headers: HeaderMap,
 ) -> Result<Json<InventoryView>, ApiError> {
     let sku = domain::Sku::parse(&sku).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let db = served(&s.inventory)?;
-    await_consistency(
-        &s.progress,
-        ProjectionName::Inventory,
-        db,
-        &headers,
-        s.store.head(),
-    )
-    .await?;
-    let (on_hand, reserved) = read_one(
-        db,
-        s.files.inventory.as_deref(),
-        "SELECT on_hand, reserved FROM inventory_levels WHERE sku = $1",
-        sku.as_str(),
-        |row| Ok((row.int("on_hand")?, row.int("reserved")?)),
-    )
-    .await?
-    .ok_or_else(|| ApiError::not_found(format!("no stock recorded for sku {sku}")))?;
+    let db = s.reflecting(ProjectionName::Inventory, &headers).await?;
+    let (on_hand, reserved) = db
+        .read_one(
+            "SELECT on_hand, reserved FROM inventory_levels WHERE sku = $1",
+            sku.as_str(),
+            |row| Ok((row.int("on_hand")?, row.int("reserved")?)),
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no stock recorded for sku {sku}")))?;
     let (on_hand, reserved) = (on_hand.max(0) as u64, reserved.max(0) as u64);
     Ok(Json(InventoryView {
         sku: sku.to_string(),
@@ -189,16 +207,23 @@ async fn inventory(
     }))
 }
 
-/// An order's row joined with its payment's and shipment's progress.
-const ORDER_VIEW: &str = "SELECT o.order_id, o.customer_id, o.status, o.lines, o.total_cents,
+/// An order's row joined with its payment's and shipment's progress (a macro, so
+/// that the queries built on it are literals too).
+macro_rules! order_view {
+    () => {
+        "SELECT o.order_id, o.customer_id, o.status, o.lines, o.total_cents,
         o.cancel_reason, o.placed_at, o.updated_at, p.payment_status, p.shipment_status,
         p.updated_at AS progress_at
-   FROM orders o LEFT JOIN order_progress p ON p.order_id = o.order_id";
-const ORDER_BY_ID: &str = "SELECT o.order_id, o.customer_id, o.status, o.lines, o.total_cents,
-        o.cancel_reason, o.placed_at, o.updated_at, p.payment_status, p.shipment_status,
-        p.updated_at AS progress_at
-   FROM orders o LEFT JOIN order_progress p ON p.order_id = o.order_id
-  WHERE o.order_id = $1";
+   FROM orders o LEFT JOIN order_progress p ON p.order_id = o.order_id"
+    };
+}
+const ORDER_BY_ID: &str = concat!(order_view!(), " WHERE o.order_id = $1");
+const ORDER_PAGE: &str = concat!(
+    order_view!(),
+    " WHERE ($1 IS NULL OR o.customer_id = $1) AND ($2 IS NULL OR o.status = $2)
+        AND ($3 IS NULL OR o.order_id < $3)
+      ORDER BY o.order_id DESC LIMIT $4"
+);
 
 fn order_view(row: &dyn Columns) -> Result<OrderView, InfraError> {
     let lines: Vec<OrderLineView> = serde_json::from_str(&row.text("lines")?)
@@ -237,24 +262,11 @@ async fn order(
     headers: HeaderMap,
 ) -> Result<Json<OrderView>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
-    let db = served(&s.orders)?;
-    await_consistency(
-        &s.progress,
-        ProjectionName::Orders,
-        db,
-        &headers,
-        s.store.head(),
-    )
-    .await?;
-    let view = read_one(
-        db,
-        s.files.orders.as_deref(),
-        ORDER_BY_ID,
-        &order_id.to_string(),
-        order_view,
-    )
-    .await?
-    .ok_or_else(|| ApiError::not_found(format!("no order {order_id}")))?;
+    let db = s.reflecting(ProjectionName::Orders, &headers).await?;
+    let view = db
+        .read_one(ORDER_BY_ID, &order_id.to_string(), order_view)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no order {order_id}")))?;
     Ok(Json(view))
 }
 
@@ -321,27 +333,14 @@ async fn list_orders(
         })
         .transpose()?;
     let customer = params.customer_id.filter(|c| !c.is_empty());
-    let db = served(&s.orders)?;
-    await_consistency(
-        &s.progress,
-        ProjectionName::Orders,
-        db,
-        &headers,
-        s.store.head(),
-    )
-    .await?;
-    let rows = sqlx::query(&format!(
-        "{ORDER_VIEW}
-          WHERE ($1 IS NULL OR o.customer_id = $1) AND ($2 IS NULL OR o.status = $2)
-            AND ($3 IS NULL OR o.order_id < $3)
-          ORDER BY o.order_id DESC LIMIT $4"
-    ))
-    .bind(customer)
-    .bind(status)
-    .bind(cursor.map(|c| c.to_string()))
-    .bind(limit + 1)
-    .fetch_all(db)
-    .await?;
+    let db = s.reflecting(ProjectionName::Orders, &headers).await?;
+    let rows = sqlx::query(ORDER_PAGE)
+        .bind(customer)
+        .bind(status)
+        .bind(cursor.map(|c| c.to_string()))
+        .bind(limit + 1)
+        .fetch_all(db.pool)
+        .await?;
     let more = rows.len() as i64 > limit;
     let items = rows
         .iter()
@@ -370,36 +369,27 @@ async fn payment(
     headers: HeaderMap,
 ) -> Result<Json<PaymentView>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
-    let db = served(&s.payments)?;
-    await_consistency(
-        &s.progress,
-        ProjectionName::Payments,
-        db,
-        &headers,
-        s.store.head(),
-    )
-    .await?;
-    let view = read_one(
-        db,
-        s.files.payments.as_deref(),
-        "SELECT status, amount_cents, authorized_cents, captured_cents, voided_cents,
+    let db = s.reflecting(ProjectionName::Payments, &headers).await?;
+    let view = db
+        .read_one(
+            "SELECT status, amount_cents, authorized_cents, captured_cents, voided_cents,
                 decline_reason
            FROM payments WHERE order_id = $1",
-        &order_id.to_string(),
-        |row| {
-            Ok(PaymentView {
-                order_id,
-                status: row.text("status")?,
-                amount_cents: row.int("amount_cents")?,
-                authorized_cents: row.int("authorized_cents")?,
-                captured_cents: row.int("captured_cents")?,
-                voided_cents: row.int("voided_cents")?,
-                decline_reason: row.maybe_text("decline_reason")?,
-            })
-        },
-    )
-    .await?
-    .ok_or_else(|| ApiError::not_found(format!("no payment for order {order_id}")))?;
+            &order_id.to_string(),
+            |row| {
+                Ok(PaymentView {
+                    order_id,
+                    status: row.text("status")?,
+                    amount_cents: row.int("amount_cents")?,
+                    authorized_cents: row.int("authorized_cents")?,
+                    captured_cents: row.int("captured_cents")?,
+                    voided_cents: row.int("voided_cents")?,
+                    decline_reason: row.maybe_text("decline_reason")?,
+                })
+            },
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no payment for order {order_id}")))?;
     Ok(Json(view))
 }
 
@@ -417,30 +407,21 @@ async fn shipment(
     headers: HeaderMap,
 ) -> Result<Json<ShipmentView>, ApiError> {
     let order_id = parse_order_id(&order_id)?;
-    let db = served(&s.shipments)?;
-    await_consistency(
-        &s.progress,
-        ProjectionName::Shipments,
-        db,
-        &headers,
-        s.store.head(),
-    )
-    .await?;
-    let view = read_one(
-        db,
-        s.files.shipments.as_deref(),
-        "SELECT status, updated_at FROM shipments WHERE order_id = $1",
-        &order_id.to_string(),
-        |row| {
-            Ok(ShipmentView {
-                order_id,
-                status: row.text("status")?,
-                updated_at: parse_timestamp(&row.text("updated_at")?)?,
-            })
-        },
-    )
-    .await?
-    .ok_or_else(|| ApiError::not_found(format!("no shipment for order {order_id}")))?;
+    let db = s.reflecting(ProjectionName::Shipments, &headers).await?;
+    let view = db
+        .read_one(
+            "SELECT status, updated_at FROM shipments WHERE order_id = $1",
+            &order_id.to_string(),
+            |row| {
+                Ok(ShipmentView {
+                    order_id,
+                    status: row.text("status")?,
+                    updated_at: parse_timestamp(&row.text("updated_at")?)?,
+                })
+            },
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no shipment for order {order_id}")))?;
     Ok(Json(view))
 }
 

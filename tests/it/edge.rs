@@ -219,28 +219,8 @@ async fn past_the_in_flight_cap_requests_are_shed_with_503_and_health_still_answ
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_sheds_past_its_in_flight_cap() {
-    // Upstreams that are not there: the gateway alone is under test.
-    let nowhere = "http://127.0.0.1:9";
-    let gateway = Process::spawn(
-        &[
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--order",
-            nowhere,
-            "--inventory",
-            nowhere,
-            "--payment",
-            nowhere,
-            "--shipping",
-            nowhere,
-            "--max-in-flight",
-            "2",
-            "--body-timeout-ms",
-            "30000",
-        ]
-        .map(String::from),
-    );
+    let gateway =
+        Process::gateway_to_nowhere(&["--max-in-flight", "2", "--body-timeout-ms", "30000"]);
     let held = sheds_past(&gateway.api, 2, "/v1/orders").await;
     drop(held);
     gateway.kill();

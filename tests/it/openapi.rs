@@ -72,23 +72,7 @@ async fn every_described_operation_is_served_and_the_document_is_the_one_generat
     server.finish().await;
 
     // The gateway serves the same document.
-    let nowhere = "http://127.0.0.1:9";
-    let gateway = Process::spawn(
-        &[
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--order",
-            nowhere,
-            "--inventory",
-            nowhere,
-            "--payment",
-            nowhere,
-            "--shipping",
-            nowhere,
-        ]
-        .map(String::from),
-    );
+    let gateway = Process::gateway_to_nowhere(&[]);
     let (status, served) = gateway.api.get("/openapi.json").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(served, document, "the gateway serves the whole contract");

@@ -592,6 +592,21 @@ impl Process {
         ])
     }
 
+    /// `orderline gateway` in front of services that are not there (the gateway alone
+    /// under test), with extra flags.
+    pub fn gateway_to_nowhere(flags: &[&str]) -> Process {
+        let nowhere = "http://127.0.0.1:9";
+        let mut args: Vec<String> = ["gateway", "--listen", "127.0.0.1:0"]
+            .map(String::from)
+            .to_vec();
+        for service in ["order", "inventory", "payment", "shipping"] {
+            args.push(format!("--{service}"));
+            args.push(nowhere.to_owned());
+        }
+        args.extend(flags.iter().map(|f| f.to_string()));
+        Process::spawn(&args)
+    }
+
     /// Start `orderline` with `args`; it must log where it listens.
     pub fn spawn(args: &[String]) -> Process {
         use std::io::{BufRead, BufReader};
