@@ -74,7 +74,8 @@ pub struct System {
 struct Watched {
     projections: Projections,
     relay: bool,
-    saga: Option<Db>,
+    /// The saga's database and the source it reads events from.
+    saga: Option<(Db, Arc<dyn Source>)>,
     inbox: Option<Arc<dyn Source>>,
     /// Every source of the process: ready once each has been given its partitions.
     sources: Vec<Arc<dyn Source>>,
@@ -274,7 +275,7 @@ impl System {
             saga.count_backlog().await?;
             let source = SagaRunner::source(&transport, order).await?;
             watched.sources.push(source.clone());
-            watched.saga = Some(order.clone());
+            watched.saga = Some((order.clone(), source.clone()));
             watched.backlog = Some(handlers.backlog.clone());
             let dispatcher = saga.clone();
             let stop = shutdown.clone();
@@ -514,7 +515,7 @@ async fn metrics(State(watched): State<Watched>) -> impl IntoResponse {
             samples: vec![(String::new(), head - published)],
         });
     }
-    if let Some(db) = &watched.saga {
+    if let Some((db, source)) = &watched.saga {
         let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM saga_outbox")
             .fetch_one(&db.pool)
             .await
@@ -524,6 +525,14 @@ async fn metrics(State(watched): State<Watched>) -> impl IntoResponse {
             help: "Saga commands staged and not yet carried out (or handed to the brokers).",
             samples: vec![(String::new(), pending)],
         });
+        // Left out (not a false 0) when it cannot be read in time.
+        if let Ok(Ok((_, lag))) = tokio::time::timeout_at(scrape, source.standing()).await {
+            gauges.push(Gauge {
+                name: "orderline_saga_lag",
+                help: "Events the saga has not yet taken in (behind after a failure, or busy).",
+                samples: vec![(String::new(), lag)],
+            });
+        }
     }
     if let Some(backlog) = &watched.backlog {
         let bound = backlog

@@ -919,7 +919,7 @@ async fn operators_see_health_projections_and_metrics(backend: Backend) {
         .text()
         .await
         .expect("text");
-    let expected: [(&str, &[&str], i64); 5] = [
+    let expected: [(&str, &[&str], i64); 6] = [
         (
             "orderline_commands_accepted_total",
             &["command=\"restock\""],
@@ -941,6 +941,7 @@ async fn operators_see_health_projections_and_metrics(backend: Backend) {
             1,
         ),
         ("orderline_projection_lag", &["projection=\"orders\""], 0),
+        ("orderline_saga_lag", &[], 0),
     ];
     for (name, labels, value) in expected {
         assert!(

@@ -494,6 +494,7 @@ impl Api {
                 "orderline_projection_lag{",
                 "orderline_relay_lag{",
                 "orderline_saga_pending_commands{",
+                "orderline_saga_lag{",
                 "orderline_command_inbox_lag{",
             ]
             .iter()
