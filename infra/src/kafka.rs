@@ -520,6 +520,9 @@ impl Polled {
     }
 }
 
+/// Partitions, by topic name and number.
+type Partitions = Vec<(String, i32)>;
+
 /// How long a poll waits for the first record of a batch.
 const POLL_WAIT: Duration = Duration::from_millis(200);
 
@@ -537,6 +540,9 @@ pub struct KafkaConsumer {
     /// The watermarks last asked of the brokers, and when: reused for
     /// [`WATERMARKS_REUSED_FOR`], so frequent scrapes do not load the brokers.
     watermarks: Arc<std::sync::Mutex<Option<(std::time::Instant, Watermarks)>>>,
+    /// The partitions this replica owns, once the brokers have named them: a rewind
+    /// assigns them again without asking (partitions are never taken from a topic).
+    owned: Arc<std::sync::Mutex<Option<Partitions>>>,
 }
 
 /// How long the watermarks a consumer asked for serve its lag figures (shorter than
@@ -559,6 +565,7 @@ impl KafkaConsumer {
             reading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             offsets,
             watermarks: Arc::new(std::sync::Mutex::new(None)),
+            owned: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 
@@ -581,11 +588,31 @@ impl KafkaConsumer {
     /// Read the partitions this replica owns, each from its stored offset (from the
     /// beginning where none is stored). Also what a rewind does: assigning again is
     /// what librdkafka does reliably whatever state a partition's fetcher is in.
+    ///
+    /// The partitions are asked of the brokers once; a rewind (after a failed batch,
+    /// e.g. the database away) only assigns them again from the stored offsets, so
+    /// it needs nothing of a broker that is slow to answer metadata requests.
     pub async fn start(&self) -> Result<(), InfraError> {
-        let owned = partitions(self.consumer.clone(), self.topics.clone())
-            .await?
-            .into_iter()
-            .filter(|(_, partition)| self.config.replica.owns(*partition));
+        let known = self
+            .owned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let owned = match known {
+            Some(owned) => owned,
+            None => {
+                let owned: Partitions = partitions(self.consumer.clone(), self.topics.clone())
+                    .await?
+                    .into_iter()
+                    .filter(|(_, partition)| self.config.replica.owns(*partition))
+                    .collect();
+                *self
+                    .owned
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(owned.clone());
+                owned
+            }
+        };
         let mut assignment = TopicPartitionList::new();
         for (topic, partition) in owned {
             let next = self.offsets.next_offset(&topic, partition).await?;
@@ -809,7 +836,7 @@ fn remaining(start: std::time::Instant, budget: Duration) -> Result<Duration, In
 async fn partitions(
     consumer: Arc<BaseConsumer>,
     topics: Vec<String>,
-) -> Result<Vec<(String, i32)>, InfraError> {
+) -> Result<Partitions, InfraError> {
     tokio::task::spawn_blocking(move || {
         let start = std::time::Instant::now();
         let mut out = Vec::new();
