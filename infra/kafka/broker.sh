@@ -9,6 +9,10 @@
 # ORDERLINE_CACHE_DIR  where the binary is cached     (default ~/.cache/orderline)
 # ORDERLINE_BROKER_DIR where data, log and pid live   (default $ORDERLINE_CACHE_DIR/broker)
 # ORDERLINE_BROKER     host:port to listen on         (default 127.0.0.1:9092)
+#
+# Tansu's SQLite schema has no index on the record headers, so every record it
+# fetches scans every header it holds and a broker slows down as it fills (ADR 15):
+# the index is added once the storage exists.
 set -euo pipefail
 
 TANSU_VERSION=0.6.0
@@ -45,6 +49,7 @@ install() {
 start() {
   if listening; then
     echo "broker: already listening on $address"
+    [ ! -f "$run/tansu.db" ] || index_storage
     return
   fi
   [ -x "$bin" ] || { echo "broker: tansu is not installed; run '$0 install'" >&2; exit 1; }
@@ -60,6 +65,7 @@ start() {
   )
   for _ in $(seq 1 100); do
     if listening; then
+      index_storage
       echo "broker: listening on $address (pid $(cat "$run/tansu.pid"), log $run/tansu.log)"
       return
     fi
@@ -67,6 +73,29 @@ start() {
   done
   echo "broker: did not start; last lines of $run/tansu.log:" >&2
   tail -n 20 "$run/tansu.log" >&2 || true
+  exit 1
+}
+
+# The index Tansu's schema lacks (ADR 15), added to its database once Tansu has
+# created its tables. Python's sqlite3 module, so no other tool is needed.
+index_storage() {
+  local db="$run/tansu.db"
+  for _ in $(seq 1 100); do
+    if python3 - "$db" <<'PY' 2>/dev/null
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], timeout=10)
+found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'header'")
+if found.fetchone() is None:
+    sys.exit(1)
+db.execute("CREATE INDEX IF NOT EXISTS header_topition_offset ON header (topition, offset_id)")
+db.commit()
+PY
+    then
+      return
+    fi
+    sleep 0.1
+  done
+  echo "broker: could not index the headers in $db" >&2
   exit 1
 }
 

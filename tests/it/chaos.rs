@@ -384,11 +384,10 @@ async fn postgres_away(distributed: bool) {
         .trim_end_matches('/');
     let proxy = FaultProxy::start(host).await;
     let url = format!("postgres://postgres@{}", proxy.address);
-    // A broker of the scenario's own, on empty state: the outage under test is the
-    // database's, not a broker slowed by what the rest of the suite wrote to it.
-    let broker = distributed.then(OwnBroker::start);
+    // On the suite's broker, filled by the tests before this one (ADR 15).
+    let broker = distributed.then(crate::support::kafka_broker);
     let deployment = if let Some(broker) = &broker {
-        Deployment::Distributed(TestServer::distributed_with_postgres(&url, &broker.address).await)
+        Deployment::Distributed(TestServer::distributed_with_postgres(&url, broker).await)
     } else {
         Deployment::embedded(Some(url))
     };
@@ -435,7 +434,6 @@ async fn postgres_away(distributed: bool) {
     report.print(scenario, took);
     report.assert_clean(scenario);
     deployment.finish().await;
-    drop(broker);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

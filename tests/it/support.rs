@@ -824,6 +824,7 @@ impl OwnBroker {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        index_storage(&self.dir.path().join("tansu.db"));
     }
 
     pub fn stop(&mut self) {
@@ -831,6 +832,35 @@ impl OwnBroker {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// The index Tansu's schema lacks (ADR 15; `infra/kafka/broker.sh` adds the same),
+/// once Tansu has created its tables.
+fn index_storage(db: &std::path::Path) {
+    let start = Instant::now();
+    loop {
+        let indexed = rusqlite::Connection::open(db).and_then(|db| {
+            db.busy_timeout(Duration::from_secs(10))?;
+            db.query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'header'",
+                [],
+                |_| Ok(()),
+            )?;
+            db.execute(
+                "CREATE INDEX IF NOT EXISTS header_topition_offset ON header (topition, offset_id)",
+                [],
+            )
+        });
+        if indexed.is_ok() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "tansu's storage {} was not indexed: {indexed:?}",
+            db.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
