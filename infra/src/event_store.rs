@@ -446,11 +446,35 @@ impl Writer {
         self.conn.as_mut().ok_or(sqlx::Error::PoolClosed)
     }
 
+    /// The write connection, in a new transaction. A connection that broke while it
+    /// was idle (the database restarted, the network dropped it) fails its `BEGIN`,
+    /// before anything of a group was sent: it is opened again and the `BEGIN` sent
+    /// once more, so the first appends after an outage are not refused for a
+    /// connection that had already gone.
+    async fn begin(&mut self) -> Result<&mut AnyConnection, sqlx::Error> {
+        let begin = self.db.dialect.begin_write();
+        let first = match self.connection().await {
+            Ok(conn) => sqlx::query(begin).execute(conn).await.map(|_| ()),
+            Err(error) => return Err(error),
+        };
+        match first {
+            Ok(()) => {}
+            Err(error) if connection_gone(&error) => {
+                tracing::info!(error = %error, "the event store's write connection was gone; opening another");
+                self.conn = None;
+                let conn = self.connection().await?;
+                sqlx::query(begin).execute(conn).await?;
+            }
+            Err(error) => return Err(error),
+        }
+        self.conn.as_mut().ok_or(sqlx::Error::PoolClosed)
+    }
+
     /// Commit `group`; every append gets its outcome.
     async fn commit(&mut self, group: &mut Vec<Job>) {
         let started = std::time::Instant::now();
         let dialect = self.db.dialect;
-        let result = match self.connection().await {
+        let result = match self.begin().await {
             Ok(conn) => commit_group(conn, dialect, group).await,
             Err(error) => Err(error),
         };
@@ -500,6 +524,19 @@ impl Writer {
     }
 }
 
+/// Whether `error` says the connection itself is gone (closed by the peer, reset, or
+/// ended by the server: PostgreSQL's connection exceptions, class 08, and its
+/// administrator or crash shutdown, 57P01 and 57P02), not that a statement failed.
+fn connection_gone(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(e) => e
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code == "57P01" || code == "57P02"),
+        _ => false,
+    }
+}
+
 /// How long the writer waits to open its connection (or to roll back) before it
 /// refuses the waiting appends as unavailable.
 const RECONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
@@ -513,14 +550,12 @@ async fn write_loop(mut writer: Writer, mut queue: mpsc::Receiver<Job>) {
 
 type GroupResult = (Vec<Result<AppendOutcome, StoreError>>, Option<i64>);
 
+/// Apply and commit `group` on `conn`, in the transaction [`Writer::begin`] opened.
 async fn commit_group(
     conn: &mut AnyConnection,
     dialect: Dialect,
     group: &[Job],
 ) -> Result<GroupResult, sqlx::Error> {
-    sqlx::query(dialect.begin_write())
-        .execute(&mut *conn)
-        .await?;
     if dialect == Dialect::Postgres {
         // Writers in other processes wait here, so positions become visible in the
         // order they were taken and a reader bounded by the head never skips one.

@@ -422,3 +422,44 @@ async fn sqlite_databases_are_durable_by_default() {
     }
     writer.close().await.expect("close");
 }
+
+/// PostgreSQL ends the writer's idle connection (a server restart, a dropped link):
+/// the next append opens another and succeeds, instead of being refused for a
+/// connection that had already gone.
+#[tokio::test]
+async fn on_postgres_an_append_after_the_writers_connection_was_ended_succeeds() {
+    let fresh = Fresh::on(Backend::Postgres).await;
+    let store = fresh.store.clone();
+    store
+        .append(request("A", 0, vec![event(1)]))
+        .await
+        .expect("first append");
+    let database = fresh
+        .url
+        .rsplit('/')
+        .next()
+        .expect("database name")
+        .to_owned();
+    let admin = infra::db::Db::open(&format!("{}/postgres", postgres_server()), 1)
+        .await
+        .expect("admin");
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = $1 AND pid <> pg_backend_pid()) AS ended",
+    )
+    .bind(&database)
+    .fetch_one(&admin.pool)
+    .await
+    .expect("terminate");
+    assert!(ended > 0, "no connection of {database} to end");
+    let after = store.append(request("A", 1, vec![event(2)])).await;
+    assert_eq!(
+        after.expect("the append after the connection was ended"),
+        AppendOutcome::Appended {
+            position: 2,
+            version: 2
+        }
+    );
+    admin.pool.close().await;
+    fresh.finish().await;
+}
