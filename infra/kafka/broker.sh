@@ -10,9 +10,9 @@
 # ORDERLINE_BROKER_DIR where data, log and pid live   (default $ORDERLINE_CACHE_DIR/broker)
 # ORDERLINE_BROKER     host:port to listen on         (default 127.0.0.1:9092)
 #
-# Tansu's SQLite schema has no index on the record headers, so every record it
-# fetches scans every header it holds and a broker slows down as it fills (ADR 15):
-# the index is added once the storage exists.
+# Tansu's SQLite schema has no index on the record headers (nor on the watermarks),
+# so every record it fetches scans every header it holds and a broker slows down as
+# it fills (ADR 15): the indexes are added once the storage exists.
 set -euo pipefail
 
 TANSU_VERSION=0.6.0
@@ -76,7 +76,7 @@ start() {
   exit 1
 }
 
-# The index Tansu's schema lacks (ADR 15), added to its database once Tansu has
+# The indexes Tansu's schema lacks (ADR 15), added to its database once Tansu has
 # created its tables. Python's sqlite3 module, so no other tool is needed.
 index_storage() {
   local db="$run/tansu.db"
@@ -88,6 +88,7 @@ found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 
 if found.fetchone() is None:
     sys.exit(1)
 db.execute("CREATE INDEX IF NOT EXISTS header_topition_offset ON header (topition, offset_id)")
+db.execute("CREATE INDEX IF NOT EXISTS watermark_topition ON watermark (topition)")
 db.commit()
 PY
     then
@@ -95,7 +96,7 @@ PY
     fi
     sleep 0.1
   done
-  echo "broker: could not index the headers in $db" >&2
+  echo "broker: could not index $db" >&2
   exit 1
 }
 

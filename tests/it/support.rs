@@ -835,7 +835,7 @@ impl OwnBroker {
     }
 }
 
-/// The index Tansu's schema lacks (ADR 15; `infra/kafka/broker.sh` adds the same),
+/// The indexes Tansu's schema lacks (ADR 15; `infra/kafka/broker.sh` adds the same),
 /// once Tansu has created its tables.
 fn index_storage(db: &std::path::Path) {
     let start = Instant::now();
@@ -847,9 +847,9 @@ fn index_storage(db: &std::path::Path) {
                 [],
                 |_| Ok(()),
             )?;
-            db.execute(
-                "CREATE INDEX IF NOT EXISTS header_topition_offset ON header (topition, offset_id)",
-                [],
+            db.execute_batch(
+                "CREATE INDEX IF NOT EXISTS header_topition_offset ON header (topition, offset_id);
+                 CREATE INDEX IF NOT EXISTS watermark_topition ON watermark (topition);",
             )
         });
         if indexed.is_ok() {
