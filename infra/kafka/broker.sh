@@ -5,6 +5,8 @@
 #   infra/kafka/broker.sh ensure   install when missing, start when down (idempotent)
 #   infra/kafka/broker.sh install  build Tansu once into the cache (about 10 minutes)
 #   infra/kafka/broker.sh start | stop | status
+#   infra/kafka/broker.sh index    add the indexes of ADR 15 to the storage in
+#                                  ORDERLINE_BROKER_DIR (done by start)
 #
 # ORDERLINE_CACHE_DIR  where the binary is cached     (default ~/.cache/orderline)
 # ORDERLINE_BROKER_DIR where data, log and pid live   (default $ORDERLINE_CACHE_DIR/broker)
@@ -131,5 +133,6 @@ case "${1:-ensure}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 ensure|install|start|stop|status" >&2; exit 2 ;;
+  index) index_storage ;;
+  *) echo "usage: $0 ensure|install|start|stop|status|index" >&2; exit 2 ;;
 esac

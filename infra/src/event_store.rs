@@ -459,7 +459,7 @@ impl Writer {
         };
         match first {
             Ok(()) => {}
-            Err(error) if connection_gone(&error) => {
+            Err(error) if crate::connection_gone(&error) => {
                 tracing::info!(error = %error, "the event store's write connection was gone; opening another");
                 self.conn = None;
                 let conn = self.connection().await?;
@@ -521,19 +521,6 @@ impl Writer {
             tracing::warn!("the event store's write connection is broken; it is opened again for the next append");
             self.conn = None;
         }
-    }
-}
-
-/// Whether `error` says the connection itself is gone (closed by the peer, reset, or
-/// ended by the server: PostgreSQL's connection exceptions, class 08, and its
-/// administrator or crash shutdown, 57P01 and 57P02), not that a statement failed.
-fn connection_gone(error: &sqlx::Error) -> bool {
-    match error {
-        sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(e) => e
-            .code()
-            .is_some_and(|code| code.starts_with("08") || code == "57P01" || code == "57P02"),
-        _ => false,
     }
 }
 

@@ -542,7 +542,7 @@ pub struct KafkaConsumer {
     watermarks: Arc<std::sync::Mutex<Option<(std::time::Instant, Watermarks)>>>,
     /// The partitions this replica owns, once the brokers have named them: a rewind
     /// assigns them again without asking (partitions are never taken from a topic).
-    owned: Arc<std::sync::Mutex<Option<Partitions>>>,
+    owned: Arc<tokio::sync::OnceCell<Partitions>>,
 }
 
 /// How long the watermarks a consumer asked for serve its lag figures (shorter than
@@ -565,7 +565,7 @@ impl KafkaConsumer {
             reading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             offsets,
             watermarks: Arc::new(std::sync::Mutex::new(None)),
-            owned: Arc::new(std::sync::Mutex::new(None)),
+            owned: Arc::new(tokio::sync::OnceCell::new()),
         })
     }
 
@@ -593,31 +593,22 @@ impl KafkaConsumer {
     /// e.g. the database away) only assigns them again from the stored offsets, so
     /// it needs nothing of a broker that is slow to answer metadata requests.
     pub async fn start(&self) -> Result<(), InfraError> {
-        let known = self
+        let owned = self
             .owned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        let owned = match known {
-            Some(owned) => owned,
-            None => {
-                let owned: Partitions = partitions(self.consumer.clone(), self.topics.clone())
-                    .await?
-                    .into_iter()
-                    .filter(|(_, partition)| self.config.replica.owns(*partition))
-                    .collect();
-                *self
-                    .owned
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(owned.clone());
-                owned
-            }
-        };
+            .get_or_try_init(|| async {
+                let all = partitions(self.consumer.clone(), self.topics.clone()).await?;
+                Ok::<_, InfraError>(
+                    all.into_iter()
+                        .filter(|(_, partition)| self.config.replica.owns(*partition))
+                        .collect(),
+                )
+            })
+            .await?;
         let mut assignment = TopicPartitionList::new();
         for (topic, partition) in owned {
-            let next = self.offsets.next_offset(&topic, partition).await?;
+            let next = self.offsets.next_offset(topic, *partition).await?;
             let offset = next.map_or(Offset::Beginning, Offset::Offset);
-            assignment.add_partition_offset(&topic, partition, offset)?;
+            assignment.add_partition_offset(topic, *partition, offset)?;
         }
         self.consumer.assign(&assignment)?;
         self.reading

@@ -122,6 +122,20 @@ pub fn database_unavailable(error: &sqlx::Error) -> bool {
     })
 }
 
+/// Whether `error` says the connection itself is gone (closed by the peer, reset, or
+/// ended by the server: PostgreSQL's connection exceptions, class 08, and its
+/// administrator or crash shutdown, 57P01 and 57P02), not that a statement failed:
+/// the same statement on a new connection may work at once.
+pub fn connection_gone(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(e) => e
+            .code()
+            .is_some_and(|code| code.starts_with("08") || code == "57P01" || code == "57P02"),
+        _ => false,
+    }
+}
+
 /// PostgreSQL error codes of a server that cannot serve now: connection exceptions
 /// (class 08), a full disk, no memory, too many connections (53100, 53200, 53300),
 /// an i/o error (58030), a read-only transaction (25006), shutting down or starting

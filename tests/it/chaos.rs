@@ -148,13 +148,9 @@ async fn restarts_under_load(scenario: &str, times: usize, stop: fn(Process)) {
     let mut node = Process::serve(&data, 30_000);
     let api = node.api.clone();
     let mut workload = Workload::new(8);
-    // A steady load the development broker carries (about 50 operations a second):
-    // killed services read again 3-5 s after their restart. At the load of the other
-    // scenarios (about 100 operations a second, the door at its bound) it took 9-57 s
-    // (docs/reliability.md, "Not yet shown").
+    // A steady load (about 50 operations a second).
     workload.pace = Duration::from_millis(60);
     let stock = workload.restock(&api, 300).await;
-    api.restock(RESUME_SKU, 1000).await;
     let load = Load::start(&api.base, &workload, 3, profile.seed);
     let mut rng = Rng::new(profile.seed);
     let mut down_for = Duration::ZERO;

@@ -824,7 +824,7 @@ impl OwnBroker {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        index_storage(&self.dir.path().join("tansu.db"));
+        index_storage(self.dir.path());
     }
 
     pub fn stop(&mut self) {
@@ -835,33 +835,20 @@ impl OwnBroker {
     }
 }
 
-/// The indexes Tansu's schema lacks (ADR 15; `infra/kafka/broker.sh` adds the same),
-/// once Tansu has created its tables.
-fn index_storage(db: &std::path::Path) {
-    let start = Instant::now();
-    loop {
-        let indexed = rusqlite::Connection::open(db).and_then(|db| {
-            db.busy_timeout(Duration::from_secs(10))?;
-            db.query_row(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'header'",
-                [],
-                |_| Ok(()),
-            )?;
-            db.execute_batch(
-                "CREATE INDEX IF NOT EXISTS header_topition_offset ON header (topition, offset_id);
-                 CREATE INDEX IF NOT EXISTS watermark_topition ON watermark (topition);",
-            )
-        });
-        if indexed.is_ok() {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "tansu's storage {} was not indexed: {indexed:?}",
-            db.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The indexes Tansu's schema lacks (ADR 15), added by `infra/kafka/broker.sh index`
+/// once Tansu has created its tables in `dir`.
+fn index_storage(dir: &std::path::Path) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/infra/kafka/broker.sh");
+    let status = std::process::Command::new("bash")
+        .args([script, "index"])
+        .env("ORDERLINE_BROKER_DIR", dir)
+        .status()
+        .expect("bash runs broker.sh");
+    assert!(
+        status.success(),
+        "tansu's storage in {} was not indexed",
+        dir.display()
+    );
 }
 
 impl Drop for OwnBroker {
