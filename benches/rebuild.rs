@@ -95,6 +95,7 @@ struct Outcome {
 async fn variant(backend: Backend, orders: usize) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
     let mut config = infra::Config::with_data_dir(dir.path());
+    config.auth = infra::auth::AuthSettings::off();
     if backend == Backend::Postgres {
         let server = support::services::postgres()?;
         drop_databases(&server).await?;

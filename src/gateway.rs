@@ -2,24 +2,37 @@
 //! of the distributed deployment. Each request goes to the service that owns what it
 //! names; the operator listings (`/v1/projections`, `/v1/dead-letters`), `/health`
 //! and `/metrics` gather every service's.
+//!
+//! Tokens are checked by the services, which the gateway passes them on to. Two
+//! rules need the whole deployment and are kept here: a customer's access token is
+//! vouched for by the customer service (which keeps the logins) before a request
+//! goes to another service, so a token of an ended login stops working everywhere;
+//! and each client's rate is limited here, where the client's address is known.
 
 use axum::body::to_bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, RawQuery, Request, State};
+use axum::extract::{ConnectInfo, Query, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use infra::auth::{Limiter, RateLimit};
 use infra::dead_letters;
 use infra::http::{ApiError, MAX_BODY_BYTES};
 use schemas::topics::{AggregateType, ProjectionName, Service};
 use serde_json::{json, Value};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// Where each service listens (`http://host:port`).
+/// Where each service listens (`http://host:port`), and each client's rate.
 #[derive(Debug, Clone)]
 pub struct Upstreams {
     pub services: Vec<(Service, String)>,
+    /// Requests a second and burst per client (a token, else an address).
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Upstreams {
@@ -34,7 +47,15 @@ impl Upstreams {
 struct Gateway {
     upstreams: Upstreams,
     client: reqwest::Client,
+    limiter: Option<Limiter>,
+    /// Customers' tokens the customer service vouched for, by digest, and when.
+    vouched: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long the customer service's word on a token is taken.
+const VOUCHED_FOR: Duration = Duration::from_secs(2);
+/// The most tokens remembered as vouched for (then all are forgotten).
+const MAX_VOUCHED: usize = 100_000;
 
 pub fn router(upstreams: Upstreams, limits: &infra::serve::Limits) -> anyhow::Result<Router> {
     let client = reqwest::Client::builder()
@@ -43,13 +64,21 @@ pub fn router(upstreams: Upstreams, limits: &infra::serve::Limits) -> anyhow::Re
         // (which could meet a request on its way).
         .pool_idle_timeout(limits.header_timeout / 2)
         .build()?;
-    let gateway = Arc::new(Gateway { upstreams, client });
-    // Operators' /health and /metrics stay outside the cap on requests in progress.
+    let limiter = upstreams.rate_limit.map(Limiter::new);
+    let gateway = Arc::new(Gateway {
+        upstreams,
+        client,
+        limiter,
+        vouched: Mutex::new(HashMap::new()),
+    });
+    // Operators' /health and /metrics stay outside the cap on requests in progress
+    // and the rate limits.
     let limited = limits.apply(
         Router::new()
             .route("/v1/projections", get(projections))
             .route("/v1/dead-letters", get(dead_letters))
             .fallback(proxy)
+            .layer(axum::middleware::from_fn_with_state(gateway.clone(), rate))
             .with_state(gateway.clone()),
     );
     Ok(limited
@@ -75,6 +104,7 @@ pub fn owner(method: &Method, path: &str) -> Option<Service> {
         }
         ["v1", "shipments", ..] => Some(Service::Shipping),
         ["v1", "payments", ..] => Some(Service::Payment),
+        ["v1", "customers" | "auth", ..] => Some(Service::Customer),
         ["v1", "streams", aggregate_type, ..] => aggregate_type
             .parse::<AggregateType>()
             .ok()
@@ -122,6 +152,11 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
     let Some(base) = gateway.upstreams.url(service) else {
         return unavailable(service, "no address configured").into_response();
     };
+    if service != Service::Customer {
+        if let Err(refused) = gateway.vouch(&parts.headers).await {
+            return refused;
+        }
+    }
     let body = match to_bytes(body, MAX_BODY_BYTES).await {
         Ok(body) => body,
         Err(error) => return infra::http::unreadable_body(&error).into_response(),
@@ -153,6 +188,84 @@ async fn proxy(State(gateway): State<Arc<Gateway>>, request: Request) -> Respons
     }
 }
 
+/// The bearer token of a request, when it has the shape of an access token (a JWT:
+/// three parts); the operator token is not one.
+fn access_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ")?.trim();
+    (token.split('.').count() == 3).then_some(token)
+}
+
+impl Gateway {
+    /// Let a request with a customer's access token on only if the customer service
+    /// (which keeps the logins) takes the token: its answer to the token on
+    /// `/v1/customers/me`, remembered for [`VOUCHED_FOR`]. A refusal (401) is the
+    /// caller's answer.
+    async fn vouch(&self, headers: &HeaderMap) -> Result<(), Response> {
+        let Some(token) = access_token(headers) else {
+            return Ok(());
+        };
+        let key = infra::auth::digest(token);
+        let now = Instant::now();
+        let fresh = |vouched: &HashMap<String, Instant>| {
+            vouched
+                .get(&key)
+                .is_some_and(|at| now.duration_since(*at) < VOUCHED_FOR)
+        };
+        if fresh(&self.vouched.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(());
+        }
+        let Some(base) = self.upstreams.url(Service::Customer) else {
+            return Err(unavailable(Service::Customer, "no address configured").into_response());
+        };
+        let answer = self
+            .client
+            .get(format!("{base}/v1/customers/me"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|error| unavailable(Service::Customer, error).into_response())?;
+        let status = answer.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::TOO_MANY_REQUESTS {
+            let headers = forwarded(answer.headers());
+            let body = answer.bytes().await.unwrap_or_default();
+            return Err((status, headers, body).into_response());
+        }
+        if status.is_server_error() {
+            return Err(
+                unavailable(Service::Customer, format!("answered {status}")).into_response()
+            );
+        }
+        let mut vouched = self.vouched.lock().unwrap_or_else(|p| p.into_inner());
+        if vouched.len() >= MAX_VOUCHED {
+            vouched.clear();
+        }
+        vouched.insert(key, now);
+        Ok(())
+    }
+}
+
+/// Each client's rate: its token's bucket, else its address's; past it, 429.
+async fn rate(State(gateway): State<Arc<Gateway>>, request: Request, next: Next) -> Response {
+    if let Some(limiter) = &gateway.limiter {
+        let client = match request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+        {
+            Some(credentials) => format!("token:{}", infra::auth::digest(credentials)),
+            None => match request.extensions().get::<ConnectInfo<SocketAddr>>() {
+                Some(ConnectInfo(peer)) => format!("address:{}", peer.ip()),
+                None => "address:unknown".to_owned(),
+            },
+        };
+        if let Err(wait) = limiter.check(&client) {
+            return ApiError::rate_limited(wait.max(1)).into_response();
+        }
+    }
+    next.run(request).await
+}
+
 /// `.` or `..`, plainly or percent-encoded (as URL parsers read them).
 fn dot_segment(segment: &str) -> bool {
     let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
@@ -171,32 +284,59 @@ fn forwarded(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-/// GET `path` from every service: (service, status, JSON body).
-async fn gather(gateway: &Gateway, path: &str) -> Vec<(Service, Result<Value, String>)> {
+/// GET `path` from every service with the caller's credentials: (service, JSON body
+/// or why not). A service's refusal of the credentials (401, 403, 429) is the
+/// caller's answer, as it is.
+async fn gather(
+    gateway: &Gateway,
+    path: &str,
+    caller: &HeaderMap,
+) -> Result<Vec<(Service, Result<Value, String>)>, Response> {
     let mut out = vec![];
     for (service, base) in &gateway.upstreams.services {
-        let answer = async {
-            let response = gateway
-                .client
-                .get(format!("{}{path}", base.trim_end_matches('/')))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            if !response.status().is_success() {
-                return Err(format!("answered {}", response.status()));
-            }
-            response.json::<Value>().await.map_err(|e| e.to_string())
+        let mut request = gateway
+            .client
+            .get(format!("{}{path}", base.trim_end_matches('/')));
+        if let Some(credentials) = caller.get(header::AUTHORIZATION) {
+            request = request.header(header::AUTHORIZATION, credentials);
         }
-        .await;
+        let answer = match request.send().await {
+            Err(error) => Err(error.to_string()),
+            Ok(response) => {
+                let status = response.status();
+                if refusal(status) {
+                    let headers = forwarded(response.headers());
+                    let body = response.bytes().await.unwrap_or_default();
+                    return Err((status, headers, body).into_response());
+                }
+                if status.is_success() {
+                    response.json::<Value>().await.map_err(|e| e.to_string())
+                } else {
+                    Err(format!("answered {status}"))
+                }
+            }
+        };
         out.push((*service, answer));
     }
-    out
+    Ok(out)
+}
+
+/// A service's refusal of the caller (not a fault of the service).
+fn refusal(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS
+    )
 }
 
 async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
     let mut services = serde_json::Map::new();
     let mut healthy = true;
-    for (service, answer) in gather(&gateway, "/health").await {
+    let answers = match gather(&gateway, "/health", &HeaderMap::new()).await {
+        Ok(answers) => answers,
+        Err(refused) => return refused,
+    };
+    for (service, answer) in answers {
         healthy &= answer.is_ok();
         services.insert(
             service.to_string(),
@@ -216,9 +356,13 @@ async fn health(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 /// Concatenate a list field of every service's answer.
-async fn listing(gateway: &Gateway, path: &str, field: &str) -> Response {
+async fn listing(gateway: &Gateway, path: &str, field: &str, caller: &HeaderMap) -> Response {
+    let answers = match gather(gateway, path, caller).await {
+        Ok(answers) => answers,
+        Err(refused) => return refused,
+    };
     let mut items = vec![];
-    for (service, answer) in gather(gateway, path).await {
+    for (service, answer) in answers {
         match answer {
             Ok(body) => items.extend(body[field].as_array().cloned().unwrap_or_default()),
             Err(error) => return unavailable(service, error).into_response(),
@@ -227,8 +371,8 @@ async fn listing(gateway: &Gateway, path: &str, field: &str) -> Response {
     Json(json!({ field: items })).into_response()
 }
 
-async fn projections(State(gateway): State<Arc<Gateway>>) -> Response {
-    listing(&gateway, "/v1/projections", "projections").await
+async fn projections(State(gateway): State<Arc<Gateway>>, caller: HeaderMap) -> Response {
+    listing(&gateway, "/v1/projections", "projections", &caller).await
 }
 
 /// A page of every service's dead letters: each service is asked for the same page
@@ -238,6 +382,7 @@ async fn dead_letters(
     State(gateway): State<Arc<Gateway>>,
     params: Result<Query<dead_letters::PageParams>, QueryRejection>,
     RawQuery(query): RawQuery,
+    caller: HeaderMap,
 ) -> Response {
     let page = match params
         .map_err(|e| ApiError::malformed(e.body_text()))
@@ -252,7 +397,11 @@ async fn dead_letters(
     };
     let mut items = vec![];
     let mut more = false;
-    for (service, answer) in gather(&gateway, &path).await {
+    let answers = match gather(&gateway, &path, &caller).await {
+        Ok(answers) => answers,
+        Err(refused) => return refused,
+    };
+    for (service, answer) in answers {
         match answer {
             Ok(body) => {
                 items.extend(body["dead_letters"].as_array().cloned().unwrap_or_default());

@@ -31,6 +31,7 @@ use command_handlers::app::{Backlog, TokenStyle};
 use command_handlers::inbox::Inbox;
 use command_handlers::saga::{Dispatch, SagaRunner};
 use command_handlers::Handlers;
+use infra::auth::{Gate, Keys};
 use infra::consume::{drive, Source, Transport};
 use infra::db::Db;
 use infra::http::ApiError;
@@ -173,12 +174,14 @@ impl Storage {
             inventory: pool(Service::Inventory),
             payments: pool(Service::Payment),
             shipments: pool(Service::Shipping),
+            customers: pool(Service::Customer),
             stream_reads: QueryState::stream_reads(),
             files: query_api::Files {
                 orders: file(Service::Order),
                 inventory: file(Service::Inventory),
                 payments: file(Service::Payment),
                 shipments: file(Service::Shipping),
+                customers: file(Service::Customer),
             },
         }
     }
@@ -248,6 +251,7 @@ impl System {
         } = storage;
         let metrics = projections.metrics.clone();
         let mut handlers = Handlers::new(store.clone(), metrics.clone());
+        let gate = gate(&config, &services, &mut handlers)?;
         handlers.backlog.bound = (config.max_backlog > 0).then_some(config.max_backlog);
         handlers.backlog.refusal_delay = config.refusal_delay;
         if transport.kafka().is_some() {
@@ -306,7 +310,7 @@ impl System {
                 router.merge(command_handlers::routes::service_routes(*service))
             })
             .with_state(handlers.clone());
-        let router = api(commands, &queries, watched, &config.limits);
+        let router = api(commands, &queries, watched, gate, &config.limits);
         Ok(System {
             config,
             store,
@@ -380,9 +384,38 @@ fn inbox(
     Ok((source, task))
 }
 
+/// Who may call what: the keys (loaded, or created in the data directory), the rate
+/// limit, and (where the process keeps logins) the check that a login is live.
+fn gate(
+    config: &Config,
+    services: &[(Service, Db)],
+    handlers: &mut Handlers,
+) -> anyhow::Result<Gate> {
+    if !config.auth.enabled {
+        tracing::warn!(
+            "auth is off: every route is open to anyone (the v1 contract); never run this way in production"
+        );
+        return Ok(Gate::new(&config.auth, handlers.keys.clone()));
+    }
+    let keys = Keys::load(&config.auth, &config.data_dir)?;
+    handlers.keys = keys.clone();
+    let mut gate = Gate::new(&config.auth, keys);
+    if services.iter().any(|(s, _)| *s == Service::Customer) {
+        gate.sessions = Some(Arc::new(handlers.clone()));
+    }
+    Ok(gate)
+}
+
 /// A process's API: its commands, its queries, the operator routes.
-fn api(commands: OpenApiRouter, queries: &QueryState, watched: Watched, limits: &Limits) -> Router {
+fn api(
+    commands: OpenApiRouter,
+    queries: &QueryState,
+    watched: Watched,
+    gate: Gate,
+    limits: &Limits,
+) -> Router {
     let timing = middleware::from_fn_with_state(watched.projections.metrics.clone(), timed);
+    let authenticated = middleware::from_fn_with_state(gate, infra::auth::authenticate);
     let mut document = openapi::base();
     let (limited, served) = OpenApiRouter::new()
         .merge(commands)
@@ -396,7 +429,7 @@ fn api(commands: OpenApiRouter, queries: &QueryState, watched: Watched, limits: 
         .split_for_parts();
     document.merge(described);
     limits
-        .apply(limited)
+        .apply(limited.route_layer(authenticated))
         .merge(operators)
         .merge(openapi::serving(document))
         .route_layer(timing)

@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve every service in one process (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Rebuild one projection from the log (stop the server first, or use the online
     /// rebuild: POST /v1/projections/{name}/rebuild).
     Replay {
@@ -69,6 +69,15 @@ enum Command {
         /// The shipping service.
         #[arg(long, env = "ORDERLINE_SHIPPING_URL")]
         shipping: String,
+        /// The customer service (registration, logins, profiles).
+        #[arg(long, env = "ORDERLINE_CUSTOMER_URL")]
+        customer: String,
+        /// Requests a second per client (its token, else its address) as RATE or
+        /// RATE/BURST, or `off`; past it, 429 with Retry-After. Default 50/100, or
+        /// no limit when ORDERLINE_AUTH is `off`. (Behind a gateway, give the
+        /// services `--rate-limit off`: they see every client at its address.)
+        #[arg(long, env = "ORDERLINE_RATE_LIMIT")]
+        rate_limit: Option<String>,
         #[command(flatten)]
         edge: EdgeArgs,
     },
@@ -222,10 +231,94 @@ struct ServeArgs {
     edge: EdgeArgs,
     #[command(flatten)]
     kafka: KafkaArgs,
+    #[command(flatten)]
+    auth: AuthArgs,
+}
+
+/// Who may call what (API.md, "v1.1 additions").
+#[derive(Args, Clone)]
+struct AuthArgs {
+    /// `on`: customers' routes need a customer's access token, operators' routes the
+    /// operator token. `off`: the token-free v1 contract, for local experiments only
+    /// (a warning is logged), with no rate limit unless --rate-limit is given.
+    #[arg(long, env = "ORDERLINE_AUTH", default_value = "on", value_parser = ["on", "off"])]
+    auth: String,
+    /// A file holding the operator token (at least 32 bytes). Default: the
+    /// ORDERLINE_OPERATOR_TOKEN variable, else <data-dir>/operator-token, created
+    /// (mode 0600) on first start.
+    #[arg(long, env = "ORDERLINE_OPERATOR_TOKEN_FILE")]
+    operator_token_file: Option<PathBuf>,
+    /// The operator token itself (prefer the file).
+    #[arg(
+        long = "operator-token",
+        env = "ORDERLINE_OPERATOR_TOKEN",
+        hide_env_values = true,
+        hide = true
+    )]
+    operator_token: Option<String>,
+    /// A file holding the key access tokens are signed with (at least 32 bytes).
+    /// Default: the ORDERLINE_SIGNING_KEY variable, else <data-dir>/signing-key,
+    /// created (mode 0600) on first start. Every process of a deployment needs the same.
+    #[arg(long, env = "ORDERLINE_SIGNING_KEY_FILE")]
+    signing_key_file: Option<PathBuf>,
+    /// The signing key itself (prefer the file).
+    #[arg(
+        long = "signing-key",
+        env = "ORDERLINE_SIGNING_KEY",
+        hide_env_values = true,
+        hide = true
+    )]
+    signing_key: Option<String>,
+    /// Requests a second per client (its token's subject, else its address), as
+    /// RATE or RATE/BURST, or `off`; past it, 429 with Retry-After. Default 50/100
+    /// with auth on, no limit with auth off.
+    #[arg(long, env = "ORDERLINE_RATE_LIMIT")]
+    rate_limit: Option<String>,
+}
+
+impl AuthArgs {
+    fn settings(self) -> anyhow::Result<infra::auth::AuthSettings> {
+        let enabled = self.auth == "on";
+        let rate_limit = rate_limit_of(self.rate_limit.as_deref(), enabled)?;
+        Ok(infra::auth::AuthSettings {
+            enabled,
+            operator_token: infra::auth::SecretSource {
+                value: self.operator_token,
+                file: self.operator_token_file,
+            },
+            signing_key: infra::auth::SecretSource {
+                value: self.signing_key,
+                file: self.signing_key_file,
+            },
+            rate_limit,
+        })
+    }
+}
+
+/// `--rate-limit`: RATE/BURST, `off`, or when not given the default if `on_by_default`.
+fn rate_limit_of(
+    given: Option<&str>,
+    on_by_default: bool,
+) -> anyhow::Result<Option<infra::auth::RateLimit>> {
+    Ok(match given {
+        Some("off") => None,
+        Some(limit) => Some(
+            limit
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--rate-limit {e}"))?,
+        ),
+        None => on_by_default.then(infra::auth::RateLimit::default),
+    })
 }
 
 /// The settings a `--config` file may hold.
-const SETTINGS: [&str; 27] = [
+const SETTINGS: [&str; 34] = [
+    "ORDERLINE_AUTH",
+    "ORDERLINE_OPERATOR_TOKEN_FILE",
+    "ORDERLINE_OPERATOR_TOKEN",
+    "ORDERLINE_SIGNING_KEY_FILE",
+    "ORDERLINE_SIGNING_KEY",
+    "ORDERLINE_RATE_LIMIT",
     "ORDERLINE_LISTEN",
     "ORDERLINE_MAX_BACKLOG",
     "ORDERLINE_REFUSAL_DELAY_MS",
@@ -247,6 +340,7 @@ const SETTINGS: [&str; 27] = [
     "ORDERLINE_INVENTORY_URL",
     "ORDERLINE_PAYMENT_URL",
     "ORDERLINE_SHIPPING_URL",
+    "ORDERLINE_CUSTOMER_URL",
     "ORDERLINE_MAX_CONNECTIONS",
     "ORDERLINE_MAX_IN_FLIGHT",
     "ORDERLINE_HEADER_TIMEOUT_MS",
@@ -311,7 +405,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             None => run_server(cli.serve).await,
-            Some(Command::Serve(args)) => run_server(args).await,
+            Some(Command::Serve(args)) => run_server(*args).await,
             Some(Command::Replay { projection, data }) => replay(projection, data).await,
             Some(Command::Projections { data }) => list_projections(data).await,
             Some(Command::Gateway {
@@ -320,15 +414,21 @@ fn main() -> anyhow::Result<()> {
                 inventory,
                 payment,
                 shipping,
+                customer,
+                rate_limit,
                 edge,
             }) => {
+                let auth_off = std::env::var("ORDERLINE_AUTH").is_ok_and(|v| v == "off");
+                let rate_limit = rate_limit_of(rate_limit.as_deref(), !auth_off)?;
                 let upstreams = orderline::gateway::Upstreams {
                     services: vec![
                         (Service::Order, order),
                         (Service::Inventory, inventory),
                         (Service::Payment, payment),
                         (Service::Shipping, shipping),
+                        (Service::Customer, customer),
                     ],
+                    rate_limit,
                 };
                 run_gateway(listen, upstreams, edge.limits()?).await
             }
@@ -346,6 +446,7 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     config.max_backlog = args.max_backlog;
     config.refusal_delay = Duration::from_millis(args.refusal_delay_ms);
     config.limits = args.edge.limits()?;
+    config.auth = args.auth.settings()?;
     if args.retention_interval_secs == 0 {
         anyhow::bail!("--retention-interval-secs must be at least 1");
     }

@@ -22,7 +22,7 @@ use utoipa_axum::routes;
     info(
         title = "Orderline",
         version = "1",
-        description = "An event-sourced commerce backend: commands answer 202 with a consistency token, reads serve read models, errors are problem+json (RFC 9457).",
+        description = "An event-sourced commerce backend: commands answer 202 with a consistency token, reads serve read models, errors are problem+json (RFC 9457). With auth on (the default), customers' routes take `Authorization: Bearer <access token>` (from /v1/auth/login) and operators' routes the operator token; 401, 403 and 429 answer those who lack them.",
         license(name = "Apache-2.0")
     ),
     components(schemas(schemas::http::Problem)),
@@ -31,6 +31,7 @@ use utoipa_axum::routes;
         (name = "inventory", description = "Stock per SKU"),
         (name = "payments", description = "An order's payment"),
         (name = "shipments", description = "An order's shipment"),
+        (name = "customers", description = "Registration, logins (access and refresh tokens) and the customer's own profile"),
         (name = "operators", description = "Health, metrics, event streams, projections and dead letters")
     )
 )]

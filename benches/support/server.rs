@@ -37,6 +37,8 @@ impl Server {
     pub async fn start(skus: usize, clients: usize) -> anyhow::Result<Server> {
         let dir = tempfile::tempdir()?;
         let mut config = infra::Config::with_data_dir(dir.path());
+        // The v1 contract: the load is measured without tokens or rate limits.
+        config.auth = infra::auth::AuthSettings::off();
         config.listen = "127.0.0.1:0".parse()?;
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let base = format!("http://{}", listener.local_addr()?);
@@ -63,7 +65,7 @@ impl Server {
     ) -> anyhow::Result<Server> {
         let postgres = super::services::postgres()?;
         let mut admin = sqlx::PgConnection::connect(&format!("{postgres}/postgres")).await?;
-        for service in ["order", "inventory", "payment", "shipping"] {
+        for service in schemas::topics::Service::ALL {
             sqlx::Executor::execute(
                 &mut admin,
                 format!("DROP DATABASE IF EXISTS {DISTRIBUTED_PREFIX}_{service} WITH (FORCE)")
@@ -86,6 +88,7 @@ impl Server {
                 root.join("target/bench-broker").display().to_string(),
             ),
             ("ORDERLINE_PORT_BASE", DISTRIBUTED_PORT.to_string()),
+            ("ORDERLINE_AUTH", "off".to_owned()),
             // Topics of this deployment's own: its databases start empty, and so
             // must what it reads.
             (

@@ -351,6 +351,8 @@ pub struct Handlers {
     pub backlog: Backlog,
     pub gateway: SimulatedGateway,
     pub tokens: TokenStyle,
+    /// The keys access tokens are signed with (the process's own until set).
+    pub keys: infra::auth::Keys,
     locks: StreamLocks,
     cache: StateCache,
 }
@@ -362,6 +364,7 @@ impl Handlers {
             metrics,
             gateway: SimulatedGateway,
             tokens: TokenStyle::Position,
+            keys: infra::auth::Keys::ephemeral(),
             backlog: Backlog::default(),
             locks: StreamLocks::default(),
             cache: StateCache::default(),

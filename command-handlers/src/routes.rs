@@ -2,6 +2,7 @@
 //! nothing written), decide, append, answer `202` with a consistency token.
 
 use crate::app::{parse_sku, Backlog, Executed, Handlers, Meta};
+use crate::customers;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -11,6 +12,7 @@ use domain::inventory::{InventoryCommand, InventoryItem};
 use domain::order::{Order, OrderCommand, OrderLine, MAX_LINES};
 use domain::values::parse_note;
 use domain::{CancelReason, CustomerId, Money, PaymentToken, Quantity, Sku};
+use infra::auth::Principal;
 use infra::event_store::IdempotencyRecord;
 use infra::http::{token_header, ApiError, JsonBody, RawBody};
 use infra::metrics;
@@ -25,7 +27,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-/// Every command route (embedded: one process serves them all).
+/// Every command route as served with auth off (the crate's tests).
 pub fn router(handlers: Handlers) -> Router {
     let (router, _) = Service::ALL
         .iter()
@@ -34,7 +36,7 @@ pub fn router(handlers: Handlers) -> Router {
         })
         .with_state(handlers)
         .split_for_parts();
-    router
+    router.layer(axum::middleware::from_fn(infra::auth::unchecked))
 }
 
 /// The command routes of one service, each registered with its description in the
@@ -49,12 +51,20 @@ pub fn service_routes(service: Service) -> OpenApiRouter<Handlers> {
             .routes(routes!(deliver)),
         Service::Inventory => OpenApiRouter::new().routes(routes!(restock)),
         Service::Payment | Service::Shipping => OpenApiRouter::new(),
+        Service::Customer => OpenApiRouter::new()
+            .routes(routes!(customers::register))
+            .routes(routes!(customers::login))
+            .routes(routes!(customers::refresh))
+            .routes(routes!(customers::logout))
+            .routes(routes!(customers::rename)),
     }
 }
 
-/// The `Idempotency-Key` of a request, with a hash of what the request asks.
+/// The `Idempotency-Key` of a request, with a hash of what the request asks. A
+/// customer's keys are its own: another customer's same key is another request.
 fn idempotency(
     headers: &HeaderMap,
+    customer: Option<&str>,
     route: &str,
     body: &[u8],
     response: Value,
@@ -78,8 +88,12 @@ fn idempotency(
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<String>();
+    let key = match customer {
+        Some(customer) => format!("http-customer:{customer}:{key}"),
+        None => format!("http:{key}"),
+    };
     Ok(Some(IdempotencyRecord {
-        key: format!("http:{key}"),
+        key,
         request_hash: hash,
         response,
     }))
@@ -222,7 +236,13 @@ async fn restock(
         let JsonBody(request, raw) = body?;
         let quantity = Quantity::new(request.quantity).map_err(invalid)?;
         let response = json!({ "sku": sku.as_str() });
-        let record = idempotency(&headers, &format!("restock {sku}"), &raw, response.clone())?;
+        let record = idempotency(
+            &headers,
+            None,
+            &format!("restock {sku}"),
+            &raw,
+            response.clone(),
+        )?;
         run::<InventoryItem>(
             &h,
             sku.as_str(),
@@ -236,8 +256,28 @@ async fn restock(
     observe(&h, "restock", result)
 }
 
-fn parse_order(request: &PlaceOrderRequest) -> Result<OrderCommand, ApiError> {
-    let customer_id = CustomerId::parse(&request.customer_id).map_err(invalid)?;
+/// Whose order it is: a customer's own (naming another is 403), or the one an
+/// operator (or anyone, with auth off) names.
+fn orderer(principal: &Principal, named: Option<&str>) -> Result<CustomerId, ApiError> {
+    let customer = match (principal.customer(), named) {
+        (Some(own), None) => own,
+        (Some(own), Some(named)) if named == own => own,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::forbidden(
+                "customer_id: a customer places orders for itself only",
+            ))
+        }
+        (None, Some(named)) => named,
+        (None, None) => return Err(ApiError::invalid("customer_id: required")),
+    };
+    CustomerId::parse(customer).map_err(invalid)
+}
+
+fn parse_order(
+    request: &PlaceOrderRequest,
+    principal: &Principal,
+) -> Result<OrderCommand, ApiError> {
+    let customer_id = orderer(principal, request.customer_id.as_deref())?;
     let payment_token = PaymentToken::parse(&request.payment_token).map_err(invalid)?;
     if request.lines.is_empty() || request.lines.len() > MAX_LINES {
         return Err(ApiError::invalid(format!(
@@ -276,15 +316,22 @@ fn parse_order(request: &PlaceOrderRequest) -> Result<OrderCommand, ApiError> {
 )]
 async fn place_order(
     State(h): State<Handlers>,
+    principal: Principal,
     headers: HeaderMap,
     body: Result<JsonBody<PlaceOrderRequest>, ApiError>,
 ) -> Response {
     let result = async {
         let JsonBody(request, raw) = body?;
-        let command = parse_order(&request)?;
+        let command = parse_order(&request, &principal)?;
         let order_id = Uuid::now_v7();
         let response = json!({ "order_id": order_id });
-        let record = idempotency(&headers, "place order", &raw, response.clone())?;
+        let record = idempotency(
+            &headers,
+            principal.customer(),
+            "place order",
+            &raw,
+            response.clone(),
+        )?;
         let backlog = Some(&h.backlog);
         run_admitted::<Order>(
             &h,
@@ -311,6 +358,7 @@ async fn place_order(
 )]
 async fn cancel_order(
     State(h): State<Handlers>,
+    principal: Principal,
     Path(order_id): Path<String>,
     headers: HeaderMap,
     body: Result<JsonBody<CancelOrderRequest>, ApiError>,
@@ -318,6 +366,16 @@ async fn cancel_order(
     let result = async {
         let order_id = parse_order_id(&order_id)?;
         let JsonBody(request, raw) = body?;
+        if let Some(customer) = principal.customer() {
+            // Another customer's order is not there for this one.
+            let (order, _, _) = h
+                .load::<Order>(&order_id.to_string())
+                .await
+                .map_err(ApiError::from)?;
+            if order.customer_id.as_ref().map(CustomerId::as_str) != Some(customer) {
+                return Err(ApiError::not_found("no such order"));
+            }
+        }
         let note = request
             .reason
             .as_deref()
@@ -327,6 +385,7 @@ async fn cancel_order(
         let response = json!({ "order_id": order_id });
         let record = idempotency(
             &headers,
+            principal.customer(),
             &format!("cancel {order_id}"),
             &raw,
             response.clone(),
@@ -356,6 +415,7 @@ async fn shipment_step(
     let response = json!({ "order_id": order_id });
     let record = idempotency(
         headers,
+        None,
         &format!("{step} {order_id}"),
         raw,
         response.clone(),

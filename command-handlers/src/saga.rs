@@ -38,6 +38,14 @@ use uuid::Uuid;
 /// The consumer name: its checkpoint and dead letters go under it.
 pub const NAME: &str = "fulfilment_saga";
 
+/// The aggregate types whose events carry an order through its saga.
+const FOLLOWS: &[AggregateType] = &[
+    AggregateType::Order,
+    AggregateType::Inventory,
+    AggregateType::Payment,
+    AggregateType::Shipment,
+];
+
 /// Namespace of the saga's command ids.
 const COMMAND_NAMESPACE: Uuid = Uuid::from_u128(0x6f72_6465_726c_696e_6573_6167_6163_6d64);
 
@@ -297,7 +305,7 @@ impl SagaRunner {
 
     /// The saga's source of events on `transport`: every event topic.
     pub async fn source(transport: &Transport, db: &Db) -> Result<Arc<dyn Source>, InfraError> {
-        transport.events(NAME, AggregateType::ALL, db).await
+        transport.events(NAME, FOLLOWS, db).await
     }
 
     /// Carry out staged commands until shutdown, woken by each commit that staged
@@ -695,6 +703,8 @@ fn route(recorded: &RecordedEvent) -> Result<Option<(Uuid, Input)>, String> {
         AnyEvent::Order(event) => Some((own_id()?, Input::Order(event))),
         AnyEvent::Payment(event) => Some((own_id()?, Input::Payment(event))),
         AnyEvent::Shipment(event) => Some((own_id()?, Input::Shipment(event))),
+        // Customers and their logins are no order's business.
+        AnyEvent::Customer(_) | AnyEvent::Session(_) => None,
         AnyEvent::Inventory(event) => match event.order_id() {
             None => None,
             Some(order_id) => {

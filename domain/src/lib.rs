@@ -1,5 +1,5 @@
-//! The pure core of Orderline: value types, the four aggregates (order, inventory item,
-//! payment, shipment) and the order fulfilment saga.
+//! The pure core of Orderline: value types, the aggregates (order, inventory item,
+//! payment, shipment; customer and session) and the order fulfilment saga.
 //!
 //! Nothing here does I/O, reads a clock or draws randomness: times and ids arrive as
 //! inputs. Every aggregate follows the same shape ([`Aggregate`]): `decide` holds every
@@ -7,6 +7,7 @@
 //! into state and cannot fail. The saga ([`saga::Fulfilment`]) is a transition function
 //! from (state, input) to (new state, commands, deadline change).
 
+pub mod customer;
 pub mod inventory;
 pub mod order;
 pub mod payment;
@@ -14,7 +15,7 @@ pub mod saga;
 pub mod shipment;
 pub mod values;
 
-pub use values::{CancelReason, CustomerId, Money, PaymentToken, Quantity, Sku, ValueError};
+pub use values::{CancelReason, CustomerId, Email, Money, PaymentToken, Quantity, Sku, ValueError};
 
 /// A rule of the domain refused a command. Each variant maps to one HTTP status at the
 /// edge: `NotFound` 404, `Conflict` 409, `Invalid` 422.

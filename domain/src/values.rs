@@ -188,6 +188,55 @@ impl From<CustomerId> for String {
     }
 }
 
+/// An email address as a customer signs in with it: trimmed and lower-cased, 3 to 254
+/// characters, one `@` with something on each side, no spaces or control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Email(String);
+
+impl Email {
+    pub fn parse(raw: &str) -> Result<Email, ValueError> {
+        let email = raw.trim().to_lowercase();
+        let shape = "must be an address like name@example.com (3 to 254 characters)";
+        if email.len() < 3 || email.len() > 254 {
+            return Err(ValueError::new("email", shape));
+        }
+        if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ValueError::new("email", shape));
+        }
+        match email.split_once('@') {
+            Some((local, domain))
+                if !local.is_empty() && !domain.is_empty() && !domain.contains('@') =>
+            {
+                Ok(Email(email))
+            }
+            _ => Err(ValueError::new("email", shape)),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Email {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Email::parse(&value)
+    }
+}
+
+impl From<Email> for String {
+    fn from(value: Email) -> Self {
+        value.0
+    }
+}
+
+/// A customer's name as shown on their profile: 1 to 200 characters, not blank.
+pub fn parse_name(raw: &str) -> Result<String, ValueError> {
+    bounded_text("name", raw, 200)
+}
+
 /// The token a payment gateway charges: 1 to 128 of `A-Z a-z 0-9 - _`. A secret
 /// (ADR 13): its `Debug` form does not show it.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -291,6 +340,21 @@ mod tests {
         assert!(CustomerId::parse("  ").is_err());
         assert!(CustomerId::parse("a\u{0}b").is_err());
         assert!(parse_note(&"x".repeat(501)).is_err());
+        assert_eq!(
+            Email::parse(" Ada@Example.COM ").map(|e| e.as_str().to_owned()),
+            Ok("ada@example.com".to_owned())
+        );
+        for bad in [
+            "",
+            "ada",
+            "@example.com",
+            "ada@",
+            "a b@example.com",
+            "a@b@c",
+        ] {
+            assert!(Email::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse_name(" ").is_err());
     }
 
     #[test]

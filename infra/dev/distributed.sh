@@ -10,9 +10,14 @@
 # ORDERLINE_RUN_DIR        logs and pid files          (default target/distributed)
 # ORDERLINE_BIN            the orderline binary        (default target/release/orderline, built when missing)
 # ORDERLINE_POSTGRES_URL   the PostgreSQL server       (default postgres://postgres@127.0.0.1:5432)
-# ORDERLINE_PORT_BASE      the gateway's port; the services take the next four (default 8090)
+# ORDERLINE_PORT_BASE      the gateway's port; the services take the next five (default 8090)
 # ORDERLINE_DATABASE_PREFIX, ORDERLINE_TOPIC_PREFIX, ORDERLINE_KAFKA_BROKERS,
-# ORDERLINE_PAYMENT_TIMEOUT_MS are passed on to the services.
+# ORDERLINE_PAYMENT_TIMEOUT_MS and ORDERLINE_AUTH are passed on to the services;
+# ORDERLINE_RATE_LIMIT to the gateway, which limits each client's rate.
+#
+# Every service checks tokens with the same keys: the operator token and the signing
+# key are files in the run directory (mode 0600), created on the first `up`, unless
+# ORDERLINE_OPERATOR_TOKEN_FILE / ORDERLINE_SIGNING_KEY_FILE name others.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -22,8 +27,9 @@ export ORDERLINE_POSTGRES_URL="${ORDERLINE_POSTGRES_URL:-postgres://postgres@127
 export ORDERLINE_KAFKA_BROKERS="${ORDERLINE_KAFKA_BROKERS:-127.0.0.1:9092}"
 gateway_port="${ORDERLINE_PORT_BASE:-8090}"
 declare -A ports=([order]=$((gateway_port + 1)) [inventory]=$((gateway_port + 2))
-  [payment]=$((gateway_port + 3)) [shipping]=$((gateway_port + 4)))
-services=(order inventory payment shipping)
+  [payment]=$((gateway_port + 3)) [shipping]=$((gateway_port + 4))
+  [customer]=$((gateway_port + 5)))
+services=(order inventory payment shipping customer)
 
 alive() {
   [ -f "$run/$1.pid" ] && kill -0 "$(cat "$run/$1.pid")" 2>/dev/null
@@ -63,8 +69,19 @@ start() {
   wait_healthy "$name" "$port"
 }
 
+# A secret file of 32 random bytes (base64) only its owner can read, made once.
+secret() {
+  if [ ! -s "$1" ]; then
+    (umask 077 && head -c 32 /dev/urandom | base64 | tr -d '\n=' >"$1")
+  fi
+}
+
 up() {
   mkdir -p "$run"
+  export ORDERLINE_OPERATOR_TOKEN_FILE="${ORDERLINE_OPERATOR_TOKEN_FILE:-$run/operator-token}"
+  export ORDERLINE_SIGNING_KEY_FILE="${ORDERLINE_SIGNING_KEY_FILE:-$run/signing-key}"
+  secret "$ORDERLINE_OPERATOR_TOKEN_FILE"
+  secret "$ORDERLINE_SIGNING_KEY_FILE"
   infra/kafka/broker.sh ensure
   infra/dev/postgres.sh
   if [ ! -x "$bin" ]; then
@@ -72,15 +89,18 @@ up() {
     cargo build --release --quiet
   fi
   for service in "${services[@]}"; do
+    # The gateway limits each client's rate: a service sees them all at its address.
     start "$service" "${ports[$service]}" serve --service "$service" \
-      --listen "127.0.0.1:${ports[$service]}"
+      --listen "127.0.0.1:${ports[$service]}" --rate-limit off
   done
   start gateway "$gateway_port" gateway --listen "127.0.0.1:$gateway_port" \
     --order "http://127.0.0.1:${ports[order]}" \
     --inventory "http://127.0.0.1:${ports[inventory]}" \
     --payment "http://127.0.0.1:${ports[payment]}" \
-    --shipping "http://127.0.0.1:${ports[shipping]}"
-  echo "the public API: http://127.0.0.1:$gateway_port (logs and pids in $run)"
+    --shipping "http://127.0.0.1:${ports[shipping]}" \
+    --customer "http://127.0.0.1:${ports[customer]}"
+  echo "the public API: http://127.0.0.1:$gateway_port (logs and pids in $run;" \
+    "the operator token in $ORDERLINE_OPERATOR_TOKEN_FILE)"
 }
 
 down() {

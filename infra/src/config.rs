@@ -30,6 +30,8 @@ pub struct Config {
     pub limits: crate::serve::Limits,
     /// How long bookkeeping (idempotency records, finished sagas) is kept.
     pub retention: crate::retention::Retention,
+    /// Who may call what (`--auth`, on unless turned off), the keys, the rate limit.
+    pub auth: crate::auth::AuthSettings,
 }
 
 impl Config {
@@ -45,6 +47,7 @@ impl Config {
             refusal_delay: Duration::from_millis(100),
             limits: crate::serve::Limits::default(),
             retention: crate::retention::Retention::default(),
+            auth: crate::auth::AuthSettings::default(),
         }
     }
 

@@ -27,6 +27,8 @@ pub struct ApiError {
     pub title: &'static str,
     pub detail: String,
     pub retry_after: Option<u64>,
+    /// A 401's `WWW-Authenticate: Bearer` challenge.
+    pub challenge: bool,
 }
 
 impl ApiError {
@@ -42,7 +44,37 @@ impl ApiError {
             title,
             detail: detail.into(),
             retry_after: None,
+            challenge: false,
         }
+    }
+
+    /// No credentials, or bad ones (401 with `WWW-Authenticate: Bearer`).
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        let mut error = Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Not authenticated",
+            detail,
+        );
+        error.challenge = true;
+        error
+    }
+
+    /// Authenticated, but not allowed this.
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", "Not allowed", detail)
+    }
+
+    /// The client sent more than its rate allows (429 with Retry-After).
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
+        let mut error = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            "Too many requests",
+            "this client sent more requests than its rate allows; retry later",
+        );
+        error.retry_after = Some(retry_after_secs);
+        error
     }
 
     pub fn malformed(detail: impl Into<String>) -> Self {
@@ -175,6 +207,12 @@ impl IntoResponse for ApiError {
         );
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.challenge {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"orderline\""),
+            );
         }
         response
     }

@@ -10,7 +10,10 @@
 //!   database, written in the same transaction as its effects.
 //! - [`progress`]: where each projection stands, so queries can wait for a token.
 //! - [`http`]: problem+json errors, strict JSON bodies, consistency tokens.
+//! - [`auth`]: the operator token and access tokens (JWT), the table of who may call
+//!   which route, per-client rate limits, and the middleware that applies them.
 
+pub mod auth;
 pub mod checkpoints;
 pub mod clock;
 pub mod config;

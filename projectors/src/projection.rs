@@ -1,6 +1,7 @@
 //! The projections. Each owns a few tables in its service's database; the same SQL
 //! builds the live tables and their shadow copies (a suffix on every table name).
 
+use domain::customer::CustomerEvent;
 use domain::inventory::InventoryEvent;
 use domain::order::OrderEvent;
 use domain::payment::PaymentEvent;
@@ -186,6 +187,7 @@ impl ReadModel for Projection {
             Projection::Inventory => &["inventory_levels"],
             Projection::Payments => &["payments"],
             Projection::Shipments => &["shipments"],
+            Projection::Customers => &["customers"],
         };
         let mut tables: Vec<String> = main.iter().map(|t| (*t).to_owned()).collect();
         tables.push(self.applied_table(""));
@@ -227,6 +229,12 @@ impl ReadModel for Projection {
                 "CREATE TABLE IF NOT EXISTS shipments{suffix} (
                     order_id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at TEXT NOT NULL);"
             ),
+            // What a profile shows; the password hash stays in the customer's stream.
+            Projection::Customers => format!(
+                "CREATE TABLE IF NOT EXISTS customers{suffix} (
+                    customer_id TEXT PRIMARY KEY, email TEXT NOT NULL, name TEXT NOT NULL,
+                    registered_at TEXT NOT NULL, updated_at TEXT NOT NULL);"
+            ),
         };
         format!("{main}\n{guard}")
     }
@@ -266,8 +274,32 @@ impl ReadModel for Projection {
                 ),
                 vec![text(id), text(shipment_status(event)), text(at)],
             )),
+            (Projection::Customers, AnyEvent::Customer(event)) => Some(customer_change(suffix, id, &at, event)),
             _ => None,
         })
+    }
+}
+
+fn customer_change(suffix: &str, id: &str, at: &str, event: &CustomerEvent) -> Change {
+    match event {
+        CustomerEvent::CustomerRegistered { email, name, .. } => Change::new(
+            format!(
+                "INSERT INTO customers{suffix} (customer_id, email, name, registered_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $4)"
+            ),
+            vec![
+                text(id),
+                text(email.as_str()),
+                text(name.as_str()),
+                text(at),
+            ],
+        ),
+        CustomerEvent::CustomerRenamed { name } => Change::new(
+            format!(
+                "UPDATE customers{suffix} SET name = $2, updated_at = $3 WHERE customer_id = $1"
+            ),
+            vec![text(id), text(name.as_str()), text(at)],
+        ),
     }
 }
 

@@ -7,14 +7,15 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::Json;
+use infra::auth::Principal;
 use infra::http::{await_consistency, ApiError};
 use infra::local::{self, Columns};
 use infra::progress::Progress;
 use infra::InfraError;
 use infra::{parse_timestamp, EventStore};
 use schemas::http::{
-    InventoryView, OrderLineView, OrderPage, OrderView, PaymentView, ReadRefusals, ShipmentView,
-    StreamView,
+    CustomerView, InventoryView, OrderLineView, OrderPage, OrderView, PaymentView, ReadRefusals,
+    ShipmentView, StreamView,
 };
 use schemas::topics::{AggregateType, ProjectionName, UnknownName};
 use serde::Deserialize;
@@ -38,6 +39,7 @@ pub struct QueryState {
     pub inventory: Option<AnyPool>,
     pub payments: Option<AnyPool>,
     pub shipments: Option<AnyPool>,
+    pub customers: Option<AnyPool>,
     /// Stream reads in progress at most ([`STREAM_READS`]): they read the event
     /// store's pool, which commands share; past the bound a read is refused (503 with
     /// `Retry-After`) rather than queued in front of commands.
@@ -54,6 +56,7 @@ pub struct Files {
     pub inventory: Option<PathBuf>,
     pub payments: Option<PathBuf>,
     pub shipments: Option<PathBuf>,
+    pub customers: Option<PathBuf>,
 }
 
 /// How many `/v1/streams` reads run at once in a process.
@@ -73,6 +76,7 @@ pub fn router(state: QueryState) -> OpenApiRouter {
         inventory: state.inventory.is_some(),
         payments: state.payments.is_some(),
         shipments: state.shipments.is_some(),
+        customers: state.customers.is_some(),
     };
     routes(served).with_state(state)
 }
@@ -84,6 +88,7 @@ pub struct Served {
     pub inventory: bool,
     pub payments: bool,
     pub shipments: bool,
+    pub customers: bool,
 }
 
 impl Served {
@@ -92,6 +97,7 @@ impl Served {
         inventory: true,
         payments: true,
         shipments: true,
+        customers: true,
     };
 }
 
@@ -111,6 +117,9 @@ pub fn routes(served: Served) -> OpenApiRouter<QueryState> {
     if served.shipments {
         router = router.routes(routes!(shipment));
     }
+    if served.customers {
+        router = router.routes(routes!(me));
+    }
     router
 }
 
@@ -127,6 +136,7 @@ impl QueryState {
             ProjectionName::Inventory => (&self.inventory, &self.files.inventory),
             ProjectionName::Payments => (&self.payments, &self.files.payments),
             ProjectionName::Shipments => (&self.shipments, &self.files.shipments),
+            ProjectionName::Customers => (&self.customers, &self.files.customers),
         };
         let pool = pool
             .as_ref()
@@ -258,6 +268,7 @@ fn order_view(row: &dyn Columns) -> Result<OrderView, InfraError> {
 )]
 async fn order(
     State(s): State<QueryState>,
+    principal: Principal,
     Path(order_id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<OrderView>, ApiError> {
@@ -266,6 +277,8 @@ async fn order(
     let view = db
         .read_one(ORDER_BY_ID, &order_id.to_string(), order_view)
         .await?
+        // Another customer's order is not there for this one.
+        .filter(|view| principal.may_act_for(&view.customer_id))
         .ok_or_else(|| ApiError::not_found(format!("no order {order_id}")))?;
     Ok(Json(view))
 }
@@ -295,6 +308,7 @@ struct ListParams {
 )]
 async fn list_orders(
     State(s): State<QueryState>,
+    principal: Principal,
     params: Result<Query<ListParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Json<OrderPage>, ApiError> {
@@ -332,7 +346,19 @@ async fn list_orders(
                 .map_err(|_| ApiError::invalid("cursor is not one this server issued"))
         })
         .transpose()?;
-    let customer = params.customer_id.filter(|c| !c.is_empty());
+    let customer = match (
+        principal.customer(),
+        params.customer_id.filter(|c| !c.is_empty()),
+    ) {
+        (Some(own), None) => Some(own.to_owned()),
+        (Some(own), Some(named)) if named == own => Some(named),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::forbidden(
+                "customer_id: a customer lists its own orders only",
+            ))
+        }
+        (None, named) => named,
+    };
     let db = s.reflecting(ProjectionName::Orders, &headers).await?;
     let rows = sqlx::query(ORDER_PAGE)
         .bind(customer)
@@ -537,3 +563,38 @@ async fn stream(
 
 #[cfg(test)]
 mod tests;
+
+/// The caller's own profile (a customer's).
+#[utoipa::path(
+    get,
+    path = "/v1/customers/me",
+    tag = "customers",
+    params(("X-Consistency-Token" = Option<String>, Header, description = "The token of a write: the read waits until it reflects it"), ("X-Consistency-Wait-Ms" = Option<u32>, Header, description = "How long to wait for the token, 0 to 30000 ms (default 2000)")),
+    responses((status = 200, body = CustomerView), ReadRefusals)
+)]
+async fn me(
+    State(s): State<QueryState>,
+    principal: Principal,
+    headers: HeaderMap,
+) -> Result<Json<CustomerView>, ApiError> {
+    let customer = principal
+        .customer()
+        .ok_or_else(|| ApiError::forbidden("only a customer has a profile"))?
+        .to_owned();
+    let db = s.reflecting(ProjectionName::Customers, &headers).await?;
+    let view = db
+        .read_one(
+            "SELECT customer_id, email, name FROM customers WHERE customer_id = $1",
+            &customer,
+            |row| {
+                Ok(CustomerView {
+                    customer_id: row.text("customer_id")?,
+                    email: row.text("email")?,
+                    name: row.text("name")?,
+                })
+            },
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found("no profile for this customer yet"))?;
+    Ok(Json(view))
+}

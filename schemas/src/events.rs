@@ -1,5 +1,6 @@
 //! The wire form of events: type names, schema versions and upcasters.
 
+use domain::customer::{Customer, CustomerEvent, Session, SessionEvent};
 use domain::inventory::{InventoryEvent, InventoryItem};
 use domain::order::{Order, OrderEvent};
 use domain::payment::{Payment, PaymentEvent};
@@ -56,6 +57,11 @@ pub const EVENT_TYPES: &[(AggregateType, &str, u32)] = &[
     (AggregateType::Shipment, "ShipmentDispatched", 1),
     (AggregateType::Shipment, "ShipmentDelivered", 1),
     (AggregateType::Shipment, "ShipmentCancelled", 1),
+    (AggregateType::Customer, "CustomerRegistered", 1),
+    (AggregateType::Customer, "CustomerRenamed", 1),
+    (AggregateType::Session, "SessionStarted", 1),
+    (AggregateType::Session, "SessionRefreshed", 1),
+    (AggregateType::Session, "SessionEnded", 1),
 ];
 
 /// The current schema version of an event type.
@@ -148,6 +154,8 @@ pub enum AnyEvent {
     Inventory(InventoryEvent),
     Payment(PaymentEvent),
     Shipment(ShipmentEvent),
+    Customer(CustomerEvent),
+    Session(SessionEvent),
 }
 
 impl AnyEvent {
@@ -160,10 +168,24 @@ impl AnyEvent {
             InventoryItem::TYPE => decode(t, v, p).map(AnyEvent::Inventory),
             Payment::TYPE => decode(t, v, p).map(AnyEvent::Payment),
             Shipment::TYPE => decode(t, v, p).map(AnyEvent::Shipment),
+            Customer::TYPE => decode(t, v, p).map(AnyEvent::Customer),
+            Session::TYPE => decode(t, v, p).map(AnyEvent::Session),
             other => Err(SchemaError::UnknownType {
                 aggregate_type: other.to_owned(),
                 event_type: t.to_owned(),
             }),
+        }
+    }
+
+    /// The event's wire form again: (event type, schema version, payload).
+    pub fn encode(&self) -> Result<(String, u32, Value), SchemaError> {
+        match self {
+            AnyEvent::Order(e) => encode(e),
+            AnyEvent::Inventory(e) => encode(e),
+            AnyEvent::Payment(e) => encode(e),
+            AnyEvent::Shipment(e) => encode(e),
+            AnyEvent::Customer(e) => encode(e),
+            AnyEvent::Session(e) => encode(e),
         }
     }
 }

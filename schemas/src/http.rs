@@ -32,7 +32,10 @@ pub struct LineRequest {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceOrderRequest {
-    pub customer_id: String,
+    /// Whose order it is. With auth on, a customer's own orders take it from the
+    /// token (naming someone else is 403); an operator names the customer.
+    #[serde(default)]
+    pub customer_id: Option<String>,
     #[schema(min_items = 1, max_items = 100)]
     pub lines: Vec<LineRequest>,
     /// The payment method's token (a secret: never shown by a read).
@@ -251,4 +254,61 @@ pub enum ReadRefusals {
         headers(("Retry-After" = u32, description = "Seconds to wait before retrying"))
     )]
     Unavailable(Problem),
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub email: String,
+    /// At least 12 characters.
+    #[schema(min_length = 12, max_length = 1024)]
+    pub password: String,
+    #[schema(min_length = 1, max_length = 200)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Registered {
+    pub customer_id: String,
+    pub consistency_token: String,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+/// A login's tokens: a short-lived access token (a signed JWT) and a refresh token
+/// that works once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TokenPair {
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds the access token is good for.
+    pub expires_in: u64,
+    pub refresh_token: String,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRequest {
+    #[schema(min_length = 1, max_length = 200)]
+    pub name: String,
+}
+
+/// A customer's profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CustomerView {
+    pub customer_id: String,
+    pub email: String,
+    pub name: String,
 }

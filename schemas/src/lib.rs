@@ -16,8 +16,9 @@ pub use envelope::{Envelope, RecordedEvent};
 pub use events::{decode, encode, AnyEvent, SchemaError};
 
 /// Fields of event payloads that hold secrets (ADR 13): kept in the log, never
-/// shown by a read API.
-pub const SECRET_FIELDS: [&str; 1] = ["payment_token"];
+/// shown by a read API. Password hashes and refresh-token digests are not the
+/// secrets themselves, but they are what an attacker would start from.
+pub const SECRET_FIELDS: [&str; 3] = ["payment_token", "password_hash", "refresh_token_digest"];
 
 /// What a read API shows in place of a secret.
 pub const REDACTED: &str = "[redacted]";

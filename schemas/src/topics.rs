@@ -59,6 +59,7 @@ names!(
         Inventory => "inventory",
         Payment => "payment",
         Shipping => "shipping",
+        Customer => "customer",
     }
 );
 
@@ -69,6 +70,8 @@ names!(
         Inventory => "inventory",
         Payment => "payment",
         Shipment => "shipment",
+        Customer => "customer",
+        Session => "session",
     }
 );
 
@@ -79,11 +82,19 @@ names!(
         Inventory => "inventory",
         Payments => "payments",
         Shipments => "shipments",
+        Customers => "customers",
     }
 );
 
 /// The text form of every aggregate type, in the order of [`AggregateType::ALL`].
-pub const AGGREGATE_TYPES: [&str; 4] = ["order", "inventory", "payment", "shipment"];
+pub const AGGREGATE_TYPES: [&str; 6] = [
+    "order",
+    "inventory",
+    "payment",
+    "shipment",
+    "customer",
+    "session",
+];
 
 impl AggregateType {
     /// The service that owns the aggregate type (and serves its commands and stream).
@@ -93,6 +104,7 @@ impl AggregateType {
             AggregateType::Inventory => Service::Inventory,
             AggregateType::Payment => Service::Payment,
             AggregateType::Shipment => Service::Shipping,
+            AggregateType::Customer | AggregateType::Session => Service::Customer,
         }
     }
 
@@ -126,6 +138,7 @@ impl ProjectionName {
             ProjectionName::Inventory => Service::Inventory,
             ProjectionName::Payments => Service::Payment,
             ProjectionName::Shipments => Service::Shipping,
+            ProjectionName::Customers => Service::Customer,
         }
     }
 
@@ -140,6 +153,7 @@ impl ProjectionName {
             ProjectionName::Inventory => &[AggregateType::Inventory],
             ProjectionName::Payments => &[AggregateType::Payment],
             ProjectionName::Shipments => &[AggregateType::Shipment],
+            ProjectionName::Customers => &[AggregateType::Customer],
         }
     }
 
@@ -178,7 +192,7 @@ mod tests {
         let error = "billing".parse::<Service>().expect_err("unknown");
         assert_eq!(
             error.to_string(),
-            "no service named \"billing\"; the services are order, inventory, payment, shipping"
+            "no service named \"billing\"; the services are order, inventory, payment, shipping, customer"
         );
         assert_eq!(
             AGGREGATE_TYPES.to_vec(),
@@ -197,6 +211,8 @@ mod tests {
             domain::inventory::InventoryItem::TYPE,
             domain::payment::Payment::TYPE,
             domain::shipment::Shipment::TYPE,
+            domain::customer::Customer::TYPE,
+            domain::customer::Session::TYPE,
         ];
         let parsed: Vec<AggregateType> = types
             .iter()

@@ -901,7 +901,10 @@ async fn operators_see_health_projections_and_metrics(backend: Backend) {
         .iter()
         .filter_map(|p| p["name"].as_str())
         .collect();
-    assert_eq!(names, ["orders", "inventory", "payments", "shipments"]);
+    assert_eq!(
+        names,
+        ["orders", "inventory", "payments", "shipments", "customers"]
+    );
     for projection in listing["projections"].as_array().expect("projections") {
         assert_eq!(projection["lag"], 0, "{projection}");
         assert_eq!(projection["status"], "running");

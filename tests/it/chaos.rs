@@ -213,6 +213,7 @@ impl Deployment {
     fn embedded(postgres: Option<String>) -> Deployment {
         let dir = tempfile::tempdir().expect("dir");
         let mut config = infra::Config::with_data_dir(dir.path().join("data"));
+        config.auth = infra::auth::AuthSettings::off();
         if postgres.is_some() {
             config.postgres = postgres;
             config.database_prefix = format!("orderline_h{}", uuid::Uuid::now_v7().simple());

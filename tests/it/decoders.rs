@@ -200,6 +200,7 @@ fn no_input_makes_the_server_fail_or_answer_outside_problem_json() {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("dir");
     let mut config = infra::Config::with_data_dir(dir.path().join("data"));
+    config.auth = infra::auth::AuthSettings::off();
     config.payment_timeout = std::time::Duration::from_secs(30);
     let system = runtime
         .block_on(orderline::System::start(config))

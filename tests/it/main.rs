@@ -3,6 +3,7 @@
 //! (SIGKILL of the real binary) and replays.
 
 mod api;
+mod auth;
 mod chaos;
 mod cli;
 mod concurrency;

@@ -138,7 +138,52 @@ impl TestServer {
         postgres: Option<String>,
     ) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
+        // The v1 contract, token-free (the auth scenarios turn it on).
+        let auth = infra::auth::AuthSettings::off();
+        Self::fresh_in(dir, backend, payment_timeout, (brokers, postgres), auth).await
+    }
+
+    /// A server on fresh storage of `backend` with auth on: the operator token and the
+    /// signing key are files in its directory, given to every process; `rate_limit`
+    /// per client, or none.
+    pub async fn secured(
+        backend: Backend,
+        rate_limit: Option<infra::auth::RateLimit>,
+    ) -> (TestServer, Secrets) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secrets = Secrets {
+            operator: format!("operator-{}", uuid::Uuid::now_v7().simple()),
+            signing: format!("signing-{}", uuid::Uuid::now_v7().simple()),
+        };
+        let file = |name: &str, secret: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, secret).expect("secret file");
+            infra::auth::SecretSource {
+                value: None,
+                file: Some(path),
+            }
+        };
+        let auth = infra::auth::AuthSettings {
+            enabled: true,
+            operator_token: file("operator-token", &secrets.operator),
+            signing_key: file("signing-key", &secrets.signing),
+            rate_limit,
+        };
+        let brokers = (backend == Backend::Distributed).then(kafka_broker);
+        let timeout = Duration::from_secs(30);
+        let server = Self::fresh_in(dir, backend, timeout, (brokers, None), auth).await;
+        (server, secrets)
+    }
+
+    async fn fresh_in(
+        dir: TempDir,
+        backend: Backend,
+        payment_timeout: Duration,
+        (brokers, postgres): (Option<String>, Option<String>),
+        auth: infra::auth::AuthSettings,
+    ) -> TestServer {
         let mut config = Config::with_data_dir(dir.path().join("data"));
+        config.auth = auth;
         config.payment_timeout = payment_timeout;
         if backend != Backend::Sqlite {
             config.postgres = Some(postgres.unwrap_or_else(postgres_server));
@@ -171,6 +216,7 @@ impl TestServer {
                 config.payment_timeout.as_millis().to_string(),
             ];
             args.extend(storage_args(&config));
+            args.extend(auth_args(&config));
             let process = Process::spawn(&args);
             upstreams.push(format!("--{service}"));
             upstreams.push(process.api.base.clone());
@@ -182,6 +228,10 @@ impl TestServer {
             "127.0.0.1:0".to_owned(),
         ];
         args.extend(upstreams);
+        if let Some(limit) = config.auth.rate_limit {
+            let limit = format!("{}/{}", limit.per_second, limit.burst);
+            args.extend(["--rate-limit".to_owned(), limit]);
+        }
         let gateway = Process::spawn(&args);
         let base = gateway.api.base.clone();
         // Ready when every service's consumers have been given their partitions.
@@ -295,7 +345,8 @@ pub async fn drop_databases(config: &Config) {
     if config.postgres.is_some() {
         use sqlx::migrate::MigrateDatabase;
         sqlx::any::install_default_drivers();
-        for name in ["events", "order", "inventory", "payment", "shipping"] {
+        let services = Service::ALL.iter().map(|s| s.as_str());
+        for name in std::iter::once("events").chain(services) {
             let _ = sqlx::Any::force_drop_database(&config.database_url(name)).await;
         }
     }
@@ -324,6 +375,64 @@ pub fn storage_args(config: &Config) -> Vec<String> {
         ]);
     }
     args
+}
+
+/// The flags that give a service of the distributed deployment a configuration's
+/// auth settings.
+pub fn auth_args(config: &Config) -> Vec<String> {
+    let mut args = vec![];
+    let auth = &config.auth;
+    if auth.enabled {
+        args.extend(["--auth".to_owned(), "on".to_owned()]);
+        let files = [
+            ("--operator-token-file", &auth.operator_token.file),
+            ("--signing-key-file", &auth.signing_key.file),
+        ];
+        for (flag, file) in files {
+            if let Some(file) = file {
+                args.extend([flag.to_owned(), file.display().to_string()]);
+            }
+        }
+    }
+    // Behind the gateway, which limits each client's rate.
+    args.extend(["--rate-limit".to_owned(), "off".to_owned()]);
+    args
+}
+
+/// The operator token and the signing key of a secured test server.
+pub struct Secrets {
+    pub operator: String,
+    pub signing: String,
+}
+
+impl Secrets {
+    /// Sign `claims` as the server does (HS256 with its key), or with another key.
+    pub fn sign(&self, claims: &Value, key: &str) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            claims,
+            &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
+        )
+        .expect("signed")
+    }
+}
+
+/// A client that sends `Authorization: Bearer <token>` with every request.
+pub fn bearer(base: &str, token: &str) -> Api {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    Api {
+        base: base.to_owned(),
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(5))
+            .default_headers(headers)
+            .build()
+            .expect("client"),
+    }
 }
 
 pub fn client() -> reqwest::Client {
@@ -600,7 +709,7 @@ impl Process {
         let mut args: Vec<String> = ["gateway", "--listen", "127.0.0.1:0"]
             .map(String::from)
             .to_vec();
-        for service in ["order", "inventory", "payment", "shipping"] {
+        for service in Service::ALL {
             args.push(format!("--{service}"));
             args.push(nowhere.to_owned());
         }
@@ -618,6 +727,8 @@ impl Process {
         let mut child = std::process::Command::new(binary)
             .args(args)
             .env("RUST_LOG", "info,sqlx=warn,rdkafka=warn")
+            // The v1 contract, token-free, unless the flags say `--auth on`.
+            .env("ORDERLINE_AUTH", "off")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
