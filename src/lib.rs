@@ -175,6 +175,7 @@ impl Storage {
             payments: pool(Service::Payment),
             shipments: pool(Service::Shipping),
             customers: pool(Service::Customer),
+            catalog: pool(Service::Catalog),
             stream_reads: QueryState::stream_reads(),
             files: query_api::Files {
                 orders: file(Service::Order),
@@ -182,6 +183,7 @@ impl Storage {
                 payments: file(Service::Payment),
                 shipments: file(Service::Shipping),
                 customers: file(Service::Customer),
+                catalog: file(Service::Catalog),
             },
         }
     }
@@ -254,6 +256,10 @@ impl System {
         let gate = gate(&config, &services, &mut handlers)?;
         handlers.backlog.bound = (config.max_backlog > 0).then_some(config.max_backlog);
         handlers.backlog.refusal_delay = config.refusal_delay;
+        handlers.prices = services
+            .iter()
+            .find(|(s, _)| *s == Service::Order)
+            .map(|(_, db)| db.clone());
         if transport.kafka().is_some() {
             handlers.tokens = TokenStyle::Stream;
             projections.progress.issue_stream_tokens();

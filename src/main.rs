@@ -72,6 +72,9 @@ enum Command {
         /// The customer service (registration, logins, profiles).
         #[arg(long, env = "ORDERLINE_CUSTOMER_URL")]
         customer: String,
+        /// The catalog service (products, search).
+        #[arg(long, env = "ORDERLINE_CATALOG_URL")]
+        catalog: String,
         /// Requests a second per client (its token, else its address) as RATE or
         /// RATE/BURST, or `off`; past it, 429 with Retry-After. Default 50/100, or
         /// no limit when ORDERLINE_AUTH is `off`. (Behind a gateway, give the
@@ -132,7 +135,7 @@ impl EdgeArgs {
 #[derive(Args, Clone)]
 struct KafkaArgs {
     /// Run one service of the distributed deployment (order, inventory, payment,
-    /// shipping) instead of every service embedded. Needs --kafka-brokers.
+    /// shipping, customer, catalog) instead of every service embedded. Needs --kafka-brokers.
     #[arg(long, env = "ORDERLINE_SERVICE")]
     service: Option<Service>,
     /// Partitions of each topic created at start-up.
@@ -312,7 +315,7 @@ fn rate_limit_of(
 }
 
 /// The settings a `--config` file may hold.
-const SETTINGS: [&str; 34] = [
+const SETTINGS: [&str; 35] = [
     "ORDERLINE_AUTH",
     "ORDERLINE_OPERATOR_TOKEN_FILE",
     "ORDERLINE_OPERATOR_TOKEN",
@@ -341,6 +344,7 @@ const SETTINGS: [&str; 34] = [
     "ORDERLINE_PAYMENT_URL",
     "ORDERLINE_SHIPPING_URL",
     "ORDERLINE_CUSTOMER_URL",
+    "ORDERLINE_CATALOG_URL",
     "ORDERLINE_MAX_CONNECTIONS",
     "ORDERLINE_MAX_IN_FLIGHT",
     "ORDERLINE_HEADER_TIMEOUT_MS",
@@ -415,6 +419,7 @@ fn main() -> anyhow::Result<()> {
                 payment,
                 shipping,
                 customer,
+                catalog,
                 rate_limit,
                 edge,
             }) => {
@@ -427,6 +432,7 @@ fn main() -> anyhow::Result<()> {
                         (Service::Payment, payment),
                         (Service::Shipping, shipping),
                         (Service::Customer, customer),
+                        (Service::Catalog, catalog),
                     ],
                     rate_limit,
                 };

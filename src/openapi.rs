@@ -32,6 +32,7 @@ use utoipa_axum::routes;
         (name = "payments", description = "An order's payment"),
         (name = "shipments", description = "An order's shipment"),
         (name = "customers", description = "Registration, logins (access and refresh tokens) and the customer's own profile"),
+        (name = "catalog", description = "Products, their prices and stock; full-text search"),
         (name = "operators", description = "Health, metrics, event streams, projections and dead letters")
     )
 )]

@@ -353,6 +353,9 @@ pub struct Handlers {
     pub tokens: TokenStyle,
     /// The keys access tokens are signed with (the process's own until set).
     pub keys: infra::auth::Keys,
+    /// The order service's copy of the catalog's prices (the `prices` read model),
+    /// which orders are checked against with auth on.
+    pub prices: Option<infra::db::Db>,
     locks: StreamLocks,
     cache: StateCache,
 }
@@ -365,6 +368,7 @@ impl Handlers {
             gateway: SimulatedGateway,
             tokens: TokenStyle::Position,
             keys: infra::auth::Keys::ephemeral(),
+            prices: None,
             backlog: Backlog::default(),
             locks: StreamLocks::default(),
             cache: StateCache::default(),

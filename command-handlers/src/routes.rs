@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use domain::inventory::{InventoryCommand, InventoryItem};
 use domain::order::{Order, OrderCommand, OrderLine, MAX_LINES};
+use domain::product::{parse_description, parse_product_name, Product, ProductCommand};
 use domain::values::parse_note;
 use domain::{CancelReason, CustomerId, Money, PaymentToken, Quantity, Sku};
 use infra::auth::Principal;
@@ -17,8 +18,8 @@ use infra::event_store::IdempotencyRecord;
 use infra::http::{token_header, ApiError, JsonBody, RawBody};
 use infra::metrics;
 use schemas::http::{
-    Accepted, CancelOrderRequest, CommandRefusals, PlaceOrderRequest, RestockRequest,
-    IDEMPOTENCY_KEY,
+    Accepted, CancelOrderRequest, ChangeProductRequest, CommandRefusals, CreateProductRequest,
+    PlaceOrderRequest, RestockRequest, IDEMPOTENCY_KEY,
 };
 use schemas::topics::Service;
 use serde_json::{json, Value};
@@ -50,6 +51,9 @@ pub fn service_routes(service: Service) -> OpenApiRouter<Handlers> {
             .routes(routes!(dispatch))
             .routes(routes!(deliver)),
         Service::Inventory => OpenApiRouter::new().routes(routes!(restock)),
+        Service::Catalog => OpenApiRouter::new()
+            .routes(routes!(create_product))
+            .routes(routes!(change_product)),
         Service::Payment | Service::Shipping => OpenApiRouter::new(),
         Service::Customer => OpenApiRouter::new()
             .routes(routes!(customers::register))
@@ -304,6 +308,127 @@ fn parse_order(
     })
 }
 
+/// With auth on, an order is for products on sale at their prices now: an unknown
+/// or inactive sku is a 422, a stated price that is not the current one a 422 of its
+/// own kind (`price-changed`).
+async fn priced(h: &Handlers, lines: &[OrderLine]) -> Result<(), ApiError> {
+    let db = h
+        .prices
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("the order service has no prices read model"))?;
+    for (i, line) in lines.iter().enumerate() {
+        let sku = line.sku.as_str();
+        let row: Option<(i64, i64)> =
+            sqlx::query_as("SELECT price_cents, active FROM product_prices WHERE sku = $1")
+                .bind(sku)
+                .fetch_optional(&db.pool)
+                .await?;
+        let Some((price, active)) = row else {
+            return Err(ApiError::invalid(format!(
+                "lines[{i}].sku: no product {sku} in the catalog"
+            )));
+        };
+        if active == 0 {
+            return Err(ApiError::invalid(format!(
+                "lines[{i}].sku: {sku} is not on sale"
+            )));
+        }
+        if u64::try_from(price).ok() != Some(line.unit_price_cents.cents()) {
+            return Err(ApiError::price_changed(format!(
+                "lines[{i}].unit_price_cents: {sku} costs {price} now"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Add a product to the catalog (on sale at once).
+#[utoipa::path(
+    post,
+    path = "/v1/products",
+    tag = "catalog",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a retry with the same key and body is answered as the first time, for 24 hours")),
+    request_body = CreateProductRequest,
+    responses((status = 201, description = "Created", body = Accepted), CommandRefusals)
+)]
+async fn create_product(
+    State(h): State<Handlers>,
+    headers: HeaderMap,
+    body: Result<JsonBody<CreateProductRequest>, ApiError>,
+) -> Response {
+    let result = async {
+        let JsonBody(request, raw) = body?;
+        let sku = Sku::parse(&request.sku).map_err(invalid)?;
+        let command = ProductCommand::Create {
+            name: parse_product_name(&request.name).map_err(invalid)?,
+            description: parse_description(&request.description).map_err(invalid)?,
+            price: Money::unit_price(request.price_cents).map_err(invalid)?,
+        };
+        let response = json!({ "sku": sku.as_str() });
+        let record = idempotency(&headers, None, "create product", &raw, response.clone())?;
+        let mut answer = run::<Product>(&h, sku.as_str(), command, record, response).await?;
+        *answer.status_mut() = StatusCode::CREATED;
+        Ok(answer)
+    }
+    .await;
+    observe(&h, "create_product", result)
+}
+
+/// Change a product: its name, description, price, or whether it is on sale.
+#[utoipa::path(
+    patch,
+    path = "/v1/products/{sku}",
+    tag = "catalog",
+    params(
+        ("sku" = String, Path, description = "1 to 64 of A-Z a-z 0-9 - _"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a retry with the same key and body is answered as the first time, for 24 hours"),
+    ),
+    request_body = ChangeProductRequest,
+    responses((status = 202, description = "Changed", body = Accepted), CommandRefusals)
+)]
+async fn change_product(
+    State(h): State<Handlers>,
+    Path(sku): Path<String>,
+    headers: HeaderMap,
+    body: Result<JsonBody<ChangeProductRequest>, ApiError>,
+) -> Response {
+    let result = async {
+        let sku = parse_sku(&sku)?;
+        let JsonBody(request, raw) = body?;
+        let command = ProductCommand::Change {
+            name: request
+                .name
+                .as_deref()
+                .map(parse_product_name)
+                .transpose()
+                .map_err(invalid)?,
+            description: request
+                .description
+                .as_deref()
+                .map(parse_description)
+                .transpose()
+                .map_err(invalid)?,
+            price: request
+                .price_cents
+                .map(Money::unit_price)
+                .transpose()
+                .map_err(invalid)?,
+            active: request.active,
+        };
+        let response = json!({ "sku": sku.as_str() });
+        let record = idempotency(
+            &headers,
+            None,
+            &format!("change product {sku}"),
+            &raw,
+            response.clone(),
+        )?;
+        run::<Product>(&h, sku.as_str(), command, record, response).await
+    }
+    .await;
+    observe(&h, "change_product", result)
+}
+
 /// Place an order: its saga reserves the stock, takes the payment and creates the
 /// shipment, or cancels it.
 #[utoipa::path(
@@ -323,6 +448,11 @@ async fn place_order(
     let result = async {
         let JsonBody(request, raw) = body?;
         let command = parse_order(&request, &principal)?;
+        if principal != Principal::Anyone {
+            if let OrderCommand::Place { lines, .. } = &command {
+                priced(&h, lines).await?;
+            }
+        }
         let order_id = Uuid::now_v7();
         let response = json!({ "order_id": order_id });
         let record = idempotency(

@@ -1,5 +1,5 @@
 //! The pure core of Orderline: value types, the aggregates (order, inventory item,
-//! payment, shipment; customer and session) and the order fulfilment saga.
+//! payment, shipment; customer and session; product) and the order fulfilment saga.
 //!
 //! Nothing here does I/O, reads a clock or draws randomness: times and ids arrive as
 //! inputs. Every aggregate follows the same shape ([`Aggregate`]): `decide` holds every
@@ -11,6 +11,7 @@ pub mod customer;
 pub mod inventory;
 pub mod order;
 pub mod payment;
+pub mod product;
 pub mod saga;
 pub mod shipment;
 pub mod values;

@@ -390,6 +390,8 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("GET", "/v1/orders/{order_id}", Access::Customer),
     ("POST", "/v1/orders/{order_id}/cancel", Access::Customer),
     ("GET", "/v1/inventory/{sku}", Access::Customer),
+    ("GET", "/v1/products", Access::Open),
+    ("GET", "/v1/products/{sku}", Access::Open),
 ];
 
 /// Who may call `method` on the route `path` (its template); operators only unless

@@ -238,11 +238,34 @@ impl Db {
     /// tables made at run time (read models and their shadows).
     pub async fn migrate(&self, script: &str) -> Result<(), sqlx::Error> {
         let script = self.dialect.ddl(script);
-        for statement in script.split(';').filter(|s| !s.trim().is_empty()) {
-            sqlx::query(statement).execute(&self.pool).await?;
+        for statement in statements(&script) {
+            sqlx::query(&statement).execute(&self.pool).await?;
         }
         Ok(())
     }
+}
+
+/// The statements of a script, one by one: split at each `;`, but a trigger's body
+/// (`CREATE TRIGGER ... BEGIN ...; ...; END;`) stays one statement.
+pub fn statements(script: &str) -> Vec<String> {
+    let mut out = vec![];
+    let mut current = String::new();
+    for piece in script.split_inclusive(';') {
+        current.push_str(piece);
+        let statement = current.trim().trim_end_matches(';').trim_end();
+        let upper = statement.to_ascii_uppercase();
+        if upper.starts_with("CREATE TRIGGER") && !upper.ends_with("END") {
+            continue;
+        }
+        if !statement.is_empty() {
+            out.push(statement.to_owned());
+        }
+        current.clear();
+    }
+    if !current.trim().is_empty() {
+        out.push(current.trim().to_owned());
+    }
+    out
 }
 
 fn sqlite_path(url: &str) -> Option<&Path> {
@@ -256,6 +279,17 @@ fn sqlite_path(url: &str) -> Option<&Path> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_script_splits_into_statements_and_a_trigger_stays_whole() {
+        let script = "CREATE TABLE t (a TEXT); CREATE TRIGGER x AFTER INSERT ON t BEGIN
+            INSERT INTO u VALUES (1); INSERT INTO u VALUES (2);
+        END;
+        INSERT INTO t VALUES ('a');";
+        let split = statements(script);
+        assert_eq!(split.len(), 3, "{split:?}");
+        assert!(split[1].ends_with("END"), "{split:?}");
+    }
 
     /// SHA-384 of the base migration as earlier versions shipped it, one file per
     /// dialect: databases they made must still open.

@@ -60,6 +60,16 @@ impl ApiError {
         error
     }
 
+    /// A line's stated price is not the product's price now (422).
+    pub fn price_changed(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "price-changed",
+            "Price changed",
+            detail,
+        )
+    }
+
     /// Authenticated, but not allowed this.
     pub fn forbidden(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "forbidden", "Not allowed", detail)

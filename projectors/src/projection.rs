@@ -5,7 +5,9 @@ use domain::customer::CustomerEvent;
 use domain::inventory::InventoryEvent;
 use domain::order::OrderEvent;
 use domain::payment::PaymentEvent;
+use domain::product::ProductEvent;
 use domain::shipment::ShipmentEvent;
+use infra::db::Dialect;
 use infra::timestamp;
 use schemas::{AnyEvent, Envelope};
 use sqlx::AnyConnection;
@@ -20,8 +22,9 @@ pub trait ReadModel {
     /// Base names of its tables; the version guard is always the last.
     fn tables(self) -> Vec<String>;
     fn create_tables(self, suffix: &str) -> String;
-    /// Indexes of the live tables (built after a swap, not while filling a shadow).
-    fn create_indexes(self) -> &'static str;
+    /// Indexes of the live tables (built after a swap, not while filling a shadow),
+    /// in the dialect's own words.
+    fn create_indexes(self, dialect: Dialect) -> String;
     /// The change one event makes to the tables with `suffix`: one statement (so an
     /// event that fails has changed nothing, and the caller dead-letters it), or none.
     fn change(
@@ -188,6 +191,8 @@ impl ReadModel for Projection {
             Projection::Payments => &["payments"],
             Projection::Shipments => &["shipments"],
             Projection::Customers => &["customers"],
+            Projection::Catalog => &["products", "product_stock"],
+            Projection::Prices => &["product_prices"],
         };
         let mut tables: Vec<String> = main.iter().map(|t| (*t).to_owned()).collect();
         tables.push(self.applied_table(""));
@@ -235,17 +240,53 @@ impl ReadModel for Projection {
                     customer_id TEXT PRIMARY KEY, email TEXT NOT NULL, name TEXT NOT NULL,
                     registered_at TEXT NOT NULL, updated_at TEXT NOT NULL);"
             ),
+            // Products and their stock in tables of their own (the streams of two
+            // aggregates), joined when read.
+            Projection::Catalog => format!(
+                "CREATE TABLE IF NOT EXISTS products{suffix} (
+                    sku TEXT PRIMARY KEY, name TEXT NOT NULL, description TEXT NOT NULL,
+                    price_cents BIGINT NOT NULL, active BIGINT NOT NULL, updated_at TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS product_stock{suffix} (
+                    sku TEXT PRIMARY KEY, available BIGINT NOT NULL, updated_at TEXT NOT NULL);"
+            ),
+            Projection::Prices => format!(
+                "CREATE TABLE IF NOT EXISTS product_prices{suffix} (
+                    sku TEXT PRIMARY KEY, price_cents BIGINT NOT NULL, active BIGINT NOT NULL,
+                    updated_at TEXT NOT NULL);"
+            ),
         };
         format!("{main}\n{guard}")
     }
 
-    fn create_indexes(self) -> &'static str {
-        match self {
-            Projection::Orders => {
+    fn create_indexes(self, dialect: Dialect) -> String {
+        match (self, dialect) {
+            (Projection::Orders, _) => {
                 "CREATE INDEX IF NOT EXISTS orders_by_customer ON orders (customer_id, order_id);
                  CREATE INDEX IF NOT EXISTS orders_by_status ON orders (status, order_id);"
+                    .into()
             }
-            _ => "",
+            // Full-text search of names and descriptions: an FTS5 index over the
+            // products table, kept by triggers (one statement per event still
+            // changes everything), filled again from the table after a swap and at
+            // start-up (a rebuild's shadow has neither index nor triggers).
+            (Projection::Catalog, Dialect::Sqlite) => format!(
+                "CREATE VIRTUAL TABLE IF NOT EXISTS {SEARCH} USING fts5(name, description, content='products');
+                 CREATE TRIGGER IF NOT EXISTS {SEARCH}_insert AFTER INSERT ON products BEGIN
+                    INSERT INTO {SEARCH} (rowid, name, description) VALUES (new.rowid, new.name, new.description);
+                 END;
+                 CREATE TRIGGER IF NOT EXISTS {SEARCH}_update AFTER UPDATE ON products BEGIN
+                    INSERT INTO {SEARCH} ({SEARCH}, rowid, name, description) VALUES ('delete', old.rowid, old.name, old.description);
+                    INSERT INTO {SEARCH} (rowid, name, description) VALUES (new.rowid, new.name, new.description);
+                 END;
+                 CREATE TRIGGER IF NOT EXISTS {SEARCH}_delete AFTER DELETE ON products BEGIN
+                    INSERT INTO {SEARCH} ({SEARCH}, rowid, name, description) VALUES ('delete', old.rowid, old.name, old.description);
+                 END;
+                 INSERT INTO {SEARCH} ({SEARCH}) VALUES ('rebuild');"
+            ),
+            (Projection::Catalog, Dialect::Postgres) => format!(
+                "CREATE INDEX IF NOT EXISTS {SEARCH} ON products USING GIN ({SEARCH_VECTOR});"
+            ),
+            _ => String::new(),
         }
     }
 
@@ -275,9 +316,88 @@ impl ReadModel for Projection {
                 vec![text(id), text(shipment_status(event)), text(at)],
             )),
             (Projection::Customers, AnyEvent::Customer(event)) => Some(customer_change(suffix, id, &at, event)),
+            (Projection::Catalog, AnyEvent::Product(event)) => Some(product_change(suffix, id, &at, event)),
+            (Projection::Catalog, AnyEvent::Inventory(event)) => stock_change(suffix, id, &at, event),
+            (Projection::Prices, AnyEvent::Product(event)) => Some(price_change(suffix, id, &at, event)),
             _ => None,
         })
     }
+}
+
+/// The full-text index of the catalog (an FTS5 table on SQLite, a GIN index on
+/// PostgreSQL).
+pub const SEARCH: &str = "products_search";
+/// What the PostgreSQL index holds and a search matches against.
+pub const SEARCH_VECTOR: &str = "to_tsvector('simple', name || ' ' || description)";
+
+/// A product as it is after the event (every event carries all of it).
+fn product_state(event: &ProductEvent) -> (&str, &str, u64, bool) {
+    match event {
+        ProductEvent::ProductCreated {
+            name,
+            description,
+            price_cents,
+        } => (name, description, price_cents.cents(), true),
+        ProductEvent::ProductChanged {
+            name,
+            description,
+            price_cents,
+            active,
+        } => (name, description, price_cents.cents(), *active),
+    }
+}
+
+fn product_change(suffix: &str, sku: &str, at: &str, event: &ProductEvent) -> Change {
+    let (name, description, price, active) = product_state(event);
+    Change::new(
+        format!(
+            "INSERT INTO products{suffix} (sku, name, description, price_cents, active, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (sku) DO UPDATE SET name = excluded.name, description = excluded.description,
+                price_cents = excluded.price_cents, active = excluded.active, updated_at = excluded.updated_at"
+        ),
+        vec![
+            text(sku),
+            text(name),
+            text(description),
+            Bind::Integer(price as i64),
+            Bind::Integer(i64::from(active)),
+            text(at),
+        ],
+    )
+}
+
+fn price_change(suffix: &str, sku: &str, at: &str, event: &ProductEvent) -> Change {
+    let (_, _, price, active) = product_state(event);
+    Change::new(
+        format!(
+            "INSERT INTO product_prices{suffix} (sku, price_cents, active, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (sku) DO UPDATE SET price_cents = excluded.price_cents, active = excluded.active,
+                updated_at = excluded.updated_at"
+        ),
+        vec![
+            text(sku),
+            Bind::Integer(price as i64),
+            Bind::Integer(i64::from(active)),
+            text(at),
+        ],
+    )
+}
+
+/// What of a SKU's stock is available, as the catalog shows it.
+fn stock_change(suffix: &str, sku: &str, at: &str, event: &InventoryEvent) -> Option<Change> {
+    let (on_hand, reserved) = stock_levels(event)?;
+    Some(Change::new(
+        format!(
+            "INSERT INTO product_stock{suffix} (sku, available, updated_at) VALUES ($1, $2, $3)
+             ON CONFLICT (sku) DO UPDATE SET available = excluded.available, updated_at = excluded.updated_at"
+        ),
+        vec![
+            text(sku),
+            Bind::Integer(on_hand.saturating_sub(reserved) as i64),
+            text(at),
+        ],
+    ))
 }
 
 fn customer_change(suffix: &str, id: &str, at: &str, event: &CustomerEvent) -> Change {
@@ -376,8 +496,9 @@ fn order_change(suffix: &str, id: &str, at: &str, event: &OrderEvent) -> Result<
     ))
 }
 
-fn inventory_change(suffix: &str, sku: &str, at: &str, event: &InventoryEvent) -> Option<Change> {
-    let (on_hand, reserved) = match event {
+/// A SKU's stock after the event (on hand, reserved); `None` when it did not change.
+fn stock_levels(event: &InventoryEvent) -> Option<(u64, u64)> {
+    Some(match event {
         InventoryEvent::StockRestocked {
             on_hand, reserved, ..
         }
@@ -391,7 +512,11 @@ fn inventory_change(suffix: &str, sku: &str, at: &str, event: &InventoryEvent) -
             on_hand, reserved, ..
         } => (*on_hand, *reserved),
         InventoryEvent::StockReservationRejected { .. } => return None,
-    };
+    })
+}
+
+fn inventory_change(suffix: &str, sku: &str, at: &str, event: &InventoryEvent) -> Option<Change> {
+    let (on_hand, reserved) = stock_levels(event)?;
     Some(Change::new(
         format!(
             "INSERT INTO inventory_levels{suffix} (sku, on_hand, reserved, updated_at) VALUES ($1, $2, $3, $4)

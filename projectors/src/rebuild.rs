@@ -157,12 +157,8 @@ async fn swap(
             .await?;
         }
     }
-    for statement in projection
-        .create_indexes()
-        .split(';')
-        .filter(|s| !s.trim().is_empty())
-    {
-        sqlx::query(statement).execute(&mut *tx).await?;
+    for statement in infra::db::statements(&projection.create_indexes(*dialect)) {
+        sqlx::query(&statement).execute(&mut *tx).await?;
     }
     sqlx::query("DELETE FROM dead_letters WHERE consumer = $1")
         .bind(projection.as_str())

@@ -53,7 +53,7 @@ impl Projections {
         for (projection, db) in databases {
             let name = projection.as_str();
             db.migrate(&projection.create_tables("")).await?;
-            db.migrate(projection.create_indexes()).await?;
+            db.migrate(&projection.create_indexes(db.dialect)).await?;
             let source = transport.events(name, projection.topics(), db).await?;
             progress.set_checkpoint(name, source.checkpoint().await?);
             handles.push(ProjectionHandle {

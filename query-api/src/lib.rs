@@ -14,8 +14,8 @@ use infra::progress::Progress;
 use infra::InfraError;
 use infra::{parse_timestamp, EventStore};
 use schemas::http::{
-    CustomerView, InventoryView, OrderLineView, OrderPage, OrderView, PaymentView, ReadRefusals,
-    ShipmentView, StreamView,
+    CustomerView, InventoryView, OrderLineView, OrderPage, OrderView, PaymentView, ProductPage,
+    ProductView, ReadRefusals, ShipmentView, StreamView,
 };
 use schemas::topics::{AggregateType, ProjectionName, UnknownName};
 use serde::Deserialize;
@@ -40,6 +40,7 @@ pub struct QueryState {
     pub payments: Option<AnyPool>,
     pub shipments: Option<AnyPool>,
     pub customers: Option<AnyPool>,
+    pub catalog: Option<AnyPool>,
     /// Stream reads in progress at most ([`STREAM_READS`]): they read the event
     /// store's pool, which commands share; past the bound a read is refused (503 with
     /// `Retry-After`) rather than queued in front of commands.
@@ -57,6 +58,9 @@ pub struct Files {
     pub payments: Option<PathBuf>,
     pub shipments: Option<PathBuf>,
     pub customers: Option<PathBuf>,
+    /// Also what tells the catalog's search which dialect to speak (FTS5 on a file,
+    /// else PostgreSQL's text search).
+    pub catalog: Option<PathBuf>,
 }
 
 /// How many `/v1/streams` reads run at once in a process.
@@ -77,6 +81,7 @@ pub fn router(state: QueryState) -> OpenApiRouter {
         payments: state.payments.is_some(),
         shipments: state.shipments.is_some(),
         customers: state.customers.is_some(),
+        catalog: state.catalog.is_some(),
     };
     routes(served).with_state(state)
 }
@@ -89,6 +94,7 @@ pub struct Served {
     pub payments: bool,
     pub shipments: bool,
     pub customers: bool,
+    pub catalog: bool,
 }
 
 impl Served {
@@ -98,6 +104,7 @@ impl Served {
         payments: true,
         shipments: true,
         customers: true,
+        catalog: true,
     };
 }
 
@@ -120,6 +127,9 @@ pub fn routes(served: Served) -> OpenApiRouter<QueryState> {
     if served.customers {
         router = router.routes(routes!(me));
     }
+    if served.catalog {
+        router = router.routes(routes!(products)).routes(routes!(product));
+    }
     router
 }
 
@@ -137,6 +147,9 @@ impl QueryState {
             ProjectionName::Payments => (&self.payments, &self.files.payments),
             ProjectionName::Shipments => (&self.shipments, &self.files.shipments),
             ProjectionName::Customers => (&self.customers, &self.files.customers),
+            ProjectionName::Catalog => (&self.catalog, &self.files.catalog),
+            // The order service's own copy, read by its commands only.
+            ProjectionName::Prices => (&None, &None),
         };
         let pool = pool
             .as_ref()
@@ -180,6 +193,20 @@ impl ReadModel<'_> {
 /// Most orders one page holds, and how many when not asked.
 pub const MAX_PAGE: i64 = 100;
 pub const DEFAULT_PAGE: i64 = 20;
+
+/// A page's `limit`: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when not given.
+fn page_limit(raw: Option<&str>) -> Result<i64, ApiError> {
+    match raw {
+        None => Ok(DEFAULT_PAGE),
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|l| (1..=MAX_PAGE).contains(l))
+            .ok_or_else(|| {
+                ApiError::invalid(format!("limit must be a whole number from 1 to {MAX_PAGE}"))
+            }),
+    }
+}
 
 fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::invalid(format!("order_id: {raw:?} is not a UUID")))
@@ -313,16 +340,7 @@ async fn list_orders(
     headers: HeaderMap,
 ) -> Result<Json<OrderPage>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::malformed(e.body_text()))?;
-    let limit = match params.limit.as_deref() {
-        None => DEFAULT_PAGE,
-        Some(raw) => raw
-            .parse::<i64>()
-            .ok()
-            .filter(|l| (1..=MAX_PAGE).contains(l))
-            .ok_or_else(|| {
-                ApiError::invalid(format!("limit must be a whole number from 1 to {MAX_PAGE}"))
-            })?,
-    };
+    let limit = page_limit(params.limit.as_deref())?;
     let status = params
         .status
         .as_deref()
@@ -596,5 +614,157 @@ async fn me(
         )
         .await?
         .ok_or_else(|| ApiError::not_found("no profile for this customer yet"))?;
+    Ok(Json(view))
+}
+
+/// A product's row with its stock (a macro, so that the queries built on it are
+/// literals too).
+macro_rules! product_view {
+    () => {
+        "SELECT p.sku, p.name, p.description, p.price_cents, p.active,
+        COALESCE(s.available, 0) AS available
+   FROM products p LEFT JOIN product_stock s ON s.sku = p.sku"
+    };
+}
+const PRODUCT_BY_SKU: &str = concat!(product_view!(), " WHERE p.sku = $1");
+const PRODUCT_PAGE_SQLITE: &str = concat!(
+    product_view!(),
+    " WHERE ($1 IS NULL OR p.rowid IN (SELECT rowid FROM products_search WHERE products_search MATCH $1))
+        AND ($2 IS NULL OR p.sku > $2)
+      ORDER BY p.sku LIMIT $3"
+);
+const PRODUCT_PAGE_POSTGRES: &str = concat!(
+    product_view!(),
+    " WHERE ($1 IS NULL OR to_tsvector('simple', p.name || ' ' || p.description) @@ plainto_tsquery('simple', $1))
+        AND ($2 IS NULL OR p.sku > $2)
+      ORDER BY p.sku LIMIT $3"
+);
+
+fn product_view(row: &dyn Columns) -> Result<ProductView, InfraError> {
+    Ok(ProductView {
+        sku: row.text("sku")?,
+        name: row.text("name")?,
+        description: row.text("description")?,
+        price_cents: row.int("price_cents")?.max(0) as u64,
+        active: row.int("active")? != 0,
+        available: row.int("available")?.max(0) as u64,
+    })
+}
+
+/// The words of a search, each quoted for FTS5 (so no input is read as its query
+/// syntax); all must match. `None` when nothing searchable is left.
+fn search_terms(q: &str, fts5: bool) -> Option<String> {
+    let words: Vec<String> = q
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|word| !word.is_empty())
+        .take(16)
+        .map(|word| {
+            if fts5 {
+                format!("\"{word}\"")
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect();
+    (!words.is_empty()).then(|| words.join(" "))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct ProductParams {
+    /// Words to find in the name or description (all of them).
+    q: Option<String>,
+    /// Products per page: 1 to 100 (default 20).
+    #[param(value_type = Option<u32>)]
+    limit: Option<String>,
+    /// `next_cursor` of the page before.
+    cursor: Option<String>,
+}
+
+/// The catalog, by sku; with `q`, the products whose name or description hold every
+/// word of it (full-text search).
+#[utoipa::path(
+    get,
+    path = "/v1/products",
+    tag = "catalog",
+    params(ProductParams, ("X-Consistency-Token" = Option<String>, Header, description = "The token of a write: the read waits until it reflects it"), ("X-Consistency-Wait-Ms" = Option<u32>, Header, description = "How long to wait for the token, 0 to 30000 ms (default 2000)")),
+    responses((status = 200, body = ProductPage), ReadRefusals)
+)]
+async fn products(
+    State(s): State<QueryState>,
+    params: Result<Query<ProductParams>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Json<ProductPage>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::malformed(e.body_text()))?;
+    let limit = page_limit(params.limit.as_deref())?;
+    let cursor = params
+        .cursor
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(|raw| {
+            domain::Sku::parse(raw)
+                .map(|sku| sku.as_str().to_owned())
+                .map_err(|_| ApiError::invalid("cursor is not one this server issued"))
+        })
+        .transpose()?;
+    let fts5 = s.files.catalog.is_some();
+    let query = params.q.as_deref().filter(|q| !q.trim().is_empty());
+    let terms = match query.map(|q| search_terms(q, fts5)) {
+        // Nothing in the search that could match a word.
+        Some(None) => {
+            return Ok(Json(ProductPage {
+                items: vec![],
+                next_cursor: None,
+            }))
+        }
+        Some(terms) => terms,
+        None => None,
+    };
+    let db = s.reflecting(ProjectionName::Catalog, &headers).await?;
+    let sql = if fts5 {
+        PRODUCT_PAGE_SQLITE
+    } else {
+        PRODUCT_PAGE_POSTGRES
+    };
+    let rows = sqlx::query(sql)
+        .bind(terms)
+        .bind(cursor)
+        .bind(limit + 1)
+        .fetch_all(db.pool)
+        .await?;
+    let more = rows.len() as i64 > limit;
+    let items = rows
+        .iter()
+        .take(limit as usize)
+        .map(|row| product_view(row))
+        .collect::<Result<Vec<_>, _>>()?;
+    let next_cursor = if more {
+        items.last().map(|p| p.sku.clone())
+    } else {
+        None
+    };
+    Ok(Json(ProductPage { items, next_cursor }))
+}
+
+/// One product of the catalog.
+#[utoipa::path(
+    get,
+    path = "/v1/products/{sku}",
+    tag = "catalog",
+    params(("sku" = String, Path), ("X-Consistency-Token" = Option<String>, Header, description = "The token of a write: the read waits until it reflects it"), ("X-Consistency-Wait-Ms" = Option<u32>, Header, description = "How long to wait for the token, 0 to 30000 ms (default 2000)")),
+    responses((status = 200, body = ProductView), ReadRefusals)
+)]
+async fn product(
+    State(s): State<QueryState>,
+    Path(sku): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<ProductView>, ApiError> {
+    let sku = domain::Sku::parse(&sku).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let db = s.reflecting(ProjectionName::Catalog, &headers).await?;
+    let view = db
+        .read_one(PRODUCT_BY_SKU, sku.as_str(), product_view)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no product {sku}")))?;
     Ok(Json(view))
 }

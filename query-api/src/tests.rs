@@ -30,7 +30,8 @@ async fn fixture() -> Fixture {
         inventory: pool.clone(),
         payments: pool.clone(),
         shipments: pool.clone(),
-        customers: pool,
+        customers: pool.clone(),
+        catalog: pool,
         stream_reads: QueryState::stream_reads(),
         // The point reads of the embedded deployment (on the task, not the pool).
         files: Files {
@@ -39,6 +40,7 @@ async fn fixture() -> Fixture {
             payments: scratch.db.sqlite_file(),
             shipments: scratch.db.sqlite_file(),
             customers: scratch.db.sqlite_file(),
+            catalog: scratch.db.sqlite_file(),
         },
     };
     Fixture { state, scratch }

@@ -4,6 +4,7 @@ use domain::customer::{Customer, CustomerEvent, Session, SessionEvent};
 use domain::inventory::{InventoryEvent, InventoryItem};
 use domain::order::{Order, OrderEvent};
 use domain::payment::{Payment, PaymentEvent};
+use domain::product::{Product, ProductEvent};
 use domain::shipment::{Shipment, ShipmentEvent};
 use domain::{Aggregate, EventName};
 use serde::de::DeserializeOwned;
@@ -62,6 +63,8 @@ pub const EVENT_TYPES: &[(AggregateType, &str, u32)] = &[
     (AggregateType::Session, "SessionStarted", 1),
     (AggregateType::Session, "SessionRefreshed", 1),
     (AggregateType::Session, "SessionEnded", 1),
+    (AggregateType::Product, "ProductCreated", 1),
+    (AggregateType::Product, "ProductChanged", 1),
 ];
 
 /// The current schema version of an event type.
@@ -156,6 +159,7 @@ pub enum AnyEvent {
     Shipment(ShipmentEvent),
     Customer(CustomerEvent),
     Session(SessionEvent),
+    Product(ProductEvent),
 }
 
 impl AnyEvent {
@@ -170,6 +174,7 @@ impl AnyEvent {
             Shipment::TYPE => decode(t, v, p).map(AnyEvent::Shipment),
             Customer::TYPE => decode(t, v, p).map(AnyEvent::Customer),
             Session::TYPE => decode(t, v, p).map(AnyEvent::Session),
+            Product::TYPE => decode(t, v, p).map(AnyEvent::Product),
             other => Err(SchemaError::UnknownType {
                 aggregate_type: other.to_owned(),
                 event_type: t.to_owned(),
@@ -186,6 +191,7 @@ impl AnyEvent {
             AnyEvent::Shipment(e) => encode(e),
             AnyEvent::Customer(e) => encode(e),
             AnyEvent::Session(e) => encode(e),
+            AnyEvent::Product(e) => encode(e),
         }
     }
 }

@@ -312,3 +312,52 @@ pub struct CustomerView {
     pub email: String,
     pub name: String,
 }
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProductRequest {
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub sku: String,
+    #[schema(min_length = 1, max_length = 200)]
+    pub name: String,
+    #[schema(max_length = 2000)]
+    pub description: String,
+    #[schema(minimum = 0)]
+    pub price_cents: i64,
+}
+
+/// What to change of a product; what is left out stays.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeProductRequest {
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 200)]
+    pub name: Option<String>,
+    #[serde(default)]
+    #[schema(max_length = 2000)]
+    pub description: Option<String>,
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub price_cents: Option<i64>,
+    #[serde(default)]
+    pub active: Option<bool>,
+}
+
+/// A product as the catalog shows it, with what of it is in stock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProductView {
+    pub sku: String,
+    pub name: String,
+    pub description: String,
+    pub price_cents: u64,
+    pub active: bool,
+    /// Units on hand and not reserved.
+    pub available: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProductPage {
+    pub items: Vec<ProductView>,
+    /// The `cursor` of the next page; null on the last.
+    pub next_cursor: Option<String>,
+}

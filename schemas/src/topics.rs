@@ -60,6 +60,7 @@ names!(
         Payment => "payment",
         Shipping => "shipping",
         Customer => "customer",
+        Catalog => "catalog",
     }
 );
 
@@ -72,6 +73,7 @@ names!(
         Shipment => "shipment",
         Customer => "customer",
         Session => "session",
+        Product => "product",
     }
 );
 
@@ -83,17 +85,20 @@ names!(
         Payments => "payments",
         Shipments => "shipments",
         Customers => "customers",
+        Catalog => "catalog",
+        Prices => "prices",
     }
 );
 
 /// The text form of every aggregate type, in the order of [`AggregateType::ALL`].
-pub const AGGREGATE_TYPES: [&str; 6] = [
+pub const AGGREGATE_TYPES: [&str; 7] = [
     "order",
     "inventory",
     "payment",
     "shipment",
     "customer",
     "session",
+    "product",
 ];
 
 impl AggregateType {
@@ -105,6 +110,7 @@ impl AggregateType {
             AggregateType::Payment => Service::Payment,
             AggregateType::Shipment => Service::Shipping,
             AggregateType::Customer | AggregateType::Session => Service::Customer,
+            AggregateType::Product => Service::Catalog,
         }
     }
 
@@ -139,6 +145,9 @@ impl ProjectionName {
             ProjectionName::Payments => Service::Payment,
             ProjectionName::Shipments => Service::Shipping,
             ProjectionName::Customers => Service::Customer,
+            ProjectionName::Catalog => Service::Catalog,
+            // The order service's own copy of the prices it checks orders against.
+            ProjectionName::Prices => Service::Order,
         }
     }
 
@@ -154,6 +163,8 @@ impl ProjectionName {
             ProjectionName::Payments => &[AggregateType::Payment],
             ProjectionName::Shipments => &[AggregateType::Shipment],
             ProjectionName::Customers => &[AggregateType::Customer],
+            ProjectionName::Catalog => &[AggregateType::Product, AggregateType::Inventory],
+            ProjectionName::Prices => &[AggregateType::Product],
         }
     }
 
@@ -192,7 +203,7 @@ mod tests {
         let error = "billing".parse::<Service>().expect_err("unknown");
         assert_eq!(
             error.to_string(),
-            "no service named \"billing\"; the services are order, inventory, payment, shipping, customer"
+            "no service named \"billing\"; the services are order, inventory, payment, shipping, customer, catalog"
         );
         assert_eq!(
             AGGREGATE_TYPES.to_vec(),
@@ -213,6 +224,7 @@ mod tests {
             domain::shipment::Shipment::TYPE,
             domain::customer::Customer::TYPE,
             domain::customer::Session::TYPE,
+            domain::product::Product::TYPE,
         ];
         let parsed: Vec<AggregateType> = types
             .iter()
@@ -228,7 +240,7 @@ mod tests {
         assert!(!ProjectionName::Inventory.reads(AggregateType::Order));
         assert_eq!(
             Service::Order.projections().collect::<Vec<_>>(),
-            vec![ProjectionName::Orders]
+            vec![ProjectionName::Orders, ProjectionName::Prices]
         );
     }
 }

@@ -903,7 +903,15 @@ async fn operators_see_health_projections_and_metrics(backend: Backend) {
         .collect();
     assert_eq!(
         names,
-        ["orders", "inventory", "payments", "shipments", "customers"]
+        [
+            "orders",
+            "prices",
+            "inventory",
+            "payments",
+            "shipments",
+            "customers",
+            "catalog"
+        ]
     );
     for projection in listing["projections"].as_array().expect("projections") {
         assert_eq!(projection["lag"], 0, "{projection}");

@@ -3,7 +3,7 @@
 //! expired, forged and foreign tokens; refresh tokens work once; clients past their
 //! rate get 429.
 
-use crate::support::{bearer, body, on_every_backend, Api, Backend, TestServer};
+use crate::support::{bearer, body, on_every_backend, Api, Backend, TestServer, SETTLE};
 use infra::auth::{access, Access, RateLimit, AUDIENCE, ISSUER};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -145,14 +145,29 @@ async fn a_customer_registers_logs_in_and_follows_its_own_order_to_delivery(back
     assert_eq!(status, StatusCode::FORBIDDEN, "an operator has no profile");
 
     // Ada orders for herself; naming someone else is refused.
-    operator.restock("S-1", 10).await;
-    let lines = json!([{ "sku": "S-1", "quantity": 2, "unit_price_cents": 500 }]);
-    let (status, placed) = ada
+    let (status, product) = operator
         .post(
-            "/v1/orders",
-            json!({ "lines": lines, "payment_token": "tok_ok" }),
+            "/v1/products",
+            json!({ "sku": "S-1", "name": "Tea", "description": "", "price_cents": 500 }),
         )
         .await;
+    assert_eq!(status, StatusCode::CREATED, "{product}");
+    operator.restock("S-1", 10).await;
+    let lines = json!([{ "sku": "S-1", "quantity": 2, "unit_price_cents": 500 }]);
+    // (The order service learns the product's price from the catalog's events.)
+    let start = std::time::Instant::now();
+    let (status, placed) = loop {
+        let answer = ada
+            .post(
+                "/v1/orders",
+                json!({ "lines": lines, "payment_token": "tok_ok" }),
+            )
+            .await;
+        if answer.0 != StatusCode::UNPROCESSABLE_ENTITY || start.elapsed() > SETTLE {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
     let order_id = placed["order_id"].as_str().expect("order id").to_owned();
     let (status, _) = ada

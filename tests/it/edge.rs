@@ -278,6 +278,8 @@ async fn the_gateway_passes_repeated_headers_answers_a_stopped_body_408_and_refu
             &url,
             "--customer",
             &url,
+            "--catalog",
+            &url,
             "--body-timeout-ms",
             "1000",
         ]
@@ -335,7 +337,14 @@ async fn the_gateway_pages_every_services_dead_letters_in_one_order() {
     // Each service answers its own two dead letters (the page it is asked for).
     let mut urls = vec![];
     let mut served = vec![];
-    for service in ["order", "inventory", "payment", "shipping", "customer"] {
+    for service in [
+        "order",
+        "inventory",
+        "payment",
+        "shipping",
+        "customer",
+        "catalog",
+    ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -369,6 +378,8 @@ async fn the_gateway_pages_every_services_dead_letters_in_one_order() {
             &urls[3],
             "--customer",
             &urls[4],
+            "--catalog",
+            &urls[5],
         ]
         .map(String::from),
     );
@@ -384,7 +395,7 @@ async fn the_gateway_pages_every_services_dead_letters_in_one_order() {
     assert_eq!(page["next_cursor"], "inventory:1");
     let (status, all) = gateway.api.get("/v1/dead-letters").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(all["dead_letters"].as_array().map(Vec::len), Some(10));
+    assert_eq!(all["dead_letters"].as_array().map(Vec::len), Some(12));
     assert!(all["next_cursor"].is_null());
     let (status, problem) = gateway.api.get("/v1/dead-letters?limit=0").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");

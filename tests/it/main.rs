@@ -4,6 +4,7 @@
 
 mod api;
 mod auth;
+mod catalog;
 mod chaos;
 mod cli;
 mod concurrency;

@@ -2,6 +2,7 @@ use super::*;
 use crate::Envelope;
 use domain::customer::SessionEnd;
 use domain::order::OrderLine;
+use domain::product::ProductEvent;
 use domain::{CancelReason, CustomerId, Email, Money, PaymentToken, Quantity, Sku};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -148,6 +149,23 @@ fn samples() -> Vec<(&'static str, Value, String)> {
     ] {
         push("session", encode(&event));
     }
+    push(
+        "product",
+        encode(&ProductEvent::ProductCreated {
+            name: "Green tea".into(),
+            description: "Loose leaves, 100 g".into(),
+            price_cents: Money::from_cents(450),
+        }),
+    );
+    push(
+        "product",
+        encode(&ProductEvent::ProductChanged {
+            name: "Green tea".into(),
+            description: String::new(),
+            price_cents: Money::from_cents(500),
+            active: false,
+        }),
+    );
     out
 }
 
