@@ -106,6 +106,7 @@ pub fn owner(method: &Method, path: &str) -> Option<Service> {
         ["v1", "payments", ..] => Some(Service::Payment),
         ["v1", "customers" | "auth", ..] => Some(Service::Customer),
         ["v1", "products", ..] => Some(Service::Catalog),
+        ["v1", "cart", ..] => Some(Service::Cart),
         ["v1", "streams", aggregate_type, ..] => aggregate_type
             .parse::<AggregateType>()
             .ok()

@@ -28,6 +28,7 @@ use axum::response::IntoResponse;
 use axum::response::Response;
 use axum::{Json, Router};
 use command_handlers::app::{Backlog, TokenStyle};
+use command_handlers::cart::Checkout;
 use command_handlers::inbox::Inbox;
 use command_handlers::saga::{Dispatch, SagaRunner};
 use command_handlers::Handlers;
@@ -176,6 +177,7 @@ impl Storage {
             shipments: pool(Service::Shipping),
             customers: pool(Service::Customer),
             catalog: pool(Service::Catalog),
+            cart: pool(Service::Cart),
             stream_reads: QueryState::stream_reads(),
             files: query_api::Files {
                 orders: file(Service::Order),
@@ -184,6 +186,7 @@ impl Storage {
                 shipments: file(Service::Shipping),
                 customers: file(Service::Customer),
                 catalog: file(Service::Catalog),
+                cart: file(Service::Cart),
             },
         }
     }
@@ -256,10 +259,16 @@ impl System {
         let gate = gate(&config, &services, &mut handlers)?;
         handlers.backlog.bound = (config.max_backlog > 0).then_some(config.max_backlog);
         handlers.backlog.refusal_delay = config.refusal_delay;
-        handlers.prices = services
-            .iter()
-            .find(|(s, _)| *s == Service::Order)
-            .map(|(_, db)| db.clone());
+        let database = |wanted: Service| {
+            services
+                .iter()
+                .find(|(s, _)| *s == wanted)
+                .map(|(_, db)| db.clone())
+        };
+        // The copy of the catalog's prices orders are checked against (the order
+        // service's), or carts priced by (the cart service's).
+        handlers.prices = database(Service::Order).or_else(|| database(Service::Cart));
+        handlers.places_orders = database(Service::Order).is_some();
         if transport.kafka().is_some() {
             handlers.tokens = TokenStyle::Stream;
             projections.progress.issue_stream_tokens();
@@ -293,6 +302,11 @@ impl System {
                 dispatcher.dispatch_until(stop).await
             }));
             tasks.push(tokio::spawn(drive(source, saga, shutdown.clone())));
+            // The order service places the orders of checked-out carts.
+            let checkout = Checkout::new(handlers.clone(), order);
+            let source = Checkout::source(&transport, order).await?;
+            watched.sources.push(source.clone());
+            tasks.push(tokio::spawn(drive(source, checkout, shutdown.clone())));
         }
         if let Some(kafka) = transport.kafka() {
             // A service process publishes its own log and hears the saga's commands.

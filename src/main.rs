@@ -75,6 +75,9 @@ enum Command {
         /// The catalog service (products, search).
         #[arg(long, env = "ORDERLINE_CATALOG_URL")]
         catalog: String,
+        /// The cart service.
+        #[arg(long, env = "ORDERLINE_CART_URL")]
+        cart: String,
         /// Requests a second per client (its token, else its address) as RATE or
         /// RATE/BURST, or `off`; past it, 429 with Retry-After. Default 50/100, or
         /// no limit when ORDERLINE_AUTH is `off`. (Behind a gateway, give the
@@ -135,7 +138,7 @@ impl EdgeArgs {
 #[derive(Args, Clone)]
 struct KafkaArgs {
     /// Run one service of the distributed deployment (order, inventory, payment,
-    /// shipping, customer, catalog) instead of every service embedded. Needs --kafka-brokers.
+    /// shipping, customer, catalog, cart) instead of every service embedded. Needs --kafka-brokers.
     #[arg(long, env = "ORDERLINE_SERVICE")]
     service: Option<Service>,
     /// Partitions of each topic created at start-up.
@@ -315,7 +318,7 @@ fn rate_limit_of(
 }
 
 /// The settings a `--config` file may hold.
-const SETTINGS: [&str; 35] = [
+const SETTINGS: [&str; 36] = [
     "ORDERLINE_AUTH",
     "ORDERLINE_OPERATOR_TOKEN_FILE",
     "ORDERLINE_OPERATOR_TOKEN",
@@ -345,6 +348,7 @@ const SETTINGS: [&str; 35] = [
     "ORDERLINE_SHIPPING_URL",
     "ORDERLINE_CUSTOMER_URL",
     "ORDERLINE_CATALOG_URL",
+    "ORDERLINE_CART_URL",
     "ORDERLINE_MAX_CONNECTIONS",
     "ORDERLINE_MAX_IN_FLIGHT",
     "ORDERLINE_HEADER_TIMEOUT_MS",
@@ -420,6 +424,7 @@ fn main() -> anyhow::Result<()> {
                 shipping,
                 customer,
                 catalog,
+                cart,
                 rate_limit,
                 edge,
             }) => {
@@ -433,6 +438,7 @@ fn main() -> anyhow::Result<()> {
                         (Service::Shipping, shipping),
                         (Service::Customer, customer),
                         (Service::Catalog, catalog),
+                        (Service::Cart, cart),
                     ],
                     rate_limit,
                 };

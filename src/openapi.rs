@@ -33,6 +33,7 @@ use utoipa_axum::routes;
         (name = "shipments", description = "An order's shipment"),
         (name = "customers", description = "Registration, logins (access and refresh tokens) and the customer's own profile"),
         (name = "catalog", description = "Products, their prices and stock; full-text search"),
+        (name = "cart", description = "A customer's cart, and its checkout into an order"),
         (name = "operators", description = "Health, metrics, event streams, projections and dead letters")
     )
 )]

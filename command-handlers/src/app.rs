@@ -353,9 +353,13 @@ pub struct Handlers {
     pub tokens: TokenStyle,
     /// The keys access tokens are signed with (the process's own until set).
     pub keys: infra::auth::Keys,
-    /// The order service's copy of the catalog's prices (the `prices` read model),
-    /// which orders are checked against with auth on.
+    /// This process's copy of the catalog's prices (the order service's `prices` read
+    /// model, or the cart service's `cart_prices`): orders are checked against it
+    /// with auth on, and carts priced by it.
     pub prices: Option<infra::db::Db>,
+    /// Whether this process runs the order service (a checkout then places its order
+    /// at once).
+    pub places_orders: bool,
     locks: StreamLocks,
     cache: StateCache,
 }
@@ -369,6 +373,7 @@ impl Handlers {
             tokens: TokenStyle::Position,
             keys: infra::auth::Keys::ephemeral(),
             prices: None,
+            places_orders: false,
             backlog: Backlog::default(),
             locks: StreamLocks::default(),
             cache: StateCache::default(),

@@ -6,6 +6,7 @@
 //! customer service's registration, logins and profile ([`customers`]).
 
 pub mod app;
+pub mod cart;
 pub mod customers;
 pub mod gateway;
 pub mod inbox;

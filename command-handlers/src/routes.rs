@@ -2,7 +2,7 @@
 //! nothing written), decide, append, answer `202` with a consistency token.
 
 use crate::app::{parse_sku, Backlog, Executed, Handlers, Meta};
-use crate::customers;
+use crate::{cart, customers};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -55,6 +55,9 @@ pub fn service_routes(service: Service) -> OpenApiRouter<Handlers> {
             .routes(routes!(create_product))
             .routes(routes!(change_product)),
         Service::Payment | Service::Shipping => OpenApiRouter::new(),
+        Service::Cart => OpenApiRouter::new()
+            .routes(routes!(cart::set_line, cart::remove_line))
+            .routes(routes!(cart::checkout)),
         Service::Customer => OpenApiRouter::new()
             .routes(routes!(customers::register))
             .routes(routes!(customers::login))
@@ -66,7 +69,7 @@ pub fn service_routes(service: Service) -> OpenApiRouter<Handlers> {
 
 /// The `Idempotency-Key` of a request, with a hash of what the request asks. A
 /// customer's keys are its own: another customer's same key is another request.
-fn idempotency(
+pub(crate) fn idempotency(
     headers: &HeaderMap,
     customer: Option<&str>,
     route: &str,
@@ -105,7 +108,7 @@ fn idempotency(
 
 /// Answer an earlier use of the key without deciding again: the first response for
 /// the same request, 422 for another one.
-async fn replay(
+pub(crate) async fn replay(
     handlers: &Handlers,
     record: &Option<IdempotencyRecord>,
 ) -> Result<Option<Response>, ApiError> {
@@ -122,7 +125,7 @@ async fn replay(
     }
 }
 
-fn accepted(mut body: Value, token: &str) -> Response {
+pub(crate) fn accepted(mut body: Value, token: &str) -> Response {
     if let Some(object) = body.as_object_mut() {
         object.insert("consistency_token".into(), json!(token));
     }
@@ -136,7 +139,11 @@ fn finish(executed: Executed, body: Value) -> Response {
     }
 }
 
-fn observe(handlers: &Handlers, command: &str, result: Result<Response, ApiError>) -> Response {
+pub(crate) fn observe(
+    handlers: &Handlers,
+    command: &str,
+    result: Result<Response, ApiError>,
+) -> Response {
     match result {
         Ok(response) => {
             handlers
@@ -155,7 +162,7 @@ fn observe(handlers: &Handlers, command: &str, result: Result<Response, ApiError
     }
 }
 
-fn invalid(error: impl std::fmt::Display) -> ApiError {
+pub(crate) fn invalid(error: impl std::fmt::Display) -> ApiError {
     ApiError::invalid(error.to_string())
 }
 
@@ -164,7 +171,7 @@ fn parse_order_id(raw: &str) -> Result<Uuid, ApiError> {
 }
 
 /// Run one command against one aggregate under the request's idempotency key.
-async fn run<A>(
+pub(crate) async fn run<A>(
     handlers: &Handlers,
     id: &str,
     command: A::Command,

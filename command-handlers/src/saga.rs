@@ -704,7 +704,9 @@ fn route(recorded: &RecordedEvent) -> Result<Option<(Uuid, Input)>, String> {
         AnyEvent::Payment(event) => Some((own_id()?, Input::Payment(event))),
         AnyEvent::Shipment(event) => Some((own_id()?, Input::Shipment(event))),
         // Customers and their logins are no order's business.
-        AnyEvent::Customer(_) | AnyEvent::Session(_) | AnyEvent::Product(_) => None,
+        AnyEvent::Customer(_) | AnyEvent::Session(_) | AnyEvent::Product(_) | AnyEvent::Cart(_) => {
+            None
+        }
         AnyEvent::Inventory(event) => match event.order_id() {
             None => None,
             Some(order_id) => {

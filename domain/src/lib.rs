@@ -1,5 +1,6 @@
 //! The pure core of Orderline: value types, the aggregates (order, inventory item,
-//! payment, shipment; customer and session; product) and the order fulfilment saga.
+//! payment, shipment; customer and session; product; cart) and the order fulfilment
+//! saga.
 //!
 //! Nothing here does I/O, reads a clock or draws randomness: times and ids arrive as
 //! inputs. Every aggregate follows the same shape ([`Aggregate`]): `decide` holds every
@@ -7,6 +8,7 @@
 //! into state and cannot fail. The saga ([`saga::Fulfilment`]) is a transition function
 //! from (state, input) to (new state, commands, deadline change).
 
+pub mod cart;
 pub mod customer;
 pub mod inventory;
 pub mod order;

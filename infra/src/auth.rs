@@ -390,6 +390,10 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("GET", "/v1/orders/{order_id}", Access::Customer),
     ("POST", "/v1/orders/{order_id}/cancel", Access::Customer),
     ("GET", "/v1/inventory/{sku}", Access::Customer),
+    ("GET", "/v1/cart", Access::CustomerOnly),
+    ("PUT", "/v1/cart/lines/{sku}", Access::CustomerOnly),
+    ("DELETE", "/v1/cart/lines/{sku}", Access::CustomerOnly),
+    ("POST", "/v1/cart/checkout", Access::CustomerOnly),
     ("GET", "/v1/products", Access::Open),
     ("GET", "/v1/products/{sku}", Access::Open),
 ];

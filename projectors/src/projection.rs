@@ -1,6 +1,7 @@
 //! The projections. Each owns a few tables in its service's database; the same SQL
 //! builds the live tables and their shadow copies (a suffix on every table name).
 
+use domain::cart::CartEvent;
 use domain::customer::CustomerEvent;
 use domain::inventory::InventoryEvent;
 use domain::order::OrderEvent;
@@ -192,7 +193,8 @@ impl ReadModel for Projection {
             Projection::Shipments => &["shipments"],
             Projection::Customers => &["customers"],
             Projection::Catalog => &["products", "product_stock"],
-            Projection::Prices => &["product_prices"],
+            Projection::Prices | Projection::CartPrices => &["product_prices"],
+            Projection::Carts => &["cart_lines"],
         };
         let mut tables: Vec<String> = main.iter().map(|t| (*t).to_owned()).collect();
         tables.push(self.applied_table(""));
@@ -249,7 +251,12 @@ impl ReadModel for Projection {
                  CREATE TABLE IF NOT EXISTS product_stock{suffix} (
                     sku TEXT PRIMARY KEY, available BIGINT NOT NULL, updated_at TEXT NOT NULL);"
             ),
-            Projection::Prices => format!(
+            Projection::Carts => format!(
+                "CREATE TABLE IF NOT EXISTS cart_lines{suffix} (
+                    customer_id TEXT NOT NULL, sku TEXT NOT NULL, quantity BIGINT NOT NULL,
+                    updated_at TEXT NOT NULL, PRIMARY KEY (customer_id, sku));"
+            ),
+            Projection::Prices | Projection::CartPrices => format!(
                 "CREATE TABLE IF NOT EXISTS product_prices{suffix} (
                     sku TEXT PRIMARY KEY, price_cents BIGINT NOT NULL, active BIGINT NOT NULL,
                     updated_at TEXT NOT NULL);"
@@ -318,7 +325,8 @@ impl ReadModel for Projection {
             (Projection::Customers, AnyEvent::Customer(event)) => Some(customer_change(suffix, id, &at, event)),
             (Projection::Catalog, AnyEvent::Product(event)) => Some(product_change(suffix, id, &at, event)),
             (Projection::Catalog, AnyEvent::Inventory(event)) => stock_change(suffix, id, &at, event),
-            (Projection::Prices, AnyEvent::Product(event)) => Some(price_change(suffix, id, &at, event)),
+            (Projection::Prices | Projection::CartPrices, AnyEvent::Product(event)) => Some(price_change(suffix, id, &at, event)),
+            (Projection::Carts, AnyEvent::Cart(event)) => Some(cart_change(suffix, id, &at, event)),
             _ => None,
         })
     }
@@ -398,6 +406,33 @@ fn stock_change(suffix: &str, sku: &str, at: &str, event: &InventoryEvent) -> Op
             text(at),
         ],
     ))
+}
+
+/// A cart's lines (its id is its customer's).
+fn cart_change(suffix: &str, customer: &str, at: &str, event: &CartEvent) -> Change {
+    match event {
+        CartEvent::CartLineSet { sku, quantity } => Change::new(
+            format!(
+                "INSERT INTO cart_lines{suffix} (customer_id, sku, quantity, updated_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (customer_id, sku) DO UPDATE SET quantity = excluded.quantity,
+                    updated_at = excluded.updated_at"
+            ),
+            vec![
+                text(customer),
+                text(sku.as_str()),
+                Bind::Integer(quantity.get() as i64),
+                text(at),
+            ],
+        ),
+        CartEvent::CartLineRemoved { sku } => Change::new(
+            format!("DELETE FROM cart_lines{suffix} WHERE customer_id = $1 AND sku = $2"),
+            vec![text(customer), text(sku.as_str())],
+        ),
+        CartEvent::CartCheckedOut { .. } => Change::new(
+            format!("DELETE FROM cart_lines{suffix} WHERE customer_id = $1"),
+            vec![text(customer)],
+        ),
+    }
 }
 
 fn customer_change(suffix: &str, id: &str, at: &str, event: &CustomerEvent) -> Change {

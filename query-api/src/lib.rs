@@ -14,8 +14,8 @@ use infra::progress::Progress;
 use infra::InfraError;
 use infra::{parse_timestamp, EventStore};
 use schemas::http::{
-    CustomerView, InventoryView, OrderLineView, OrderPage, OrderView, PaymentView, ProductPage,
-    ProductView, ReadRefusals, ShipmentView, StreamView,
+    CartLineView, CartView, CustomerView, InventoryView, OrderLineView, OrderPage, OrderView,
+    PaymentView, ProductPage, ProductView, ReadRefusals, ShipmentView, StreamView,
 };
 use schemas::topics::{AggregateType, ProjectionName, UnknownName};
 use serde::Deserialize;
@@ -41,6 +41,7 @@ pub struct QueryState {
     pub shipments: Option<AnyPool>,
     pub customers: Option<AnyPool>,
     pub catalog: Option<AnyPool>,
+    pub cart: Option<AnyPool>,
     /// Stream reads in progress at most ([`STREAM_READS`]): they read the event
     /// store's pool, which commands share; past the bound a read is refused (503 with
     /// `Retry-After`) rather than queued in front of commands.
@@ -61,6 +62,7 @@ pub struct Files {
     /// Also what tells the catalog's search which dialect to speak (FTS5 on a file,
     /// else PostgreSQL's text search).
     pub catalog: Option<PathBuf>,
+    pub cart: Option<PathBuf>,
 }
 
 /// How many `/v1/streams` reads run at once in a process.
@@ -82,6 +84,7 @@ pub fn router(state: QueryState) -> OpenApiRouter {
         shipments: state.shipments.is_some(),
         customers: state.customers.is_some(),
         catalog: state.catalog.is_some(),
+        cart: state.cart.is_some(),
     };
     routes(served).with_state(state)
 }
@@ -95,6 +98,7 @@ pub struct Served {
     pub shipments: bool,
     pub customers: bool,
     pub catalog: bool,
+    pub cart: bool,
 }
 
 impl Served {
@@ -105,6 +109,7 @@ impl Served {
         shipments: true,
         customers: true,
         catalog: true,
+        cart: true,
     };
 }
 
@@ -127,6 +132,9 @@ pub fn routes(served: Served) -> OpenApiRouter<QueryState> {
     if served.customers {
         router = router.routes(routes!(me));
     }
+    if served.cart {
+        router = router.routes(routes!(cart));
+    }
     if served.catalog {
         router = router.routes(routes!(products)).routes(routes!(product));
     }
@@ -148,8 +156,9 @@ impl QueryState {
             ProjectionName::Shipments => (&self.shipments, &self.files.shipments),
             ProjectionName::Customers => (&self.customers, &self.files.customers),
             ProjectionName::Catalog => (&self.catalog, &self.files.catalog),
-            // The order service's own copy, read by its commands only.
-            ProjectionName::Prices => (&None, &None),
+            ProjectionName::Carts => (&self.cart, &self.files.cart),
+            // The order and cart services' own copies, read by their commands only.
+            ProjectionName::Prices | ProjectionName::CartPrices => (&None, &None),
         };
         let pool = pool
             .as_ref()
@@ -767,4 +776,47 @@ async fn product(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no product {sku}")))?;
     Ok(Json(view))
+}
+
+/// The caller's cart, each line at the catalog's price now (as the cart service's
+/// copy of the prices has it).
+#[utoipa::path(
+    get,
+    path = "/v1/cart",
+    tag = "cart",
+    params(("X-Consistency-Token" = Option<String>, Header, description = "The token of a write: the read waits until it reflects it"), ("X-Consistency-Wait-Ms" = Option<u32>, Header, description = "How long to wait for the token, 0 to 30000 ms (default 2000)")),
+    responses((status = 200, body = CartView), ReadRefusals)
+)]
+async fn cart(
+    State(s): State<QueryState>,
+    principal: Principal,
+    headers: HeaderMap,
+) -> Result<Json<CartView>, ApiError> {
+    let customer = principal
+        .customer()
+        .ok_or_else(|| ApiError::forbidden("a cart is a customer's own"))?
+        .to_owned();
+    let db = s.reflecting(ProjectionName::Carts, &headers).await?;
+    let rows = sqlx::query(
+        "SELECT c.sku, c.quantity, COALESCE(p.price_cents, 0) AS price_cents
+           FROM cart_lines c LEFT JOIN product_prices p ON p.sku = c.sku
+          WHERE c.customer_id = $1 ORDER BY c.sku",
+    )
+    .bind(customer)
+    .fetch_all(db.pool)
+    .await?;
+    let mut lines = vec![];
+    for row in &rows {
+        let row: &dyn Columns = row;
+        lines.push(CartLineView {
+            sku: row.text("sku")?,
+            quantity: row.int("quantity")?.max(0) as u64,
+            unit_price_cents: row.int("price_cents")?.max(0) as u64,
+        });
+    }
+    let total_cents = lines
+        .iter()
+        .map(|line| line.quantity.saturating_mul(line.unit_price_cents))
+        .fold(0u64, u64::saturating_add);
+    Ok(Json(CartView { lines, total_cents }))
 }

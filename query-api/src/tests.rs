@@ -31,7 +31,8 @@ async fn fixture() -> Fixture {
         payments: pool.clone(),
         shipments: pool.clone(),
         customers: pool.clone(),
-        catalog: pool,
+        catalog: pool.clone(),
+        cart: pool,
         stream_reads: QueryState::stream_reads(),
         // The point reads of the embedded deployment (on the task, not the pool).
         files: Files {
@@ -41,6 +42,7 @@ async fn fixture() -> Fixture {
             shipments: scratch.db.sqlite_file(),
             customers: scratch.db.sqlite_file(),
             catalog: scratch.db.sqlite_file(),
+            cart: scratch.db.sqlite_file(),
         },
     };
     Fixture { state, scratch }

@@ -1,5 +1,6 @@
 //! The wire form of events: type names, schema versions and upcasters.
 
+use domain::cart::{Cart, CartEvent};
 use domain::customer::{Customer, CustomerEvent, Session, SessionEvent};
 use domain::inventory::{InventoryEvent, InventoryItem};
 use domain::order::{Order, OrderEvent};
@@ -65,6 +66,9 @@ pub const EVENT_TYPES: &[(AggregateType, &str, u32)] = &[
     (AggregateType::Session, "SessionEnded", 1),
     (AggregateType::Product, "ProductCreated", 1),
     (AggregateType::Product, "ProductChanged", 1),
+    (AggregateType::Cart, "CartLineSet", 1),
+    (AggregateType::Cart, "CartLineRemoved", 1),
+    (AggregateType::Cart, "CartCheckedOut", 1),
 ];
 
 /// The current schema version of an event type.
@@ -160,6 +164,7 @@ pub enum AnyEvent {
     Customer(CustomerEvent),
     Session(SessionEvent),
     Product(ProductEvent),
+    Cart(CartEvent),
 }
 
 impl AnyEvent {
@@ -175,6 +180,7 @@ impl AnyEvent {
             Customer::TYPE => decode(t, v, p).map(AnyEvent::Customer),
             Session::TYPE => decode(t, v, p).map(AnyEvent::Session),
             Product::TYPE => decode(t, v, p).map(AnyEvent::Product),
+            Cart::TYPE => decode(t, v, p).map(AnyEvent::Cart),
             other => Err(SchemaError::UnknownType {
                 aggregate_type: other.to_owned(),
                 event_type: t.to_owned(),
@@ -192,6 +198,7 @@ impl AnyEvent {
             AnyEvent::Customer(e) => encode(e),
             AnyEvent::Session(e) => encode(e),
             AnyEvent::Product(e) => encode(e),
+            AnyEvent::Cart(e) => encode(e),
         }
     }
 }

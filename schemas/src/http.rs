@@ -361,3 +361,33 @@ pub struct ProductPage {
     /// The `cursor` of the next page; null on the last.
     pub next_cursor: Option<String>,
 }
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CartLineRequest {
+    /// 0 takes the product out of the cart.
+    #[schema(minimum = 0, maximum = 1_000_000)]
+    pub quantity: i64,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutRequest {
+    /// The payment method's token (a secret: never shown by a read).
+    pub payment_token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CartLineView {
+    pub sku: String,
+    pub quantity: u64,
+    /// The catalog's price now.
+    pub unit_price_cents: u64,
+}
+
+/// A customer's cart, priced as the catalog prices its products now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CartView {
+    pub lines: Vec<CartLineView>,
+    pub total_cents: u64,
+}

@@ -61,6 +61,7 @@ names!(
         Shipping => "shipping",
         Customer => "customer",
         Catalog => "catalog",
+        Cart => "cart",
     }
 );
 
@@ -74,6 +75,7 @@ names!(
         Customer => "customer",
         Session => "session",
         Product => "product",
+        Cart => "cart",
     }
 );
 
@@ -87,11 +89,13 @@ names!(
         Customers => "customers",
         Catalog => "catalog",
         Prices => "prices",
+        Carts => "carts",
+        CartPrices => "cart_prices",
     }
 );
 
 /// The text form of every aggregate type, in the order of [`AggregateType::ALL`].
-pub const AGGREGATE_TYPES: [&str; 7] = [
+pub const AGGREGATE_TYPES: [&str; 8] = [
     "order",
     "inventory",
     "payment",
@@ -99,6 +103,7 @@ pub const AGGREGATE_TYPES: [&str; 7] = [
     "customer",
     "session",
     "product",
+    "cart",
 ];
 
 impl AggregateType {
@@ -111,6 +116,7 @@ impl AggregateType {
             AggregateType::Shipment => Service::Shipping,
             AggregateType::Customer | AggregateType::Session => Service::Customer,
             AggregateType::Product => Service::Catalog,
+            AggregateType::Cart => Service::Cart,
         }
     }
 
@@ -148,6 +154,7 @@ impl ProjectionName {
             ProjectionName::Catalog => Service::Catalog,
             // The order service's own copy of the prices it checks orders against.
             ProjectionName::Prices => Service::Order,
+            ProjectionName::Carts | ProjectionName::CartPrices => Service::Cart,
         }
     }
 
@@ -164,7 +171,8 @@ impl ProjectionName {
             ProjectionName::Shipments => &[AggregateType::Shipment],
             ProjectionName::Customers => &[AggregateType::Customer],
             ProjectionName::Catalog => &[AggregateType::Product, AggregateType::Inventory],
-            ProjectionName::Prices => &[AggregateType::Product],
+            ProjectionName::Prices | ProjectionName::CartPrices => &[AggregateType::Product],
+            ProjectionName::Carts => &[AggregateType::Cart],
         }
     }
 
@@ -203,7 +211,7 @@ mod tests {
         let error = "billing".parse::<Service>().expect_err("unknown");
         assert_eq!(
             error.to_string(),
-            "no service named \"billing\"; the services are order, inventory, payment, shipping, customer, catalog"
+            "no service named \"billing\"; the services are order, inventory, payment, shipping, customer, catalog, cart"
         );
         assert_eq!(
             AGGREGATE_TYPES.to_vec(),
@@ -225,6 +233,7 @@ mod tests {
             domain::customer::Customer::TYPE,
             domain::customer::Session::TYPE,
             domain::product::Product::TYPE,
+            domain::cart::Cart::TYPE,
         ];
         let parsed: Vec<AggregateType> = types
             .iter()

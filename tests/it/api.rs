@@ -910,7 +910,9 @@ async fn operators_see_health_projections_and_metrics(backend: Backend) {
             "payments",
             "shipments",
             "customers",
-            "catalog"
+            "catalog",
+            "carts",
+            "cart_prices"
         ]
     );
     for projection in listing["projections"].as_array().expect("projections") {

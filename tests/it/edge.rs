@@ -280,6 +280,8 @@ async fn the_gateway_passes_repeated_headers_answers_a_stopped_body_408_and_refu
             &url,
             "--catalog",
             &url,
+            "--cart",
+            &url,
             "--body-timeout-ms",
             "1000",
         ]
@@ -344,6 +346,7 @@ async fn the_gateway_pages_every_services_dead_letters_in_one_order() {
         "shipping",
         "customer",
         "catalog",
+        "cart",
     ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -380,6 +383,8 @@ async fn the_gateway_pages_every_services_dead_letters_in_one_order() {
             &urls[4],
             "--catalog",
             &urls[5],
+            "--cart",
+            &urls[6],
         ]
         .map(String::from),
     );
@@ -395,7 +400,7 @@ async fn the_gateway_pages_every_services_dead_letters_in_one_order() {
     assert_eq!(page["next_cursor"], "inventory:1");
     let (status, all) = gateway.api.get("/v1/dead-letters").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(all["dead_letters"].as_array().map(Vec::len), Some(12));
+    assert_eq!(all["dead_letters"].as_array().map(Vec::len), Some(14));
     assert!(all["next_cursor"].is_null());
     let (status, problem) = gateway.api.get("/v1/dead-letters?limit=0").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");

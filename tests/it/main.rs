@@ -4,6 +4,7 @@
 
 mod api;
 mod auth;
+mod cart;
 mod catalog;
 mod chaos;
 mod cli;

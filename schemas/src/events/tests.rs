@@ -1,5 +1,6 @@
 use super::*;
 use crate::Envelope;
+use domain::cart::CartEvent;
 use domain::customer::SessionEnd;
 use domain::order::OrderLine;
 use domain::product::ProductEvent;
@@ -166,6 +167,22 @@ fn samples() -> Vec<(&'static str, Value, String)> {
             active: false,
         }),
     );
+    let sku = Sku::parse("TEA-1").expect("valid");
+    for event in [
+        CartEvent::CartLineSet {
+            sku: sku.clone(),
+            quantity: Quantity::new(2).expect("valid"),
+        },
+        CartEvent::CartLineRemoved { sku: sku.clone() },
+        CartEvent::CartCheckedOut {
+            order_id: order,
+            lines: vec![line("TEA-1", 2, 450)],
+            total_cents: Money::from_cents(900),
+            payment_token: token.clone(),
+        },
+    ] {
+        push("cart", encode(&event));
+    }
     out
 }
 
