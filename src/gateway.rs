@@ -107,6 +107,7 @@ pub fn owner(method: &Method, path: &str) -> Option<Service> {
         ["v1", "customers" | "auth", ..] => Some(Service::Customer),
         ["v1", "products", ..] => Some(Service::Catalog),
         ["v1", "cart", ..] => Some(Service::Cart),
+        ["v1", "notifications", ..] => Some(Service::Notification),
         ["v1", "streams", aggregate_type, ..] => aggregate_type
             .parse::<AggregateType>()
             .ok()

@@ -30,6 +30,7 @@ use axum::{Json, Router};
 use command_handlers::app::{Backlog, TokenStyle};
 use command_handlers::cart::Checkout;
 use command_handlers::inbox::Inbox;
+use command_handlers::notify::{Channel, Notifier};
 use command_handlers::saga::{Dispatch, SagaRunner};
 use command_handlers::Handlers;
 use infra::auth::{Gate, Keys};
@@ -178,6 +179,7 @@ impl Storage {
             customers: pool(Service::Customer),
             catalog: pool(Service::Catalog),
             cart: pool(Service::Cart),
+            notifications: pool(Service::Notification),
             stream_reads: QueryState::stream_reads(),
             files: query_api::Files {
                 orders: file(Service::Order),
@@ -307,6 +309,30 @@ impl System {
             let source = Checkout::source(&transport, order).await?;
             watched.sources.push(source.clone());
             tasks.push(tokio::spawn(drive(source, checkout, shutdown.clone())));
+        }
+        if let Some(db) = database(Service::Notification) {
+            let channel = match &config.notifier {
+                infra::config::Notifier::File => {
+                    Channel::File(config.data_dir.join("notifications.jsonl"))
+                }
+                infra::config::Notifier::Log => Channel::Log,
+                infra::config::Notifier::Smtp { url, from } => Channel::Smtp {
+                    url: url.clone(),
+                    from: from.clone(),
+                },
+            };
+            let notifier = Arc::new(Notifier::new(&handlers, &db, &channel).await?);
+            let source = Notifier::source(&transport, &db).await?;
+            watched.sources.push(source.clone());
+            tasks.push(tokio::spawn(drive(
+                source,
+                notifier.clone(),
+                shutdown.clone(),
+            )));
+            let stop = shutdown.clone();
+            tasks.push(tokio::spawn(
+                async move { notifier.dispatch_until(stop).await },
+            ));
         }
         if let Some(kafka) = transport.kafka() {
             // A service process publishes its own log and hears the saga's commands.

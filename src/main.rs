@@ -78,6 +78,9 @@ enum Command {
         /// The cart service.
         #[arg(long, env = "ORDERLINE_CART_URL")]
         cart: String,
+        /// The notification service.
+        #[arg(long, env = "ORDERLINE_NOTIFICATION_URL")]
+        notification: String,
         /// Requests a second per client (its token, else its address) as RATE or
         /// RATE/BURST, or `off`; past it, 429 with Retry-After. Default 50/100, or
         /// no limit when ORDERLINE_AUTH is `off`. (Behind a gateway, give the
@@ -138,7 +141,8 @@ impl EdgeArgs {
 #[derive(Args, Clone)]
 struct KafkaArgs {
     /// Run one service of the distributed deployment (order, inventory, payment,
-    /// shipping, customer, catalog, cart) instead of every service embedded. Needs --kafka-brokers.
+    /// shipping, customer, catalog, cart, notification) instead of every service
+    /// embedded. Needs --kafka-brokers.
     #[arg(long, env = "ORDERLINE_SERVICE")]
     service: Option<Service>,
     /// Partitions of each topic created at start-up.
@@ -239,6 +243,43 @@ struct ServeArgs {
     kafka: KafkaArgs,
     #[command(flatten)]
     auth: AuthArgs,
+    #[command(flatten)]
+    notifier: NotifierArgs,
+}
+
+/// How the notification service sends its messages.
+#[derive(Args, Clone)]
+struct NotifierArgs {
+    /// `file`: JSON lines in <data-dir>/notifications.jsonl; `log`: the server's log;
+    /// `smtp`: mail through --smtp-url.
+    #[arg(long, env = "ORDERLINE_NOTIFIER", default_value = "file", value_parser = ["file", "log", "smtp"])]
+    notifier: String,
+    /// The SMTP server for --notifier smtp: smtp://host[:port] (plain SMTP, as to a
+    /// relay in the deployment's own network).
+    #[arg(long, env = "ORDERLINE_SMTP_URL")]
+    smtp_url: Option<String>,
+    /// The sender of the mails.
+    #[arg(
+        long,
+        env = "ORDERLINE_SMTP_FROM",
+        default_value = "Orderline <orderline@localhost>"
+    )]
+    smtp_from: String,
+}
+
+impl NotifierArgs {
+    fn notifier(self) -> anyhow::Result<infra::config::Notifier> {
+        Ok(match self.notifier.as_str() {
+            "log" => infra::config::Notifier::Log,
+            "smtp" => infra::config::Notifier::Smtp {
+                url: self
+                    .smtp_url
+                    .ok_or_else(|| anyhow::anyhow!("--notifier smtp needs --smtp-url"))?,
+                from: self.smtp_from,
+            },
+            _ => infra::config::Notifier::File,
+        })
+    }
 }
 
 /// Who may call what (API.md, "v1.1 additions").
@@ -318,7 +359,7 @@ fn rate_limit_of(
 }
 
 /// The settings a `--config` file may hold.
-const SETTINGS: [&str; 36] = [
+const SETTINGS: [&str; 40] = [
     "ORDERLINE_AUTH",
     "ORDERLINE_OPERATOR_TOKEN_FILE",
     "ORDERLINE_OPERATOR_TOKEN",
@@ -349,6 +390,10 @@ const SETTINGS: [&str; 36] = [
     "ORDERLINE_CUSTOMER_URL",
     "ORDERLINE_CATALOG_URL",
     "ORDERLINE_CART_URL",
+    "ORDERLINE_NOTIFICATION_URL",
+    "ORDERLINE_NOTIFIER",
+    "ORDERLINE_SMTP_URL",
+    "ORDERLINE_SMTP_FROM",
     "ORDERLINE_MAX_CONNECTIONS",
     "ORDERLINE_MAX_IN_FLIGHT",
     "ORDERLINE_HEADER_TIMEOUT_MS",
@@ -425,6 +470,7 @@ fn main() -> anyhow::Result<()> {
                 customer,
                 catalog,
                 cart,
+                notification,
                 rate_limit,
                 edge,
             }) => {
@@ -439,6 +485,7 @@ fn main() -> anyhow::Result<()> {
                         (Service::Customer, customer),
                         (Service::Catalog, catalog),
                         (Service::Cart, cart),
+                        (Service::Notification, notification),
                     ],
                     rate_limit,
                 };
@@ -459,6 +506,7 @@ async fn run_server(args: ServeArgs) -> anyhow::Result<()> {
     config.refusal_delay = Duration::from_millis(args.refusal_delay_ms);
     config.limits = args.edge.limits()?;
     config.auth = args.auth.settings()?;
+    config.notifier = args.notifier.notifier()?;
     if args.retention_interval_secs == 0 {
         anyhow::bail!("--retention-interval-secs must be at least 1");
     }

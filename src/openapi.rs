@@ -34,6 +34,7 @@ use utoipa_axum::routes;
         (name = "customers", description = "Registration, logins (access and refresh tokens) and the customer's own profile"),
         (name = "catalog", description = "Products, their prices and stock; full-text search"),
         (name = "cart", description = "A customer's cart, and its checkout into an order"),
+        (name = "notifications", description = "What was sent to customers about their orders"),
         (name = "operators", description = "Health, metrics, event streams, projections and dead letters")
     )
 )]

@@ -10,6 +10,7 @@ pub mod cart;
 pub mod customers;
 pub mod gateway;
 pub mod inbox;
+pub mod notify;
 pub mod routes;
 pub mod saga;
 

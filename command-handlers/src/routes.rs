@@ -54,7 +54,7 @@ pub fn service_routes(service: Service) -> OpenApiRouter<Handlers> {
         Service::Catalog => OpenApiRouter::new()
             .routes(routes!(create_product))
             .routes(routes!(change_product)),
-        Service::Payment | Service::Shipping => OpenApiRouter::new(),
+        Service::Payment | Service::Shipping | Service::Notification => OpenApiRouter::new(),
         Service::Cart => OpenApiRouter::new()
             .routes(routes!(cart::set_line, cart::remove_line))
             .routes(routes!(cart::checkout)),

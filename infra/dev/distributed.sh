@@ -10,7 +10,7 @@
 # ORDERLINE_RUN_DIR        logs and pid files          (default target/distributed)
 # ORDERLINE_BIN            the orderline binary        (default target/release/orderline, built when missing)
 # ORDERLINE_POSTGRES_URL   the PostgreSQL server       (default postgres://postgres@127.0.0.1:5432)
-# ORDERLINE_PORT_BASE      the gateway's port; the services take the next seven (default 8090)
+# ORDERLINE_PORT_BASE      the gateway's port; the services take the next eight (default 8090)
 # ORDERLINE_DATABASE_PREFIX, ORDERLINE_TOPIC_PREFIX, ORDERLINE_KAFKA_BROKERS,
 # ORDERLINE_PAYMENT_TIMEOUT_MS and ORDERLINE_AUTH are passed on to the services;
 # ORDERLINE_RATE_LIMIT to the gateway, which limits each client's rate.
@@ -29,8 +29,8 @@ gateway_port="${ORDERLINE_PORT_BASE:-8090}"
 declare -A ports=([order]=$((gateway_port + 1)) [inventory]=$((gateway_port + 2))
   [payment]=$((gateway_port + 3)) [shipping]=$((gateway_port + 4))
   [customer]=$((gateway_port + 5)) [catalog]=$((gateway_port + 6))
-  [cart]=$((gateway_port + 7)))
-services=(order inventory payment shipping customer catalog cart)
+  [cart]=$((gateway_port + 7)) [notification]=$((gateway_port + 8)))
+services=(order inventory payment shipping customer catalog cart notification)
 
 alive() {
   [ -f "$run/$1.pid" ] && kill -0 "$(cat "$run/$1.pid")" 2>/dev/null
@@ -101,7 +101,8 @@ up() {
     --shipping "http://127.0.0.1:${ports[shipping]}" \
     --customer "http://127.0.0.1:${ports[customer]}" \
     --catalog "http://127.0.0.1:${ports[catalog]}" \
-    --cart "http://127.0.0.1:${ports[cart]}"
+    --cart "http://127.0.0.1:${ports[cart]}" \
+    --notification "http://127.0.0.1:${ports[notification]}"
   echo "the public API: http://127.0.0.1:$gateway_port (logs and pids in $run;" \
     "the operator token in $ORDERLINE_OPERATOR_TOKEN_FILE)"
 }

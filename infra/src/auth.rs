@@ -394,6 +394,7 @@ const ROUTES: &[(&str, &str, Access)] = &[
     ("PUT", "/v1/cart/lines/{sku}", Access::CustomerOnly),
     ("DELETE", "/v1/cart/lines/{sku}", Access::CustomerOnly),
     ("POST", "/v1/cart/checkout", Access::CustomerOnly),
+    ("GET", "/v1/notifications", Access::Customer),
     ("GET", "/v1/products", Access::Open),
     ("GET", "/v1/products/{sku}", Access::Open),
 ];

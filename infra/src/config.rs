@@ -32,6 +32,20 @@ pub struct Config {
     pub retention: crate::retention::Retention,
     /// Who may call what (`--auth`, on unless turned off), the keys, the rate limit.
     pub auth: crate::auth::AuthSettings,
+    /// How the notification service sends its messages (`--notifier`).
+    pub notifier: Notifier,
+}
+
+/// How notifications leave.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Notifier {
+    /// JSON lines in `<data-dir>/notifications.jsonl`.
+    #[default]
+    File,
+    /// Lines in the server's log.
+    Log,
+    /// Mail through the SMTP server at `url` (`smtp://host:port`), from `from`.
+    Smtp { url: String, from: String },
 }
 
 impl Config {
@@ -48,6 +62,7 @@ impl Config {
             limits: crate::serve::Limits::default(),
             retention: crate::retention::Retention::default(),
             auth: crate::auth::AuthSettings::default(),
+            notifier: Notifier::default(),
         }
     }
 

@@ -14,8 +14,9 @@ use infra::progress::Progress;
 use infra::InfraError;
 use infra::{parse_timestamp, EventStore};
 use schemas::http::{
-    CartLineView, CartView, CustomerView, InventoryView, OrderLineView, OrderPage, OrderView,
-    PaymentView, ProductPage, ProductView, ReadRefusals, ShipmentView, StreamView,
+    CartLineView, CartView, CustomerView, InventoryView, NotificationPage, NotificationView,
+    OrderLineView, OrderPage, OrderView, PaymentView, ProductPage, ProductView, ReadRefusals,
+    ShipmentView, StreamView,
 };
 use schemas::topics::{AggregateType, ProjectionName, UnknownName};
 use serde::Deserialize;
@@ -42,6 +43,7 @@ pub struct QueryState {
     pub customers: Option<AnyPool>,
     pub catalog: Option<AnyPool>,
     pub cart: Option<AnyPool>,
+    pub notifications: Option<AnyPool>,
     /// Stream reads in progress at most ([`STREAM_READS`]): they read the event
     /// store's pool, which commands share; past the bound a read is refused (503 with
     /// `Retry-After`) rather than queued in front of commands.
@@ -85,6 +87,7 @@ pub fn router(state: QueryState) -> OpenApiRouter {
         customers: state.customers.is_some(),
         catalog: state.catalog.is_some(),
         cart: state.cart.is_some(),
+        notifications: state.notifications.is_some(),
     };
     routes(served).with_state(state)
 }
@@ -99,6 +102,7 @@ pub struct Served {
     pub customers: bool,
     pub catalog: bool,
     pub cart: bool,
+    pub notifications: bool,
 }
 
 impl Served {
@@ -110,6 +114,7 @@ impl Served {
         customers: true,
         catalog: true,
         cart: true,
+        notifications: true,
     };
 }
 
@@ -131,6 +136,9 @@ pub fn routes(served: Served) -> OpenApiRouter<QueryState> {
     }
     if served.customers {
         router = router.routes(routes!(me));
+    }
+    if served.notifications {
+        router = router.routes(routes!(notifications));
     }
     if served.cart {
         router = router.routes(routes!(cart));
@@ -819,4 +827,92 @@ async fn cart(
         .map(|line| line.quantity.saturating_mul(line.unit_price_cents))
         .fold(0u64, u64::saturating_add);
     Ok(Json(CartView { lines, total_cents }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct NotificationParams {
+    /// Whose (operators; a customer sees its own).
+    customer_id: Option<String>,
+    /// Notifications per page: 1 to 100 (default 20).
+    #[param(value_type = Option<u32>)]
+    limit: Option<String>,
+    /// `next_cursor` of the page before.
+    cursor: Option<String>,
+}
+
+/// What was sent, newest first: a customer's own; an operator's, anyone's (or
+/// `customer_id`'s).
+#[utoipa::path(
+    get,
+    path = "/v1/notifications",
+    tag = "notifications",
+    params(NotificationParams),
+    responses((status = 200, body = NotificationPage), ReadRefusals)
+)]
+async fn notifications(
+    State(s): State<QueryState>,
+    principal: Principal,
+    params: Result<Query<NotificationParams>, QueryRejection>,
+) -> Result<Json<NotificationPage>, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::malformed(e.body_text()))?;
+    let limit = page_limit(params.limit.as_deref())?;
+    let customer = match (
+        principal.customer(),
+        params.customer_id.filter(|c| !c.is_empty()),
+    ) {
+        (Some(own), None) => Some(own.to_owned()),
+        (Some(own), Some(named)) if named == own => Some(named),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::forbidden(
+                "customer_id: a customer sees its own notifications only",
+            ))
+        }
+        (None, named) => named,
+    };
+    let cursor = params
+        .cursor
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(|raw| {
+            Uuid::parse_str(raw)
+                .map(|id| id.to_string())
+                .map_err(|_| ApiError::invalid("cursor is not one this server issued"))
+        })
+        .transpose()?;
+    let pool = s
+        .notifications
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("this process does not serve notifications"))?;
+    let rows = sqlx::query(
+        "SELECT notification_id, order_id, kind, channel, sent_at FROM notifications n
+          WHERE sent_at IS NOT NULL AND ($1 IS NULL OR customer_id = $1)
+            AND ($2 IS NULL OR (created_at, notification_id) <
+                 (SELECT created_at, notification_id FROM notifications WHERE notification_id = $2))
+          ORDER BY created_at DESC, notification_id DESC LIMIT $3",
+    )
+    .bind(customer)
+    .bind(cursor)
+    .bind(limit + 1)
+    .fetch_all(pool)
+    .await?;
+    let more = rows.len() as i64 > limit;
+    let mut items = vec![];
+    for row in rows.iter().take(limit as usize) {
+        let row: &dyn Columns = row;
+        items.push(NotificationView {
+            notification_id: infra::parse_uuid(&row.text("notification_id")?)?,
+            order_id: row.text("order_id")?,
+            kind: row.text("kind")?,
+            channel: row.maybe_text("channel")?.unwrap_or_default(),
+            sent_at: parse_timestamp(&row.text("sent_at")?)?,
+        });
+    }
+    let next_cursor = if more {
+        items.last().map(|n| n.notification_id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(NotificationPage { items, next_cursor }))
 }

@@ -32,7 +32,8 @@ async fn fixture() -> Fixture {
         shipments: pool.clone(),
         customers: pool.clone(),
         catalog: pool.clone(),
-        cart: pool,
+        cart: pool.clone(),
+        notifications: pool,
         stream_reads: QueryState::stream_reads(),
         // The point reads of the embedded deployment (on the task, not the pool).
         files: Files {

@@ -391,3 +391,21 @@ pub struct CartView {
     pub lines: Vec<CartLineView>,
     pub total_cents: u64,
 }
+
+/// A message sent to a customer about one of its orders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NotificationView {
+    pub notification_id: Uuid,
+    pub order_id: String,
+    /// `order_confirmed`, `order_cancelled`, `order_shipped` or `order_delivered`.
+    pub kind: String,
+    /// `file`, `log` or `smtp`.
+    pub channel: String,
+    pub sent_at: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NotificationPage {
+    pub items: Vec<NotificationView>,
+    pub next_cursor: Option<String>,
+}

@@ -62,6 +62,7 @@ names!(
         Customer => "customer",
         Catalog => "catalog",
         Cart => "cart",
+        Notification => "notification",
     }
 );
 
@@ -211,7 +212,7 @@ mod tests {
         let error = "billing".parse::<Service>().expect_err("unknown");
         assert_eq!(
             error.to_string(),
-            "no service named \"billing\"; the services are order, inventory, payment, shipping, customer, catalog, cart"
+            "no service named \"billing\"; the services are order, inventory, payment, shipping, customer, catalog, cart, notification"
         );
         assert_eq!(
             AGGREGATE_TYPES.to_vec(),

@@ -370,6 +370,11 @@ async fn every_protected_route_refuses_missing_expired_forged_and_foreign_tokens
                     "{method} {path}: a 401 says how to authenticate"
                 );
                 assert_eq!(problem["status"], 401);
+                // No secret in an error body.
+                if !token.is_empty() {
+                    assert!(!problem.to_string().contains(token.as_str()), "{problem}");
+                }
+                assert!(!problem.to_string().contains(&secrets.signing));
             }
             let (status, problem) =
                 send(&eve, method.clone(), &concrete(path, &order_id), json!({})).await;

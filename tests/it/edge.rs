@@ -282,6 +282,8 @@ async fn the_gateway_passes_repeated_headers_answers_a_stopped_body_408_and_refu
             &url,
             "--cart",
             &url,
+            "--notification",
+            &url,
             "--body-timeout-ms",
             "1000",
         ]
@@ -347,6 +349,7 @@ async fn the_gateway_pages_every_services_dead_letters_in_one_order() {
         "customer",
         "catalog",
         "cart",
+        "notification",
     ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -385,6 +388,8 @@ async fn the_gateway_pages_every_services_dead_letters_in_one_order() {
             &urls[5],
             "--cart",
             &urls[6],
+            "--notification",
+            &urls[7],
         ]
         .map(String::from),
     );
@@ -400,7 +405,7 @@ async fn the_gateway_pages_every_services_dead_letters_in_one_order() {
     assert_eq!(page["next_cursor"], "inventory:1");
     let (status, all) = gateway.api.get("/v1/dead-letters").await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(all["dead_letters"].as_array().map(Vec::len), Some(14));
+    assert_eq!(all["dead_letters"].as_array().map(Vec::len), Some(16));
     assert!(all["next_cursor"].is_null());
     let (status, problem) = gateway.api.get("/v1/dead-letters?limit=0").await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");

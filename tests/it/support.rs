@@ -139,8 +139,11 @@ impl TestServer {
     ) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         // The v1 contract, token-free (the auth scenarios turn it on).
-        let auth = infra::auth::AuthSettings::off();
-        Self::fresh_in(dir, backend, payment_timeout, (brokers, postgres), auth).await
+        let settings = (
+            infra::auth::AuthSettings::off(),
+            infra::config::Notifier::File,
+        );
+        Self::fresh_in(dir, backend, payment_timeout, (brokers, postgres), settings).await
     }
 
     /// A server on fresh storage of `backend` with auth on: the operator token and the
@@ -149,6 +152,15 @@ impl TestServer {
     pub async fn secured(
         backend: Backend,
         rate_limit: Option<infra::auth::RateLimit>,
+    ) -> (TestServer, Secrets) {
+        Self::secured_with(backend, rate_limit, infra::config::Notifier::File).await
+    }
+
+    /// [`TestServer::secured`], its notifications sent by `notifier`.
+    pub async fn secured_with(
+        backend: Backend,
+        rate_limit: Option<infra::auth::RateLimit>,
+        notifier: infra::config::Notifier,
     ) -> (TestServer, Secrets) {
         let dir = tempfile::tempdir().expect("temp dir");
         let secrets = Secrets {
@@ -171,7 +183,7 @@ impl TestServer {
         };
         let brokers = (backend == Backend::Distributed).then(kafka_broker);
         let timeout = Duration::from_secs(30);
-        let server = Self::fresh_in(dir, backend, timeout, (brokers, None), auth).await;
+        let server = Self::fresh_in(dir, backend, timeout, (brokers, None), (auth, notifier)).await;
         (server, secrets)
     }
 
@@ -180,10 +192,11 @@ impl TestServer {
         backend: Backend,
         payment_timeout: Duration,
         (brokers, postgres): (Option<String>, Option<String>),
-        auth: infra::auth::AuthSettings,
+        (auth, notifier): (infra::auth::AuthSettings, infra::config::Notifier),
     ) -> TestServer {
         let mut config = Config::with_data_dir(dir.path().join("data"));
         config.auth = auth;
+        config.notifier = notifier;
         config.payment_timeout = payment_timeout;
         if backend != Backend::Sqlite {
             config.postgres = Some(postgres.unwrap_or_else(postgres_server));
@@ -396,6 +409,18 @@ pub fn auth_args(config: &Config) -> Vec<String> {
     }
     // Behind the gateway, which limits each client's rate.
     args.extend(["--rate-limit".to_owned(), "off".to_owned()]);
+    match &config.notifier {
+        infra::config::Notifier::File => {}
+        infra::config::Notifier::Log => args.extend(["--notifier".to_owned(), "log".to_owned()]),
+        infra::config::Notifier::Smtp { url, from } => args.extend([
+            "--notifier".to_owned(),
+            "smtp".to_owned(),
+            "--smtp-url".to_owned(),
+            url.clone(),
+            "--smtp-from".to_owned(),
+            from.clone(),
+        ]),
+    }
     args
 }
 
