@@ -339,11 +339,17 @@ impl System {
             // It creates the topics first, retrying while the broker does not answer;
             // consumers start reading once their topics have partitions.
             let mut topics = kafka.event_topics();
-            topics.extend(Service::ALL.iter().map(|s| kafka.commands_topic(*s)));
+            topics.extend(
+                Service::SAGA_PARTICIPANTS
+                    .iter()
+                    .map(|s| kafka.commands_topic(*s)),
+            );
             let relay = Relay::new(store.clone(), kafka, RELAY)?.creating(topics);
             tasks.push(tokio::spawn(relay.run(shutdown.clone())));
             watched.relay = true;
-            for (service, db) in &services {
+            // Only the saga's participants hear commands.
+            let participants = services.iter().filter(|(s, _)| s.takes_saga_commands());
+            for (service, db) in participants {
                 let (source, task) = inbox(&transport, *service, db, &handlers, &shutdown)?;
                 watched.sources.push(source.clone());
                 watched.inbox = Some(source);

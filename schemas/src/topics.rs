@@ -134,6 +134,20 @@ impl Service {
         format!("{prefix}.{self}.commands")
     }
 
+    /// The services the fulfilment saga sends commands to (each has a command topic
+    /// and an inbox).
+    pub const SAGA_PARTICIPANTS: &'static [Service] = &[
+        Service::Order,
+        Service::Inventory,
+        Service::Payment,
+        Service::Shipping,
+    ];
+
+    /// Whether the fulfilment saga sends this service commands.
+    pub fn takes_saga_commands(self) -> bool {
+        Service::SAGA_PARTICIPANTS.contains(&self)
+    }
+
     /// The projections whose tables are in this service's database.
     pub fn projections(self) -> impl Iterator<Item = ProjectionName> {
         ProjectionName::ALL
