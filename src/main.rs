@@ -16,7 +16,7 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "orderline",
     version,
-    about = "Event-sourced commerce backend: orders, inventory, payment, shipping"
+    about = "Event-sourced commerce backend: orders, inventory, payment, shipping, customers, catalog, carts, notifications"
 )]
 struct Cli {
     /// A file of settings, one `ORDERLINE_*=value` line each (the environment

@@ -858,17 +858,24 @@ async fn watermarks(
     topics: Vec<String>,
 ) -> Result<Watermarks, InfraError> {
     let partitions = partitions(consumer.clone(), topics).await?;
-    tokio::task::spawn_blocking(move || {
-        let start = std::time::Instant::now();
-        let mut out = BTreeMap::new();
-        for (topic, partition) in partitions {
+    // Every partition's at once (one blocking call each): asked one after the other,
+    // a loaded broker's answers add up past what a scrape can wait.
+    let start = std::time::Instant::now();
+    let mut asked = tokio::task::JoinSet::new();
+    for (topic, partition) in partitions {
+        let consumer = consumer.clone();
+        asked.spawn_blocking(move || -> Result<_, InfraError> {
             let wait = remaining(start, BROKER_ANSWER)?;
             let marks = consumer.fetch_watermarks(&topic, partition, wait)?;
-            out.insert((topic, partition), marks);
-        }
-        Ok(out)
-    })
-    .await?
+            Ok(((topic, partition), marks))
+        });
+    }
+    let mut out = BTreeMap::new();
+    while let Some(answered) = asked.join_next().await {
+        let (key, marks) = answered??;
+        out.insert(key, marks);
+    }
+    Ok(out)
 }
 
 /// Reads topics from their beginning, for replays: it commits nothing; where it stands is kept in memory
