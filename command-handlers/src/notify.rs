@@ -99,6 +99,17 @@ pub struct Message {
 pub trait Sender: Send + Sync {
     /// Send one message; `Err` leaves it to be sent again later.
     async fn send(&self, message: &Message) -> Result<(), String>;
+
+    /// Send messages in order: how many of the first were sent (the rest are sent
+    /// again later), or why none was.
+    async fn send_all(&self, messages: &[Message]) -> Result<usize, String> {
+        for (sent, message) in messages.iter().enumerate() {
+            if let Err(error) = self.send(message).await {
+                return if sent == 0 { Err(error) } else { Ok(sent) };
+            }
+        }
+        Ok(messages.len())
+    }
 }
 
 /// JSON lines appended to a file, each written out (fsync) before it counts as sent.
@@ -131,19 +142,27 @@ impl FileSender {
     }
 }
 
-#[async_trait::async_trait]
-impl Sender for FileSender {
-    async fn send(&self, message: &Message) -> Result<(), String> {
+impl FileSender {
+    /// Append the messages the file does not hold yet, written out once (fsync).
+    fn append(&self, messages: &[Message]) -> Result<(), String> {
         let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
         if written.is_none() {
             *written = Some(self.load()?);
         }
         let ids = written.get_or_insert_with(HashSet::new);
-        if ids.contains(&message.notification_id) {
+        let mut lines = String::new();
+        let mut new = vec![];
+        for message in messages {
+            if ids.contains(&message.notification_id) || new.contains(&message.notification_id) {
+                continue;
+            }
+            lines.push_str(&serde_json::to_string(message).map_err(|e| e.to_string())?);
+            lines.push('\n');
+            new.push(message.notification_id);
+        }
+        if new.is_empty() {
             return Ok(());
         }
-        let mut line = serde_json::to_string(message).map_err(|e| e.to_string())?;
-        line.push('\n');
         if let Some(parent) = self.path.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
@@ -153,11 +172,30 @@ impl Sender for FileSender {
             .append(true)
             .open(&self.path)
             .map_err(|e| format!("cannot open {}: {e}", self.path.display()))?;
-        file.write_all(line.as_bytes())
+        file.write_all(lines.as_bytes())
             .and_then(|()| file.sync_data())
             .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
-        ids.insert(message.notification_id);
+        ids.extend(new);
         Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Sender for Arc<FileSender> {
+    async fn send(&self, message: &Message) -> Result<(), String> {
+        self.send_all(std::slice::from_ref(message))
+            .await
+            .map(|_| ())
+    }
+
+    /// One write and one fsync for the whole batch, on a blocking thread.
+    async fn send_all(&self, messages: &[Message]) -> Result<usize, String> {
+        let sender = self.clone();
+        let batch = messages.to_vec();
+        tokio::task::spawn_blocking(move || sender.append(&batch))
+            .await
+            .map_err(|e| e.to_string())??;
+        Ok(messages.len())
     }
 }
 
@@ -244,7 +282,7 @@ impl Sender for SmtpSender {
 /// The sender of a channel.
 pub fn sender(channel: &Channel) -> Result<Arc<dyn Sender>, String> {
     Ok(match channel {
-        Channel::File(path) => Arc::new(FileSender::new(path.clone())),
+        Channel::File(path) => Arc::new(Arc::new(FileSender::new(path.clone()))),
         Channel::Log => Arc::new(LogSender),
         Channel::Smtp { url, from } => Arc::new(SmtpSender::new(url, from)?),
     })
@@ -350,20 +388,32 @@ impl Notifier {
         .await
         .map_err(|e| e.to_string())?;
         let count = rows.len();
-        for row in rows {
-            let message = message(&row).map_err(|e| e.to_string())?;
-            self.sender.send(&message).await?;
-            sqlx::query(
-                "UPDATE notifications SET sent_at = $1, channel = $2 WHERE notification_id = $3",
-            )
+        let messages = rows
+            .iter()
+            .map(message)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let sent = self.sender.send_all(&messages).await?;
+        if sent > 0 {
+            // What was sent is marked in one statement.
+            let ids: Vec<String> = messages[..sent]
+                .iter()
+                .map(|m| m.notification_id.to_string())
+                .collect();
+            let ids = serde_json::to_string(&ids).map_err(|e| e.to_string())?;
+            sqlx::query(&format!(
+                "UPDATE notifications SET sent_at = $1, channel = $2
+                  WHERE notification_id IN ({})",
+                self.db.dialect.text_list("$3")
+            ))
             .bind(timestamp(Utc::now()))
             .bind(self.channel)
-            .bind(message.notification_id.to_string())
+            .bind(ids)
             .execute(&self.db.pool)
             .await
             .map_err(|e| e.to_string())?;
         }
-        Ok(count as i64 == BATCH)
+        Ok(count as i64 == BATCH && sent == count)
     }
 }
 
