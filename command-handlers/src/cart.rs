@@ -44,7 +44,7 @@ fn own(principal: &Principal) -> Result<&str, ApiError> {
 
 /// A product's price now by this process's copy of the catalog; 422 when it is not
 /// in the catalog or not on sale.
-async fn price(h: &Handlers, sku: &Sku) -> Result<Money, ApiError> {
+pub(crate) async fn price(h: &Handlers, sku: &Sku, field: &str) -> Result<Money, ApiError> {
     let db = h
         .prices
         .as_ref()
@@ -56,9 +56,9 @@ async fn price(h: &Handlers, sku: &Sku) -> Result<Money, ApiError> {
             .await?;
     match row {
         None => Err(ApiError::invalid(format!(
-            "sku: no product {sku} in the catalog"
+            "{field}: no product {sku} in the catalog"
         ))),
-        Some((_, 0)) => Err(ApiError::invalid(format!("sku: {sku} is not on sale"))),
+        Some((_, 0)) => Err(ApiError::invalid(format!("{field}: {sku} is not on sale"))),
         Some((cents, _)) => Ok(Money::from_cents(u64::try_from(cents).unwrap_or(0))),
     }
 }
@@ -87,7 +87,7 @@ pub async fn set_line(
             CartCommand::RemoveLine { sku: sku.clone() }
         } else {
             let quantity = Quantity::new(request.quantity).map_err(invalid)?;
-            price(&h, &sku).await?;
+            price(&h, &sku, "sku").await?;
             CartCommand::SetLine {
                 sku: sku.clone(),
                 quantity,
@@ -164,7 +164,7 @@ pub async fn checkout(
             lines.push(OrderLine {
                 sku: sku.clone(),
                 quantity: *quantity,
-                unit_price_cents: price(&h, sku).await?,
+                unit_price_cents: price(&h, sku, "sku").await?,
             });
         }
         // Where this process places the order too, it is a door like POST /v1/orders.

@@ -8,6 +8,7 @@
 //! `<session id>.<32 random bytes>`; only their SHA-256 digest is kept.
 
 use crate::app::{CommandError, Executed, Handlers, Meta};
+use crate::routes::observe;
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -88,7 +89,7 @@ pub async fn register(
         Ok((StatusCode::CREATED, token_header(&token), Json(body)).into_response())
     }
     .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    observe(&h, "register", result)
 }
 
 /// Log in: an access token (a JWT good for 15 minutes) and a refresh token.
@@ -132,7 +133,7 @@ pub async fn login(
         pair(&h, &id, session, refresh_token)
     }
     .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    observe(&h, "login", result)
 }
 
 /// Trade a refresh token for a new pair. A refresh token works once: presenting one
@@ -172,7 +173,7 @@ pub async fn refresh(
         }
     }
     .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    observe(&h, "refresh", result)
 }
 
 /// Log out: the login's refresh token stops working (and, where the login can be
@@ -200,7 +201,7 @@ pub async fn logout(
         Ok::<_, ApiError>(StatusCode::NO_CONTENT.into_response())
     }
     .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    observe(&h, "logout", result)
 }
 
 /// Change the caller's own name.
@@ -232,7 +233,7 @@ pub async fn rename(
         Ok::<_, ApiError>((StatusCode::ACCEPTED, token_header(&token), Json(body)).into_response())
     }
     .await;
-    result.unwrap_or_else(IntoResponse::into_response)
+    observe(&h, "rename_customer", result)
 }
 
 /// Logins are checked where they are kept: an access token of a login that ended is

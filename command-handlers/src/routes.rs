@@ -270,18 +270,13 @@ async fn restock(
 /// Whose order it is: a customer's own (naming another is 403), or the one an
 /// operator (or anyone, with auth off) names.
 fn orderer(principal: &Principal, named: Option<&str>) -> Result<CustomerId, ApiError> {
-    let customer = match (principal.customer(), named) {
-        (Some(own), None) => own,
-        (Some(own), Some(named)) if named == own => own,
-        (Some(_), Some(_)) => {
-            return Err(ApiError::forbidden(
-                "customer_id: a customer places orders for itself only",
-            ))
-        }
-        (None, Some(named)) => named,
-        (None, None) => return Err(ApiError::invalid("customer_id: required")),
-    };
-    CustomerId::parse(customer).map_err(invalid)
+    let customer = principal
+        .whose(
+            named,
+            "customer_id: a customer places orders for itself only",
+        )?
+        .ok_or_else(|| ApiError::invalid("customer_id: required"))?;
+    CustomerId::parse(&customer).map_err(invalid)
 }
 
 fn parse_order(
@@ -319,30 +314,13 @@ fn parse_order(
 /// or inactive sku is a 422, a stated price that is not the current one a 422 of its
 /// own kind (`price-changed`).
 async fn priced(h: &Handlers, lines: &[OrderLine]) -> Result<(), ApiError> {
-    let db = h
-        .prices
-        .as_ref()
-        .ok_or_else(|| ApiError::internal("the order service has no prices read model"))?;
     for (i, line) in lines.iter().enumerate() {
-        let sku = line.sku.as_str();
-        let row: Option<(i64, i64)> =
-            sqlx::query_as("SELECT price_cents, active FROM product_prices WHERE sku = $1")
-                .bind(sku)
-                .fetch_optional(&db.pool)
-                .await?;
-        let Some((price, active)) = row else {
-            return Err(ApiError::invalid(format!(
-                "lines[{i}].sku: no product {sku} in the catalog"
-            )));
-        };
-        if active == 0 {
-            return Err(ApiError::invalid(format!(
-                "lines[{i}].sku: {sku} is not on sale"
-            )));
-        }
-        if u64::try_from(price).ok() != Some(line.unit_price_cents.cents()) {
+        let price = crate::cart::price(h, &line.sku, &format!("lines[{i}].sku")).await?;
+        if price.cents() != line.unit_price_cents.cents() {
             return Err(ApiError::price_changed(format!(
-                "lines[{i}].unit_price_cents: {sku} costs {price} now"
+                "lines[{i}].unit_price_cents: {} costs {} now",
+                line.sku,
+                price.cents()
             )));
         }
     }

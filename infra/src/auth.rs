@@ -346,6 +346,17 @@ impl Principal {
             Principal::Anyone | Principal::Operator => true,
         }
     }
+
+    /// Whose resources a request is about: a customer's own (naming another is 403,
+    /// with `refusal` as the detail), or whomever an operator named (`None`: anyone's).
+    pub fn whose(&self, named: Option<&str>, refusal: &str) -> Result<Option<String>, ApiError> {
+        match (self.customer(), named) {
+            (Some(own), None) => Ok(Some(own.to_owned())),
+            (Some(own), Some(named)) if named == own => Ok(Some(own.to_owned())),
+            (Some(_), Some(_)) => Err(ApiError::forbidden(refusal)),
+            (None, named) => Ok(named.map(str::to_owned)),
+        }
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Principal {

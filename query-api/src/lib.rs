@@ -279,6 +279,28 @@ const ORDER_PAGE: &str = concat!(
       ORDER BY o.order_id DESC LIMIT $4"
 );
 
+/// One page of `rows`, which were read with a limit of `limit + 1`: the first `limit`
+/// as views, and the cursor of the last of them when there were more.
+fn page<T>(
+    rows: &[sqlx::any::AnyRow],
+    limit: i64,
+    view: impl Fn(&dyn Columns) -> Result<T, InfraError>,
+    cursor: impl Fn(&T) -> String,
+) -> Result<(Vec<T>, Option<String>), InfraError> {
+    let shown = usize::try_from(limit).unwrap_or(0);
+    let items = rows
+        .iter()
+        .take(shown)
+        .map(|row| view(row))
+        .collect::<Result<Vec<_>, _>>()?;
+    let next_cursor = if rows.len() > shown {
+        items.last().map(cursor)
+    } else {
+        None
+    };
+    Ok((items, next_cursor))
+}
+
 fn order_view(row: &dyn Columns) -> Result<OrderView, InfraError> {
     let lines: Vec<OrderLineView> = serde_json::from_str(&row.text("lines")?)
         .map_err(|e| InfraError::Corrupt(format!("order lines: {e}")))?;
@@ -381,19 +403,10 @@ async fn list_orders(
                 .map_err(|_| ApiError::invalid("cursor is not one this server issued"))
         })
         .transpose()?;
-    let customer = match (
-        principal.customer(),
-        params.customer_id.filter(|c| !c.is_empty()),
-    ) {
-        (Some(own), None) => Some(own.to_owned()),
-        (Some(own), Some(named)) if named == own => Some(named),
-        (Some(_), Some(_)) => {
-            return Err(ApiError::forbidden(
-                "customer_id: a customer lists its own orders only",
-            ))
-        }
-        (None, named) => named,
-    };
+    let customer = principal.whose(
+        params.customer_id.as_deref().filter(|c| !c.is_empty()),
+        "customer_id: a customer lists its own orders only",
+    )?;
     let db = s.reflecting(ProjectionName::Orders, &headers).await?;
     let rows = sqlx::query(ORDER_PAGE)
         .bind(customer)
@@ -402,17 +415,7 @@ async fn list_orders(
         .bind(limit + 1)
         .fetch_all(db.pool)
         .await?;
-    let more = rows.len() as i64 > limit;
-    let items = rows
-        .iter()
-        .take(limit as usize)
-        .map(|row| order_view(row))
-        .collect::<Result<Vec<_>, _>>()?;
-    let next_cursor = if more {
-        items.last().map(|o| o.order_id.to_string())
-    } else {
-        None
-    };
+    let (items, next_cursor) = page(&rows, limit, order_view, |o| o.order_id.to_string())?;
     Ok(Json(OrderPage { items, next_cursor }))
 }
 
@@ -750,17 +753,7 @@ async fn products(
         .bind(limit + 1)
         .fetch_all(db.pool)
         .await?;
-    let more = rows.len() as i64 > limit;
-    let items = rows
-        .iter()
-        .take(limit as usize)
-        .map(|row| product_view(row))
-        .collect::<Result<Vec<_>, _>>()?;
-    let next_cursor = if more {
-        items.last().map(|p| p.sku.clone())
-    } else {
-        None
-    };
+    let (items, next_cursor) = page(&rows, limit, product_view, |p| p.sku.clone())?;
     Ok(Json(ProductPage { items, next_cursor }))
 }
 
@@ -858,19 +851,10 @@ async fn notifications(
 ) -> Result<Json<NotificationPage>, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::malformed(e.body_text()))?;
     let limit = page_limit(params.limit.as_deref())?;
-    let customer = match (
-        principal.customer(),
-        params.customer_id.filter(|c| !c.is_empty()),
-    ) {
-        (Some(own), None) => Some(own.to_owned()),
-        (Some(own), Some(named)) if named == own => Some(named),
-        (Some(_), Some(_)) => {
-            return Err(ApiError::forbidden(
-                "customer_id: a customer sees its own notifications only",
-            ))
-        }
-        (None, named) => named,
-    };
+    let customer = principal.whose(
+        params.customer_id.as_deref().filter(|c| !c.is_empty()),
+        "customer_id: a customer sees its own notifications only",
+    )?;
     let cursor = params
         .cursor
         .as_deref()
@@ -897,22 +881,19 @@ async fn notifications(
     .bind(limit + 1)
     .fetch_all(pool)
     .await?;
-    let more = rows.len() as i64 > limit;
-    let mut items = vec![];
-    for row in rows.iter().take(limit as usize) {
-        let row: &dyn Columns = row;
-        items.push(NotificationView {
-            notification_id: infra::parse_uuid(&row.text("notification_id")?)?,
-            order_id: row.text("order_id")?,
-            kind: row.text("kind")?,
-            channel: row.maybe_text("channel")?.unwrap_or_default(),
-            sent_at: parse_timestamp(&row.text("sent_at")?)?,
-        });
-    }
-    let next_cursor = if more {
-        items.last().map(|n| n.notification_id.to_string())
-    } else {
-        None
-    };
+    let (items, next_cursor) = page(
+        &rows,
+        limit,
+        |row| {
+            Ok(NotificationView {
+                notification_id: infra::parse_uuid(&row.text("notification_id")?)?,
+                order_id: row.text("order_id")?,
+                kind: row.text("kind")?,
+                channel: row.maybe_text("channel")?.unwrap_or_default(),
+                sent_at: parse_timestamp(&row.text("sent_at")?)?,
+            })
+        },
+        |n| n.notification_id.to_string(),
+    )?;
     Ok(Json(NotificationPage { items, next_cursor }))
 }

@@ -3,7 +3,9 @@
 //! expired, forged and foreign tokens; refresh tokens work once; clients past their
 //! rate get 429.
 
-use crate::support::{bearer, body, on_every_backend, Api, Backend, TestServer, SETTLE};
+use crate::support::{
+    bearer, body, on_every_backend, sign_up_as, Api, Backend, TestServer, PASSWORD, SETTLE,
+};
 use infra::auth::{access, Access, RateLimit, AUDIENCE, ISSUER};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -14,26 +16,12 @@ on_every_backend!(
     every_protected_route_refuses_missing_expired_forged_and_foreign_tokens,
 );
 
-const PASSWORD: &str = "correct horse battery";
-
 /// Register `email` (201), log in; the customer's id and a client with its token.
 async fn customer(server: &TestServer, email: &str, name: &str) -> (String, Api, Value) {
-    let anyone = Api::from(server);
-    let (status, registered) = anyone
-        .post(
-            "/v1/customers",
-            json!({ "email": email, "password": PASSWORD, "name": name }),
-        )
-        .await;
-    assert_eq!(
-        status,
-        StatusCode::CREATED,
-        "register {email}: {registered}"
-    );
-    let id = registered["customer_id"].as_str().expect("id").to_owned();
-    let tokens = login(&anyone, email).await;
-    let access = tokens["access_token"].as_str().expect("access token");
-    (id, bearer(&server.base, access), tokens)
+    let (id, api, tokens) = sign_up_as(server, email, name).await;
+    assert_eq!(tokens["token_type"], "Bearer");
+    assert_eq!(tokens["expires_in"], 900);
+    (id, api, tokens)
 }
 
 async fn login(anyone: &Api, email: &str) -> Value {
@@ -47,18 +35,6 @@ async fn login(anyone: &Api, email: &str) -> Value {
     assert_eq!(tokens["token_type"], "Bearer");
     assert_eq!(tokens["expires_in"], 900);
     tokens
-}
-
-async fn send(api: &Api, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
-    crate::support::body(
-        api.client
-            .request(method, api.url(path))
-            .json(&body)
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await
 }
 
 async fn a_customer_registers_logs_in_and_follows_its_own_order_to_delivery(backend: Backend) {
@@ -131,13 +107,13 @@ async fn a_customer_registers_logs_in_and_follows_its_own_order_to_delivery(back
         me["customer_id"] == ada_id.as_str() && me["email"] == email.as_str()
     })
     .await;
-    let (status, renamed) = send(
-        &ada,
-        Method::PATCH,
-        "/v1/customers/me",
-        json!({ "name": "Ada L." }),
-    )
-    .await;
+    let (status, renamed) = ada
+        .send(
+            Method::PATCH,
+            "/v1/customers/me",
+            json!({ "name": "Ada L." }),
+        )
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{renamed}");
     ada.eventually("/v1/customers/me", "renamed", |me| me["name"] == "Ada L.")
         .await;
@@ -376,8 +352,9 @@ async fn every_protected_route_refuses_missing_expired_forged_and_foreign_tokens
                 }
                 assert!(!problem.to_string().contains(&secrets.signing));
             }
-            let (status, problem) =
-                send(&eve, method.clone(), &concrete(path, &order_id), json!({})).await;
+            let (status, problem) = eve
+                .send(method.clone(), &concrete(path, &order_id), json!({}))
+                .await;
             match route {
                 Access::Operator => assert_eq!(
                     status,

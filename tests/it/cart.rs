@@ -2,36 +2,24 @@
 //! the catalog, and checks it out into an order exactly once, however often the
 //! checkout is retried.
 
-use crate::support::{bearer, on_every_backend, Api, Backend, TestServer, SETTLE};
+use crate::support::{bearer, on_every_backend, sign_up, Api, Backend, TestServer, SETTLE};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 on_every_backend!(a_customer_fills_a_cart_and_checks_it_out_into_one_order);
 
-async fn send(api: &Api, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
-    crate::support::body(
-        api.client
-            .request(method, api.url(path))
-            .json(&body)
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await
-}
-
 /// PUT a line, retrying while the cart service has not heard of the product yet.
 async fn put_line(api: &Api, sku: &str, quantity: i64) -> (StatusCode, Value) {
     let start = Instant::now();
     loop {
-        let answer = send(
-            api,
-            Method::PUT,
-            &format!("/v1/cart/lines/{sku}"),
-            json!({ "quantity": quantity }),
-        )
-        .await;
+        let answer = api
+            .send(
+                Method::PUT,
+                &format!("/v1/cart/lines/{sku}"),
+                json!({ "quantity": quantity }),
+            )
+            .await;
         if answer.0 != StatusCode::UNPROCESSABLE_ENTITY || start.elapsed() > SETTLE {
             return answer;
         }
@@ -55,7 +43,6 @@ async fn checkout(api: &Api, key: &str) -> (StatusCode, Value) {
 async fn a_customer_fills_a_cart_and_checks_it_out_into_one_order(backend: Backend) {
     let (server, secrets) = TestServer::secured(backend, None).await;
     let operator = bearer(&server.base, &secrets.operator);
-    let anyone = Api::from(&server);
     for (sku, price) in [("TEA-1", 450), ("MUG-1", 1200), ("OLD-1", 100)] {
         let (status, body) = operator
             .post(
@@ -66,35 +53,16 @@ async fn a_customer_fills_a_cart_and_checks_it_out_into_one_order(backend: Backe
         assert_eq!(status, StatusCode::CREATED, "{body}");
         operator.restock(sku, 10).await;
     }
-    let (status, _) = send(
-        &operator,
-        Method::PATCH,
-        "/v1/products/OLD-1",
-        json!({ "active": false }),
-    )
-    .await;
+    let (status, _) = operator
+        .send(
+            Method::PATCH,
+            "/v1/products/OLD-1",
+            json!({ "active": false }),
+        )
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
 
-    let email = format!("lee-{}@example.com", uuid::Uuid::now_v7().simple());
-    let password = "correct horse battery";
-    let (status, registered) = anyone
-        .post(
-            "/v1/customers",
-            json!({ "email": email, "password": password, "name": "Lee" }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED);
-    let customer_id = registered["customer_id"].as_str().expect("id").to_owned();
-    let (_, tokens) = anyone
-        .post(
-            "/v1/auth/login",
-            json!({ "email": email, "password": password }),
-        )
-        .await;
-    let lee = bearer(
-        &server.base,
-        tokens["access_token"].as_str().expect("token"),
-    );
+    let (customer_id, _, lee) = sign_up(&server, "Lee").await;
 
     // An empty cart cannot be checked out.
     let (status, empty) = checkout(&lee, "empty-1").await;
@@ -106,13 +74,13 @@ async fn a_customer_fills_a_cart_and_checks_it_out_into_one_order(backend: Backe
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let (status, body) = put_line(&lee, "TEA-1", 2).await;
     assert_eq!(status, StatusCode::ACCEPTED, "a new quantity: {body}");
-    let (status, _) = send(
-        &lee,
-        Method::PUT,
-        "/v1/cart/lines/NONE-1",
-        json!({ "quantity": 1 }),
-    )
-    .await;
+    let (status, _) = lee
+        .send(
+            Method::PUT,
+            "/v1/cart/lines/NONE-1",
+            json!({ "quantity": 1 }),
+        )
+        .await;
     assert_eq!(
         status,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -121,13 +89,13 @@ async fn a_customer_fills_a_cart_and_checks_it_out_into_one_order(backend: Backe
     // Off sale: refused once the cart service has heard so.
     let start = Instant::now();
     loop {
-        let (status, _) = send(
-            &lee,
-            Method::PUT,
-            "/v1/cart/lines/OLD-1",
-            json!({ "quantity": 1 }),
-        )
-        .await;
+        let (status, _) = lee
+            .send(
+                Method::PUT,
+                "/v1/cart/lines/OLD-1",
+                json!({ "quantity": 1 }),
+            )
+            .await;
         if status == StatusCode::UNPROCESSABLE_ENTITY {
             break;
         }
@@ -135,17 +103,21 @@ async fn a_customer_fills_a_cart_and_checks_it_out_into_one_order(backend: Backe
             start.elapsed() < SETTLE,
             "a product off sale went into the cart: {status}"
         );
-        let _ = send(&lee, Method::DELETE, "/v1/cart/lines/OLD-1", json!({})).await;
+        let _ = lee
+            .send(Method::DELETE, "/v1/cart/lines/OLD-1", json!({}))
+            .await;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = send(&lee, Method::DELETE, "/v1/cart/lines/OLD-1", json!({})).await;
-    let (status, _) = send(
-        &lee,
-        Method::PUT,
-        "/v1/cart/lines/MUG-1",
-        json!({ "quantity": -1 }),
-    )
-    .await;
+    let _ = lee
+        .send(Method::DELETE, "/v1/cart/lines/OLD-1", json!({}))
+        .await;
+    let (status, _) = lee
+        .send(
+            Method::PUT,
+            "/v1/cart/lines/MUG-1",
+            json!({ "quantity": -1 }),
+        )
+        .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, _) = put_line(&lee, "SPARE-1", 0).await;
     assert_eq!(

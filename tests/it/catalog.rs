@@ -2,24 +2,12 @@
 //! searches them (full text: FTS5 on SQLite, text search on PostgreSQL), with the
 //! stock available; orders are taken only for products on sale, at their prices now.
 
-use crate::support::{bearer, on_every_backend, Api, Backend, TestServer, SETTLE};
+use crate::support::{bearer, on_every_backend, sign_up, Api, Backend, TestServer, SETTLE};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 on_every_backend!(operators_keep_the_catalog_anyone_searches_it_and_orders_pay_its_prices);
-
-async fn send(api: &Api, method: Method, path: &str, body: Value) -> (StatusCode, Value) {
-    crate::support::body(
-        api.client
-            .request(method, api.url(path))
-            .json(&body)
-            .send()
-            .await
-            .expect("request"),
-    )
-    .await
-}
 
 /// The skus of a page of products.
 fn skus(page: &Value) -> Vec<String> {
@@ -82,13 +70,13 @@ async fn operators_keep_the_catalog_anyone_searches_it_and_orders_pay_its_prices
         let (status, problem) = operator.post("/v1/products", body.clone()).await;
         assert_eq!(status, expected, "{body}: {problem}");
     }
-    let (status, _) = send(
-        &operator,
-        Method::PATCH,
-        "/v1/products/NOPE-1",
-        json!({ "price_cents": 1 }),
-    )
-    .await;
+    let (status, _) = operator
+        .send(
+            Method::PATCH,
+            "/v1/products/NOPE-1",
+            json!({ "price_cents": 1 }),
+        )
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = anyone.post("/v1/products", create("ANON-1", 1)).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
@@ -130,25 +118,7 @@ async fn operators_keep_the_catalog_anyone_searches_it_and_orders_pay_its_prices
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 
     // Orders pay the catalog's prices, for products on sale.
-    let email = format!("kim-{}@example.com", uuid::Uuid::now_v7().simple());
-    let password = "correct horse battery";
-    let (status, _) = anyone
-        .post(
-            "/v1/customers",
-            json!({ "email": email, "password": password, "name": "Kim" }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED);
-    let (_, tokens) = anyone
-        .post(
-            "/v1/auth/login",
-            json!({ "email": email, "password": password }),
-        )
-        .await;
-    let kim = bearer(
-        &server.base,
-        tokens["access_token"].as_str().expect("token"),
-    );
+    let (_, _, kim) = sign_up(&server, "Kim").await;
     let (status, placed) = order_when_priced(&kim, "TEA-1", 450, "invalid-value").await;
     assert_eq!(status, StatusCode::ACCEPTED, "{placed}");
     let (status, stale) = kim
@@ -165,13 +135,13 @@ async fn operators_keep_the_catalog_anyone_searches_it_and_orders_pay_its_prices
             .ends_with("price-changed"),
         "{stale}"
     );
-    let (status, _) = send(
-        &operator,
-        Method::PATCH,
-        "/v1/products/TEA-1",
-        json!({ "price_cents": 500 }),
-    )
-    .await;
+    let (status, _) = operator
+        .send(
+            Method::PATCH,
+            "/v1/products/TEA-1",
+            json!({ "price_cents": 500 }),
+        )
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     let (status, _) = order_when_priced(&kim, "TEA-1", 500, "price-changed").await;
     assert_eq!(status, StatusCode::ACCEPTED, "the new price");
@@ -188,13 +158,13 @@ async fn operators_keep_the_catalog_anyone_searches_it_and_orders_pay_its_prices
             .ends_with("price-changed"),
         "{status} {old}"
     );
-    let (status, _) = send(
-        &operator,
-        Method::PATCH,
-        "/v1/products/TEA-2",
-        json!({ "active": false }),
-    )
-    .await;
+    let (status, _) = operator
+        .send(
+            Method::PATCH,
+            "/v1/products/TEA-2",
+            json!({ "active": false }),
+        )
+        .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     anyone
         .eventually("/v1/products/TEA-2", "off sale", |p| p["active"] == false)

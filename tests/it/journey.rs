@@ -2,7 +2,7 @@
 //! in, search the catalog, fill a cart, check out, follow the order to delivery, and
 //! receive a message at each step.
 
-use crate::support::{bearer, on_every_backend, Api, Backend, TestServer, SETTLE};
+use crate::support::{bearer, on_every_backend, sign_up, Api, Backend, TestServer, SETTLE};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -25,26 +25,7 @@ async fn a_customer_finds_fills_checks_out_follows_and_hears_of_its_order(backen
     operator.restock("S-1", 10).await;
 
     // Register and log in.
-    let email = format!("ada-{}@example.com", uuid::Uuid::now_v7().simple());
-    let password = "correct horse battery";
-    let (status, _) = anyone
-        .post(
-            "/v1/customers",
-            json!({ "email": email, "password": password, "name": "Ada" }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED);
-    let (status, tokens) = anyone
-        .post(
-            "/v1/auth/login",
-            json!({ "email": email, "password": password }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    let ada = bearer(
-        &server.base,
-        tokens["access_token"].as_str().expect("token"),
-    );
+    let (_, _, ada) = sign_up(&server, "Ada").await;
 
     // Search the catalog.
     let found = anyone

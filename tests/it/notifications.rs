@@ -3,7 +3,9 @@
 //! come between; by file (the default) on every backend, and by mail through a local
 //! SMTP server started here.
 
-use crate::support::{bearer, on_every_backend, Api, Backend, Process, TestServer, SETTLE};
+use crate::support::{
+    bearer, on_every_backend, sign_up, Api, Backend, Process, TestServer, PASSWORD, SETTLE,
+};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
@@ -11,33 +13,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 on_every_backend!(each_order_event_worth_a_message_is_sent_once_across_restarts);
-
-const PASSWORD: &str = "correct horse battery";
-
-/// A customer of `server` (registered, logged in) and its client.
-async fn customer(server: &TestServer, name: &str) -> (String, String, Api) {
-    let anyone = Api::from(server);
-    let email = format!("{name}-{}@example.com", uuid::Uuid::now_v7().simple());
-    let (status, registered) = anyone
-        .post(
-            "/v1/customers",
-            json!({ "email": email, "password": PASSWORD, "name": name }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{registered}");
-    let (_, tokens) = anyone
-        .post(
-            "/v1/auth/login",
-            json!({ "email": email, "password": PASSWORD }),
-        )
-        .await;
-    let id = registered["customer_id"].as_str().expect("id").to_owned();
-    let api = bearer(
-        &server.base,
-        tokens["access_token"].as_str().expect("token"),
-    );
-    (id, email, api)
-}
 
 /// A product on sale with stock, orderable by `customer` (the order service has heard
 /// of it); an order of it with `token`: its id.
@@ -100,7 +75,7 @@ async fn each_order_event_worth_a_message_is_sent_once_across_restarts(backend: 
     let (mut server, secrets) = TestServer::secured(backend, None).await;
     let operator = bearer(&server.base, &secrets.operator);
     stock(&operator, "TEA-1").await;
-    let (ada_id, ada_email, ada) = customer(&server, "ada").await;
+    let (ada_id, ada_email, ada) = sign_up(&server, "ada").await;
     let shipped = order(&ada, "TEA-1", "tok_ok").await;
     let declined = order(&ada, "TEA-1", "tok_decline").await;
     ada.order_settles(&shipped, "confirmed").await;
@@ -120,7 +95,7 @@ async fn each_order_event_worth_a_message_is_sent_once_across_restarts(backend: 
     assert_eq!(kinds(&ada, "/v1/notifications", 4).await, expected);
     let path = format!("/v1/notifications?customer_id={ada_id}");
     assert_eq!(kinds(&operator, &path, 4).await, expected);
-    let (_, _, bob) = customer(&server, "bob").await;
+    let (_, _, bob) = sign_up(&server, "bob").await;
     let (status, page) = bob.get("/v1/notifications").await;
     assert_eq!((status, page["items"].clone()), (StatusCode::OK, json!([])));
     let (status, _) = bob.get(&path).await;
@@ -233,7 +208,7 @@ async fn by_smtp_a_customer_gets_one_mail_per_event_with_its_id() {
     let (server, secrets) = TestServer::secured_with(Backend::Sqlite, None, notifier).await;
     let operator = bearer(&server.base, &secrets.operator);
     stock(&operator, "TEA-1").await;
-    let (ada_id, ada_email, ada) = customer(&server, "ada").await;
+    let (ada_id, ada_email, ada) = sign_up(&server, "ada").await;
     let placed = order(&ada, "TEA-1", "tok_ok").await;
     ada.order_settles(&placed, "confirmed").await;
     let page = ada

@@ -443,6 +443,47 @@ impl Secrets {
 }
 
 /// A client that sends `Authorization: Bearer <token>` with every request.
+/// The password every test customer registers with.
+pub const PASSWORD: &str = "correct horse battery";
+
+/// Register `email` as `name` (201) and log in (200): the customer's id, a client
+/// with its access token, and the login's tokens.
+pub async fn sign_up_as(server: &TestServer, email: &str, name: &str) -> (String, Api, Value) {
+    let anyone = Api::from(server);
+    let (status, registered) = anyone
+        .post(
+            "/v1/customers",
+            json!({ "email": email, "password": PASSWORD, "name": name }),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "register {email}: {registered}"
+    );
+    let (status, tokens) = anyone
+        .post(
+            "/v1/auth/login",
+            json!({ "email": email, "password": PASSWORD }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "login {email}: {tokens}");
+    let id = registered["customer_id"].as_str().expect("id").to_owned();
+    let access = tokens["access_token"].as_str().expect("access token");
+    (id, bearer(&server.base, access), tokens)
+}
+
+/// [`sign_up_as`] with an email of its own: the customer's id, email and client.
+pub async fn sign_up(server: &TestServer, name: &str) -> (String, String, Api) {
+    let email = format!(
+        "{}-{}@example.com",
+        name.to_lowercase(),
+        uuid::Uuid::now_v7().simple()
+    );
+    let (id, api, _) = sign_up_as(server, &email, name).await;
+    (id, email, api)
+}
+
 pub fn bearer(base: &str, token: &str) -> Api {
     let mut headers = reqwest::header::HeaderMap::new();
     headers.insert(
@@ -499,6 +540,24 @@ pub async fn body(response: Response) -> (StatusCode, Value) {
 impl Api {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// `method` on `path` with a JSON body.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        json: Value,
+    ) -> (StatusCode, Value) {
+        body(
+            self.client
+                .request(method, self.url(path))
+                .json(&json)
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await
     }
 
     pub async fn post(&self, path: &str, body_json: Value) -> (StatusCode, Value) {
