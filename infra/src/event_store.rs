@@ -139,8 +139,56 @@ struct Inner {
     file: Option<std::path::PathBuf>,
     jobs: mpsc::Sender<Job>,
     head: watch::Receiver<i64>,
+    /// The position of the last event committed of each aggregate type by this
+    /// store's writer, so a consumer of types with nothing new reads nothing.
+    latest: Latest,
     commits: Arc<AtomicU64>,
     metrics: Metrics,
+}
+
+/// The newest position of each aggregate type, as far as this store's writer knows:
+/// a type it has not written since the store opened is taken to be at the head the
+/// store opened at (what was there before may be anywhere up to it).
+#[derive(Clone)]
+struct Latest {
+    opened_at: i64,
+    by_type: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
+}
+
+impl Latest {
+    fn new(opened_at: i64) -> Latest {
+        Latest {
+            opened_at,
+            by_type: Arc::default(),
+        }
+    }
+
+    /// The newest position among `aggregate_types`.
+    fn of(&self, aggregate_types: &[&str]) -> i64 {
+        let by_type = self
+            .by_type
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        aggregate_types
+            .iter()
+            .map(|t| by_type.get(*t).copied().unwrap_or(self.opened_at))
+            .max()
+            .unwrap_or(self.opened_at)
+    }
+
+    /// `aggregate_type` has an event at `position`.
+    fn moved(&self, aggregate_type: &str, position: i64) {
+        let mut by_type = self
+            .by_type
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match by_type.get_mut(aggregate_type) {
+            Some(latest) => *latest = (*latest).max(position),
+            None => {
+                by_type.insert(aggregate_type.to_owned(), position);
+            }
+        }
+    }
 }
 
 impl EventStore {
@@ -156,6 +204,7 @@ impl EventStore {
             .await?;
         let writer = db.connection().await?;
         let (head_tx, head_rx) = watch::channel(head);
+        let latest = Latest::new(head);
         let (jobs, queue) = mpsc::channel(4096);
         let commits = Arc::new(AtomicU64::new(0));
         let metrics = Metrics::default();
@@ -164,6 +213,7 @@ impl EventStore {
                 conn: Some(writer),
                 db: db.clone(),
                 head: head_tx,
+                latest: latest.clone(),
                 commits: commits.clone(),
                 metrics: metrics.clone(),
             },
@@ -175,6 +225,7 @@ impl EventStore {
                 db,
                 jobs,
                 head: head_rx,
+                latest,
                 commits,
                 metrics,
             }),
@@ -300,7 +351,9 @@ impl EventStore {
         limit: i64,
     ) -> Result<(Vec<RecordedEvent>, i64), InfraError> {
         let head = self.head();
-        if head <= after {
+        // Nothing new of these types since `after`: no read (every consumer is woken
+        // by every commit, most of them for events of other types).
+        if head <= after || self.inner.latest.of(aggregate_types) <= after {
             return Ok((vec![], after));
         }
         let types = serde_json::to_string(aggregate_types)?;
@@ -429,6 +482,9 @@ struct Writer {
     conn: Option<AnyConnection>,
     db: Db,
     head: watch::Sender<i64>,
+    /// Told of each type's newest position before the head moves, so a reader that
+    /// saw the head move sees its types' positions too.
+    latest: Latest,
     commits: Arc<AtomicU64>,
     metrics: Metrics,
 }
@@ -485,6 +541,11 @@ impl Writer {
                 let metrics = &self.metrics;
                 metrics.observe(&COMMIT_SECONDS, &[], started.elapsed().as_secs_f64());
                 metrics.observe(&EVENTS_PER_COMMIT, &[], events as f64);
+                for (job, outcome) in group.iter().zip(&outcomes) {
+                    if let Ok(AppendOutcome::Appended { position, .. }) = outcome {
+                        self.latest.moved(&job.request.aggregate_type, *position);
+                    }
+                }
                 if let Some(last) = last {
                     self.head.send_if_modified(|h| {
                         let moved = last > *h;

@@ -17,6 +17,7 @@ on_both_backends!(
     appends_in_one_group_see_the_ones_before_them,
     subscribers_are_woken_by_an_append,
     events_survive_reopening_and_readers_pass_over_other_topics,
+    a_reader_of_types_with_nothing_new_does_not_read,
     an_aggregate_loads_from_its_snapshot_and_the_events_after_it,
 );
 
@@ -86,6 +87,13 @@ fn request(id: &str, expected: i64, events: Vec<NewEvent>) -> AppendRequest {
         idempotency: None,
         snapshot: None,
     }
+}
+
+/// Append one event (numbered `n`) to a new stream of `aggregate_type`.
+async fn append_new(store: &EventStore, aggregate_type: &str, id: &str, n: i64) {
+    let mut append = request(id, 0, vec![event(n)]);
+    append.aggregate_type = aggregate_type.into();
+    store.append(append).await.expect("append");
 }
 
 async fn an_append_at_a_stale_version_is_a_conflict_and_writes_nothing(backend: Backend) {
@@ -342,6 +350,36 @@ async fn events_survive_reopening_and_readers_pass_over_other_topics(backend: Ba
         (1, 1),
         "a cut-short batch checkpoints its last event"
     );
+    fresh.finish().await;
+}
+
+async fn a_reader_of_types_with_nothing_new_does_not_read(backend: Backend) {
+    let fresh = Fresh::on(backend).await;
+    {
+        let store = Fresh::open(&fresh.url).await;
+        append_new(&store, "inventory", "A", 1).await;
+        append_new(&store, "order", "o-1", 2).await;
+        append_new(&store, "inventory", "B", 3).await;
+        let (events, reached) = store.read_after(0, &["order"], 10).await.expect("read");
+        assert_eq!((events.len(), reached), (1, 3));
+        append_new(&store, "inventory", "C", 4).await;
+        // Nothing of `order` after 3: not read, so the reader stays where it is
+        // (a read would have passed over the inventory event to 4).
+        let (events, reached) = store.read_after(3, &["order"], 10).await.expect("read");
+        assert_eq!((events.len(), reached), (0, 3));
+        let (events, reached) = store
+            .read_after(3, &["inventory", "order"], 10)
+            .await
+            .expect("read");
+        assert_eq!((events.len(), reached), (1, 4));
+    }
+    // A store opened on existing state does not know where each type stands: it
+    // reads whatever lies before the head it opened at.
+    let store = Fresh::open(&fresh.url).await;
+    let (events, reached) = store.read_after(0, &["order"], 10).await.expect("read");
+    assert_eq!((events.len(), reached), (1, 4));
+    let (events, _) = store.read_after(2, &["order"], 10).await.expect("read");
+    assert!(events.is_empty());
     fresh.finish().await;
 }
 
