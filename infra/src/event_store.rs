@@ -14,7 +14,6 @@ use crate::{parse_timestamp, parse_uuid, timestamp, InfraError};
 use chrono::{DateTime, Utc};
 use schemas::{Envelope, RecordedEvent};
 use serde_json::Value;
-use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -212,6 +211,8 @@ impl EventStore {
             Writer {
                 conn: Some(writer),
                 db: db.clone(),
+                file: db.sqlite_file(),
+                local: None,
                 head: head_tx,
                 latest: latest.clone(),
                 commits: commits.clone(),
@@ -443,13 +444,13 @@ impl EventStore {
     }
 }
 
-fn stored_response(row: &AnyRow) -> Result<StoredResponse, InfraError> {
-    let response: String = row.try_get("response")?;
+fn stored_response(row: &dyn Columns) -> Result<StoredResponse, InfraError> {
+    let response = row.text("response")?;
     Ok(StoredResponse {
-        request_hash: row.try_get("request_hash")?,
+        request_hash: row.text("request_hash")?,
         response: serde_json::from_str(&response)
             .map_err(|e| InfraError::Corrupt(format!("idempotency record: {e}")))?,
-        position: row.try_get("position")?,
+        position: row.int("position")?,
     })
 }
 
@@ -481,6 +482,11 @@ struct Writer {
     /// next group (a database that is down answers that group at once).
     conn: Option<AnyConnection>,
     db: Db,
+    /// The log's SQLite file: groups are committed through a connection of the
+    /// writer's own on a blocking thread ([`commit_local_group`]), not the driver.
+    file: Option<std::path::PathBuf>,
+    /// That connection; `None` until first used and after it broke.
+    local: Option<rusqlite::Connection>,
     head: watch::Sender<i64>,
     /// Told of each type's newest position before the head moves, so a reader that
     /// saw the head move sees its types' positions too.
@@ -530,9 +536,12 @@ impl Writer {
     async fn commit(&mut self, group: &mut Vec<Job>) {
         let started = std::time::Instant::now();
         let dialect = self.db.dialect;
-        let result = match self.begin().await {
-            Ok(conn) => commit_group(conn, dialect, group).await,
-            Err(error) => Err(error),
+        let result = match self.file.clone() {
+            Some(file) => self.commit_local(file, group).await,
+            None => match self.begin().await {
+                Ok(conn) => commit_group(conn, dialect, group).await,
+                Err(error) => Err(error.into()),
+            },
         };
         match result {
             Ok((outcomes, last)) => {
@@ -559,8 +568,10 @@ impl Writer {
             }
             Err(error) => {
                 tracing::error!(error = %error, "group commit failed; its appends are refused");
-                self.roll_back().await;
-                let error = Arc::new(InfraError::Database(error));
+                if self.file.is_none() {
+                    self.roll_back().await;
+                }
+                let error = Arc::new(error);
                 for job in group.drain(..) {
                     let _ = job
                         .reply
@@ -568,6 +579,33 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Commit `group` on the SQLite file's own connection, on a blocking thread; a
+    /// failed group is rolled back there (a connection that cannot even do that is
+    /// dropped, and the next group opens another).
+    async fn commit_local(
+        &mut self,
+        file: std::path::PathBuf,
+        group: &mut Vec<Job>,
+    ) -> Result<GroupResult, InfraError> {
+        let conn = self.local.take();
+        let jobs = std::mem::take(group);
+        let (conn, jobs, result) = tokio::task::spawn_blocking(move || {
+            let mut conn = match conn.map_or_else(|| open_local_writer(&file), Ok) {
+                Ok(conn) => conn,
+                Err(error) => return (None, jobs, Err(error)),
+            };
+            let result = commit_local_group(&mut conn, &jobs);
+            let sound = result.is_ok()
+                || conn.is_autocommit()
+                || conn.execute_batch("ROLLBACK").is_ok();
+            (sound.then_some(conn), jobs, result)
+        })
+        .await?;
+        self.local = conn;
+        *group = jobs;
+        result
     }
 
     /// Undo a failed group; a connection that cannot even do that is dropped, and the
@@ -603,7 +641,7 @@ async fn commit_group(
     conn: &mut AnyConnection,
     dialect: Dialect,
     group: &[Job],
-) -> Result<GroupResult, sqlx::Error> {
+) -> Result<GroupResult, InfraError> {
     if dialect == Dialect::Postgres {
         // Writers in other processes wait here, so positions become visible in the
         // order they were taken and a reader bounded by the head never skips one.
@@ -612,16 +650,125 @@ async fn commit_group(
             .await?;
     }
     let requests: Vec<&AppendRequest> = group.iter().map(|job| &job.request).collect();
-    let outcomes = append_all(conn, dialect, &requests).await?;
-    let last = outcomes
+    let outcomes = append_all(&mut Remote(&mut *conn), dialect, &requests).await?;
+    sqlx::query("COMMIT").execute(&mut *conn).await?;
+    let last = last_position(&outcomes);
+    Ok((outcomes, last))
+}
+
+/// Apply and commit `group` on the SQLite file's own write connection, on this
+/// (blocking) thread: the group's statements run where SQLite does, with no hop to a
+/// driver's thread per statement and per row.
+fn commit_local_group(
+    conn: &mut rusqlite::Connection,
+    group: &[Job],
+) -> Result<GroupResult, InfraError> {
+    conn.execute_batch(Dialect::Sqlite.begin_write())?;
+    let requests: Vec<&AppendRequest> = group.iter().map(|job| &job.request).collect();
+    let outcomes = at_once(append_all(&mut Local(&mut *conn), Dialect::Sqlite, &requests))??;
+    conn.execute_batch("COMMIT")?;
+    let last = last_position(&outcomes);
+    Ok((outcomes, last))
+}
+
+/// The position of the last event a group appended.
+fn last_position(outcomes: &[Result<AppendOutcome, StoreError>]) -> Option<i64> {
+    outcomes
         .iter()
         .filter_map(|outcome| match outcome {
             Ok(AppendOutcome::Appended { position, .. }) => Some(*position),
             _ => None,
         })
-        .max();
-    sqlx::query("COMMIT").execute(&mut *conn).await?;
-    Ok((outcomes, last))
+        .max()
+}
+
+/// The output of a future that never waits (the local connection's statements run
+/// as they are called).
+fn at_once<F: std::future::Future>(future: F) -> Result<F::Output, InfraError> {
+    let mut future = std::pin::pin!(future);
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut context) {
+        std::task::Poll::Ready(output) => Ok(output),
+        std::task::Poll::Pending => Err(InfraError::Unavailable(
+            "a statement on the log's own connection waited".into(),
+        )),
+    }
+}
+
+/// Open the SQLite log's own write connection, with the settings of every other.
+fn open_local_writer(file: &Path) -> Result<rusqlite::Connection, InfraError> {
+    let conn = rusqlite::Connection::open(file)?;
+    conn.execute_batch(crate::db::SQLITE_PRAGMAS)?;
+    Ok(conn)
+}
+
+/// Where a group's statements go: a few statements, each with one JSON parameter.
+#[async_trait::async_trait]
+trait GroupConn: Send {
+    /// The rows `sql` finds with `json` bound as its parameter, each as `map` makes it;
+    /// `fresh_plan`: planned anew each time rather than prepared once per connection.
+    async fn fetch<T: Send + 'static>(
+        &mut self,
+        sql: &str,
+        fresh_plan: bool,
+        json: String,
+        map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
+    ) -> Result<Vec<T>, InfraError>;
+
+    async fn execute(&mut self, sql: &str, json: String) -> Result<(), InfraError>;
+}
+
+/// A connection of the driver (PostgreSQL, or SQLite other than a file's own writer).
+struct Remote<'a>(&'a mut AnyConnection);
+
+#[async_trait::async_trait]
+impl GroupConn for Remote<'_> {
+    async fn fetch<T: Send + 'static>(
+        &mut self,
+        sql: &str,
+        fresh_plan: bool,
+        json: String,
+        map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
+    ) -> Result<Vec<T>, InfraError> {
+        let rows = sqlx::query(sql)
+            .persistent(!fresh_plan)
+            .bind(json)
+            .fetch_all(&mut *self.0)
+            .await?;
+        rows.iter().map(|row| map(row)).collect()
+    }
+
+    async fn execute(&mut self, sql: &str, json: String) -> Result<(), InfraError> {
+        sqlx::query(sql).bind(json).execute(&mut *self.0).await?;
+        Ok(())
+    }
+}
+
+/// The SQLite file's own write connection, on the thread that runs the group.
+struct Local<'a>(&'a mut rusqlite::Connection);
+
+#[async_trait::async_trait]
+impl GroupConn for Local<'_> {
+    async fn fetch<T: Send + 'static>(
+        &mut self,
+        sql: &str,
+        _fresh_plan: bool,
+        json: String,
+        map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
+    ) -> Result<Vec<T>, InfraError> {
+        let mut statement = self.0.prepare_cached(sql)?;
+        let mut rows = statement.query([json])?;
+        let mut out = vec![];
+        while let Some(row) = rows.next()? {
+            out.push(map(row)?);
+        }
+        Ok(out)
+    }
+
+    async fn execute(&mut self, sql: &str, json: String) -> Result<(), InfraError> {
+        self.0.prepare_cached(sql)?.execute([json])?;
+        Ok(())
+    }
 }
 
 /// An append that passed its checks: where its events go.
@@ -659,11 +806,11 @@ enum Plan<'a> {
 /// order (an append sees the ones before it), then write all events, snapshots and
 /// records. An append that is refused or answered from its record writes nothing; a
 /// database error fails the whole group.
-async fn append_all(
-    conn: &mut AnyConnection,
+async fn append_all<C: GroupConn>(
+    conn: &mut C,
     dialect: Dialect,
     requests: &[&AppendRequest],
-) -> Result<Vec<Result<AppendOutcome, StoreError>>, sqlx::Error> {
+) -> Result<Vec<Result<AppendOutcome, StoreError>>, InfraError> {
     let keys: Vec<&str> = requests
         .iter()
         .filter_map(|r| r.idempotency.as_ref().map(|i| i.key.as_str()))
@@ -802,7 +949,7 @@ async fn append_all(
                 },
             )
             .collect();
-        sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO snapshots (aggregate_type, aggregate_id, version, position, state)
              SELECT k.value ->> 0, k.value ->> 1, CAST(k.value ->> 2 AS BIGINT),
                     CAST(k.value ->> 3 AS BIGINT), k.value ->> 4
@@ -810,10 +957,8 @@ async fn append_all(
              ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
                 version = excluded.version, position = excluded.position, state = excluded.state",
             dialect.json_rows("$1")
-        ))
-        .bind(Value::Array(rows).to_string())
-        .execute(&mut *conn)
-        .await?;
+        );
+        conn.execute(&sql, Value::Array(rows).to_string()).await?;
     }
     if !records.is_empty() {
         let now = timestamp(Utc::now());
@@ -829,42 +974,39 @@ async fn append_all(
                 ])
             })
             .collect();
-        sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO idempotency (key, request_hash, response, position, created_at)
              SELECT k.value ->> 0, k.value ->> 1, k.value ->> 2, CAST(k.value ->> 3 AS BIGINT),
                     k.value ->> 4
                FROM {} WHERE true ORDER BY k.key",
             dialect.json_rows("$1")
-        ))
-        .bind(Value::Array(rows).to_string())
-        .execute(&mut *conn)
-        .await?;
+        );
+        conn.execute(&sql, Value::Array(rows).to_string()).await?;
     }
     Ok(outcomes)
 }
 
 /// The stored records under `keys`.
-async fn idempotency_records(
-    conn: &mut AnyConnection,
+async fn idempotency_records<C: GroupConn>(
+    conn: &mut C,
     dialect: Dialect,
     keys: &[&str],
-) -> Result<std::collections::HashMap<String, StoredResponse>, sqlx::Error> {
-    let mut found = std::collections::HashMap::new();
-    if !keys.is_empty() {
-        let sql = format!(
-            "SELECT key, request_hash, response, position FROM idempotency WHERE {}",
-            dialect.in_text_list("key", "$1")
-        );
-        let list = serde_json::to_string(keys).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-        // Planned anew each time on PostgreSQL (once per group; see `stream_heads`).
-        let query = sqlx::query(&sql).persistent(dialect == Dialect::Sqlite);
-        for row in query.bind(list).fetch_all(&mut *conn).await? {
-            let key: String = row.try_get("key")?;
-            let stored = stored_response(&row).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-            found.insert(key, stored);
-        }
+) -> Result<std::collections::HashMap<String, StoredResponse>, InfraError> {
+    if keys.is_empty() {
+        return Ok(Default::default());
     }
-    Ok(found)
+    let sql = format!(
+        "SELECT key, request_hash, response, position FROM idempotency WHERE {}",
+        dialect.in_text_list("key", "$1")
+    );
+    // Planned anew each time on PostgreSQL (once per group; see `stream_heads`).
+    let fresh_plan = dialect == Dialect::Postgres;
+    let found = conn
+        .fetch(&sql, fresh_plan, serde_json::to_string(keys)?, |row| {
+            Ok((row.text("key")?, stored_response(row)?))
+        })
+        .await?;
+    Ok(found.into_iter().collect())
 }
 
 /// The last event of a stream.
@@ -876,11 +1018,11 @@ struct Head {
 
 /// The last event of each of `streams` that has one: one statement, an index seek
 /// per stream.
-async fn stream_heads(
-    conn: &mut AnyConnection,
+async fn stream_heads<C: GroupConn>(
+    conn: &mut C,
     dialect: Dialect,
     streams: &[(&str, &str)],
-) -> Result<std::collections::HashMap<(String, String), Head>, sqlx::Error> {
+) -> Result<std::collections::HashMap<(String, String), Head>, InfraError> {
     let mut found = std::collections::HashMap::new();
     if !streams.is_empty() {
         let sql = match dialect {
@@ -908,34 +1050,36 @@ async fn stream_heads(
                 dialect.json_rows("$1")
             ),
         };
-        let list = serde_json::to_string(streams).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         // Planned anew each time, not prepared once per connection: a plan made while
         // the table was nearly empty (and PostgreSQL without statistics of it) can scan
         // every event of a type for each head, and a prepared plan is kept for good
         // when nothing analyzes the table.
-        let query = sqlx::query(&sql).persistent(dialect == Dialect::Sqlite);
-        for row in query.bind(list).fetch_all(&mut *conn).await? {
-            found.insert(
-                (row.try_get("aggregate_type")?, row.try_get("aggregate_id")?),
-                Head {
-                    version: row.try_get("version")?,
-                    position: row.try_get("position")?,
-                    event_id: row.try_get("event_id")?,
-                },
-            );
-        }
+        let fresh_plan = dialect == Dialect::Postgres;
+        let heads = conn
+            .fetch(&sql, fresh_plan, serde_json::to_string(streams)?, |row| {
+                Ok((
+                    (row.text("aggregate_type")?, row.text("aggregate_id")?),
+                    Head {
+                        version: row.int("version")?,
+                        position: row.int("position")?,
+                        event_id: row.text("event_id")?,
+                    },
+                ))
+            })
+            .await?;
+        found.extend(heads);
     }
     Ok(found)
 }
 
 /// Insert the events of the planned appends, in order: the position of each, by
 /// (aggregate type, aggregate id, version).
-async fn insert_events(
-    conn: &mut AnyConnection,
+async fn insert_events<C: GroupConn>(
+    conn: &mut C,
     dialect: Dialect,
     requests: &[&AppendRequest],
     plans: &[Plan<'_>],
-) -> Result<std::collections::HashMap<(String, String, i64), i64>, sqlx::Error> {
+) -> Result<std::collections::HashMap<(String, String, i64), i64>, InfraError> {
     let mut rows = vec![];
     for (request, plan) in requests.iter().zip(plans) {
         if let Plan::Write(planned) = plan {
@@ -969,19 +1113,18 @@ async fn insert_events(
          RETURNING aggregate_type, aggregate_id, version, position",
         dialect.json_rows("$1")
     );
-    let rows = sqlx::query(&sql)
-        .bind(Value::Array(rows).to_string())
-        .fetch_all(&mut *conn)
+    let inserted = conn
+        .fetch(&sql, false, Value::Array(rows).to_string(), |row| {
+            Ok((
+                (
+                    row.text("aggregate_type")?,
+                    row.text("aggregate_id")?,
+                    row.int("version")?,
+                ),
+                row.int("position")?,
+            ))
+        })
         .await?;
-    for row in rows {
-        positions.insert(
-            (
-                row.try_get("aggregate_type")?,
-                row.try_get("aggregate_id")?,
-                row.try_get("version")?,
-            ),
-            row.try_get("position")?,
-        );
-    }
+    positions.extend(inserted);
     Ok(positions)
 }
