@@ -597,9 +597,8 @@ impl Writer {
                 Err(error) => return (None, jobs, Err(error)),
             };
             let result = commit_local_group(&mut conn, &jobs);
-            let sound = result.is_ok()
-                || conn.is_autocommit()
-                || conn.execute_batch("ROLLBACK").is_ok();
+            let sound =
+                result.is_ok() || conn.is_autocommit() || conn.execute_batch("ROLLBACK").is_ok();
             (sound.then_some(conn), jobs, result)
         })
         .await?;
@@ -665,7 +664,11 @@ fn commit_local_group(
 ) -> Result<GroupResult, InfraError> {
     conn.execute_batch(Dialect::Sqlite.begin_write())?;
     let requests: Vec<&AppendRequest> = group.iter().map(|job| &job.request).collect();
-    let outcomes = at_once(append_all(&mut Local(&mut *conn), Dialect::Sqlite, &requests))??;
+    let outcomes = at_once(append_all(
+        &mut Local(&mut *conn),
+        Dialect::Sqlite,
+        &requests,
+    ))??;
     conn.execute_batch("COMMIT")?;
     let last = last_position(&outcomes);
     Ok((outcomes, last))
