@@ -421,6 +421,12 @@ pub trait Handler: Send + Sync {
     /// After the commit, with the consumer's new checkpoint.
     fn after(&self, done: Self::Done, checkpoint: i64);
 
+    /// The consumer passed over records that were none of its own (its new checkpoint;
+    /// stored with its next batch).
+    fn passed(&self, checkpoint: i64) {
+        let _ = checkpoint;
+    }
+
     /// A batch is about to be read.
     fn reading(&self) {}
 
@@ -469,6 +475,10 @@ impl<H: Handler> Handler for Arc<H> {
 
     fn after(&self, done: H::Done, checkpoint: i64) {
         (**self).after(done, checkpoint)
+    }
+
+    fn passed(&self, checkpoint: i64) {
+        (**self).passed(checkpoint)
     }
 
     fn reading(&self) {
@@ -591,6 +601,14 @@ pub async fn step<H: Handler>(source: &dyn Source, handler: &H) -> Result<Step, 
     let batch = source.next_batch(handler.batch_size()).await?;
     if batch.is_empty() {
         return Ok(Step::Idle);
+    }
+    if batch.records.is_empty() {
+        // Only records of other consumers lay ahead: nothing to apply, so nothing is
+        // written; the position moves in memory and is stored with the next batch
+        // (read again from the stored one, the same records are passed over again).
+        let checkpoint = source.committed(&batch, 0).await?;
+        handler.passed(checkpoint);
+        return Ok(Step::CaughtUp);
     }
     let full = batch.records.len() >= handler.batch_size();
     let consumer = handler.consumer();

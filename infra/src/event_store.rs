@@ -14,7 +14,7 @@ use crate::{parse_timestamp, parse_uuid, timestamp, InfraError};
 use chrono::{DateTime, Utc};
 use schemas::{Envelope, RecordedEvent};
 use serde_json::Value;
-use sqlx::{AnyConnection, Row};
+use sqlx::AnyConnection;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -306,16 +306,28 @@ impl EventStore {
         version: i64,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, InfraError> {
-        let rows = sqlx::query(
-            "SELECT * FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3
-             ORDER BY version LIMIT $4",
-        )
-        .bind(aggregate_type)
-        .bind(aggregate_id)
-        .bind(version)
-        .bind(limit)
-        .fetch_all(&self.inner.db.pool)
-        .await?;
+        const SQL: &str = "SELECT * FROM events
+             WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3
+             ORDER BY version LIMIT $4";
+        if let Some(file) = &self.inner.file {
+            let (file, stream) = (
+                file.clone(),
+                (aggregate_type.to_owned(), aggregate_id.to_owned()),
+            );
+            return tokio::task::spawn_blocking(move || {
+                crate::local::read_rows(&file, SQL, (stream.0, stream.1, version, limit), |row| {
+                    recorded(row)
+                })
+            })
+            .await?;
+        }
+        let rows = sqlx::query(SQL)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(version)
+            .bind(limit)
+            .fetch_all(&self.inner.db.pool)
+            .await?;
         rows.iter().map(|row| recorded(row)).collect()
     }
 
@@ -325,21 +337,25 @@ impl EventStore {
         aggregate_type: &str,
         aggregate_id: &str,
     ) -> Result<Option<Snapshot>, InfraError> {
-        let row = sqlx::query(
-            "SELECT version, position, state FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2",
-        )
-        .bind(aggregate_type)
-        .bind(aggregate_id)
-        .fetch_optional(&self.inner.db.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let state: String = row.try_get("state")?;
-        Ok(Some(Snapshot {
-            version: row.try_get("version")?,
-            position: row.try_get("position")?,
-            state: serde_json::from_str(&state)
-                .map_err(|e| InfraError::Corrupt(format!("snapshot: {e}")))?,
-        }))
+        const SQL: &str = "SELECT version, position, state FROM snapshots
+             WHERE aggregate_type = $1 AND aggregate_id = $2";
+        if let Some(file) = &self.inner.file {
+            let (file, stream) = (
+                file.clone(),
+                (aggregate_type.to_owned(), aggregate_id.to_owned()),
+            );
+            let found = tokio::task::spawn_blocking(move || {
+                crate::local::read_rows(&file, SQL, (stream.0, stream.1), |row| snapshot(row))
+            })
+            .await??;
+            return Ok(found.into_iter().next());
+        }
+        let row = sqlx::query(SQL)
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .fetch_optional(&self.inner.db.pool)
+            .await?;
+        row.map(|row| snapshot(&row)).transpose()
     }
 
     /// Up to `limit` events of the given aggregate types after `after`, and the
@@ -352,10 +368,15 @@ impl EventStore {
         limit: i64,
     ) -> Result<(Vec<RecordedEvent>, i64), InfraError> {
         let head = self.head();
-        // Nothing new of these types since `after`: no read (every consumer is woken
-        // by every commit, most of them for events of other types).
-        if head <= after || self.inner.latest.of(aggregate_types) <= after {
+        if head <= after {
             return Ok((vec![], after));
+        }
+        // Nothing of these types after `after` up to the head (each type's newest
+        // position is known before the head moves past it): the reader passes to the
+        // head without a read. Every commit wakes every consumer, most of them for
+        // events of other types.
+        if self.inner.latest.of(aggregate_types) <= after {
+            return Ok((vec![], head));
         }
         let types = serde_json::to_string(aggregate_types)?;
         let sql = format!(
@@ -451,6 +472,15 @@ fn stored_response(row: &dyn Columns) -> Result<StoredResponse, InfraError> {
         response: serde_json::from_str(&response)
             .map_err(|e| InfraError::Corrupt(format!("idempotency record: {e}")))?,
         position: row.int("position")?,
+    })
+}
+
+fn snapshot(row: &dyn Columns) -> Result<Snapshot, InfraError> {
+    Ok(Snapshot {
+        version: row.int("version")?,
+        position: row.int("position")?,
+        state: serde_json::from_str(&row.text("state")?)
+            .map_err(|e| InfraError::Corrupt(format!("snapshot: {e}")))?,
     })
 }
 

@@ -153,6 +153,10 @@ impl Handler for Runner {
     }
 
     fn after(&self, _: (), checkpoint: i64) {
+        self.passed(checkpoint);
+    }
+
+    fn passed(&self, checkpoint: i64) {
         if let Some(progress) = &self.progress {
             progress.set_checkpoint(self.projection.as_str(), checkpoint);
         }
