@@ -663,6 +663,18 @@ async fn a_read_with_a_consistency_token_reflects_the_write(backend: Backend) {
         let (status, stock) = body(read).await;
         assert_eq!(status, StatusCode::OK, "{stock}");
         assert_eq!(stock["on_hand"], round, "the read reflects the write");
+        // A read model that shows nothing of that write passes it too: a read of it
+        // with the write's token is answered (it holds every order event before it).
+        let read = api
+            .client
+            .get(api.url("/v1/orders?customer_id=nobody"))
+            .header("X-Consistency-Token", &token)
+            .header("X-Consistency-Wait-Ms", "20000")
+            .send()
+            .await
+            .expect("request");
+        let (status, page) = body(read).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
     }
     let response = api
         .client
