@@ -201,7 +201,13 @@ impl EventStore {
         let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
             .fetch_one(&db.pool)
             .await?;
-        let writer = db.connection().await?;
+        // An SQLite file's groups go through the writer's own connection (opened on
+        // its first group); other databases' through a driver connection.
+        let file = db.sqlite_file();
+        let writer = match file {
+            Some(_) => None,
+            None => Some(db.connection().await?),
+        };
         let (head_tx, head_rx) = watch::channel(head);
         let latest = Latest::new(head);
         let (jobs, queue) = mpsc::channel(4096);
@@ -209,9 +215,9 @@ impl EventStore {
         let metrics = Metrics::default();
         tokio::spawn(write_loop(
             Writer {
-                conn: Some(writer),
+                conn: writer,
                 db: db.clone(),
-                file: db.sqlite_file(),
+                file,
                 local: None,
                 head: head_tx,
                 latest: latest.clone(),
@@ -249,6 +255,24 @@ impl EventStore {
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(Submitted(answer))
+    }
+
+    /// `sql`'s rows read on a blocking thread through that thread's read connection
+    /// to the log's SQLite file, one hop for the whole read; `None` when the log is
+    /// not an SQLite file (the caller reads through the pool).
+    fn read_local<T: Send + 'static>(
+        &self,
+        sql: impl Into<String>,
+        params: impl rusqlite::Params + Send + 'static,
+        map: fn(&dyn Columns) -> Result<T, InfraError>,
+    ) -> Option<impl std::future::Future<Output = Result<Vec<T>, InfraError>>> {
+        let (file, sql) = (self.inner.file.clone()?, sql.into());
+        Some(async move {
+            tokio::task::spawn_blocking(move || {
+                crate::local::read_rows(&file, &sql, params, |row| map(row))
+            })
+            .await?
+        })
     }
 
     /// The position of the last committed event (0 for an empty log).
@@ -309,17 +333,9 @@ impl EventStore {
         const SQL: &str = "SELECT * FROM events
              WHERE aggregate_type = $1 AND aggregate_id = $2 AND version > $3
              ORDER BY version LIMIT $4";
-        if let Some(file) = &self.inner.file {
-            let (file, stream) = (
-                file.clone(),
-                (aggregate_type.to_owned(), aggregate_id.to_owned()),
-            );
-            return tokio::task::spawn_blocking(move || {
-                crate::local::read_rows(&file, SQL, (stream.0, stream.1, version, limit), |row| {
-                    recorded(row)
-                })
-            })
-            .await?;
+        let stream = (aggregate_type.to_owned(), aggregate_id.to_owned());
+        if let Some(read) = self.read_local(SQL, (stream.0, stream.1, version, limit), recorded) {
+            return read.await;
         }
         let rows = sqlx::query(SQL)
             .bind(aggregate_type)
@@ -339,16 +355,9 @@ impl EventStore {
     ) -> Result<Option<Snapshot>, InfraError> {
         const SQL: &str = "SELECT version, position, state FROM snapshots
              WHERE aggregate_type = $1 AND aggregate_id = $2";
-        if let Some(file) = &self.inner.file {
-            let (file, stream) = (
-                file.clone(),
-                (aggregate_type.to_owned(), aggregate_id.to_owned()),
-            );
-            let found = tokio::task::spawn_blocking(move || {
-                crate::local::read_rows(&file, SQL, (stream.0, stream.1), |row| snapshot(row))
-            })
-            .await??;
-            return Ok(found.into_iter().next());
+        let stream = (aggregate_type.to_owned(), aggregate_id.to_owned());
+        if let Some(read) = self.read_local(SQL, stream, snapshot) {
+            return Ok(read.await?.into_iter().next());
         }
         let row = sqlx::query(SQL)
             .bind(aggregate_type)
@@ -384,27 +393,20 @@ impl EventStore {
                AND aggregate_type IN ({}) ORDER BY position LIMIT $4",
             self.inner.db.dialect.text_list("$3")
         );
-        let events: Vec<RecordedEvent> = match &self.inner.file {
-            Some(file) => {
-                let file = file.clone();
-                tokio::task::spawn_blocking(move || {
-                    crate::local::read_rows(&file, &sql, (after, head, types, limit), |row| {
-                        recorded(row)
-                    })
-                })
-                .await??
-            }
-            None => sqlx::query(&sql)
-                .bind(after)
-                .bind(head)
-                .bind(types)
-                .bind(limit)
-                .fetch_all(&self.inner.db.pool)
-                .await?
-                .iter()
-                .map(|row| recorded(row))
-                .collect::<Result<_, _>>()?,
-        };
+        let events: Vec<RecordedEvent> =
+            match self.read_local(sql.clone(), (after, head, types.clone(), limit), recorded) {
+                Some(read) => read.await?,
+                None => sqlx::query(&sql)
+                    .bind(after)
+                    .bind(head)
+                    .bind(types)
+                    .bind(limit)
+                    .fetch_all(&self.inner.db.pool)
+                    .await?
+                    .iter()
+                    .map(|row| recorded(row))
+                    .collect::<Result<_, _>>()?,
+            };
         let reached = if (events.len() as i64) < limit {
             head
         } else {
@@ -789,13 +791,7 @@ impl GroupConn for Local<'_> {
         json: String,
         map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
     ) -> Result<Vec<T>, InfraError> {
-        let mut statement = self.0.prepare_cached(sql)?;
-        let mut rows = statement.query([json])?;
-        let mut out = vec![];
-        while let Some(row) = rows.next()? {
-            out.push(map(row)?);
-        }
-        Ok(out)
+        crate::local::rows(self.0, sql, [json], |row| map(row))
     }
 
     async fn execute(&mut self, sql: &str, json: String) -> Result<(), InfraError> {

@@ -95,15 +95,24 @@ pub fn read_rows<T>(
     file: &Path,
     sql: &str,
     params: impl rusqlite::Params,
+    map: impl FnMut(&rusqlite::Row<'_>) -> Result<T, InfraError>,
+) -> Result<Vec<T>, InfraError> {
+    with_reader(file, |connection| rows(connection, sql, params, map))
+}
+
+/// The rows `sql` finds with `params` on `connection`, each as `map` makes it (the
+/// statement prepared once per connection).
+pub fn rows<T>(
+    connection: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
     mut map: impl FnMut(&rusqlite::Row<'_>) -> Result<T, InfraError>,
 ) -> Result<Vec<T>, InfraError> {
-    with_reader(file, |connection| {
-        let mut statement = connection.prepare_cached(sql)?;
-        let mut rows = statement.query(params)?;
-        let mut out = vec![];
-        while let Some(row) = rows.next()? {
-            out.push(map(row)?);
-        }
-        Ok(out)
-    })
+    let mut statement = connection.prepare_cached(sql)?;
+    let mut rows = statement.query(params)?;
+    let mut out = vec![];
+    while let Some(row) = rows.next()? {
+        out.push(map(row)?);
+    }
+    Ok(out)
 }

@@ -4,7 +4,7 @@
 //! rate get 429.
 
 use crate::support::{
-    bearer, body, on_every_backend, sign_up_as, Api, Backend, TestServer, PASSWORD, SETTLE,
+    bearer, body, log_in, on_every_backend, sign_up_as, Api, Backend, TestServer, PASSWORD, SETTLE,
 };
 use infra::auth::{access, Access, RateLimit, AUDIENCE, ISSUER};
 use reqwest::{Method, StatusCode};
@@ -25,13 +25,7 @@ async fn customer(server: &TestServer, email: &str, name: &str) -> (String, Api,
 }
 
 async fn login(anyone: &Api, email: &str) -> Value {
-    let (status, tokens) = anyone
-        .post(
-            "/v1/auth/login",
-            json!({ "email": email, "password": PASSWORD }),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "login {email}: {tokens}");
+    let tokens = log_in(anyone, email).await;
     assert_eq!(tokens["token_type"], "Bearer");
     assert_eq!(tokens["expires_in"], 900);
     tokens

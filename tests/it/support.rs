@@ -461,6 +461,14 @@ pub async fn sign_up_as(server: &TestServer, email: &str, name: &str) -> (String
         StatusCode::CREATED,
         "register {email}: {registered}"
     );
+    let tokens = log_in(&anyone, email).await;
+    let id = registered["customer_id"].as_str().expect("id").to_owned();
+    let access = tokens["access_token"].as_str().expect("access token");
+    (id, bearer(&server.base, access), tokens)
+}
+
+/// Log `email` in with [`PASSWORD`] (200): the login's tokens.
+pub async fn log_in(anyone: &Api, email: &str) -> Value {
     let (status, tokens) = anyone
         .post(
             "/v1/auth/login",
@@ -468,9 +476,7 @@ pub async fn sign_up_as(server: &TestServer, email: &str, name: &str) -> (String
         )
         .await;
     assert_eq!(status, StatusCode::OK, "login {email}: {tokens}");
-    let id = registered["customer_id"].as_str().expect("id").to_owned();
-    let access = tokens["access_token"].as_str().expect("access token");
-    (id, bearer(&server.base, access), tokens)
+    tokens
 }
 
 /// [`sign_up_as`] with an email of its own: the customer's id, email and client.
