@@ -770,6 +770,35 @@ impl Api {
     }
 }
 
+/// A loopback address for a process that may be restarted on it. The port lies below
+/// the OS's ephemeral range: a port of that range, free while its process restarts,
+/// can meanwhile be handed to any outgoing connection of the machine, and the
+/// restart's bind then fails. Each port is given once per test process (from a start
+/// that differs between processes) and only when nothing listens on it.
+fn restartable_address() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    // Ports [low - SPAN, low), clear of the well-known ones and of this project's
+    // fixed ones (brokers 1909x, benchmarks 181xx, the distributed script 187xx).
+    const SPAN: u32 = 10_000;
+    if low < 20_000 + SPAN {
+        return "127.0.0.1:0".to_owned();
+    }
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = low - SPAN + (start + n) % SPAN;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return format!("127.0.0.1:{port}");
+        }
+    }
+    "127.0.0.1:0".to_owned()
+}
+
 /// The real `orderline` binary as a child process.
 pub struct Process {
     child: std::process::Child,
@@ -807,15 +836,27 @@ impl Process {
         Process::spawn(&args)
     }
 
-    /// Start `orderline` with `args`; it must log where it listens.
+    /// Start `orderline` with `args`; it must log where it listens. A listen address
+    /// of `127.0.0.1:0` becomes a port of [`restartable_address`], kept in `args` so
+    /// that a restart listens where the first start did.
     pub fn spawn(args: &[String]) -> Process {
         use std::io::{BufRead, BufReader};
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a == "127.0.0.1:0" {
+                    restartable_address()
+                } else {
+                    a.clone()
+                }
+            })
+            .collect();
         // ORDERLINE_TEST_BIN runs another build (the long history profile uses the
         // release binary).
         let binary = std::env::var("ORDERLINE_TEST_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_orderline").to_owned());
         let mut child = std::process::Command::new(binary)
-            .args(args)
+            .args(&args)
             .env("RUST_LOG", "info,sqlx=warn,rdkafka=warn")
             // The v1 contract, token-free, unless the flags say `--auth on`.
             .env("ORDERLINE_AUTH", "off")
@@ -855,17 +896,6 @@ impl Process {
         let base = rx
             .recv_timeout(SETTLE)
             .expect("orderline says where it listens");
-        let address = base.trim_start_matches("http://").to_owned();
-        let args = args
-            .iter()
-            .map(|a| {
-                if a == "127.0.0.1:0" {
-                    address.clone()
-                } else {
-                    a.clone()
-                }
-            })
-            .collect();
         Process {
             child,
             api: Api {
