@@ -16,14 +16,19 @@ where
 }
 
 pub async fn save(conn: &mut AnyConnection, name: &str, position: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    save_statement(name, position).execute(conn).await
+}
+
+/// [`save`] as a statement, to run on any connection.
+pub fn save_statement(name: &str, position: i64) -> crate::db::Statement {
+    use crate::db::Bind;
+    crate::db::Statement::new(
         "INSERT INTO checkpoints (name, position, updated_at) VALUES ($1, $2, $3)
          ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",
+        vec![
+            Bind::Text(name.to_owned()),
+            Bind::Integer(position),
+            Bind::Text(crate::timestamp(chrono::Utc::now())),
+        ],
     )
-    .bind(name)
-    .bind(position)
-    .bind(crate::timestamp(chrono::Utc::now()))
-    .execute(conn)
-    .await
-    .map(|_| ())
 }

@@ -12,7 +12,7 @@
 //! cannot apply become dead letters here, and only here, and are counted once their
 //! transaction commits.
 
-use crate::db::Db;
+use crate::db::{Db, Statement};
 use crate::event_store::EventStore;
 use crate::kafka::Polled;
 use crate::metrics::{self, Metrics};
@@ -64,23 +64,17 @@ impl Record {
         }
     }
 
-    /// Keep the record in `consumer`'s dead letters with `error`, in the caller's
-    /// transaction: as an event when it reads as one, else where it was read.
-    async fn dead_letter(
-        &self,
-        conn: &mut AnyConnection,
-        consumer: &str,
-        error: &str,
-    ) -> Result<(), sqlx::Error> {
+    /// The statement that keeps the record in `consumer`'s dead letters with `error`:
+    /// as an event when it reads as one, else where it was read.
+    fn dead_letter(&self, consumer: &str, error: &str) -> Statement {
         match self.event() {
-            Ok(event) => dead_letters::record(conn, consumer, &event, error).await,
+            Ok(event) => dead_letters::record_statement(consumer, &event, error),
             Err(_) => {
                 let origin = match self {
                     Record::Kafka(polled) => polled.origin(),
                     Record::Event(event) => serde_json::json!({ "position": event.position }),
                 };
-                dead_letters::record_unreadable(conn, consumer, self.position(), &origin, error)
-                    .await
+                dead_letters::record_unreadable_statement(consumer, self.position(), &origin, error)
             }
         }
     }
@@ -136,15 +130,10 @@ pub trait Source: Send + Sync {
     /// Up to `max` records after the last batch; empty when nothing came in time.
     async fn next_batch(&self, max: usize) -> Result<Batch, InfraError>;
 
-    /// Record in the consumer's transaction that the first `done` records of `batch`
-    /// are done (a live consumer's checkpoint or offsets); a reader for replays keeps
-    /// its place in memory and stores nothing here.
-    async fn store(
-        &self,
-        conn: &mut AnyConnection,
-        batch: &Batch,
-        done: usize,
-    ) -> Result<(), InfraError>;
+    /// The statements that record, in the consumer's transaction, that the first
+    /// `done` records of `batch` are done (a live consumer's checkpoint or offsets); a
+    /// reader for replays keeps its place in memory and stores nothing.
+    fn store(&self, batch: &Batch, done: usize) -> Vec<Statement>;
 
     /// The transaction that stored `done` records of `batch` committed: move on past
     /// them. Returns the consumer's checkpoint (a position, or the sum of its offsets).
@@ -255,16 +244,14 @@ impl Source for LogSource {
         })
     }
 
-    async fn store(
-        &self,
-        conn: &mut AnyConnection,
-        batch: &Batch,
-        done: usize,
-    ) -> Result<(), InfraError> {
-        if let Some((name, _)) = &self.checkpoint {
-            checkpoints::save(conn, name, self.position_after(batch, done)).await?;
+    fn store(&self, batch: &Batch, done: usize) -> Vec<Statement> {
+        match &self.checkpoint {
+            Some((name, _)) => vec![checkpoints::save_statement(
+                name,
+                self.position_after(batch, done),
+            )],
+            None => vec![],
         }
-        Ok(())
     }
 
     async fn committed(&self, batch: &Batch, done: usize) -> Result<i64, InfraError> {
@@ -382,7 +369,7 @@ pub trait Handler: Send + Sync {
     /// A record as this consumer reads it.
     type Item: Decode;
     /// What applying a batch yields, handed to [`Handler::after`] once committed.
-    type Done: Send;
+    type Done: Send + 'static;
 
     fn consumer(&self) -> &Consumer;
 
@@ -418,6 +405,15 @@ pub trait Handler: Send + Sync {
         failures: &mut Failures,
     ) -> impl Future<Output = Result<Self::Done, InfraError>> + Send;
 
+    /// The effects of [`Handler::apply`] as work on an SQLite file's own connection
+    /// ([`crate::local::LocalWriter`]), run on a blocking thread in the transaction
+    /// that also stores the position, for a handler that can say them without the
+    /// driver. `None` (the default): they go through `apply`.
+    fn local(&self, items: &[Self::Item]) -> Option<LocalWork<Self::Done>> {
+        let _ = items;
+        None
+    }
+
     /// After the commit, with the consumer's new checkpoint.
     fn after(&self, done: Self::Done, checkpoint: i64);
 
@@ -438,6 +434,10 @@ pub trait Handler: Send + Sync {
         async { Ok(Idle::For(Duration::from_secs(60))) }
     }
 }
+
+/// A handler's effects on an SQLite file's own connection (see [`Handler::local`]).
+pub type LocalWork<D> =
+    Box<dyn FnOnce(&rusqlite::Connection, &mut Failures) -> Result<D, InfraError> + Send>;
 
 /// A shared handler (one that also runs work of its own beside the driver).
 impl<H: Handler> Handler for Arc<H> {
@@ -471,6 +471,10 @@ impl<H: Handler> Handler for Arc<H> {
         failures: &mut Failures,
     ) -> impl Future<Output = Result<H::Done, InfraError>> + Send {
         (**self).apply(tx, items, failures)
+    }
+
+    fn local(&self, items: &[H::Item]) -> Option<LocalWork<H::Done>> {
+        (**self).local(items)
     }
 
     fn after(&self, done: H::Done, checkpoint: i64) {
@@ -554,40 +558,99 @@ fn decode<H: Handler>(handler: &H, batch: &Batch) -> (Vec<H::Item>, Vec<usize>, 
     (items, index, unreadable)
 }
 
-/// Apply `batch` in `tx` (dead letters included) without storing a position: how many
-/// records are done, the handler's result and how many became dead letters.
-pub async fn apply_batch<H: Handler>(
+/// A batch applied and committed.
+pub struct Applied<D> {
+    /// The batch, handed back (its records went to the thread that wrote them).
+    pub batch: Batch,
+    /// How many of its records are done.
+    pub done: usize,
+    /// What the handler yields.
+    pub out: D,
+    /// How many records became dead letters.
+    pub dead: usize,
+}
+
+/// Apply `batch` (dead letters included) and store what `source` stores for it, in
+/// one transaction of `db`, and commit: on an SQLite file's own connection when the
+/// handler has its effects as [`Handler::local`] work, through the driver otherwise.
+pub async fn apply_and_commit<H: Handler>(
     handler: &H,
     dead_letters_as: &str,
-    tx: &mut AnyConnection,
-    batch: &Batch,
-) -> Result<(usize, H::Done, usize), InfraError> {
-    let (items, index, unreadable) = decode(handler, batch);
+    db: &Db,
+    source: &dyn Source,
+    batch: Batch,
+) -> Result<Applied<H::Done>, InfraError> {
+    let (items, index, unreadable) = decode(handler, &batch);
     let done_items = handler.before(&items).await.min(items.len());
     let done = index
         .get(done_items)
         .copied()
         .unwrap_or(batch.records.len());
+    let items = &items[..done_items];
+    let store = source.store(&batch, done);
+    let name = dead_letters_as.to_owned();
+    if let Some(writer) = &db.local {
+        if let Some(work) = handler.local(items) {
+            return writer
+                .transaction(move |conn| {
+                    let mut failures = Failures::default();
+                    let out = work(conn, &mut failures)?;
+                    let dead = dead_letters_of(&batch, done, &name, &index, unreadable, failures);
+                    for statement in dead.iter().chain(&store) {
+                        crate::local::execute(conn, statement)?;
+                    }
+                    Ok(Applied {
+                        batch,
+                        done,
+                        out,
+                        dead: dead.len(),
+                    })
+                })
+                .await;
+        }
+    }
+    let mut tx = db.begin_write().await?;
     let mut failures = Failures::default();
-    let out = handler
-        .apply(tx, &items[..done_items], &mut failures)
-        .await?;
-    let mut dead = 0;
-    let failed = failures
+    let out = handler.apply(&mut tx, items, &mut failures).await?;
+    let dead = dead_letters_of(&batch, done, &name, &index, unreadable, failures);
+    for statement in dead.iter().chain(&store) {
+        statement.execute(&mut tx).await?;
+    }
+    tx.commit().await?;
+    Ok(Applied {
+        batch,
+        done,
+        out,
+        dead: dead.len(),
+    })
+}
+
+/// The dead letters of the records among the first `done` that could not be read
+/// (`unreadable`, by record) or applied (`failed`, by item; `index` gives each item's
+/// record).
+fn dead_letters_of(
+    batch: &Batch,
+    done: usize,
+    consumer: &str,
+    index: &[usize],
+    unreadable: Failures,
+    failed: Failures,
+) -> Vec<Statement> {
+    let failed = failed
         .0
         .into_iter()
         .filter_map(|(item, error)| index.get(item).map(|record| (*record, error)));
-    for (record, error) in unreadable.0.into_iter().chain(failed) {
-        if record >= done {
-            continue;
-        }
-        if let Some(record) = batch.records.get(record) {
-            tracing::error!(error = %error, consumer = dead_letters_as, position = record.position(), "dead-lettered");
-            record.dead_letter(tx, dead_letters_as, &error).await?;
-            dead += 1;
-        }
-    }
-    Ok((done, out, dead))
+    unreadable
+        .0
+        .into_iter()
+        .chain(failed)
+        .filter(|(record, _)| *record < done)
+        .filter_map(|(record, error)| {
+            let record = batch.records.get(record)?;
+            tracing::error!(error = %error, consumer, position = record.position(), "dead-lettered");
+            Some(record.dead_letter(consumer, &error))
+        })
+        .collect()
 }
 
 /// Read, apply and store one batch.
@@ -613,10 +676,12 @@ pub async fn step<H: Handler>(source: &dyn Source, handler: &H) -> Result<Step, 
     let full = batch.records.len() >= handler.batch_size();
     let consumer = handler.consumer();
     let name = consumer.name.as_str();
-    let mut tx = consumer.db.begin_write().await?;
-    let (done, out, dead) = apply_batch(handler, name, &mut tx, &batch).await?;
-    source.store(&mut tx, &batch, done).await?;
-    tx.commit().await?;
+    let Applied {
+        batch,
+        done,
+        out,
+        dead,
+    } = apply_and_commit(handler, name, &consumer.db, source, batch).await?;
     if dead > 0 {
         consumer
             .metrics

@@ -127,6 +127,51 @@ pub struct Db {
     pub pool: AnyPool,
     pub dialect: Dialect,
     pub url: String,
+    /// An SQLite file's own write connection, for consumers that write a whole batch
+    /// without a hop to the driver's thread per statement (`None` on PostgreSQL).
+    pub local: Option<crate::local::LocalWriter>,
+}
+
+/// A value bound to a statement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bind {
+    Text(String),
+    Integer(i64),
+}
+
+/// One statement with its values: `$1`, `$2`, ... are `binds` in order. It runs
+/// through the driver ([`Statement::execute`]) or on an SQLite file's own connection
+/// ([`crate::local::execute`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Statement {
+    pub sql: String,
+    pub binds: Vec<Bind>,
+}
+
+impl Statement {
+    pub fn new(sql: impl Into<String>, binds: Vec<Bind>) -> Statement {
+        Statement {
+            sql: sql.into(),
+            binds,
+        }
+    }
+
+    /// Run through the driver, prepared once per connection.
+    pub async fn execute(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+        self.query().execute(conn).await.map(|_| ())
+    }
+
+    /// The driver's query with every value bound.
+    pub fn query(&self) -> sqlx::query::Query<'_, Any, sqlx::any::AnyArguments<'_>> {
+        let mut query = sqlx::query(&self.sql);
+        for bind in &self.binds {
+            query = match bind {
+                Bind::Text(text) => query.bind(text.as_str()),
+                Bind::Integer(n) => query.bind(*n),
+            };
+        }
+        query
+    }
 }
 
 /// The URL of an SQLite file, created when missing.
@@ -195,10 +240,15 @@ impl Db {
             })
             .connect(url)
             .await?;
+        let local = match dialect {
+            Dialect::Sqlite => sqlite_path(url).map(crate::local::LocalWriter::new),
+            Dialect::Postgres => None,
+        };
         let db = Db {
             pool,
             dialect,
             url: url.to_owned(),
+            local,
         };
         db.migrate_base()
             .await

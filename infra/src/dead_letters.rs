@@ -1,6 +1,7 @@
 //! Events a consumer could not apply, with the error, for an operator to inspect and
 //! retry. The consumer records one and goes on.
 
+use crate::db::{Bind, Statement};
 use crate::{parse_timestamp, timestamp, InfraError};
 use schemas::http::DeadLetterView;
 use schemas::topics::Service;
@@ -89,19 +90,14 @@ pub async fn record(
     event: &RecordedEvent,
     error: &str,
 ) -> Result<(), sqlx::Error> {
+    record_statement(consumer, event, error).execute(conn).await
+}
+
+/// [`record`] as a statement, to run on any connection.
+pub fn record_statement(consumer: &str, event: &RecordedEvent, error: &str) -> Statement {
     let json =
         serde_json::to_string(event).unwrap_or_else(|e| format!("{{\"unserializable\":\"{e}\"}}"));
-    sqlx::query(
-        "INSERT INTO dead_letters (consumer, position, event, error, failed_at) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(consumer)
-    .bind(event.position)
-    .bind(json)
-    .bind(error)
-    .bind(timestamp(chrono::Utc::now()))
-    .execute(conn)
-    .await
-    .map(|_| ())
+    insert(consumer, event.position, json, error)
 }
 
 /// Record a record that could not even be read as an event (`raw` says where it
@@ -113,17 +109,32 @@ pub async fn record_unreadable(
     raw: &serde_json::Value,
     error: &str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    record_unreadable_statement(consumer, position, raw, error)
+        .execute(conn)
+        .await
+}
+
+/// [`record_unreadable`] as a statement, to run on any connection.
+pub fn record_unreadable_statement(
+    consumer: &str,
+    position: i64,
+    raw: &serde_json::Value,
+    error: &str,
+) -> Statement {
+    insert(consumer, position, raw.to_string(), error)
+}
+
+fn insert(consumer: &str, position: i64, event: String, error: &str) -> Statement {
+    Statement::new(
         "INSERT INTO dead_letters (consumer, position, event, error, failed_at) VALUES ($1, $2, $3, $4, $5)",
+        vec![
+            Bind::Text(consumer.to_owned()),
+            Bind::Integer(position),
+            Bind::Text(event),
+            Bind::Text(error.to_owned()),
+            Bind::Text(timestamp(chrono::Utc::now())),
+        ],
     )
-    .bind(consumer)
-    .bind(position)
-    .bind(raw.to_string())
-    .bind(error)
-    .bind(timestamp(chrono::Utc::now()))
-    .execute(conn)
-    .await
-    .map(|_| ())
 }
 
 pub async fn count(pool: &AnyPool, consumer: &str) -> Result<u64, sqlx::Error> {

@@ -624,7 +624,7 @@ impl Writer {
         let conn = self.local.take();
         let jobs = std::mem::take(group);
         let (conn, jobs, result) = tokio::task::spawn_blocking(move || {
-            let mut conn = match conn.map_or_else(|| open_local_writer(&file), Ok) {
+            let mut conn = match conn.map_or_else(|| crate::local::open_writer(&file), Ok) {
                 Ok(conn) => conn,
                 Err(error) => return (None, jobs, Err(error)),
             };
@@ -728,13 +728,6 @@ fn at_once<F: std::future::Future>(future: F) -> Result<F::Output, InfraError> {
             "a statement on the log's own connection waited".into(),
         )),
     }
-}
-
-/// Open the SQLite log's own write connection, with the settings of every other.
-fn open_local_writer(file: &Path) -> Result<rusqlite::Connection, InfraError> {
-    let conn = rusqlite::Connection::open(file)?;
-    conn.execute_batch(crate::db::SQLITE_PRAGMAS)?;
-    Ok(conn)
 }
 
 /// Where a group's statements go: a few statements, each with one JSON parameter.

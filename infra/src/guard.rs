@@ -20,51 +20,145 @@ pub async fn first_deliveries(
     table: &str,
     events: &[RecordedEvent],
 ) -> Result<Vec<bool>, sqlx::Error> {
-    let mut streams: HashMap<(&str, &str), i64> = HashMap::new();
-    for event in events {
-        let key = (
-            event.envelope.aggregate_type.as_str(),
-            event.envelope.aggregate_id.as_str(),
-        );
-        streams.entry(key).or_insert(0);
-    }
-    let keys: Vec<(&str, &str)> = streams.keys().copied().collect();
+    let keys = streams_of(events);
     let mut found: HashMap<(String, String), i64> = HashMap::new();
     for chunk in keys.chunks(CHUNK) {
         found.extend(stored(conn, dialect, table, chunk).await?);
     }
-    for ((aggregate_type, aggregate_id), known) in streams.iter_mut() {
-        let key = ((*aggregate_type).to_owned(), (*aggregate_id).to_owned());
-        if let Some(version) = found.get(&key) {
-            *known = *version;
-        }
-    }
-    let before = streams.clone();
-    let fresh = events
-        .iter()
-        .map(|event| {
-            let envelope = &event.envelope;
-            let key = (
-                envelope.aggregate_type.as_str(),
-                envelope.aggregate_id.as_str(),
-            );
-            match streams.get_mut(&key) {
-                Some(applied) if *applied < envelope.version => {
-                    *applied = envelope.version;
-                    true
-                }
-                _ => false,
-            }
-        })
-        .collect();
-    let moved: Vec<((&str, &str), i64)> = streams
-        .into_iter()
-        .filter(|(key, version)| before.get(key) != Some(version))
-        .collect();
+    let (fresh, moved) = decide(events, &keys, &found);
     for chunk in moved.chunks(CHUNK) {
         advance(conn, dialect, table, chunk).await?;
     }
     Ok(fresh)
+}
+
+/// The same on an SQLite file's own connection ([`crate::local::LocalWriter`]), for
+/// events given as their streams and versions.
+pub fn first_deliveries_local(
+    conn: &rusqlite::Connection,
+    table: &str,
+    events: &[(String, String, i64)],
+) -> Result<Vec<bool>, rusqlite::Error> {
+    let mut keys: Vec<(&str, &str)> = events
+        .iter()
+        .map(|(t, id, _)| (t.as_str(), id.as_str()))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut found: HashMap<(String, String), i64> = HashMap::new();
+    for chunk in keys.chunks(CHUNK) {
+        let (types, ids) = key_lists(chunk);
+        let mut statement = conn.prepare_cached(&stored_sql(Dialect::Sqlite, table))?;
+        let mut rows = statement.query(rusqlite::named_params! { "$1": types, "$2": ids })?;
+        while let Some(row) = rows.next()? {
+            found.insert((row.get(0)?, row.get(1)?), row.get(2)?);
+        }
+    }
+    let versions: Vec<((&str, &str), i64)> = events
+        .iter()
+        .map(|(t, id, version)| ((t.as_str(), id.as_str()), *version))
+        .collect();
+    let (fresh, moved) = decide_versions(&versions, &keys, &found);
+    for chunk in moved.chunks(CHUNK) {
+        conn.prepare_cached(&advance_sql(Dialect::Sqlite, table))?
+            .execute(rusqlite::named_params! { "$1": advance_rows(chunk) })?;
+    }
+    Ok(fresh)
+}
+
+/// A stream's guard: (aggregate type, aggregate id) and the last version applied.
+type Guard<'a> = ((&'a str, &'a str), i64);
+
+/// The distinct streams of `events`.
+fn streams_of(events: &[RecordedEvent]) -> Vec<(&str, &str)> {
+    let mut keys: Vec<(&str, &str)> = events
+        .iter()
+        .map(|event| {
+            (
+                event.envelope.aggregate_type.as_str(),
+                event.envelope.aggregate_id.as_str(),
+            )
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// Which events are first deliveries given the `found` guards of `keys`, and the
+/// guards that move.
+fn decide<'a>(
+    events: &'a [RecordedEvent],
+    keys: &[(&'a str, &'a str)],
+    found: &HashMap<(String, String), i64>,
+) -> (Vec<bool>, Vec<Guard<'a>>) {
+    let versions: Vec<((&str, &str), i64)> = events
+        .iter()
+        .map(|event| {
+            let envelope = &event.envelope;
+            (
+                (
+                    envelope.aggregate_type.as_str(),
+                    envelope.aggregate_id.as_str(),
+                ),
+                envelope.version,
+            )
+        })
+        .collect();
+    decide_versions(&versions, keys, found)
+}
+
+/// [`decide`] for events given as (stream, version), in log order.
+fn decide_versions<'a>(
+    events: &[((&'a str, &'a str), i64)],
+    keys: &[(&'a str, &'a str)],
+    found: &HashMap<(String, String), i64>,
+) -> (Vec<bool>, Vec<Guard<'a>>) {
+    let mut streams: HashMap<(&str, &str), i64> = keys
+        .iter()
+        .map(|key| {
+            let stored = found
+                .get(&(key.0.to_owned(), key.1.to_owned()))
+                .copied()
+                .unwrap_or(0);
+            (*key, stored)
+        })
+        .collect();
+    let before = streams.clone();
+    let fresh = events
+        .iter()
+        .map(|(key, version)| match streams.get_mut(key) {
+            Some(applied) if *applied < *version => {
+                *applied = *version;
+                true
+            }
+            _ => false,
+        })
+        .collect();
+    let moved = streams
+        .into_iter()
+        .filter(|(key, version)| before.get(key) != Some(version))
+        .collect();
+    (fresh, moved)
+}
+
+/// The distinct types and the ids of `keys`, as JSON lists.
+fn key_lists(keys: &[(&str, &str)]) -> (String, String) {
+    let mut types: Vec<&str> = keys.iter().map(|(t, _)| *t).collect();
+    types.sort_unstable();
+    types.dedup();
+    let ids: Vec<&str> = keys.iter().map(|(_, id)| *id).collect();
+    let list = |values: &[&str]| serde_json::to_string(values).unwrap_or_else(|_| "[]".into());
+    (list(&types), list(&ids))
+}
+
+fn stored_sql(dialect: Dialect, table: &str) -> String {
+    format!(
+        "SELECT aggregate_type, aggregate_id, version FROM {table}
+          WHERE {} AND {}",
+        dialect.in_text_list("aggregate_type", "$1"),
+        dialect.in_text_list("aggregate_id", "$2"),
+    )
 }
 
 /// The stored guards of `keys` (those that have one).
@@ -74,24 +168,15 @@ async fn stored(
     table: &str,
     keys: &[(&str, &str)],
 ) -> Result<Vec<((String, String), i64)>, sqlx::Error> {
-    let mut types: Vec<&str> = keys.iter().map(|(t, _)| *t).collect();
-    types.sort_unstable();
-    types.dedup();
-    let ids: Vec<&str> = keys.iter().map(|(_, id)| *id).collect();
-    let list = |values: &[&str]| serde_json::to_string(values).unwrap_or_else(|_| "[]".into());
-    let rows = sqlx::query(&format!(
-        "SELECT aggregate_type, aggregate_id, version FROM {table}
-          WHERE {} AND {}",
-        dialect.in_text_list("aggregate_type", "$1"),
-        dialect.in_text_list("aggregate_id", "$2"),
-    ))
-    // Planned anew each time on PostgreSQL (once per batch): a plan prepared while
-    // the table was small could scan it whole for good (see `stream_heads`).
-    .persistent(dialect == Dialect::Sqlite)
-    .bind(list(&types))
-    .bind(list(&ids))
-    .fetch_all(&mut *conn)
-    .await?;
+    let (types, ids) = key_lists(keys);
+    let rows = sqlx::query(&stored_sql(dialect, table))
+        // Planned anew each time on PostgreSQL (once per batch): a plan prepared while
+        // the table was small could scan it whole for good (see `stream_heads`).
+        .persistent(dialect == Dialect::Sqlite)
+        .bind(types)
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await?;
     rows.iter()
         .map(|row| {
             Ok((
@@ -125,23 +210,31 @@ async fn advance(
     table: &str,
     moved: &[((&str, &str), i64)],
 ) -> Result<(), sqlx::Error> {
-    let sql = format!(
+    sqlx::query(&advance_sql(dialect, table))
+        .bind(advance_rows(moved))
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
+fn advance_sql(dialect: Dialect, table: &str) -> String {
+    format!(
         "INSERT INTO {table} (aggregate_type, aggregate_id, version)
          SELECT k.value ->> 0, k.value ->> 1, CAST(k.value ->> 2 AS BIGINT)
            FROM {} WHERE true ORDER BY k.key
          ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
          WHERE {table}.version < excluded.version",
         dialect.json_rows("$1")
-    );
+    )
+}
+
+/// The moved guards as the JSON rows [`advance_sql`] reads.
+fn advance_rows(moved: &[((&str, &str), i64)]) -> String {
     let rows: Vec<serde_json::Value> = moved
         .iter()
         .map(|((aggregate_type, aggregate_id), version)| {
             serde_json::json!([aggregate_type, aggregate_id, version])
         })
         .collect();
-    sqlx::query(&sql)
-        .bind(serde_json::Value::Array(rows).to_string())
-        .execute(conn)
-        .await
-        .map(|_| ())
+    serde_json::Value::Array(rows).to_string()
 }

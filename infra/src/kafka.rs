@@ -14,7 +14,7 @@
 //! - [`TopicReader`]: reads topics from the beginning, for rebuilds.
 
 use crate::consume::{Backoff, Batch, End, Record, Replay, Source};
-use crate::db::Db;
+use crate::db::{Bind, Db, Statement};
 use crate::shutdown::Shutdown;
 use crate::{EventStore, InfraError};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -443,6 +443,11 @@ impl OffsetStore {
     ) -> Result<(), sqlx::Error> {
         save_next_offset(conn, &self.consumer, topic, partition, offset + 1).await
     }
+
+    /// [`OffsetStore::save`] as a statement, to run on any connection.
+    pub fn save_statement(&self, topic: &str, partition: i32, offset: i64) -> Statement {
+        next_offset_statement(&self.consumer, topic, partition, offset + 1)
+    }
 }
 
 /// Record, inside the caller's transaction, the next offset `consumer` reads of a partition.
@@ -453,17 +458,23 @@ async fn save_next_offset(
     partition: i32,
     next: i64,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    next_offset_statement(consumer, topic, partition, next)
+        .execute(conn)
+        .await
+}
+
+/// [`save_next_offset`] as a statement, to run on any connection.
+fn next_offset_statement(consumer: &str, topic: &str, partition: i32, next: i64) -> Statement {
+    Statement::new(
         "INSERT INTO kafka_offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
          ON CONFLICT (consumer, topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+        vec![
+            Bind::Text(consumer.to_owned()),
+            Bind::Text(topic.to_owned()),
+            Bind::Integer(i64::from(partition)),
+            Bind::Integer(next),
+        ],
     )
-    .bind(consumer)
-    .bind(topic)
-    .bind(i64::from(partition))
-    .bind(next)
-    .execute(conn)
-    .await
-    .map(|_| ())
 }
 
 /// One record read from a topic.
@@ -731,16 +742,13 @@ impl Source for KafkaConsumer {
         Ok(self.poll_batch(max, POLL_WAIT).await?.into())
     }
 
-    async fn store(
-        &self,
-        conn: &mut AnyConnection,
-        batch: &Batch,
-        done: usize,
-    ) -> Result<(), InfraError> {
-        for ((topic, partition), offset) in last_offsets(polled(batch, done)) {
-            self.offsets.save(conn, topic, partition, offset).await?;
-        }
-        Ok(())
+    fn store(&self, batch: &Batch, done: usize) -> Vec<Statement> {
+        last_offsets(polled(batch, done))
+            .into_iter()
+            .map(|((topic, partition), offset)| {
+                self.offsets.save_statement(topic, partition, offset)
+            })
+            .collect()
     }
 
     async fn committed(&self, _batch: &Batch, _done: usize) -> Result<i64, InfraError> {
@@ -930,13 +938,8 @@ impl Source for TopicReader {
         Ok(self.poll_batch(max, POLL_WAIT).await?.into())
     }
 
-    async fn store(
-        &self,
-        _conn: &mut AnyConnection,
-        _batch: &Batch,
-        _done: usize,
-    ) -> Result<(), InfraError> {
-        Ok(())
+    fn store(&self, _batch: &Batch, _done: usize) -> Vec<Statement> {
+        vec![]
     }
 
     async fn committed(&self, batch: &Batch, done: usize) -> Result<i64, InfraError> {

@@ -154,7 +154,7 @@ fn server_unavailable(code: &str) -> bool {
 /// SQLite result codes (extended; the primary code is the low byte) of storage that
 /// cannot take the write now: busy or locked (5, 6), read-only (8), an i/o error
 /// (10), a full disk (13), a file that cannot be opened (14).
-fn sqlite_unavailable(code: &str) -> bool {
+pub(crate) fn sqlite_unavailable(code: &str) -> bool {
     code.parse::<i32>()
         .is_ok_and(|code| matches!(code & 0xff, 5 | 6 | 8 | 10 | 13 | 14))
 }

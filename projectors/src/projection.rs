@@ -43,10 +43,12 @@ pub struct Change {
     pub binds: Vec<Bind>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Bind {
-    Text(String),
-    Integer(i64),
+pub use infra::db::Bind;
+
+impl From<Change> for infra::db::Statement {
+    fn from(change: Change) -> Self {
+        infra::db::Statement::new(change.sql, change.binds)
+    }
 }
 
 impl Change {

@@ -14,7 +14,7 @@
 
 use crate::projection::ReadModel;
 use crate::runner::{ProjectionHandle, Projections, Runner};
-use infra::consume::{apply_batch, Consumer, Replay};
+use infra::consume::{apply_and_commit, Applied, Batch, Consumer, Replay};
 use infra::db::{Db, Dialect};
 use infra::metrics::{REBUILD_EVENTS, REBUILD_PAUSE_SECONDS};
 use infra::progress::Rebuild;
@@ -190,7 +190,9 @@ impl Shadow<'_> {
     }
 
     /// Apply what the reader holds now, until it has caught up with it; the number of
-    /// events applied.
+    /// events applied. The next batch is read while one is applied (the reader keeps
+    /// its place in memory only, and a rebuild that fails starts again from empty
+    /// shadows, so it may move on before the batch it read is written).
     async fn fill(
         &mut self,
         reader: &dyn Replay,
@@ -199,27 +201,57 @@ impl Shadow<'_> {
         let mut applied = 0;
         let end = reader.end().await?;
         let mut last_read = Instant::now();
-        while !reader.reached(&end) {
-            let batch = reader.next_batch(BATCH).await?;
+        let mut batch = read_ahead(reader).await?;
+        loop {
             if batch.is_empty() {
+                if reader.reached(&end) {
+                    break;
+                }
                 if last_read.elapsed() > STALLED {
                     return Err(InfraError::Unavailable(
                         "the source stopped returning records before the rebuild caught up".into(),
                     ));
                 }
+                batch = read_ahead(reader).await?;
                 continue;
             }
             last_read = Instant::now();
-            let mut tx = self.handle.db.begin_write().await?;
-            let (done, (), _) =
-                apply_batch(&self.runner, &self.dead_letters, &mut tx, &batch).await?;
-            tx.commit().await?;
-            reader.committed(&batch, done).await?;
+            let records = batch.records.len();
+            let more = !reader.reached(&end);
+            let (written, next) = tokio::join!(
+                apply_and_commit(
+                    &self.runner,
+                    &self.dead_letters,
+                    &self.handle.db,
+                    reader,
+                    batch,
+                ),
+                async {
+                    match more {
+                        true => read_ahead(reader).await,
+                        false => Ok(Batch::default()),
+                    }
+                }
+            );
+            let Applied { done, .. } = written?;
+            if done < records {
+                return Err(InfraError::Unavailable(format!(
+                    "the rebuild applied {done} of a batch of {records} records"
+                )));
+            }
             applied += done as u64;
             self.progress.processed += done as u64;
             self.progress.total = self.progress.total.max(self.progress.processed);
             self.report(report);
+            batch = next?;
         }
         Ok(applied)
     }
+}
+
+/// The reader's next batch, the reader moved past it at once.
+async fn read_ahead(reader: &dyn Replay) -> Result<Batch, InfraError> {
+    let batch = reader.next_batch(BATCH).await?;
+    reader.committed(&batch, batch.records.len()).await?;
+    Ok(batch)
 }

@@ -4,8 +4,8 @@
 //! the process reads (the embedded log, or Kafka).
 
 use crate::projection::{Change, Projection, ReadModel};
-use infra::consume::{self, Consumer, Failures, Handler, Source, Transport};
-use infra::db::{Db, Dialect};
+use infra::consume::{self, Consumer, Failures, Handler, LocalWork, Source, Transport};
+use infra::db::{Db, Dialect, Statement};
 use infra::guard;
 use infra::metrics::Metrics;
 use infra::progress::Progress;
@@ -152,6 +152,53 @@ impl Handler for Runner {
         .await
     }
 
+    /// On an SQLite file's own connection: the guards read and moved, then each fresh
+    /// event's change, prepared once per connection. A change that fails is undone by
+    /// SQLite (a failed statement changes nothing) and its event dead-lettered; a
+    /// database that cannot take writes fails the batch, which is tried again.
+    fn local(&self, events: &[RecordedEvent]) -> Option<LocalWork<()>> {
+        let guard = self.projection.applied_table(self.suffix);
+        let streams: Vec<(String, String, i64)> = events
+            .iter()
+            .map(|recorded| {
+                let envelope = &recorded.envelope;
+                (
+                    envelope.aggregate_type.clone(),
+                    envelope.aggregate_id.clone(),
+                    envelope.version,
+                )
+            })
+            .collect();
+        let mut changes = vec![];
+        for (i, recorded) in events.iter().enumerate() {
+            changes.push((i, change_of(self.projection, self.suffix, recorded)));
+        }
+        Some(Box::new(move |conn, failures| {
+            let fresh = guard::first_deliveries_local(conn, &guard, &streams)?;
+            for (i, change) in changes {
+                if !fresh.get(i).copied().unwrap_or(false) {
+                    continue;
+                }
+                let change = match change {
+                    Ok(Some(change)) => Statement::from(change),
+                    Ok(None) => continue,
+                    Err(error) => {
+                        failures.push(i, error);
+                        continue;
+                    }
+                };
+                match infra::local::execute(conn, &change) {
+                    Ok(_) => {}
+                    Err(error) if infra::local::unavailable(&error) => return Err(error.into()),
+                    Err(error) => {
+                        failures.push(i, format!("{}{error}", infra::dead_letters::DATABASE_ERROR))
+                    }
+                }
+            }
+            Ok(())
+        }))
+    }
+
     fn after(&self, _: (), checkpoint: i64) {
         self.passed(checkpoint);
     }
@@ -188,10 +235,7 @@ async fn apply_scripted(
         if !fresh {
             continue;
         }
-        let change = AnyEvent::from_envelope(&recorded.envelope)
-            .map_err(|e| e.to_string())
-            .and_then(|event| projection.change(suffix, &recorded.envelope, &event));
-        match change {
+        match change_of(projection, suffix, recorded) {
             Ok(Some(change)) => changes.push((i, change)),
             Ok(None) => {}
             Err(error) => failures.push(i, error),
@@ -268,12 +312,21 @@ pub async fn apply_one(
     suffix: &str,
     recorded: &RecordedEvent,
 ) -> Result<Result<(), String>, sqlx::Error> {
-    let change = AnyEvent::from_envelope(&recorded.envelope)
-        .map_err(|e| e.to_string())
-        .and_then(|event| projection.change(suffix, &recorded.envelope, &event));
-    match change {
+    match change_of(projection, suffix, recorded) {
         Ok(Some(change)) => apply_change(conn, dialect, &change).await,
         Ok(None) => Ok(Ok(())),
         Err(error) => Ok(Err(error)),
     }
+}
+
+/// The change an event makes to `projection`'s tables with `suffix` (none, or why it
+/// cannot be read or applied).
+fn change_of(
+    projection: Projection,
+    suffix: &str,
+    recorded: &RecordedEvent,
+) -> Result<Option<Change>, String> {
+    AnyEvent::from_envelope(&recorded.envelope)
+        .map_err(|e| e.to_string())
+        .and_then(|event| projection.change(suffix, &recorded.envelope, &event))
 }

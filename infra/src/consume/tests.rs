@@ -137,7 +137,9 @@ async fn a_log_source_reads_its_topics_after_the_stored_checkpoint_and_rewinds_t
     assert_eq!(batch.records.len(), 1);
     assert_eq!(batch.reached, Some(first));
     let mut tx = f.db.begin_write().await.expect("tx");
-    source.store(&mut tx, &batch, 1).await.expect("stored");
+    for statement in source.store(&batch, 1) {
+        statement.execute(&mut tx).await.expect("stored");
+    }
     tx.commit().await.expect("commit");
     assert_eq!(source.committed(&batch, 1).await.expect("moved"), first);
 
@@ -294,13 +296,8 @@ impl Source for ReadAhead {
         Ok(batch)
     }
 
-    async fn store(
-        &self,
-        conn: &mut AnyConnection,
-        batch: &Batch,
-        done: usize,
-    ) -> Result<(), InfraError> {
-        self.inner.store(conn, batch, done).await
+    fn store(&self, batch: &Batch, done: usize) -> Vec<Statement> {
+        self.inner.store(batch, done)
     }
 
     async fn committed(&self, batch: &Batch, done: usize) -> Result<i64, InfraError> {
