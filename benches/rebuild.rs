@@ -16,6 +16,7 @@
 mod support;
 
 use futures_util::TryStreamExt;
+use infra::db::Dialect;
 use orderline::Storage;
 use projectors::projection::ReadModel;
 use projectors::Projection;
@@ -206,7 +207,7 @@ fn write_sqlite(path: &std::path::Path) -> anyhow::Result<Duration> {
     let mut db = rusqlite::Connection::open(path)?;
     db.pragma_update(None, "journal_mode", "wal")?;
     db.pragma_update(None, "synchronous", "full")?;
-    db.execute_batch(&Projection::Orders.create_tables("_raw"))?;
+    db.execute_batch(&Dialect::Sqlite.ddl(&Projection::Orders.create_tables("_raw")))?;
     let mut took = Duration::ZERO;
     for table in Projection::Orders.tables() {
         let mut read = db.prepare(&format!("SELECT * FROM {table}"))?;
@@ -237,8 +238,8 @@ fn write_sqlite(path: &std::path::Path) -> anyhow::Result<Duration> {
 /// The same on PostgreSQL with `COPY` (the fastest bulk write it has).
 async fn write_postgres(url: &str) -> anyhow::Result<Duration> {
     let mut conn = sqlx::PgConnection::connect(url).await?;
-    for statement in Projection::Orders
-        .create_tables("_raw")
+    for statement in Dialect::Postgres
+        .ddl(&Projection::Orders.create_tables("_raw"))
         .split(';')
         .filter(|s| !s.trim().is_empty())
     {

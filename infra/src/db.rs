@@ -35,11 +35,17 @@ impl Dialect {
         }
     }
 
-    /// DDL for this engine: `{serial}` becomes an auto-increment primary key.
+    /// DDL for this engine: `{serial}` becomes an auto-increment primary key, and
+    /// `{without_rowid}` (after a table's closing parenthesis) a table stored in its
+    /// primary key's B-tree on SQLite (nothing on PostgreSQL).
     pub fn ddl(self, script: &str) -> String {
         match self {
-            Dialect::Sqlite => script.replace("{serial}", "INTEGER PRIMARY KEY AUTOINCREMENT"),
-            Dialect::Postgres => script.replace("{serial}", "BIGSERIAL PRIMARY KEY"),
+            Dialect::Sqlite => script
+                .replace("{serial}", "INTEGER PRIMARY KEY AUTOINCREMENT")
+                .replace("{without_rowid}", " WITHOUT ROWID"),
+            Dialect::Postgres => script
+                .replace("{serial}", "BIGSERIAL PRIMARY KEY")
+                .replace("{without_rowid}", ""),
         }
     }
 

@@ -33,7 +33,9 @@ pub async fn first_deliveries(
 }
 
 /// The same on an SQLite file's own connection ([`crate::local::LocalWriter`]), for
-/// events given as their streams and versions.
+/// events given as their streams and versions. Each guard is read and moved by a
+/// statement of its own, prepared once: on the calling thread that costs less than
+/// taking a batch's keys apart from JSON.
 pub fn first_deliveries_local(
     conn: &rusqlite::Connection,
     table: &str,
@@ -46,22 +48,31 @@ pub fn first_deliveries_local(
     keys.sort_unstable();
     keys.dedup();
     let mut found: HashMap<(String, String), i64> = HashMap::new();
-    for chunk in keys.chunks(CHUNK) {
-        let (types, ids) = key_lists(chunk);
-        let mut statement = conn.prepare_cached(&stored_sql(Dialect::Sqlite, table))?;
-        let mut rows = statement.query(rusqlite::named_params! { "$1": types, "$2": ids })?;
-        while let Some(row) = rows.next()? {
-            found.insert((row.get(0)?, row.get(1)?), row.get(2)?);
+    let mut read = conn.prepare_cached(&format!(
+        "SELECT version FROM {table} WHERE aggregate_type = ?1 AND aggregate_id = ?2"
+    ))?;
+    for (aggregate_type, aggregate_id) in &keys {
+        let mut rows = read.query((aggregate_type, aggregate_id))?;
+        if let Some(row) = rows.next()? {
+            let version: i64 = row.get(0)?;
+            found.insert(
+                ((*aggregate_type).to_owned(), (*aggregate_id).to_owned()),
+                version,
+            );
         }
     }
-    let versions: Vec<((&str, &str), i64)> = events
+    let versions: Vec<Guard<'_>> = events
         .iter()
         .map(|(t, id, version)| ((t.as_str(), id.as_str()), *version))
         .collect();
     let (fresh, moved) = decide_versions(&versions, &keys, &found);
-    for chunk in moved.chunks(CHUNK) {
-        conn.prepare_cached(&advance_sql(Dialect::Sqlite, table))?
-            .execute(rusqlite::named_params! { "$1": advance_rows(chunk) })?;
+    let mut write = conn.prepare_cached(&format!(
+        "INSERT INTO {table} (aggregate_type, aggregate_id, version) VALUES (?1, ?2, ?3)
+         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
+         WHERE {table}.version < excluded.version"
+    ))?;
+    for ((aggregate_type, aggregate_id), version) in moved {
+        write.execute((aggregate_type, aggregate_id, version))?;
     }
     Ok(fresh)
 }

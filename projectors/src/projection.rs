@@ -204,10 +204,12 @@ impl ReadModel for Projection {
     }
 
     fn create_tables(self, suffix: &str) -> String {
+        // Small rows looked up by their key only: on SQLite the key's index is the
+        // table (one B-tree written per guard moved instead of two).
         let guard = format!(
             "CREATE TABLE IF NOT EXISTS {} (
                 aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL, version BIGINT NOT NULL,
-                PRIMARY KEY (aggregate_type, aggregate_id));",
+                PRIMARY KEY (aggregate_type, aggregate_id)){{without_rowid}};",
             self.applied_table(suffix)
         );
         let main = match self {
