@@ -251,3 +251,67 @@ pub fn unavailable(error: &rusqlite::Error) -> bool {
         .sqlite_error()
         .is_some_and(|e| crate::sqlite_unavailable(&e.extended_code.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_that_cannot_take_writes_is_unavailable_a_refused_statement_is_not() {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch("CREATE TABLE t (k TEXT PRIMARY KEY); INSERT INTO t VALUES ('a');")
+            .expect("table");
+        let duplicate = conn
+            .execute("INSERT INTO t VALUES ('a')", [])
+            .expect_err("a duplicate key");
+        assert!(!unavailable(&duplicate), "{duplicate}");
+        let missing = conn
+            .execute("INSERT INTO nowhere VALUES ('a')", [])
+            .expect_err("no such table");
+        assert!(!unavailable(&missing), "{missing}");
+
+        conn.execute_batch("PRAGMA query_only = ON")
+            .expect("read-only");
+        let read_only = conn
+            .execute("INSERT INTO t VALUES ('b')", [])
+            .expect_err("read-only");
+        assert!(unavailable(&read_only), "{read_only}");
+        conn.execute_batch("PRAGMA query_only = OFF")
+            .expect("writable");
+
+        // No page left to grow into: full.
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |row| row.get(0))
+            .expect("pages");
+        conn.execute_batch(&format!("PRAGMA max_page_count = {pages}"))
+            .expect("limit");
+        let full = conn
+            .execute("INSERT INTO t VALUES (?1)", [&"x".repeat(100_000)])
+            .expect_err("full");
+        assert!(unavailable(&full), "{full}");
+    }
+
+    #[test]
+    fn a_statement_runs_with_its_numbered_values_in_any_order() {
+        use crate::db::{Bind, Statement};
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch("CREATE TABLE t (a TEXT, b INTEGER)")
+            .expect("table");
+        let statement = Statement::new(
+            "INSERT INTO t (b, a) VALUES ($2, $1)",
+            vec![Bind::Text("one".into()), Bind::Integer(1)],
+        );
+        assert_eq!(execute(&conn, &statement).expect("inserted"), 1);
+        let row: (String, i64) = conn
+            .query_row("SELECT a, b FROM t", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .expect("row");
+        assert_eq!(row, ("one".to_owned(), 1));
+        let missing = Statement::new("INSERT INTO t (a) VALUES ($1)", vec![]);
+        assert!(
+            execute(&conn, &missing).is_err(),
+            "a parameter without a value"
+        );
+    }
+}

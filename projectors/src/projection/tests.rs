@@ -4,7 +4,7 @@ use super::*;
 use crate::runner::{Projections, Runner};
 use domain::order::OrderLine;
 use domain::{CustomerId, EventName, Money, PaymentToken, Quantity, Sku};
-use infra::consume::{step, Consumer, LogSource, Step};
+use infra::consume::{step, Consumer, LogSource, Source, Step};
 use infra::metrics::Metrics;
 use infra::progress::Progress;
 use infra::scratch::Scratch;
@@ -440,4 +440,52 @@ async fn projections_open_their_tables_and_start_at_the_stored_checkpoint() {
         reopened.standing(handle).await.expect("standing"),
         (f.store.head(), 0)
     );
+}
+
+#[tokio::test]
+async fn a_batch_the_database_cannot_take_now_is_tried_again_never_dead_lettered() {
+    let f = fixture().await;
+    f.append(
+        "inventory",
+        "S-1",
+        &[InventoryEvent::StockRestocked {
+            quantity: 5,
+            on_hand: 5,
+            reserved: 0,
+        }],
+    )
+    .await;
+    let source = LogSource::open(
+        f.store.clone(),
+        Projection::Inventory.topics(),
+        "inventory",
+        &f.db,
+    )
+    .await
+    .expect("source");
+    let runner = f.runner(Projection::Inventory);
+    // Another writer holds SQLite's write lock past the busy timeout (10 s).
+    let mut other = f.db.pool.acquire().await.expect("connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *other)
+        .await
+        .expect("write lock");
+    assert!(step(&source, &runner).await.is_err(), "the batch fails");
+    sqlx::query("ROLLBACK")
+        .execute(&mut *other)
+        .await
+        .expect("released");
+    drop(other);
+    let letters = infra::dead_letters::list(&f.db.pool, "inventory")
+        .await
+        .expect("dead letters");
+    assert!(letters.is_empty(), "{letters:?}");
+
+    source.rewind().await.expect("rewind");
+    while step(&source, &runner).await.expect("step") != Step::Idle {}
+    let on_hand: i64 = sqlx::query_scalar("SELECT on_hand FROM inventory_levels")
+        .fetch_one(&f.db.pool)
+        .await
+        .expect("level");
+    assert_eq!(on_hand, 5);
 }
