@@ -730,7 +730,8 @@ fn at_once<F: std::future::Future>(future: F) -> Result<F::Output, InfraError> {
     }
 }
 
-/// Where a group's statements go: a few statements, each with one JSON parameter.
+/// Where a group's statements go: a few statements, each with one JSON parameter
+/// (or, on a connection that runs where SQLite does, one prepared insert per row).
 #[async_trait::async_trait]
 trait GroupConn: Send {
     /// The rows `sql` finds with `json` bound as its parameter, each as `map` makes it;
@@ -743,7 +744,22 @@ trait GroupConn: Send {
         map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
     ) -> Result<Vec<T>, InfraError>;
 
-    async fn execute(&mut self, sql: &str, json: String) -> Result<(), InfraError>;
+    /// Insert `rows` (JSON arrays of strings, integers and nulls) and map what each
+    /// returns: `sql` takes them all as the JSON rows bound as `$1`, `row_sql` is
+    /// the same insert of one row with its values as `?1`, `?2`, ... A connection
+    /// that runs statements where SQLite does prepares `row_sql` once and runs it
+    /// per row: cheaper there than taking every value out of the JSON.
+    async fn insert_rows<T: Send + 'static>(
+        &mut self,
+        sql: &str,
+        row_sql: &str,
+        rows: Vec<Value>,
+        map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
+    ) -> Result<Vec<T>, InfraError> {
+        let _ = row_sql;
+        self.fetch(sql, false, Value::Array(rows).to_string(), map)
+            .await
+    }
 }
 
 /// A connection of the driver (PostgreSQL, or SQLite other than a file's own writer).
@@ -765,11 +781,6 @@ impl GroupConn for Remote<'_> {
             .await?;
         rows.iter().map(|row| map(row)).collect()
     }
-
-    async fn execute(&mut self, sql: &str, json: String) -> Result<(), InfraError> {
-        sqlx::query(sql).bind(json).execute(&mut *self.0).await?;
-        Ok(())
-    }
 }
 
 /// The SQLite file's own write connection, on the thread that runs the group.
@@ -787,9 +798,39 @@ impl GroupConn for Local<'_> {
         crate::local::rows(self.0, sql, [json], |row| map(row))
     }
 
-    async fn execute(&mut self, sql: &str, json: String) -> Result<(), InfraError> {
-        self.0.prepare_cached(sql)?.execute([json])?;
-        Ok(())
+    async fn insert_rows<T: Send + 'static>(
+        &mut self,
+        _sql: &str,
+        row_sql: &str,
+        rows: Vec<Value>,
+        map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
+    ) -> Result<Vec<T>, InfraError> {
+        use rusqlite::types::Value as Sql;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let Value::Array(values) = row else {
+                return Err(InfraError::Unavailable(
+                    "a row to insert is not a list".into(),
+                ));
+            };
+            let values = values.into_iter().map(|value| match value {
+                Value::Null => Sql::Null,
+                Value::String(text) => Sql::Text(text),
+                Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+                    (Some(n), _) => Sql::Integer(n),
+                    (None, Some(x)) => Sql::Real(x),
+                    (None, None) => Sql::Null,
+                },
+                other => Sql::Text(other.to_string()),
+            });
+            out.extend(crate::local::rows(
+                self.0,
+                row_sql,
+                rusqlite::params_from_iter(values),
+                |row| map(row),
+            )?);
+        }
+        Ok(out)
     }
 }
 
@@ -980,7 +1021,12 @@ async fn append_all<C: GroupConn>(
                 version = excluded.version, position = excluded.position, state = excluded.state",
             dialect.json_rows("$1")
         );
-        conn.execute(&sql, Value::Array(rows).to_string()).await?;
+        const ROW: &str =
+            "INSERT INTO snapshots (aggregate_type, aggregate_id, version, position, state)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
+                version = excluded.version, position = excluded.position, state = excluded.state";
+        conn.insert_rows(&sql, ROW, rows, |_| Ok(())).await?;
     }
     if !records.is_empty() {
         let now = timestamp(Utc::now());
@@ -1003,7 +1049,10 @@ async fn append_all<C: GroupConn>(
                FROM {} WHERE true ORDER BY k.key",
             dialect.json_rows("$1")
         );
-        conn.execute(&sql, Value::Array(rows).to_string()).await?;
+        const ROW: &str =
+            "INSERT INTO idempotency (key, request_hash, response, position, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)";
+        conn.insert_rows(&sql, ROW, rows, |_| Ok(())).await?;
     }
     Ok(outcomes)
 }
@@ -1135,8 +1184,12 @@ async fn insert_events<C: GroupConn>(
          RETURNING aggregate_type, aggregate_id, version, position",
         dialect.json_rows("$1")
     );
+    const ROW: &str = "INSERT INTO events (event_id, aggregate_type, aggregate_id, version,
+            event_type, schema_version, occurred_at, correlation_id, causation_id, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+         RETURNING aggregate_type, aggregate_id, version, position";
     let inserted = conn
-        .fetch(&sql, false, Value::Array(rows).to_string(), |row| {
+        .insert_rows(&sql, ROW, rows, |row| {
             Ok((
                 (
                     row.text("aggregate_type")?,
