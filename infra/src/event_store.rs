@@ -806,31 +806,28 @@ impl GroupConn for Local<'_> {
         map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
     ) -> Result<Vec<T>, InfraError> {
         use rusqlite::types::Value as Sql;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            let Value::Array(values) = row else {
-                return Err(InfraError::Unavailable(
+        let value = |value: Value| match value {
+            Value::Null => Sql::Null,
+            Value::String(text) => Sql::Text(text),
+            Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+                (Some(n), _) => Sql::Integer(n),
+                (None, Some(x)) => Sql::Real(x),
+                (None, None) => Sql::Null,
+            },
+            other => Sql::Text(other.to_string()),
+        };
+        let rows = rows
+            .into_iter()
+            .map(|row| match row {
+                Value::Array(values) => {
+                    Ok(rusqlite::params_from_iter(values.into_iter().map(value)))
+                }
+                _ => Err(InfraError::Unavailable(
                     "a row to insert is not a list".into(),
-                ));
-            };
-            let values = values.into_iter().map(|value| match value {
-                Value::Null => Sql::Null,
-                Value::String(text) => Sql::Text(text),
-                Value::Number(n) => match (n.as_i64(), n.as_f64()) {
-                    (Some(n), _) => Sql::Integer(n),
-                    (None, Some(x)) => Sql::Real(x),
-                    (None, None) => Sql::Null,
-                },
-                other => Sql::Text(other.to_string()),
-            });
-            out.extend(crate::local::rows(
-                self.0,
-                row_sql,
-                rusqlite::params_from_iter(values),
-                |row| map(row),
-            )?);
-        }
-        Ok(out)
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        crate::local::rows_for_each(self.0, row_sql, rows, |row| map(row))
     }
 }
 

@@ -20,12 +20,13 @@ pub async fn first_deliveries(
     table: &str,
     events: &[RecordedEvent],
 ) -> Result<Vec<bool>, sqlx::Error> {
-    let keys = streams_of(events);
+    let deliveries = deliveries(events);
+    let keys = streams_of(&deliveries);
     let mut found: HashMap<(String, String), i64> = HashMap::new();
     for chunk in keys.chunks(CHUNK) {
         found.extend(stored(conn, dialect, table, chunk).await?);
     }
-    let (fresh, moved) = decide(events, &keys, &found);
+    let (fresh, moved) = decide(&deliveries, &keys, &found);
     for chunk in moved.chunks(CHUNK) {
         advance(conn, dialect, table, chunk).await?;
     }
@@ -33,20 +34,15 @@ pub async fn first_deliveries(
 }
 
 /// The same on an SQLite file's own connection ([`crate::local::LocalWriter`]), for
-/// events given as their streams and versions. Each guard is read and moved by a
-/// statement of its own, prepared once: on the calling thread that costs less than
-/// taking a batch's keys apart from JSON.
+/// the [`deliveries`] of a batch. Each guard is read and moved by a statement of its
+/// own, prepared once: on the calling thread that costs less than taking a batch's
+/// keys apart from JSON.
 pub fn first_deliveries_local(
     conn: &rusqlite::Connection,
     table: &str,
-    events: &[(String, String, i64)],
+    deliveries: &[Delivery],
 ) -> Result<Vec<bool>, rusqlite::Error> {
-    let mut keys: Vec<(&str, &str)> = events
-        .iter()
-        .map(|(t, id, _)| (t.as_str(), id.as_str()))
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
+    let keys = streams_of(deliveries);
     let mut found: HashMap<(String, String), i64> = HashMap::new();
     let mut read = conn.prepare_cached(&format!(
         "SELECT version FROM {table} WHERE aggregate_type = ?1 AND aggregate_id = ?2"
@@ -61,11 +57,7 @@ pub fn first_deliveries_local(
             );
         }
     }
-    let versions: Vec<Guard<'_>> = events
-        .iter()
-        .map(|(t, id, version)| ((t.as_str(), id.as_str()), *version))
-        .collect();
-    let (fresh, moved) = decide_versions(&versions, &keys, &found);
+    let (fresh, moved) = decide(deliveries, &keys, &found);
     let mut write = conn.prepare_cached(&format!(
         "INSERT INTO {table} (aggregate_type, aggregate_id, version) VALUES (?1, ?2, ?3)
          ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
@@ -77,51 +69,42 @@ pub fn first_deliveries_local(
     Ok(fresh)
 }
 
+/// An event as its guard sees it: its stream (aggregate type and id) and version.
+pub type Delivery = (String, String, i64);
+
+/// The deliveries of `events`, in log order.
+pub fn deliveries(events: &[RecordedEvent]) -> Vec<Delivery> {
+    events
+        .iter()
+        .map(|event| {
+            let envelope = &event.envelope;
+            (
+                envelope.aggregate_type.clone(),
+                envelope.aggregate_id.clone(),
+                envelope.version,
+            )
+        })
+        .collect()
+}
+
 /// A stream's guard: (aggregate type, aggregate id) and the last version applied.
 type Guard<'a> = ((&'a str, &'a str), i64);
 
-/// The distinct streams of `events`.
-fn streams_of(events: &[RecordedEvent]) -> Vec<(&str, &str)> {
-    let mut keys: Vec<(&str, &str)> = events
+/// The distinct streams of `deliveries`.
+fn streams_of(deliveries: &[Delivery]) -> Vec<(&str, &str)> {
+    let mut keys: Vec<(&str, &str)> = deliveries
         .iter()
-        .map(|event| {
-            (
-                event.envelope.aggregate_type.as_str(),
-                event.envelope.aggregate_id.as_str(),
-            )
-        })
+        .map(|(aggregate_type, aggregate_id, _)| (aggregate_type.as_str(), aggregate_id.as_str()))
         .collect();
     keys.sort_unstable();
     keys.dedup();
     keys
 }
 
-/// Which events are first deliveries given the `found` guards of `keys`, and the
-/// guards that move.
+/// Which deliveries (in log order) are first ones given the `found` guards of
+/// `keys`, and the guards that move.
 fn decide<'a>(
-    events: &'a [RecordedEvent],
-    keys: &[(&'a str, &'a str)],
-    found: &HashMap<(String, String), i64>,
-) -> (Vec<bool>, Vec<Guard<'a>>) {
-    let versions: Vec<((&str, &str), i64)> = events
-        .iter()
-        .map(|event| {
-            let envelope = &event.envelope;
-            (
-                (
-                    envelope.aggregate_type.as_str(),
-                    envelope.aggregate_id.as_str(),
-                ),
-                envelope.version,
-            )
-        })
-        .collect();
-    decide_versions(&versions, keys, found)
-}
-
-/// [`decide`] for events given as (stream, version), in log order.
-fn decide_versions<'a>(
-    events: &[((&'a str, &'a str), i64)],
+    deliveries: &'a [Delivery],
     keys: &[(&'a str, &'a str)],
     found: &HashMap<(String, String), i64>,
 ) -> (Vec<bool>, Vec<Guard<'a>>) {
@@ -136,14 +119,16 @@ fn decide_versions<'a>(
         })
         .collect();
     let before = streams.clone();
-    let fresh = events
+    let fresh = deliveries
         .iter()
-        .map(|(key, version)| match streams.get_mut(key) {
-            Some(applied) if *applied < *version => {
-                *applied = *version;
-                true
+        .map(|(aggregate_type, aggregate_id, version)| {
+            match streams.get_mut(&(aggregate_type.as_str(), aggregate_id.as_str())) {
+                Some(applied) if *applied < *version => {
+                    *applied = *version;
+                    true
+                }
+                _ => false,
             }
-            _ => false,
         })
         .collect();
     let moved = streams
@@ -153,25 +138,6 @@ fn decide_versions<'a>(
     (fresh, moved)
 }
 
-/// The distinct types and the ids of `keys`, as JSON lists.
-fn key_lists(keys: &[(&str, &str)]) -> (String, String) {
-    let mut types: Vec<&str> = keys.iter().map(|(t, _)| *t).collect();
-    types.sort_unstable();
-    types.dedup();
-    let ids: Vec<&str> = keys.iter().map(|(_, id)| *id).collect();
-    let list = |values: &[&str]| serde_json::to_string(values).unwrap_or_else(|_| "[]".into());
-    (list(&types), list(&ids))
-}
-
-fn stored_sql(dialect: Dialect, table: &str) -> String {
-    format!(
-        "SELECT aggregate_type, aggregate_id, version FROM {table}
-          WHERE {} AND {}",
-        dialect.in_text_list("aggregate_type", "$1"),
-        dialect.in_text_list("aggregate_id", "$2"),
-    )
-}
-
 /// The stored guards of `keys` (those that have one).
 async fn stored(
     conn: &mut AnyConnection,
@@ -179,15 +145,24 @@ async fn stored(
     table: &str,
     keys: &[(&str, &str)],
 ) -> Result<Vec<((String, String), i64)>, sqlx::Error> {
-    let (types, ids) = key_lists(keys);
-    let rows = sqlx::query(&stored_sql(dialect, table))
-        // Planned anew each time on PostgreSQL (once per batch): a plan prepared while
-        // the table was small could scan it whole for good (see `stream_heads`).
-        .persistent(dialect == Dialect::Sqlite)
-        .bind(types)
-        .bind(ids)
-        .fetch_all(&mut *conn)
-        .await?;
+    let mut types: Vec<&str> = keys.iter().map(|(t, _)| *t).collect();
+    types.sort_unstable();
+    types.dedup();
+    let ids: Vec<&str> = keys.iter().map(|(_, id)| *id).collect();
+    let list = |values: &[&str]| serde_json::to_string(values).unwrap_or_else(|_| "[]".into());
+    let rows = sqlx::query(&format!(
+        "SELECT aggregate_type, aggregate_id, version FROM {table}
+          WHERE {} AND {}",
+        dialect.in_text_list("aggregate_type", "$1"),
+        dialect.in_text_list("aggregate_id", "$2"),
+    ))
+    // Planned anew each time on PostgreSQL (once per batch): a plan prepared while
+    // the table was small could scan it whole for good (see `stream_heads`).
+    .persistent(dialect == Dialect::Sqlite)
+    .bind(list(&types))
+    .bind(list(&ids))
+    .fetch_all(&mut *conn)
+    .await?;
     rows.iter()
         .map(|row| {
             Ok((
@@ -219,33 +194,25 @@ async fn advance(
     conn: &mut AnyConnection,
     dialect: Dialect,
     table: &str,
-    moved: &[((&str, &str), i64)],
+    moved: &[Guard<'_>],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(&advance_sql(dialect, table))
-        .bind(advance_rows(moved))
-        .execute(conn)
-        .await
-        .map(|_| ())
-}
-
-fn advance_sql(dialect: Dialect, table: &str) -> String {
-    format!(
+    let sql = format!(
         "INSERT INTO {table} (aggregate_type, aggregate_id, version)
          SELECT k.value ->> 0, k.value ->> 1, CAST(k.value ->> 2 AS BIGINT)
            FROM {} WHERE true ORDER BY k.key
          ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
          WHERE {table}.version < excluded.version",
         dialect.json_rows("$1")
-    )
-}
-
-/// The moved guards as the JSON rows [`advance_sql`] reads.
-fn advance_rows(moved: &[((&str, &str), i64)]) -> String {
+    );
     let rows: Vec<serde_json::Value> = moved
         .iter()
         .map(|((aggregate_type, aggregate_id), version)| {
             serde_json::json!([aggregate_type, aggregate_id, version])
         })
         .collect();
-    serde_json::Value::Array(rows).to_string()
+    sqlx::query(&sql)
+        .bind(serde_json::Value::Array(rows).to_string())
+        .execute(conn)
+        .await
+        .map(|_| ())
 }

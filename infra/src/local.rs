@@ -43,18 +43,6 @@ impl Columns for AnyRow {
     }
 }
 
-impl Columns for rusqlite::Row<'_> {
-    fn text(&self, name: &str) -> Result<String, InfraError> {
-        Ok(self.get(name)?)
-    }
-    fn maybe_text(&self, name: &str) -> Result<Option<String>, InfraError> {
-        Ok(self.get(name)?)
-    }
-    fn int(&self, name: &str) -> Result<i64, InfraError> {
-        Ok(self.get(name)?)
-    }
-}
-
 fn open(file: &Path) -> Result<Connection, InfraError> {
     let connection = Connection::open_with_flags(
         file,
@@ -106,6 +94,17 @@ pub fn rows<T>(
     connection: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
+    map: impl FnMut(&NamedRow<'_, '_>) -> Result<T, InfraError>,
+) -> Result<Vec<T>, InfraError> {
+    rows_for_each(connection, sql, [params], map)
+}
+
+/// [`rows`] for each of `all_params` in turn, all rows in one list: the statement is
+/// looked up and its column names read once, not once per run.
+pub fn rows_for_each<T, P: rusqlite::Params>(
+    connection: &Connection,
+    sql: &str,
+    all_params: impl IntoIterator<Item = P>,
     mut map: impl FnMut(&NamedRow<'_, '_>) -> Result<T, InfraError>,
 ) -> Result<Vec<T>, InfraError> {
     let mut statement = connection.prepare_cached(sql)?;
@@ -114,10 +113,12 @@ pub fn rows<T>(
         .into_iter()
         .map(str::to_owned)
         .collect();
-    let mut rows = statement.query(params)?;
     let mut out = vec![];
-    while let Some(row) = rows.next()? {
-        out.push(map(&NamedRow { row, names: &names })?);
+    for params in all_params {
+        let mut rows = statement.query(params)?;
+        while let Some(row) = rows.next()? {
+            out.push(map(&NamedRow { row, names: &names })?);
+        }
     }
     Ok(out)
 }

@@ -158,25 +158,15 @@ impl Handler for Runner {
     /// database that cannot take writes fails the batch, which is tried again.
     fn local(&self, events: &[RecordedEvent]) -> Option<LocalWork<()>> {
         let guard = self.projection.applied_table(self.suffix);
-        let streams: Vec<(String, String, i64)> = events
+        let deliveries = guard::deliveries(events);
+        let changes: Vec<_> = events
             .iter()
-            .map(|recorded| {
-                let envelope = &recorded.envelope;
-                (
-                    envelope.aggregate_type.clone(),
-                    envelope.aggregate_id.clone(),
-                    envelope.version,
-                )
-            })
+            .map(|recorded| change_of(self.projection, self.suffix, recorded))
             .collect();
-        let mut changes = vec![];
-        for (i, recorded) in events.iter().enumerate() {
-            changes.push((i, change_of(self.projection, self.suffix, recorded)));
-        }
         Some(Box::new(move |conn, failures| {
-            let fresh = guard::first_deliveries_local(conn, &guard, &streams)?;
-            for (i, change) in changes {
-                if !fresh.get(i).copied().unwrap_or(false) {
+            let fresh = guard::first_deliveries_local(conn, &guard, &deliveries)?;
+            for (i, (change, fresh)) in changes.into_iter().zip(fresh).enumerate() {
+                if !fresh {
                     continue;
                 }
                 let change = match change {

@@ -45,6 +45,20 @@ impl Fixture {
             .expect("appended");
     }
 
+    /// Five of S-1 restocked: the inventory stream's first event.
+    async fn restock_five(&self) {
+        self.append(
+            "inventory",
+            "S-1",
+            &[InventoryEvent::StockRestocked {
+                quantity: 5,
+                on_hand: 5,
+                reserved: 0,
+            }],
+        )
+        .await;
+    }
+
     fn runner(&self, projection: Projection) -> Runner {
         Runner {
             projection,
@@ -202,16 +216,7 @@ async fn stock_levels_follow_every_inventory_event_and_a_cancellation_records_it
 #[tokio::test]
 async fn a_redelivered_event_is_skipped_by_the_version_guard() {
     let f = fixture().await;
-    f.append(
-        "inventory",
-        "S-1",
-        &[InventoryEvent::StockRestocked {
-            quantity: 5,
-            on_hand: 5,
-            reserved: 0,
-        }],
-    )
-    .await;
+    f.restock_five().await;
     f.project(Projection::Inventory).await;
     // Changed behind the projection's back: a second pass over the same events
     // (a fresh consumer) must not touch the row again.
@@ -445,16 +450,7 @@ async fn projections_open_their_tables_and_start_at_the_stored_checkpoint() {
 #[tokio::test]
 async fn a_batch_the_database_cannot_take_now_is_tried_again_never_dead_lettered() {
     let f = fixture().await;
-    f.append(
-        "inventory",
-        "S-1",
-        &[InventoryEvent::StockRestocked {
-            quantity: 5,
-            on_hand: 5,
-            reserved: 0,
-        }],
-    )
-    .await;
+    f.restock_five().await;
     let source = LogSource::open(
         f.store.clone(),
         Projection::Inventory.topics(),
