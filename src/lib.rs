@@ -70,6 +70,92 @@ pub struct System {
     trigger: Trigger,
     shutdown: Shutdown,
     tasks: Vec<JoinHandle<()>>,
+    /// Where the pipeline's tasks run; shut down after they have stopped.
+    _background: Background,
+}
+
+/// The runtime the pipeline runs on: projections, the saga, the checkout follower,
+/// the notifier, retention, the relay and the command inboxes. The API (and the log's
+/// writer, which the door's appends and the saga's share) stays on the runtime that
+/// started the system. Two reasons: a request's task never waits in a worker's queue
+/// behind a batch of the pipeline's, and the pipeline's threads run at a lower
+/// priority ([`BACKGROUND_NICE`]), so under load the kernel hands a core to the door
+/// first. The pipeline loses little by it: the door's work per order is a fraction of
+/// the pipeline's, and admission control bounds how much of it there is.
+struct Background {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+/// How much lower the pipeline's threads run than the API's (a nice increment: a
+/// thread at +5 gets about a third of the processor a thread at 0 gets when both want
+/// it).
+const BACKGROUND_NICE: i32 = 5;
+
+impl Background {
+    fn start() -> std::io::Result<Background> {
+        let threads = std::thread::available_parallelism().map_or(2, usize::from);
+        // The level is set, not added to: a thread inherits the nice value of the
+        // thread that started it, and the pipeline's threads start one another.
+        let level = own_priority().map(|now| (now + BACKGROUND_NICE).min(19));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("orderline-pipeline")
+            .on_thread_start(move || {
+                if let Some(level) = level {
+                    set_own_priority(level);
+                }
+            })
+            .enable_all()
+            .build()?;
+        Ok(Background {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+
+    fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.handle.spawn(task)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // Its tasks have stopped (or the system was dropped without stopping): what
+        // is left (blocking work in flight) is not waited for.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The calling thread's nice value, where the system keeps one per thread (Linux;
+/// elsewhere setting it could lower the whole process, so the pipeline is left at the
+/// API's priority there).
+fn own_priority() -> Option<i32> {
+    #[cfg(target_os = "linux")]
+    {
+        rustix::process::getpriority_process(Some(rustix::thread::gettid())).ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+/// Set the calling thread's nice value (Linux).
+fn set_own_priority(level: i32) {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), level)
+    {
+        tracing::debug!(error = %error, "the pipeline's thread keeps its priority");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = level;
 }
 
 /// What `/metrics` and `/health` report on besides the counters.
@@ -276,12 +362,9 @@ impl System {
             projections.progress.issue_stream_tokens();
         }
         let (trigger, shutdown) = shutdown::channel();
-        let mut tasks = projections.spawn_all(&shutdown);
-        tasks.push(tokio::spawn(retain(
-            store.clone(),
-            config.retention,
-            shutdown.clone(),
-        )));
+        let background = Background::start()?;
+        let mut tasks = projections.spawn_all(&shutdown, &background.handle);
+        tasks.push(background.spawn(retain(store.clone(), config.retention, shutdown.clone())));
         let mut watched = Watched::new(&projections);
         if let Some((_, order)) = services.iter().find(|(s, _)| *s == Service::Order) {
             let saga = Arc::new(
@@ -300,15 +383,13 @@ impl System {
             watched.backlog = Some(handlers.backlog.clone());
             let dispatcher = saga.clone();
             let stop = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                dispatcher.dispatch_until(stop).await
-            }));
-            tasks.push(tokio::spawn(drive(source, saga, shutdown.clone())));
+            tasks.push(background.spawn(async move { dispatcher.dispatch_until(stop).await }));
+            tasks.push(background.spawn(drive(source, saga, shutdown.clone())));
             // The order service places the orders of checked-out carts.
             let checkout = Checkout::new(handlers.clone(), order);
             let source = Checkout::source(&transport, order).await?;
             watched.sources.push(source.clone());
-            tasks.push(tokio::spawn(drive(source, checkout, shutdown.clone())));
+            tasks.push(background.spawn(drive(source, checkout, shutdown.clone())));
         }
         if let Some(db) = database(Service::Notification) {
             let channel = match &config.notifier {
@@ -324,15 +405,9 @@ impl System {
             let notifier = Arc::new(Notifier::new(&handlers, &db, &channel).await?);
             let source = Notifier::source(&transport, &db).await?;
             watched.sources.push(source.clone());
-            tasks.push(tokio::spawn(drive(
-                source,
-                notifier.clone(),
-                shutdown.clone(),
-            )));
+            tasks.push(background.spawn(drive(source, notifier.clone(), shutdown.clone())));
             let stop = shutdown.clone();
-            tasks.push(tokio::spawn(
-                async move { notifier.dispatch_until(stop).await },
-            ));
+            tasks.push(background.spawn(async move { notifier.dispatch_until(stop).await }));
         }
         if let Some(kafka) = transport.kafka() {
             // A service process publishes its own log and hears the saga's commands.
@@ -345,12 +420,13 @@ impl System {
                     .map(|s| kafka.commands_topic(*s)),
             );
             let relay = Relay::new(store.clone(), kafka, RELAY)?.creating(topics);
-            tasks.push(tokio::spawn(relay.run(shutdown.clone())));
+            tasks.push(background.spawn(relay.run(shutdown.clone())));
             watched.relay = true;
             // Only the saga's participants hear commands.
             let participants = services.iter().filter(|(s, _)| s.takes_saga_commands());
             for (service, db) in participants {
-                let (source, task) = inbox(&transport, *service, db, &handlers, &shutdown)?;
+                let (source, task) =
+                    inbox(&transport, *service, db, &handlers, &shutdown, &background)?;
                 watched.sources.push(source.clone());
                 watched.inbox = Some(source);
                 tasks.push(task);
@@ -374,6 +450,7 @@ impl System {
             trigger,
             shutdown,
             tasks,
+            _background: background,
         })
     }
 
@@ -429,10 +506,11 @@ fn inbox(
     db: &Db,
     handlers: &Handlers,
     shutdown: &Shutdown,
+    background: &Background,
 ) -> anyhow::Result<(Arc<dyn Source>, JoinHandle<()>)> {
     let source: Arc<dyn Source> = Arc::new(Inbox::source(transport, service, db)?);
     let inbox = Inbox::new(handlers.clone(), db);
-    let task = tokio::spawn(drive(source.clone(), inbox, shutdown.clone()));
+    let task = background.spawn(drive(source.clone(), inbox, shutdown.clone()));
     Ok((source, task))
 }
 

@@ -87,12 +87,16 @@ impl Projections {
         }
     }
 
-    /// Start one runner per projection.
-    pub fn spawn_all(&self, shutdown: &Shutdown) -> Vec<tokio::task::JoinHandle<()>> {
+    /// Start one runner per projection on `runtime`.
+    pub fn spawn_all(
+        &self,
+        shutdown: &Shutdown,
+        runtime: &tokio::runtime::Handle,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         self.handles
             .iter()
             .map(|handle| {
-                tokio::spawn(consume::drive(
+                runtime.spawn(consume::drive(
                     handle.source.clone(),
                     self.runner(handle),
                     shutdown.clone(),
