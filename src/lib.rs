@@ -339,7 +339,7 @@ impl System {
         let queries = storage.queries();
         let Storage {
             store,
-            projections,
+            mut projections,
             services,
         } = storage;
         let metrics = projections.metrics.clone();
@@ -363,7 +363,8 @@ impl System {
         }
         let (trigger, shutdown) = shutdown::channel();
         let background = Background::start()?;
-        let mut tasks = projections.spawn_all(&shutdown, &background.handle);
+        projections.runtime = Some(background.handle.clone());
+        let mut tasks = projections.spawn_all(&shutdown);
         tasks.push(background.spawn(retain(store.clone(), config.retention, shutdown.clone())));
         let mut watched = Watched::new(&projections);
         if let Some((_, order)) = services.iter().find(|(s, _)| *s == Service::Order) {

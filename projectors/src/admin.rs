@@ -101,7 +101,7 @@ async fn start_rebuild(
         )));
     }
     let task_all = all.clone();
-    tokio::spawn(async move {
+    all.spawn(async move {
         let name = handle.projection.as_str();
         tracing::info!(projection = name, "online rebuild started");
         match rebuild(&task_all, &handle, |_| {}).await {

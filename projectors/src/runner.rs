@@ -37,6 +37,9 @@ pub struct Projections {
     pub store: EventStore,
     pub progress: Progress,
     pub metrics: Metrics,
+    /// Where the runners and online rebuilds run: the process's pipeline runtime when
+    /// it has one, else the caller's.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Projections {
@@ -69,6 +72,7 @@ impl Projections {
             store,
             progress,
             metrics,
+            runtime: None,
         })
     }
 
@@ -87,16 +91,24 @@ impl Projections {
         }
     }
 
-    /// Start one runner per projection on `runtime`.
-    pub fn spawn_all(
-        &self,
-        shutdown: &Shutdown,
-        runtime: &tokio::runtime::Handle,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
+    /// Run `task` where the projections' tasks run.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.runtime {
+            Some(runtime) => runtime.spawn(task),
+            None => tokio::spawn(task),
+        }
+    }
+
+    /// Start one runner per projection.
+    pub fn spawn_all(&self, shutdown: &Shutdown) -> Vec<tokio::task::JoinHandle<()>> {
         self.handles
             .iter()
             .map(|handle| {
-                runtime.spawn(consume::drive(
+                self.spawn(consume::drive(
                     handle.source.clone(),
                     self.runner(handle),
                     shutdown.clone(),
