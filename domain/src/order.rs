@@ -77,6 +77,7 @@ pub enum OrderCommand {
 pub enum OrderEvent {
     OrderPlaced {
         customer_id: CustomerId,
+        #[serde(deserialize_with = "placed_lines")]
         lines: Vec<OrderLine>,
         total_cents: Money,
         payment_token: PaymentToken,
@@ -89,6 +90,22 @@ pub enum OrderEvent {
     },
     OrderShipped {},
     OrderDelivered {},
+}
+
+/// The lines of a placed order as read back: 1 to [`MAX_LINES`], as `decide` allows,
+/// so a damaged event is refused where it is read rather than folded into an order
+/// of no lines.
+fn placed_lines<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<OrderLine>, D::Error> {
+    let lines = Vec::<OrderLine>::deserialize(deserializer)?;
+    if lines.is_empty() || lines.len() > MAX_LINES {
+        return Err(serde::de::Error::custom(format!(
+            "an order holds 1 to {MAX_LINES} lines, not {}",
+            lines.len()
+        )));
+    }
+    Ok(lines)
 }
 
 impl EventName for OrderEvent {

@@ -339,6 +339,29 @@ fn an_unknown_version_or_type_is_refused_with_a_clear_error() {
 }
 
 #[test]
+fn a_placed_order_of_no_lines_or_too_many_is_refused_when_read() {
+    let line = json!({"sku": "S-1", "quantity": 1, "unit_price_cents": 100});
+    for count in [0, 101] {
+        let payload = json!({
+            "customer_id": "c-1",
+            "lines": vec![line.clone(); count],
+            "total_cents": 100 * count,
+            "payment_token": "tok_ok",
+        });
+        let error = decode::<OrderEvent>("OrderPlaced", 2, &payload)
+            .expect_err("an order holds 1 to 100 lines");
+        assert!(error.to_string().contains("1 to 100 lines"), "{error}");
+    }
+    let payload = json!({
+        "customer_id": "c-1",
+        "lines": [line],
+        "total_cents": 100,
+        "payment_token": "tok_ok",
+    });
+    decode::<OrderEvent>("OrderPlaced", 2, &payload).expect("one line is an order");
+}
+
+#[test]
 fn envelopes_fit_the_envelope_schema() {
     let schema = read_json(root().join("envelope.json"));
     let fixtures = read_json(root().join("fixtures/OrderPlaced.v1.json"));
