@@ -5,7 +5,8 @@
 //!
 //! For orders spread over 1,000 SKUs and for every order on one SKU: first at
 //! saturation (64 clients posting as fast as answered), then at a fixed open-loop
-//! offered rate. Each variant runs on a fresh server. Reported: accepted/s (the 202
+//! offered rate. Each variant runs on a fresh server, on a runtime of its own apart
+//! from the clients' (as a server in another process would be). Reported: accepted/s (the 202
 //! rate), confirmed/s from the first placement to the last confirmation, their
 //! ratio, p50/p99 of the 202 and of placement-to-confirmed, orders refused with 503
 //! (admission control) and orders cancelled for `payment_timeout`.

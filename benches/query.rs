@@ -1,7 +1,8 @@
 //! The `query` benchmark: `GET /v1/orders/{id}` over HTTP on the embedded default,
 //! requests per second at saturation and latency at half of that rate, against an
 //! axum handler in the same process returning a static body of the same size (the
-//! baseline, measured in the same run with the same load generator).
+//! baseline, measured in the same run with the same load generator). Each server runs
+//! on a runtime of its own, apart from the load generator's.
 //!
 //! 1,000 orders are placed and carried through the saga first; the reads go round
 //! them. Saturation: 64 clients, each sending its next request when the last is
@@ -64,9 +65,8 @@ async fn run(seconds: u64) -> anyhow::Result<Vec<Row>> {
     );
     let body = server.client.get(&ours[0]).send().await?.bytes().await?;
 
-    // The baseline: the same route in plain axum, answering the same bytes.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let static_base = format!("http://{}", listener.local_addr()?);
+    // The baseline: the same route in plain axum, answering the same bytes, on a
+    // runtime of its own like the server's.
     let static_body = body.clone();
     let router = axum::Router::new().route(
         "/v1/orders/{order_id}",
@@ -75,7 +75,15 @@ async fn run(seconds: u64) -> anyhow::Result<Vec<Row>> {
             async move { ([("content-type", "application/json")], body) }
         }),
     );
-    let baseline_task = tokio::spawn(async move { axum::serve(listener, router).await });
+    let apart = support::Apart::start()?;
+    let (static_base, baseline_task) = apart
+        .spawn(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let base = format!("http://{}", listener.local_addr()?);
+            let task = tokio::spawn(async move { axum::serve(listener, router).await });
+            anyhow::Ok((base, task))
+        })?
+        .await??;
     let baseline: Arc<Vec<String>> = Arc::new(
         ids.iter()
             .map(|id| format!("{static_base}/v1/orders/{id}"))

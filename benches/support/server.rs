@@ -19,7 +19,9 @@ enum Running {
     Embedded {
         stop: tokio::sync::oneshot::Sender<()>,
         task: tokio::task::JoinHandle<anyhow::Result<()>>,
+        /// Dropped after the directory's files are closed (fields drop in order).
         _dir: tempfile::TempDir,
+        _runtime: super::Apart,
     },
     Distributed {
         envs: Vec<(&'static str, String)>,
@@ -33,24 +35,32 @@ const DISTRIBUTED_PREFIX: &str = "orderline_bench_distributed";
 
 impl Server {
     /// Start an embedded server whose SKUs `B-0` .. `B-{skus-1}` have plenty of
-    /// stock.
+    /// stock, on a runtime of its own (the load generator's clients run on the
+    /// caller's).
     pub async fn start(skus: usize, clients: usize) -> anyhow::Result<Server> {
         let dir = tempfile::tempdir()?;
         let mut config = infra::Config::with_data_dir(dir.path());
         // The v1 contract: the load is measured without tokens or rate limits.
         config.auth = infra::auth::AuthSettings::off();
         config.listen = "127.0.0.1:0".parse()?;
-        let listener = tokio::net::TcpListener::bind(config.listen).await?;
-        let base = format!("http://{}", listener.local_addr()?);
-        let system = System::start(config).await?;
+        let runtime = super::Apart::start()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, system, async {
-            let _ = stopped.await;
-        }));
+        let (base, task) = runtime
+            .spawn(async move {
+                let listener = tokio::net::TcpListener::bind(config.listen).await?;
+                let base = format!("http://{}", listener.local_addr()?);
+                let system = System::start(config).await?;
+                let task = tokio::spawn(serve(listener, system, async {
+                    let _ = stopped.await;
+                }));
+                anyhow::Ok((base, task))
+            })?
+            .await??;
         let running = Running::Embedded {
             stop,
             task,
             _dir: dir,
+            _runtime: runtime,
         };
         Server::stocked(base, running, skus, clients).await
     }

@@ -731,35 +731,24 @@ fn at_once<F: std::future::Future>(future: F) -> Result<F::Output, InfraError> {
 }
 
 /// Where a group's statements go: a few statements, each with one JSON parameter
-/// (or, on a connection that runs where SQLite does, one prepared insert per row).
+/// (or, on a connection that runs where SQLite does, one prepared statement per row).
 #[async_trait::async_trait]
 trait GroupConn: Send {
-    /// The rows `sql` finds with `json` bound as its parameter, each as `map` makes it;
-    /// `fresh_plan`: planned anew each time rather than prepared once per connection.
-    async fn fetch<T: Send + 'static>(
+    /// What a statement returns for `rows` (JSON arrays of strings, integers and
+    /// nulls), each row as `map` makes it. `sql` takes them all as one JSON list bound
+    /// as `$1` (`fresh_plan`: planned anew each time rather than prepared once per
+    /// connection); `row_sql` is the same statement for one row, its values as `?1`,
+    /// `?2`, ... A connection that runs statements where SQLite does prepares
+    /// `row_sql` once and runs it per row: cheaper there than taking every value out
+    /// of the JSON.
+    async fn per_row<T: Send + 'static>(
         &mut self,
         sql: &str,
         fresh_plan: bool,
-        json: String,
-        map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
-    ) -> Result<Vec<T>, InfraError>;
-
-    /// Insert `rows` (JSON arrays of strings, integers and nulls) and map what each
-    /// returns: `sql` takes them all as the JSON rows bound as `$1`, `row_sql` is
-    /// the same insert of one row with its values as `?1`, `?2`, ... A connection
-    /// that runs statements where SQLite does prepares `row_sql` once and runs it
-    /// per row: cheaper there than taking every value out of the JSON.
-    async fn insert_rows<T: Send + 'static>(
-        &mut self,
-        sql: &str,
         row_sql: &str,
         rows: Vec<Value>,
         map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
-    ) -> Result<Vec<T>, InfraError> {
-        let _ = row_sql;
-        self.fetch(sql, false, Value::Array(rows).to_string(), map)
-            .await
-    }
+    ) -> Result<Vec<T>, InfraError>;
 }
 
 /// A connection of the driver (PostgreSQL, or SQLite other than a file's own writer).
@@ -767,16 +756,17 @@ struct Remote<'a>(&'a mut AnyConnection);
 
 #[async_trait::async_trait]
 impl GroupConn for Remote<'_> {
-    async fn fetch<T: Send + 'static>(
+    async fn per_row<T: Send + 'static>(
         &mut self,
         sql: &str,
         fresh_plan: bool,
-        json: String,
+        _row_sql: &str,
+        rows: Vec<Value>,
         map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
     ) -> Result<Vec<T>, InfraError> {
         let rows = sqlx::query(sql)
             .persistent(!fresh_plan)
-            .bind(json)
+            .bind(Value::Array(rows).to_string())
             .fetch_all(&mut *self.0)
             .await?;
         rows.iter().map(|row| map(row)).collect()
@@ -788,19 +778,10 @@ struct Local<'a>(&'a mut rusqlite::Connection);
 
 #[async_trait::async_trait]
 impl GroupConn for Local<'_> {
-    async fn fetch<T: Send + 'static>(
-        &mut self,
-        sql: &str,
-        _fresh_plan: bool,
-        json: String,
-        map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
-    ) -> Result<Vec<T>, InfraError> {
-        crate::local::rows(self.0, sql, [json], |row| map(row))
-    }
-
-    async fn insert_rows<T: Send + 'static>(
+    async fn per_row<T: Send + 'static>(
         &mut self,
         _sql: &str,
+        _fresh_plan: bool,
         row_sql: &str,
         rows: Vec<Value>,
         map: for<'r> fn(&'r (dyn Columns + 'r)) -> Result<T, InfraError>,
@@ -822,9 +803,7 @@ impl GroupConn for Local<'_> {
                 Value::Array(values) => {
                     Ok(rusqlite::params_from_iter(values.into_iter().map(value)))
                 }
-                _ => Err(InfraError::Unavailable(
-                    "a row to insert is not a list".into(),
-                )),
+                _ => Err(InfraError::Unavailable("a row is not a list".into())),
             })
             .collect::<Result<Vec<_>, _>>()?;
         crate::local::rows_for_each(self.0, row_sql, rows, |row| map(row))
@@ -1023,7 +1002,7 @@ async fn append_all<C: GroupConn>(
              VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
                 version = excluded.version, position = excluded.position, state = excluded.state";
-        conn.insert_rows(&sql, ROW, rows, |_| Ok(())).await?;
+        conn.per_row(&sql, false, ROW, rows, |_| Ok(())).await?;
     }
     if !records.is_empty() {
         let now = timestamp(Utc::now());
@@ -1049,7 +1028,7 @@ async fn append_all<C: GroupConn>(
         const ROW: &str =
             "INSERT INTO idempotency (key, request_hash, response, position, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5)";
-        conn.insert_rows(&sql, ROW, rows, |_| Ok(())).await?;
+        conn.per_row(&sql, false, ROW, rows, |_| Ok(())).await?;
     }
     Ok(outcomes)
 }
@@ -1069,8 +1048,11 @@ async fn idempotency_records<C: GroupConn>(
     );
     // Planned anew each time on PostgreSQL (once per group; see `stream_heads`).
     let fresh_plan = dialect == Dialect::Postgres;
+    const ROW: &str =
+        "SELECT key, request_hash, response, position FROM idempotency WHERE key = ?1";
+    let rows = keys.iter().map(|key| serde_json::json!([key])).collect();
     let found = conn
-        .fetch(&sql, fresh_plan, serde_json::to_string(keys)?, |row| {
+        .per_row(&sql, fresh_plan, ROW, rows, |row| {
             Ok((row.text("key")?, stored_response(row)?))
         })
         .await?;
@@ -1085,7 +1067,7 @@ struct Head {
 }
 
 /// The last event of each of `streams` that has one: one statement, an index seek
-/// per stream.
+/// per stream (on the log's own connection, one prepared seek per stream).
 async fn stream_heads<C: GroupConn>(
     conn: &mut C,
     dialect: Dialect,
@@ -1123,8 +1105,15 @@ async fn stream_heads<C: GroupConn>(
         // every event of a type for each head, and a prepared plan is kept for good
         // when nothing analyzes the table.
         let fresh_plan = dialect == Dialect::Postgres;
+        const ROW: &str =
+            "SELECT aggregate_type, aggregate_id, version, position, event_id FROM events
+              WHERE aggregate_type = ?1 AND aggregate_id = ?2 ORDER BY version DESC LIMIT 1";
+        let rows = streams
+            .iter()
+            .map(|(aggregate_type, aggregate_id)| serde_json::json!([aggregate_type, aggregate_id]))
+            .collect();
         let heads = conn
-            .fetch(&sql, fresh_plan, serde_json::to_string(streams)?, |row| {
+            .per_row(&sql, fresh_plan, ROW, rows, |row| {
                 Ok((
                     (row.text("aggregate_type")?, row.text("aggregate_id")?),
                     Head {
@@ -1186,7 +1175,7 @@ async fn insert_events<C: GroupConn>(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
          RETURNING aggregate_type, aggregate_id, version, position";
     let inserted = conn
-        .insert_rows(&sql, ROW, rows, |row| {
+        .per_row(&sql, false, ROW, rows, |row| {
             Ok((
                 (
                     row.text("aggregate_type")?,
