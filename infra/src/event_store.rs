@@ -735,7 +735,7 @@ fn at_once<F: std::future::Future>(future: F) -> Result<F::Output, InfraError> {
 #[async_trait::async_trait]
 trait GroupConn: Send {
     /// What a statement returns for `rows` (JSON arrays of strings, integers and
-    /// nulls), each row as `map` makes it. `sql` takes them all as one JSON list bound
+    /// nulls, or a row of one such value as itself), each row as `map` makes it. `sql` takes them all as one JSON list bound
     /// as `$1` (`fresh_plan`: planned anew each time rather than prepared once per
     /// connection); `row_sql` is the same statement for one row, its values as `?1`,
     /// `?2`, ... A connection that runs statements where SQLite does prepares
@@ -797,15 +797,12 @@ impl GroupConn for Local<'_> {
             },
             other => Sql::Text(other.to_string()),
         };
-        let rows = rows
-            .into_iter()
-            .map(|row| match row {
-                Value::Array(values) => {
-                    Ok(rusqlite::params_from_iter(values.into_iter().map(value)))
-                }
-                _ => Err(InfraError::Unavailable("a row is not a list".into())),
+        let rows = rows.into_iter().map(|row| {
+            rusqlite::params_from_iter(match row {
+                Value::Array(values) => values.into_iter().map(value).collect(),
+                one => vec![value(one)],
             })
-            .collect::<Result<Vec<_>, _>>()?;
+        });
         crate::local::rows_for_each(self.0, row_sql, rows, |row| map(row))
     }
 }
@@ -1050,7 +1047,8 @@ async fn idempotency_records<C: GroupConn>(
     let fresh_plan = dialect == Dialect::Postgres;
     const ROW: &str =
         "SELECT key, request_hash, response, position FROM idempotency WHERE key = ?1";
-    let rows = keys.iter().map(|key| serde_json::json!([key])).collect();
+    // A list of keys, not of one-key rows: the statement's list form reads strings.
+    let rows = keys.iter().map(|key| serde_json::json!(key)).collect();
     let found = conn
         .per_row(&sql, fresh_plan, ROW, rows, |row| {
             Ok((row.text("key")?, stored_response(row)?))
