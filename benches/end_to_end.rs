@@ -1,7 +1,8 @@
 //! The `end-to-end` benchmark: orders per second from placement to `confirmed`
 //! through the whole saga, over HTTP, on the embedded default (SQLite files,
 //! `synchronous=FULL`), against the rate at which the door answers 202 in the same
-//! run (the baseline).
+//! run (the baseline), and with the 202's latency against the door alone (the same
+//! server with its pipeline held, at the same load, in the same run).
 //!
 //! For orders spread over 1,000 SKUs and for every order on one SKU: first at
 //! saturation (64 clients posting as fast as answered), then at a fixed open-loop
@@ -38,12 +39,64 @@ enum Load {
     OpenLoop(f64),
 }
 
+/// Each variant runs at both.
+const LOADS: [Load; 2] = [Load::Saturation, Load::OpenLoop(OFFERED)];
+
+impl Load {
+    fn name(self) -> String {
+        match self {
+            Load::Saturation => "saturated".to_owned(),
+            Load::OpenLoop(rate) => format!("offered={rate:.0}/s"),
+        }
+    }
+}
+
+/// What the door alone answered at one load: 202/s, and the 202's p50 and p99 (ms).
+struct Door {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+}
+
+/// The `q` quantile of sorted durations, in milliseconds.
+fn ms(sorted: &[Duration], q: f64) -> f64 {
+    percentile(sorted, q).as_secs_f64() * 1000.0
+}
+
 fn main() -> anyhow::Result<()> {
     let quick = support::quick();
     let seconds = if quick { 5 } else { 20 };
     let runtime = support::runtime()?;
     let mut rows = vec![];
     let mut curves = vec![];
+    // The baseline of the 202's latency, at each load: the door alone (the pipeline
+    // held), in this run.
+    let mut doors = vec![];
+    for load in LOADS {
+        let label = format!("door alone {}", load.name());
+        eprintln!("end-to-end: {label}, {seconds} s of load ...");
+        let door = runtime.block_on(async {
+            let server = Server::door_alone(CLIENTS).await?;
+            let placing = progress::timed(seconds, "placing orders");
+            let (mut answers, load_time) = drive(&server, "bench-door", SKUS, load, seconds).await;
+            placing.finish_and_clear();
+            server.stop().await?;
+            answers.accepted.sort();
+            anyhow::Ok(Door {
+                rate: answers.accepted.len() as f64 / load_time.as_secs_f64(),
+                p50: ms(&answers.accepted, 0.50),
+                p99: ms(&answers.accepted, 0.99),
+            })
+        })?;
+        rows.push(Row {
+            scenario: "end-to-end",
+            metric: format!("{label} 202/s"),
+            ours: door.rate,
+            baseline: None,
+            unit: "orders/s",
+        });
+        doors.push(door);
+    }
     let broker = support::services::Broker::start()?;
     let variants = [
         ("spread", SKUS, None),
@@ -51,18 +104,17 @@ fn main() -> anyhow::Result<()> {
         ("distributed spread", SKUS, Some(&broker)),
     ];
     for (name, skus, distributed) in variants {
-        for load in [Load::Saturation, Load::OpenLoop(OFFERED)] {
-            let label = match load {
-                Load::Saturation => format!("{name} saturated"),
-                Load::OpenLoop(rate) => format!("{name} offered={rate:.0}/s"),
-            };
+        for (load, door) in LOADS.into_iter().zip(&doors) {
+            let label = format!("{name} {}", load.name());
+            // The door alone is the embedded one's.
+            let door = distributed.is_none().then_some(door);
             eprintln!("end-to-end: {label}, {seconds} s of load ...");
             let (variant_rows, curve) = runtime.block_on(async {
                 let server = match distributed {
                     Some(broker) => Server::distributed(broker, skus, CLIENTS).await?,
                     None => Server::start(skus, CLIENTS).await?,
                 };
-                let measured = variant(&server, &label, skus, load, seconds).await;
+                let measured = variant(&server, &label, (skus, load, seconds), door).await;
                 server.stop().await?;
                 measured
             })?;
@@ -177,9 +229,8 @@ async fn drive(
 async fn variant(
     server: &Server,
     label: &str,
-    skus: usize,
-    load: Load,
-    seconds: u64,
+    (skus, load, seconds): (usize, Load, u64),
+    door: Option<&Door>,
 ) -> anyhow::Result<(Vec<Row>, Vec<(f64, f64)>)> {
     let customer = format!("bench-{}", uuid::Uuid::now_v7().simple());
     let start = Instant::now();
@@ -196,9 +247,8 @@ async fn variant(
     let (confirmed, timed_out, pending, to_confirmed) = outcomes(server, &customer).await?;
 
     answers.accepted.sort();
-    let door = answers.accepted.len() as f64 / load_time.as_secs_f64();
+    let accepted_rate = answers.accepted.len() as f64 / load_time.as_secs_f64();
     let end_to_end = confirmed as f64 / settled_at.duration_since(start).as_secs_f64();
-    let ms = |sorted: &[Duration], q| percentile(sorted, q).as_secs_f64() * 1000.0;
     let row = |metric: &str, ours: f64, baseline: Option<f64>, unit| Row {
         scenario: "end-to-end",
         metric: format!("{label} {metric}"),
@@ -211,9 +261,24 @@ async fn variant(
         .map(|q| (q * 100.0, ms(&to_confirmed, *q)))
         .collect();
     let mut rows = vec![
-        row("confirmed/s vs 202/s", end_to_end, Some(door), "orders/s"),
-        row("202 p50", ms(&answers.accepted, 0.50), None, "ms"),
-        row("202 p99", ms(&answers.accepted, 0.99), None, "ms"),
+        row(
+            "confirmed/s vs 202/s",
+            end_to_end,
+            Some(accepted_rate),
+            "orders/s",
+        ),
+        row(
+            "202 p50 vs door alone",
+            ms(&answers.accepted, 0.50),
+            door.map(|d| d.p50),
+            "ms",
+        ),
+        row(
+            "202 p99 vs door alone",
+            ms(&answers.accepted, 0.99),
+            door.map(|d| d.p99),
+            "ms",
+        ),
         row(
             "placed-to-confirmed p50",
             ms(&to_confirmed, 0.50),

@@ -75,14 +75,14 @@ async fn run(seconds: u64) -> anyhow::Result<Vec<Row>> {
             async move { ([("content-type", "application/json")], body) }
         }),
     );
-    let apart = support::Apart::start()?;
+    let apart = support::apart()?;
     let (static_base, baseline_task) = apart
         .spawn(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let base = format!("http://{}", listener.local_addr()?);
             let task = tokio::spawn(async move { axum::serve(listener, router).await });
             anyhow::Ok((base, task))
-        })?
+        })
         .await??;
     let baseline: Arc<Vec<String>> = Arc::new(
         ids.iter()

@@ -13,10 +13,13 @@
 
 pub mod gateway;
 pub mod openapi;
+pub mod runtime;
 
 /// The allocator of every binary that links this crate (the server, its benchmarks and
 /// tests): the system allocator spent about a fifth of the CPU of a loaded server
-/// consolidating and splitting its free lists.
+/// consolidating and splitting its free lists. Built without transparent huge pages
+/// (the workspace's `no_thp`): with them the kernel zeroed a 2 MiB page each time the
+/// allocator took back memory it had returned.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -71,7 +74,7 @@ pub struct System {
     shutdown: Shutdown,
     tasks: Vec<JoinHandle<()>>,
     /// Where the pipeline's tasks run; shut down after they have stopped.
-    _background: Background,
+    _background: Pipeline,
 }
 
 /// The runtime the pipeline runs on: projections, the saga, the checkout follower,
@@ -82,81 +85,36 @@ pub struct System {
 /// priority ([`BACKGROUND_NICE`]), so under load the kernel hands a core to the door
 /// first. The pipeline loses little by it: the door's work per order is a fraction of
 /// the pipeline's, and admission control bounds how much of it there is.
-struct Background {
-    runtime: Option<tokio::runtime::Runtime>,
-    handle: tokio::runtime::Handle,
+///
+/// Held ([`Config::hold_pipeline`]), none of its tasks run: the process is the door
+/// alone.
+struct Pipeline {
+    runtime: runtime::Apart,
+    held: bool,
+}
+
+impl Pipeline {
+    fn start(config: &Config) -> std::io::Result<Pipeline> {
+        Ok(Pipeline {
+            runtime: runtime::Apart::start("orderline-pipeline", BACKGROUND_NICE)?,
+            held: config.hold_pipeline,
+        })
+    }
+
+    /// Run `task` on the pipeline's runtime (when held, drop it unstarted).
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
+        if self.held {
+            drop(task);
+            return self.runtime.spawn(async {});
+        }
+        self.runtime.spawn(task)
+    }
 }
 
 /// How much lower the pipeline's threads run than the API's (a nice increment: a
 /// thread at +5 gets about a third of the processor a thread at 0 gets when both want
 /// it).
 const BACKGROUND_NICE: i32 = 5;
-
-impl Background {
-    fn start() -> std::io::Result<Background> {
-        let threads = std::thread::available_parallelism().map_or(2, usize::from);
-        // The level is set, not added to: a thread inherits the nice value of the
-        // thread that started it, and the pipeline's threads start one another.
-        let level = own_priority().map(|now| (now + BACKGROUND_NICE).min(19));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("orderline-pipeline")
-            .on_thread_start(move || {
-                if let Some(level) = level {
-                    set_own_priority(level);
-                }
-            })
-            .enable_all()
-            .build()?;
-        Ok(Background {
-            handle: runtime.handle().clone(),
-            runtime: Some(runtime),
-        })
-    }
-
-    fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        self.handle.spawn(task)
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        // Its tasks have stopped (or the system was dropped without stopping): what
-        // is left (blocking work in flight) is not waited for.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-/// The calling thread's nice value, where the system keeps one per thread (Linux;
-/// elsewhere setting it could lower the whole process, so the pipeline is left at the
-/// API's priority there).
-fn own_priority() -> Option<i32> {
-    #[cfg(target_os = "linux")]
-    {
-        rustix::process::getpriority_process(Some(rustix::thread::gettid())).ok()
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        None
-    }
-}
-
-/// Set the calling thread's nice value (Linux).
-fn set_own_priority(level: i32) {
-    #[cfg(target_os = "linux")]
-    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), level)
-    {
-        tracing::debug!(error = %error, "the pipeline's thread keeps its priority");
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = level;
-}
 
 /// What `/metrics` and `/health` report on besides the counters.
 #[derive(Clone)]
@@ -362,9 +320,12 @@ impl System {
             projections.progress.issue_stream_tokens();
         }
         let (trigger, shutdown) = shutdown::channel();
-        let background = Background::start()?;
-        projections.runtime = Some(background.handle.clone());
-        let mut tasks = projections.spawn_all(&shutdown);
+        let background = Pipeline::start(&config)?;
+        projections.runtime = Some(background.runtime.handle().clone());
+        let mut tasks = match background.held {
+            true => vec![],
+            false => projections.spawn_all(&shutdown),
+        };
         tasks.push(background.spawn(retain(store.clone(), config.retention, shutdown.clone())));
         let mut watched = Watched::new(&projections);
         if let Some((_, order)) = services.iter().find(|(s, _)| *s == Service::Order) {
@@ -507,7 +468,7 @@ fn inbox(
     db: &Db,
     handlers: &Handlers,
     shutdown: &Shutdown,
-    background: &Background,
+    background: &Pipeline,
 ) -> anyhow::Result<(Arc<dyn Source>, JoinHandle<()>)> {
     let source: Arc<dyn Source> = Arc::new(Inbox::source(transport, service, db)?);
     let inbox = Inbox::new(handlers.clone(), db);

@@ -91,32 +91,7 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// A runtime of its own for a server under test, apart from the load generator's (as
 /// a server in another process would be): the clients' tasks never wait in the
-/// server's queues, nor its tasks in theirs. Shut down when dropped, from any context.
-pub struct Apart(Option<tokio::runtime::Runtime>);
-
-impl Apart {
-    pub fn start() -> anyhow::Result<Apart> {
-        Ok(Apart(Some(runtime()?)))
-    }
-
-    /// Run `task` there.
-    pub fn spawn<F>(&self, task: F) -> anyhow::Result<tokio::task::JoinHandle<F::Output>>
-    where
-        F: std::future::Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        let runtime = self
-            .0
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("the server's runtime was shut down"))?;
-        Ok(runtime.spawn(task))
-    }
-}
-
-impl Drop for Apart {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
+/// server's queues, nor its tasks in theirs. At the priority of the load generator.
+pub fn apart() -> anyhow::Result<orderline::runtime::Apart> {
+    Ok(orderline::runtime::Apart::start("bench-server", 0)?)
 }

@@ -21,7 +21,7 @@ enum Running {
         task: tokio::task::JoinHandle<anyhow::Result<()>>,
         /// Dropped after the directory's files are closed (fields drop in order).
         _dir: tempfile::TempDir,
-        _runtime: super::Apart,
+        _runtime: orderline::runtime::Apart,
     },
     Distributed {
         envs: Vec<(&'static str, String)>,
@@ -38,12 +38,28 @@ impl Server {
     /// stock, on a runtime of its own (the load generator's clients run on the
     /// caller's).
     pub async fn start(skus: usize, clients: usize) -> anyhow::Result<Server> {
+        Server::embedded(skus, clients, false).await
+    }
+
+    /// Start an embedded server whose pipeline is held (nothing is projected, no saga
+    /// runs) and whose door has no backlog bound: the door alone, the same code
+    /// answering 202 on the same storage, with nothing else wanting the processor.
+    pub async fn door_alone(clients: usize) -> anyhow::Result<Server> {
+        Server::embedded(0, clients, true).await
+    }
+
+    async fn embedded(skus: usize, clients: usize, held: bool) -> anyhow::Result<Server> {
         let dir = tempfile::tempdir()?;
         let mut config = infra::Config::with_data_dir(dir.path());
         // The v1 contract: the load is measured without tokens or rate limits.
         config.auth = infra::auth::AuthSettings::off();
         config.listen = "127.0.0.1:0".parse()?;
-        let runtime = super::Apart::start()?;
+        if held {
+            config.hold_pipeline = true;
+            // Nothing finishes an order: a bound would refuse all but the first.
+            config.max_backlog = 0;
+        }
+        let runtime = super::apart()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (base, task) = runtime
             .spawn(async move {
@@ -54,7 +70,7 @@ impl Server {
                     let _ = stopped.await;
                 }));
                 anyhow::Ok((base, task))
-            })?
+            })
             .await??;
         let running = Running::Embedded {
             stop,

@@ -34,6 +34,11 @@ pub struct Config {
     pub auth: crate::auth::AuthSettings,
     /// How the notification service sends its messages (`--notifier`).
     pub notifier: Notifier,
+    /// Take commands and answer queries, but run none of the pipeline (projections,
+    /// the saga, the relay, the inboxes, the notifier, retention): the door alone,
+    /// as the benchmarks measure it beside the whole. Off by default, and no flag:
+    /// a held process moves no order past `pending`.
+    pub hold_pipeline: bool,
 }
 
 /// How notifications leave.
@@ -63,6 +68,7 @@ impl Config {
             retention: crate::retention::Retention::default(),
             auth: crate::auth::AuthSettings::default(),
             notifier: Notifier::default(),
+            hold_pipeline: false,
         }
     }
 
