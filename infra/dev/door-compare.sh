@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The door's latency now against the door of an earlier commit, on this machine, in
 # one run: `infra/dev/door-compare.sh [REV] [ROUNDS]` (REV defaults to 8fd22f4, the
-# version whose door the pipeline issue measured at 25-70 ms p99; 3 rounds).
+# last commit before the work on the pipeline's throughput, whose door the pipeline
+# issue measured at 25-70 ms p99; 3 rounds).
 #
 # Builds REV's release binary in a worktree under target/door-compare (once), and the
 # current one (`cargo build --release`). Then, ROUNDS times and interleaved so the
