@@ -74,7 +74,7 @@ pub struct System {
     shutdown: Shutdown,
     tasks: Vec<JoinHandle<()>>,
     /// Where the pipeline's tasks run; shut down after they have stopped.
-    _background: Pipeline,
+    _pipeline: Pipeline,
 }
 
 /// The runtime the pipeline runs on: projections, the saga, the checkout follower,
@@ -320,13 +320,13 @@ impl System {
             projections.progress.issue_stream_tokens();
         }
         let (trigger, shutdown) = shutdown::channel();
-        let background = Pipeline::start(&config)?;
-        projections.runtime = Some(background.runtime.handle().clone());
-        let mut tasks = match background.held {
+        let pipeline = Pipeline::start(&config)?;
+        projections.runtime = Some(pipeline.runtime.handle().clone());
+        let mut tasks = match pipeline.held {
             true => vec![],
             false => projections.spawn_all(&shutdown),
         };
-        tasks.push(background.spawn(retain(store.clone(), config.retention, shutdown.clone())));
+        tasks.push(pipeline.spawn(retain(store.clone(), config.retention, shutdown.clone())));
         let mut watched = Watched::new(&projections);
         if let Some((_, order)) = services.iter().find(|(s, _)| *s == Service::Order) {
             let saga = Arc::new(
@@ -345,13 +345,13 @@ impl System {
             watched.backlog = Some(handlers.backlog.clone());
             let dispatcher = saga.clone();
             let stop = shutdown.clone();
-            tasks.push(background.spawn(async move { dispatcher.dispatch_until(stop).await }));
-            tasks.push(background.spawn(drive(source, saga, shutdown.clone())));
+            tasks.push(pipeline.spawn(async move { dispatcher.dispatch_until(stop).await }));
+            tasks.push(pipeline.spawn(drive(source, saga, shutdown.clone())));
             // The order service places the orders of checked-out carts.
             let checkout = Checkout::new(handlers.clone(), order);
             let source = Checkout::source(&transport, order).await?;
             watched.sources.push(source.clone());
-            tasks.push(background.spawn(drive(source, checkout, shutdown.clone())));
+            tasks.push(pipeline.spawn(drive(source, checkout, shutdown.clone())));
         }
         if let Some(db) = database(Service::Notification) {
             let channel = match &config.notifier {
@@ -367,9 +367,9 @@ impl System {
             let notifier = Arc::new(Notifier::new(&handlers, &db, &channel).await?);
             let source = Notifier::source(&transport, &db).await?;
             watched.sources.push(source.clone());
-            tasks.push(background.spawn(drive(source, notifier.clone(), shutdown.clone())));
+            tasks.push(pipeline.spawn(drive(source, notifier.clone(), shutdown.clone())));
             let stop = shutdown.clone();
-            tasks.push(background.spawn(async move { notifier.dispatch_until(stop).await }));
+            tasks.push(pipeline.spawn(async move { notifier.dispatch_until(stop).await }));
         }
         if let Some(kafka) = transport.kafka() {
             // A service process publishes its own log and hears the saga's commands.
@@ -382,13 +382,13 @@ impl System {
                     .map(|s| kafka.commands_topic(*s)),
             );
             let relay = Relay::new(store.clone(), kafka, RELAY)?.creating(topics);
-            tasks.push(background.spawn(relay.run(shutdown.clone())));
+            tasks.push(pipeline.spawn(relay.run(shutdown.clone())));
             watched.relay = true;
             // Only the saga's participants hear commands.
             let participants = services.iter().filter(|(s, _)| s.takes_saga_commands());
             for (service, db) in participants {
                 let (source, task) =
-                    inbox(&transport, *service, db, &handlers, &shutdown, &background)?;
+                    inbox(&transport, *service, db, &handlers, &shutdown, &pipeline)?;
                 watched.sources.push(source.clone());
                 watched.inbox = Some(source);
                 tasks.push(task);
@@ -412,7 +412,7 @@ impl System {
             trigger,
             shutdown,
             tasks,
-            _background: background,
+            _pipeline: pipeline,
         })
     }
 
@@ -468,11 +468,11 @@ fn inbox(
     db: &Db,
     handlers: &Handlers,
     shutdown: &Shutdown,
-    background: &Pipeline,
+    pipeline: &Pipeline,
 ) -> anyhow::Result<(Arc<dyn Source>, JoinHandle<()>)> {
     let source: Arc<dyn Source> = Arc::new(Inbox::source(transport, service, db)?);
     let inbox = Inbox::new(handlers.clone(), db);
-    let task = background.spawn(drive(source.clone(), inbox, shutdown.clone()));
+    let task = pipeline.spawn(drive(source.clone(), inbox, shutdown.clone()));
     Ok((source, task))
 }
 
