@@ -2,9 +2,9 @@
 //! outbox) to the broker by the relay (`infra::kafka::Relay::run`: read batches by
 //! position, send their records, and move the relay's position past a batch once
 //! the brokers acknowledged it and every batch before it). The baseline, in the same run on the same broker: a raw
-//! rdkafka producer with the same settings (idempotent, `acks=all`, `linger.ms=2`)
-//! sending the same records, built in memory before its clock starts, with as many
-//! in flight as librdkafka takes.
+//! rdkafka producer with the same settings (`infra::kafka::producer`: `acks=all`,
+//! one request in flight per broker, `linger.ms=2`) sending the same records, built
+//! in memory before its clock starts, with as many queued as librdkafka takes.
 //!
 //! The broker is the benchmarks' own Tansu on 127.0.0.1:19094 (started on empty
 //! state; `ORDERLINE_BENCH_KAFKA` to use another). The log is an SQLite file.
@@ -16,7 +16,6 @@ mod support;
 
 use infra::kafka::{ensure_topics, record_of, KafkaConfig, Relay};
 use infra::EventStore;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::topics::AGGREGATE_TYPES;
 use std::time::{Duration, Instant};
@@ -86,14 +85,8 @@ async fn run(brokers: &str, events: usize) -> anyhow::Result<(f64, f64)> {
         }
         after = reached;
     }
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("max.in.flight.requests.per.connection", "5")
-        .set("message.timeout.ms", "0")
-        .set("linger.ms", "2")
-        .create()?;
+    // The relay's own producer settings (`infra::kafka::producer`).
+    let producer: FutureProducer = infra::kafka::producer(&config)?;
     let bar = progress::bar(records.len() as u64, "raw producer");
     let start = Instant::now();
     let mut deliveries = Vec::with_capacity(records.len());

@@ -20,4 +20,7 @@ cargo test --workspace "$@"
 # The whole suite (no arguments) ends with the fuzzing of the API.
 if [ "$#" -eq 0 ]; then
   infra/dev/fuzz.sh
+  # The short profile of faults at saturation (docs/reliability.md): the broker
+  # stopped and started, then the order service killed, with the test build.
+  ORDERLINE_BIN="$PWD/target/debug/orderline" infra/dev/kill_at_saturation.py broker order
 fi
