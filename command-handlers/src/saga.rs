@@ -28,6 +28,7 @@ use schemas::{AnyEvent, RecordedEvent};
 use serde_json::{json, Value};
 use sqlx::{AnyConnection, Row};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::sync::{Mutex as StdMutex, PoisonError};
 use std::time::Duration;
@@ -71,6 +72,12 @@ pub struct SagaRunner {
     retention: Retention,
     /// When settled sagas were last pruned.
     pruned_at: StdMutex<Option<DateTime<Utc>>>,
+    /// The stored count of settled sagas as this runner has counted them into the
+    /// door's backlog (`None` before [`SagaRunner::count_backlog`]).
+    settled_counted: StdMutex<Option<u64>>,
+    /// A round failed: its commit may have been carried out with its answer lost,
+    /// and the sagas it settled not counted. The stored count says.
+    recount: AtomicBool,
 }
 
 fn lock<T>(mutex: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -111,13 +118,22 @@ struct Loaded {
 const CACHE_CAPACITY: usize = 100_000;
 
 /// The committed state of recent sagas: this runner is the only writer of its sagas,
-/// so what it committed last is what the table holds.
+/// so what it committed last is what the table holds. A write that failed may have
+/// been committed all the same (its answer lost), so after one the cache is emptied
+/// ([`SagaCache::distrust`]): kept, it would hold a state older than the table's, and
+/// the next event would be handled on it (a compensation never sent).
 #[derive(Default)]
 struct SagaCache(StdMutex<HashMap<Uuid, Loaded>>);
 
 impl SagaCache {
     fn get(&self, order_id: &Uuid) -> Option<Loaded> {
         lock(&self.0).get(order_id).cloned()
+    }
+
+    /// After a write whose outcome is not known (it may have been committed with
+    /// its answer lost): nothing in memory is trusted, every saga is read again.
+    fn distrust(&self) {
+        lock(&self.0).clear();
     }
 
     /// After sagas were pruned: their states are gone from the table.
@@ -180,6 +196,8 @@ impl SagaRunner {
             heard_until: StdMutex::new(None),
             retention: Retention::default(),
             pruned_at: StdMutex::new(None),
+            settled_counted: StdMutex::new(None),
+            recount: AtomicBool::new(false),
         })
     }
 
@@ -299,8 +317,46 @@ impl SagaRunner {
             .fetch_one(&self.db.pool)
             .await?;
         let in_flight = in_flight.max(0) as u64;
+        let settled = self.stored_settled().await?;
         self.handlers.backlog.reset(in_flight);
+        *lock(&self.settled_counted) = Some(settled);
         Ok(in_flight)
+    }
+
+    /// How many sagas have settled, as stored with them.
+    async fn stored_settled(&self) -> Result<u64, InfraError> {
+        let settled: Option<i64> =
+            sqlx::query_scalar("SELECT settled FROM saga_totals WHERE name = 'sagas'")
+                .fetch_optional(&self.db.pool)
+                .await?;
+        Ok(settled.unwrap_or(0).max(0) as u64)
+    }
+
+    /// After a failed round: the sagas settled by a commit whose answer was lost are
+    /// taken out of the door's backlog (they were not, since the round failed).
+    async fn recount_settled(&self) -> Result<(), InfraError> {
+        if !self.recount.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let stored = match self.stored_settled().await {
+            Ok(stored) => stored,
+            Err(error) => {
+                self.recount.store(true, Ordering::SeqCst);
+                return Err(error);
+            }
+        };
+        let mut counted = lock(&self.settled_counted);
+        if let Some(known) = counted.as_mut() {
+            if stored > *known {
+                tracing::info!(
+                    uncounted = stored - *known,
+                    "sagas settled by a commit whose answer was lost"
+                );
+                self.handlers.backlog.settled(stored - *known);
+                *known = stored;
+            }
+        }
+        Ok(())
     }
 
     /// The saga's source of events on `transport`: every event topic.
@@ -420,6 +476,15 @@ impl SagaRunner {
         }
         sagas.retain(|_, saga| saga.state.stage != Stage::NotStarted);
         writes.write(tx, self.db.dialect, &sagas).await?;
+        if settled > 0 {
+            sqlx::query(
+                "INSERT INTO saga_totals (name, settled) VALUES ('sagas', $1)
+                 ON CONFLICT (name) DO UPDATE SET settled = saga_totals.settled + excluded.settled",
+            )
+            .bind(settled as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
         Ok(Folded {
             outcomes,
             sagas: sagas.into_iter().collect(),
@@ -476,8 +541,15 @@ impl SagaRunner {
             outcomes.extend(transition.outcome);
             sagas.insert(order_id, saga);
         }
-        writes.write(&mut tx, self.db.dialect, &sagas).await?;
-        tx.commit().await?;
+        let written = async {
+            writes.write(&mut tx, self.db.dialect, &sagas).await?;
+            tx.commit().await?;
+            Ok::<_, InfraError>(())
+        };
+        if let Err(error) = written.await {
+            self.cache.distrust();
+            return Err(error);
+        }
         self.cache.put(sagas);
         self.count(&outcomes);
         self.staged.notify_one();
@@ -608,6 +680,9 @@ impl Handler for SagaRunner {
         self.cache.put(folded.sagas);
         self.count(&folded.outcomes);
         self.handlers.backlog.settled(folded.settled);
+        if let Some(known) = lock(&self.settled_counted).as_mut() {
+            *known += folded.settled;
+        }
         for seconds in folded.confirmed_after {
             self.handlers
                 .metrics
@@ -620,12 +695,18 @@ impl Handler for SagaRunner {
         *lock(&self.reading) = Some(self.clock.now());
     }
 
+    fn failed(&self) {
+        self.cache.distrust();
+        self.recount.store(true, Ordering::SeqCst);
+    }
+
     /// Fire the deadlines that are due, as far as the saga has heard everything: a
     /// deadline is not passed while an answer to it may still be waiting unread.
     async fn between(&self, caught_up: bool) -> Result<Idle, InfraError> {
         if caught_up {
             *lock(&self.heard_until) = *lock(&self.reading);
         }
+        self.recount_settled().await?;
         let heard_until = *lock(&self.heard_until);
         let fired = match heard_until {
             Some(until) => self.fire_deadlines(until).await?,

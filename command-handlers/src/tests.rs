@@ -449,3 +449,60 @@ async fn a_command_on_an_aggregate_this_process_does_not_hold_is_decided_on_what
         .expect("load");
     assert_eq!((item.on_hand, version), (10, 2));
 }
+
+/// The saga as it is when the answers to its commits are lost: every batch is
+/// committed, and the runner hears only that its round failed.
+struct AnswersLost<'a>(&'a SagaRunner);
+
+impl Handler for AnswersLost<'_> {
+    type Item = schemas::RecordedEvent;
+    type Done = crate::saga::Folded;
+
+    fn consumer(&self) -> &infra::consume::Consumer {
+        self.0.consumer()
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        events: &[schemas::RecordedEvent],
+        failures: &mut infra::consume::Failures,
+    ) -> Result<crate::saga::Folded, infra::InfraError> {
+        self.0.apply(tx, events, failures).await
+    }
+
+    fn after(&self, _: crate::saga::Folded, _checkpoint: i64) {
+        self.0.failed();
+    }
+
+    fn reading(&self) {
+        self.0.reading();
+    }
+}
+
+/// An order carried through by a saga whose commits' answers are all lost: it is
+/// confirmed all the same (each batch folded on the states stored, not on older ones
+/// kept in memory), and once the runner has read again it no longer counts the
+/// order in flight (left counted, each such order would bring the door's bound
+/// nearer for good).
+#[tokio::test]
+async fn an_order_settled_by_commits_whose_answers_were_lost_leaves_the_backlog() {
+    let f = fixture().await;
+    let (saga, source) = saga(&f).await;
+    saga.count_backlog().await.expect("counted");
+    let id = place(&f, "tok_ok").await;
+    assert_eq!(f.handlers.backlog.in_flight(), 1);
+    let unheard = AnswersLost(&saga);
+    loop {
+        let moved = step(&source, &unheard).await.expect("step") != Step::Idle;
+        let idle = saga.between(true).await.expect("between");
+        let dispatched = saga.dispatch().await.expect("dispatch");
+        if !moved && !dispatched && idle != Idle::Busy {
+            break;
+        }
+    }
+    assert!(event_types(&f, "order", &id)
+        .await
+        .contains(&"OrderConfirmed".to_owned()));
+    assert_eq!(f.handlers.backlog.in_flight(), 0);
+}

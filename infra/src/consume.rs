@@ -433,6 +433,11 @@ pub trait Handler: Send + Sync {
         let _ = caught_up;
         async { Ok(Idle::For(Duration::from_secs(60))) }
     }
+
+    /// A round failed: a batch, or the work between batches. What it wrote may have
+    /// been committed all the same (a `COMMIT` carried out whose answer was lost), so
+    /// a handler that keeps in memory what it committed last must read it again.
+    fn failed(&self) {}
 }
 
 /// A handler's effects on an SQLite file's own connection (see [`Handler::local`]).
@@ -491,6 +496,10 @@ impl<H: Handler> Handler for Arc<H> {
 
     fn between(&self, caught_up: bool) -> impl Future<Output = Result<Idle, InfraError>> + Send {
         (**self).between(caught_up)
+    }
+
+    fn failed(&self) {
+        (**self).failed()
     }
 }
 
@@ -749,6 +758,7 @@ pub async fn drive<H: Handler>(source: Arc<dyn Source>, handler: H, mut shutdown
             Ok((Step::Stalled, _)) => backoff.fail(),
             Err(error) => {
                 tracing::error!(error = %error, kind = error.kind(), consumer = %name, "batch failed; retrying");
+                handler.failed();
                 handler.consumer().metrics.inc(
                     &metrics::CONSUMER_ERRORS,
                     &[("consumer", &name), ("kind", error.kind())],
