@@ -139,7 +139,7 @@ pub struct Db {
 }
 
 /// A value bound to a statement.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Bind {
     Text(String),
     Integer(i64),

@@ -224,20 +224,28 @@ pub(crate) fn open_writer(file: &Path) -> Result<Connection, InfraError> {
 
 /// Run `statement` on `conn`, prepared once per connection (`$n` is its `n`th value).
 pub fn execute(conn: &Connection, statement: &crate::db::Statement) -> rusqlite::Result<usize> {
+    execute_with(conn, &statement.sql, &statement.binds)
+}
+
+/// [`execute`] of `sql` with `binds`.
+pub fn execute_with(
+    conn: &Connection,
+    sql: &str,
+    binds: &[crate::db::Bind],
+) -> rusqlite::Result<usize> {
     use crate::db::Bind;
-    let mut prepared = conn.prepare_cached(&statement.sql)?;
+    let mut prepared = conn.prepare_cached(sql)?;
     for index in 1..=prepared.parameter_count() {
         let value = prepared
             .parameter_name(index)
             .and_then(|name| name.trim_start_matches(['$', '?']).parse::<usize>().ok())
-            .and_then(|n| statement.binds.get(n.checked_sub(1)?));
+            .and_then(|n| binds.get(n.checked_sub(1)?));
         match value {
             Some(Bind::Text(text)) => prepared.raw_bind_parameter(index, text.as_str())?,
             Some(Bind::Integer(n)) => prepared.raw_bind_parameter(index, *n)?,
             None => {
                 return Err(rusqlite::Error::InvalidParameterName(format!(
-                    "{} (parameter {index} has no value)",
-                    statement.sql
+                    "{sql} (parameter {index} has no value)"
                 )))
             }
         }

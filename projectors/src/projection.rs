@@ -41,6 +41,168 @@ pub trait ReadModel {
 pub struct Change {
     pub sql: String,
     pub binds: Vec<Bind>,
+    /// What it does to one row, when that is all it does: the writes of one row in a
+    /// batch then go as one statement ([`coalesce`]).
+    pub row: Option<RowWrite>,
+}
+
+/// A write of one row of one table, found by its key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowWrite {
+    table: String,
+    key: Vec<(&'static str, Bind)>,
+    kind: RowKind,
+    /// The values written (for an upsert, those of a new row).
+    columns: Vec<(&'static str, Bind)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum RowKind {
+    /// `INSERT`: a row with that key already there fails it.
+    Insert,
+    /// `INSERT ... ON CONFLICT (key) DO UPDATE SET` these columns to their new
+    /// values (none: `DO NOTHING`).
+    Upsert(Vec<&'static str>),
+    /// `UPDATE ... SET` every column `WHERE` the key (no such row: nothing).
+    Update,
+}
+
+impl RowWrite {
+    /// The change that writes this row.
+    fn change(
+        table: String,
+        key: Vec<(&'static str, Bind)>,
+        kind: RowKind,
+        columns: Vec<(&'static str, Bind)>,
+    ) -> Change {
+        Change::of_row(RowWrite {
+            table,
+            key,
+            kind,
+            columns,
+        })
+    }
+
+    /// Its statement and values.
+    fn statement(&self) -> (String, Vec<Bind>) {
+        let mut binds: Vec<Bind> = vec![];
+        let mut next = |bind: &Bind| {
+            binds.push(bind.clone());
+            format!("${}", binds.len())
+        };
+        let keys: Vec<&str> = self.key.iter().map(|(name, _)| *name).collect();
+        let sql = match &self.kind {
+            RowKind::Update => {
+                let set: Vec<String> = self
+                    .columns
+                    .iter()
+                    .map(|(name, value)| format!("{name} = {}", next(value)))
+                    .collect();
+                let found: Vec<String> = self
+                    .key
+                    .iter()
+                    .map(|(name, value)| format!("{name} = {}", next(value)))
+                    .collect();
+                format!(
+                    "UPDATE {} SET {} WHERE {}",
+                    self.table,
+                    set.join(", "),
+                    found.join(" AND ")
+                )
+            }
+            RowKind::Insert | RowKind::Upsert(_) => {
+                let names: Vec<&str> = keys
+                    .iter()
+                    .copied()
+                    .chain(self.columns.iter().map(|(name, _)| *name))
+                    .collect();
+                let values: Vec<String> = self
+                    .key
+                    .iter()
+                    .chain(&self.columns)
+                    .map(|(_, value)| next(value))
+                    .collect();
+                let conflict = match &self.kind {
+                    RowKind::Upsert(set) if set.is_empty() => {
+                        format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", "))
+                    }
+                    RowKind::Upsert(set) => {
+                        let set: Vec<String> = set
+                            .iter()
+                            .map(|name| format!("{name} = excluded.{name}"))
+                            .collect();
+                        format!(
+                            " ON CONFLICT ({}) DO UPDATE SET {}",
+                            keys.join(", "),
+                            set.join(", ")
+                        )
+                    }
+                    _ => String::new(),
+                };
+                format!(
+                    "INSERT INTO {} ({}) VALUES ({}){conflict}",
+                    self.table,
+                    names.join(", "),
+                    values.join(", ")
+                )
+            }
+        };
+        (sql, binds)
+    }
+
+    /// `self` and then `next`, a write of the same row, as one write that leaves the
+    /// row as the two would (whether or not it was there before), when there is one.
+    fn then(&self, next: &RowWrite) -> Option<RowWrite> {
+        let kind = match (&self.kind, &next.kind) {
+            // The row is there after `self` (or `self` fails, and so does the one
+            // write): `next` updates it.
+            (RowKind::Insert, RowKind::Update) => RowKind::Insert,
+            (RowKind::Insert, RowKind::Upsert(_)) => RowKind::Insert,
+            (RowKind::Upsert(set), RowKind::Update) => {
+                RowKind::Upsert(union(set, next.columns.iter().map(|(name, _)| *name)))
+            }
+            (RowKind::Upsert(set), RowKind::Upsert(then)) => {
+                RowKind::Upsert(union(set, then.iter().copied()))
+            }
+            (RowKind::Update, RowKind::Update) => RowKind::Update,
+            // An insert after anything fails or inserts what `self` could not
+            // update: kept apart.
+            _ => return None,
+        };
+        // What `next` writes to a row that is there: every column of an update, the
+        // columns an upsert updates.
+        let updated: Vec<&(&'static str, Bind)> = match &next.kind {
+            RowKind::Upsert(set) => next
+                .columns
+                .iter()
+                .filter(|(name, _)| set.contains(name))
+                .collect(),
+            _ => next.columns.iter().collect(),
+        };
+        let mut columns = self.columns.clone();
+        for (name, value) in updated {
+            match columns.iter_mut().find(|(have, _)| have == name) {
+                Some(column) => column.1 = value.clone(),
+                None => columns.push((name, value.clone())),
+            }
+        }
+        Some(RowWrite {
+            table: self.table.clone(),
+            key: self.key.clone(),
+            kind,
+            columns,
+        })
+    }
+}
+
+fn union(first: &[&'static str], then: impl Iterator<Item = &'static str>) -> Vec<&'static str> {
+    let mut all = first.to_vec();
+    for name in then {
+        if !all.contains(&name) {
+            all.push(name);
+        }
+    }
+    all
 }
 
 pub use infra::db::Bind;
@@ -51,9 +213,76 @@ impl From<Change> for infra::db::Statement {
     }
 }
 
+/// A row: its table and its key.
+type RowKey<'a> = (&'a str, &'a [(&'static str, Bind)]);
+
+/// One statement of a batch for one or more of its changes: `changes` are their
+/// places in the list given to [`coalesce`]; `merged` is the one row write they make
+/// together, when they are more than one.
+pub struct Coalesced {
+    pub changes: Vec<usize>,
+    pub merged: Option<Change>,
+}
+
+/// The changes of a batch with each row's writes made one where they can be (see
+/// [`RowWrite::then`]), at the place of each row's first write: the tables end up
+/// as the changes one by one would leave them, in fewer statements. A change that
+/// is not one row's write (it may touch any row) ends the merging: nothing before it
+/// is merged with anything after it.
+pub fn coalesce(changes: &[(usize, Change)]) -> Vec<Coalesced> {
+    let mut out: Vec<(Vec<usize>, Option<RowWrite>)> = Vec::with_capacity(changes.len());
+    // Where each row's last write is in `out`, since the last change that was not
+    // one row's write.
+    let mut last: std::collections::HashMap<RowKey, usize> = std::collections::HashMap::new();
+    for (place, (_, change)) in changes.iter().enumerate() {
+        let Some(row) = &change.row else {
+            last.clear();
+            out.push((vec![place], None));
+            continue;
+        };
+        let key = (row.table.as_str(), row.key.as_slice());
+        if let Some(&at) = last.get(&key) {
+            let joined = {
+                let (places, merged) = &out[at];
+                merged
+                    .as_ref()
+                    .or(changes[places[0]].1.row.as_ref())
+                    .and_then(|earlier| earlier.then(row))
+            };
+            if let Some(joined) = joined {
+                out[at].0.push(place);
+                out[at].1 = Some(joined);
+                continue;
+            }
+        }
+        last.insert(key, out.len());
+        out.push((vec![place], None));
+    }
+    out.into_iter()
+        .map(|(changes, merged)| Coalesced {
+            changes,
+            merged: merged.map(Change::of_row),
+        })
+        .collect()
+}
+
 impl Change {
-    fn new(sql: String, binds: Vec<Bind>) -> Change {
-        Change { sql, binds }
+    /// A statement with its values, not known to be one row's write.
+    pub fn new(sql: String, binds: Vec<Bind>) -> Change {
+        Change {
+            sql,
+            binds,
+            row: None,
+        }
+    }
+
+    fn of_row(row: RowWrite) -> Change {
+        let (sql, binds) = row.statement();
+        Change {
+            sql,
+            binds,
+            row: Some(row),
+        }
     }
 
     /// A statement without values.
@@ -80,7 +309,7 @@ impl Change {
 
     /// Several changes as one SQLite script of statements (their parameters
     /// numbered on), so they cost one round trip to the connection's thread.
-    pub fn script(changes: &[Change]) -> Change {
+    pub fn script<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Change {
         let mut sql = String::new();
         let mut binds = vec![];
         for change in changes {
@@ -88,7 +317,7 @@ impl Change {
             sql.push_str(";\n");
             binds.extend(change.binds.iter().cloned());
         }
-        Change { sql, binds }
+        Change::new(sql, binds)
     }
 }
 
@@ -97,7 +326,7 @@ impl Change {
     /// literals (`E'...'` with backslashes and quotes escaped, so the text reads
     /// back exactly whatever `standard_conforming_strings` says), for the simple
     /// query protocol.
-    pub fn literal_script(changes: &[Change]) -> String {
+    pub fn literal_script<'a>(changes: impl IntoIterator<Item = &'a Change>) -> String {
         let mut sql = String::new();
         for change in changes {
             sql.push_str(&inline(&change.sql, &change.binds));
@@ -310,26 +539,50 @@ impl ReadModel for Projection {
         let id = envelope.aggregate_id.as_str();
         let at = timestamp(envelope.occurred_at);
         Ok(match (self, event) {
-            (Projection::Orders, AnyEvent::Order(event)) => Some(order_change(suffix, id, &at, event)?),
-            (Projection::Orders, AnyEvent::Payment(event)) => {
-                Some(progress_change(suffix, id, &at, "payment_status", payment_status(event)))
+            (Projection::Orders, AnyEvent::Order(event)) => {
+                Some(order_change(suffix, id, &at, event)?)
             }
-            (Projection::Orders, AnyEvent::Shipment(event)) => {
-                Some(progress_change(suffix, id, &at, "shipment_status", shipment_status(event)))
-            }
-            (Projection::Inventory, AnyEvent::Inventory(event)) => inventory_change(suffix, id, &at, event),
-            (Projection::Payments, AnyEvent::Payment(event)) => Some(payment_change(suffix, id, &at, event)),
-            (Projection::Shipments, AnyEvent::Shipment(event)) => Some(Change::new(
-                format!(
-                    "INSERT INTO shipments{suffix} (order_id, status, updated_at) VALUES ($1, $2, $3)
-                     ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at"
-                ),
-                vec![text(id), text(shipment_status(event)), text(at)],
+            (Projection::Orders, AnyEvent::Payment(event)) => Some(progress_change(
+                suffix,
+                id,
+                &at,
+                "payment_status",
+                payment_status(event),
             )),
-            (Projection::Customers, AnyEvent::Customer(event)) => Some(customer_change(suffix, id, &at, event)),
-            (Projection::Catalog, AnyEvent::Product(event)) => Some(product_change(suffix, id, &at, event)),
-            (Projection::Catalog, AnyEvent::Inventory(event)) => stock_change(suffix, id, &at, event),
-            (Projection::Prices | Projection::CartPrices, AnyEvent::Product(event)) => Some(price_change(suffix, id, &at, event)),
+            (Projection::Orders, AnyEvent::Shipment(event)) => Some(progress_change(
+                suffix,
+                id,
+                &at,
+                "shipment_status",
+                shipment_status(event),
+            )),
+            (Projection::Inventory, AnyEvent::Inventory(event)) => {
+                inventory_change(suffix, id, &at, event)
+            }
+            (Projection::Payments, AnyEvent::Payment(event)) => {
+                Some(payment_change(suffix, id, &at, event))
+            }
+            (Projection::Shipments, AnyEvent::Shipment(event)) => Some(RowWrite::change(
+                format!("shipments{suffix}"),
+                vec![("order_id", text(id))],
+                RowKind::Upsert(vec!["status", "updated_at"]),
+                vec![
+                    ("status", text(shipment_status(event))),
+                    ("updated_at", text(at)),
+                ],
+            )),
+            (Projection::Customers, AnyEvent::Customer(event)) => {
+                Some(customer_change(suffix, id, &at, event))
+            }
+            (Projection::Catalog, AnyEvent::Product(event)) => {
+                Some(product_change(suffix, id, &at, event))
+            }
+            (Projection::Catalog, AnyEvent::Inventory(event)) => {
+                stock_change(suffix, id, &at, event)
+            }
+            (Projection::Prices | Projection::CartPrices, AnyEvent::Product(event)) => {
+                Some(price_change(suffix, id, &at, event))
+            }
             (Projection::Carts, AnyEvent::Cart(event)) => Some(cart_change(suffix, id, &at, event)),
             _ => None,
         })
@@ -361,37 +614,31 @@ fn product_state(event: &ProductEvent) -> (&str, &str, u64, bool) {
 
 fn product_change(suffix: &str, sku: &str, at: &str, event: &ProductEvent) -> Change {
     let (name, description, price, active) = product_state(event);
-    Change::new(
-        format!(
-            "INSERT INTO products{suffix} (sku, name, description, price_cents, active, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (sku) DO UPDATE SET name = excluded.name, description = excluded.description,
-                price_cents = excluded.price_cents, active = excluded.active, updated_at = excluded.updated_at"
-        ),
-        vec![
-            text(sku),
-            text(name),
-            text(description),
-            Bind::Integer(price as i64),
-            Bind::Integer(i64::from(active)),
-            text(at),
-        ],
+    let columns = vec![
+        ("name", text(name)),
+        ("description", text(description)),
+        ("price_cents", Bind::Integer(price as i64)),
+        ("active", Bind::Integer(i64::from(active))),
+        ("updated_at", text(at)),
+    ];
+    RowWrite::change(
+        format!("products{suffix}"),
+        vec![("sku", text(sku))],
+        RowKind::Upsert(columns.iter().map(|(name, _)| *name).collect()),
+        columns,
     )
 }
 
 fn price_change(suffix: &str, sku: &str, at: &str, event: &ProductEvent) -> Change {
     let (_, _, price, active) = product_state(event);
-    Change::new(
-        format!(
-            "INSERT INTO product_prices{suffix} (sku, price_cents, active, updated_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (sku) DO UPDATE SET price_cents = excluded.price_cents, active = excluded.active,
-                updated_at = excluded.updated_at"
-        ),
+    RowWrite::change(
+        format!("product_prices{suffix}"),
+        vec![("sku", text(sku))],
+        RowKind::Upsert(vec!["price_cents", "active", "updated_at"]),
         vec![
-            text(sku),
-            Bind::Integer(price as i64),
-            Bind::Integer(i64::from(active)),
-            text(at),
+            ("price_cents", Bind::Integer(price as i64)),
+            ("active", Bind::Integer(i64::from(active))),
+            ("updated_at", text(at)),
         ],
     )
 }
@@ -399,15 +646,16 @@ fn price_change(suffix: &str, sku: &str, at: &str, event: &ProductEvent) -> Chan
 /// What of a SKU's stock is available, as the catalog shows it.
 fn stock_change(suffix: &str, sku: &str, at: &str, event: &InventoryEvent) -> Option<Change> {
     let (on_hand, reserved) = stock_levels(event)?;
-    Some(Change::new(
-        format!(
-            "INSERT INTO product_stock{suffix} (sku, available, updated_at) VALUES ($1, $2, $3)
-             ON CONFLICT (sku) DO UPDATE SET available = excluded.available, updated_at = excluded.updated_at"
-        ),
+    Some(RowWrite::change(
+        format!("product_stock{suffix}"),
+        vec![("sku", text(sku))],
+        RowKind::Upsert(vec!["available", "updated_at"]),
         vec![
-            text(sku),
-            Bind::Integer(on_hand.saturating_sub(reserved) as i64),
-            text(at),
+            (
+                "available",
+                Bind::Integer(on_hand.saturating_sub(reserved) as i64),
+            ),
+            ("updated_at", text(at)),
         ],
     ))
 }
@@ -415,17 +663,13 @@ fn stock_change(suffix: &str, sku: &str, at: &str, event: &InventoryEvent) -> Op
 /// A cart's lines (its id is its customer's).
 fn cart_change(suffix: &str, customer: &str, at: &str, event: &CartEvent) -> Change {
     match event {
-        CartEvent::CartLineSet { sku, quantity } => Change::new(
-            format!(
-                "INSERT INTO cart_lines{suffix} (customer_id, sku, quantity, updated_at) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (customer_id, sku) DO UPDATE SET quantity = excluded.quantity,
-                    updated_at = excluded.updated_at"
-            ),
+        CartEvent::CartLineSet { sku, quantity } => RowWrite::change(
+            format!("cart_lines{suffix}"),
+            vec![("customer_id", text(customer)), ("sku", text(sku.as_str()))],
+            RowKind::Upsert(vec!["quantity", "updated_at"]),
             vec![
-                text(customer),
-                text(sku.as_str()),
-                Bind::Integer(quantity.get() as i64),
-                text(at),
+                ("quantity", Bind::Integer(quantity.get() as i64)),
+                ("updated_at", text(at)),
             ],
         ),
         CartEvent::CartLineRemoved { sku } => Change::new(
@@ -441,23 +685,22 @@ fn cart_change(suffix: &str, customer: &str, at: &str, event: &CartEvent) -> Cha
 
 fn customer_change(suffix: &str, id: &str, at: &str, event: &CustomerEvent) -> Change {
     match event {
-        CustomerEvent::CustomerRegistered { email, name, .. } => Change::new(
-            format!(
-                "INSERT INTO customers{suffix} (customer_id, email, name, registered_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $4)"
-            ),
+        CustomerEvent::CustomerRegistered { email, name, .. } => RowWrite::change(
+            format!("customers{suffix}"),
+            vec![("customer_id", text(id))],
+            RowKind::Insert,
             vec![
-                text(id),
-                text(email.as_str()),
-                text(name.as_str()),
-                text(at),
+                ("email", text(email.as_str())),
+                ("name", text(name.as_str())),
+                ("registered_at", text(at)),
+                ("updated_at", text(at)),
             ],
         ),
-        CustomerEvent::CustomerRenamed { name } => Change::new(
-            format!(
-                "UPDATE customers{suffix} SET name = $2, updated_at = $3 WHERE customer_id = $1"
-            ),
-            vec![text(id), text(name.as_str()), text(at)],
+        CustomerEvent::CustomerRenamed { name } => RowWrite::change(
+            format!("customers{suffix}"),
+            vec![("customer_id", text(id))],
+            RowKind::Update,
+            vec![("name", text(name.as_str())), ("updated_at", text(at))],
         ),
     }
 }
@@ -503,17 +746,17 @@ fn order_change(suffix: &str, id: &str, at: &str, event: &OrderEvent) -> Result<
             ..
         } => {
             let lines = serde_json::to_string(lines).map_err(|e| e.to_string())?;
-            return Ok(Change::new(
-                format!(
-                    "INSERT INTO orders{suffix} (order_id, customer_id, status, lines, total_cents, placed_at, updated_at)
-                     VALUES ($1, $2, 'pending', $3, $4, $5, $5)"
-                ),
+            return Ok(RowWrite::change(
+                format!("orders{suffix}"),
+                vec![("order_id", text(id))],
+                RowKind::Insert,
                 vec![
-                    text(id),
-                    text(customer_id.as_str()),
-                    text(lines),
-                    Bind::Integer(total_cents.cents() as i64),
-                    text(at),
+                    ("customer_id", text(customer_id.as_str())),
+                    ("status", text("pending")),
+                    ("lines", text(lines)),
+                    ("total_cents", Bind::Integer(total_cents.cents() as i64)),
+                    ("placed_at", text(at)),
+                    ("updated_at", text(at)),
                 ],
             ));
         }
@@ -521,17 +764,23 @@ fn order_change(suffix: &str, id: &str, at: &str, event: &OrderEvent) -> Result<
         OrderEvent::OrderShipped {} => "shipped",
         OrderEvent::OrderDelivered {} => "delivered",
         OrderEvent::OrderCancelled { reason, .. } => {
-            return Ok(Change::new(
-                format!(
-                    "UPDATE orders{suffix} SET status = 'cancelled', cancel_reason = $2, updated_at = $3 WHERE order_id = $1"
-                ),
-                vec![text(id), text(reason.as_str()), text(at)],
+            return Ok(RowWrite::change(
+                format!("orders{suffix}"),
+                vec![("order_id", text(id))],
+                RowKind::Update,
+                vec![
+                    ("status", text("cancelled")),
+                    ("cancel_reason", text(reason.as_str())),
+                    ("updated_at", text(at)),
+                ],
             ));
         }
     };
-    Ok(Change::new(
-        format!("UPDATE orders{suffix} SET status = $2, updated_at = $3 WHERE order_id = $1"),
-        vec![text(id), text(status), text(at)],
+    Ok(RowWrite::change(
+        format!("orders{suffix}"),
+        vec![("order_id", text(id))],
+        RowKind::Update,
+        vec![("status", text(status)), ("updated_at", text(at))],
     ))
 }
 
@@ -556,16 +805,14 @@ fn stock_levels(event: &InventoryEvent) -> Option<(u64, u64)> {
 
 fn inventory_change(suffix: &str, sku: &str, at: &str, event: &InventoryEvent) -> Option<Change> {
     let (on_hand, reserved) = stock_levels(event)?;
-    Some(Change::new(
-        format!(
-            "INSERT INTO inventory_levels{suffix} (sku, on_hand, reserved, updated_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, reserved = excluded.reserved, updated_at = excluded.updated_at"
-        ),
+    Some(RowWrite::change(
+        format!("inventory_levels{suffix}"),
+        vec![("sku", text(sku))],
+        RowKind::Upsert(vec!["on_hand", "reserved", "updated_at"]),
         vec![
-            text(sku),
-            Bind::Integer(on_hand as i64),
-            Bind::Integer(reserved as i64),
-            text(at),
+            ("on_hand", Bind::Integer(on_hand as i64)),
+            ("reserved", Bind::Integer(reserved as i64)),
+            ("updated_at", text(at)),
         ],
     ))
 }
@@ -574,16 +821,14 @@ fn payment_change(suffix: &str, id: &str, at: &str, event: &PaymentEvent) -> Cha
     let status = payment_status(event);
     let (column, cents) = match event {
         PaymentEvent::PaymentRequested { amount_cents, .. } => {
-            return Change::new(
-                format!(
-                    "INSERT INTO payments{suffix} (order_id, status, amount_cents, updated_at) VALUES ($1, $2, $3, $4)
-                     ON CONFLICT (order_id) DO NOTHING"
-                ),
+            return RowWrite::change(
+                format!("payments{suffix}"),
+                vec![("order_id", text(id))],
+                RowKind::Upsert(vec![]),
                 vec![
-                    text(id),
-                    text(status),
-                    Bind::Integer(amount_cents.cents() as i64),
-                    text(at),
+                    ("status", text(status)),
+                    ("amount_cents", Bind::Integer(amount_cents.cents() as i64)),
+                    ("updated_at", text(at)),
                 ],
             );
         }
@@ -593,19 +838,27 @@ fn payment_change(suffix: &str, id: &str, at: &str, event: &PaymentEvent) -> Cha
         PaymentEvent::PaymentCaptured { amount_cents } => ("captured_cents", amount_cents.cents()),
         PaymentEvent::PaymentVoided { amount_cents } => ("voided_cents", amount_cents.cents()),
         PaymentEvent::PaymentDeclined { reason } => {
-            return Change::new(
-                format!(
-                    "UPDATE payments{suffix} SET status = $2, decline_reason = $3, updated_at = $4 WHERE order_id = $1"
-                ),
-                vec![text(id), text(status), text(reason.as_str()), text(at)],
+            return RowWrite::change(
+                format!("payments{suffix}"),
+                vec![("order_id", text(id))],
+                RowKind::Update,
+                vec![
+                    ("status", text(status)),
+                    ("decline_reason", text(reason.as_str())),
+                    ("updated_at", text(at)),
+                ],
             );
         }
     };
-    Change::new(
-        format!(
-            "UPDATE payments{suffix} SET status = $2, {column} = $3, updated_at = $4 WHERE order_id = $1"
-        ),
-        vec![text(id), text(status), Bind::Integer(cents as i64), text(at)],
+    RowWrite::change(
+        format!("payments{suffix}"),
+        vec![("order_id", text(id))],
+        RowKind::Update,
+        vec![
+            ("status", text(status)),
+            (column, Bind::Integer(cents as i64)),
+            ("updated_at", text(at)),
+        ],
     )
 }
 

@@ -3,9 +3,9 @@
 //! projection's position. Driven by [`infra::consume::drive`] over whatever source
 //! the process reads (the embedded log, or Kafka).
 
-use crate::projection::{Change, Projection, ReadModel};
+use crate::projection::{coalesce, Change, Projection, ReadModel};
 use infra::consume::{self, Consumer, Failures, Handler, LocalWork, Source, Transport};
-use infra::db::{Db, Dialect, Statement};
+use infra::db::{Db, Dialect};
 use infra::guard;
 use infra::metrics::Metrics;
 use infra::progress::Progress;
@@ -181,23 +181,33 @@ impl Handler for Runner {
             .collect();
         Some(Box::new(move |conn, failures| {
             let fresh = guard::first_deliveries_local(conn, &guard, &deliveries)?;
-            for (i, (change, fresh)) in changes.into_iter().zip(fresh).enumerate() {
-                if !fresh {
+            let changes = fresh_changes(changes.into_iter().zip(fresh), failures);
+            let execute = |change: &Change| -> Result<Result<(), String>, InfraError> {
+                match infra::local::execute_with(conn, &change.sql, &change.binds) {
+                    Ok(_) => Ok(Ok(())),
+                    Err(error) if infra::local::unavailable(&error) => Err(error.into()),
+                    Err(error) => Ok(Err(format!(
+                        "{}{error}",
+                        infra::dead_letters::DATABASE_ERROR
+                    ))),
+                }
+            };
+            for unit in coalesce(&changes) {
+                let Some(merged) = &unit.merged else {
+                    let (i, change) = &changes[unit.changes[0]];
+                    if let Err(error) = execute(change)? {
+                        failures.push(*i, error);
+                    }
+                    continue;
+                };
+                if execute(merged)?.is_ok() {
                     continue;
                 }
-                let change = match change {
-                    Ok(Some(change)) => Statement::from(change),
-                    Ok(None) => continue,
-                    Err(error) => {
-                        failures.push(i, error);
-                        continue;
-                    }
-                };
-                match infra::local::execute(conn, &change) {
-                    Ok(_) => {}
-                    Err(error) if infra::local::unavailable(&error) => return Err(error.into()),
-                    Err(error) => {
-                        failures.push(i, format!("{}{error}", infra::dead_letters::DATABASE_ERROR))
+                // One by one: only the change that fails is dead-lettered.
+                for place in unit.changes {
+                    let (i, change) = &changes[place];
+                    if let Err(error) = execute(change)? {
+                        failures.push(*i, error);
                     }
                 }
             }
@@ -236,24 +246,29 @@ async fn apply_scripted(
     fresh: &[bool],
     failures: &mut Failures,
 ) -> Result<(), InfraError> {
-    let mut changes = vec![];
-    for (i, (recorded, fresh)) in events.iter().zip(fresh).enumerate() {
-        if !fresh {
-            continue;
-        }
-        match change_of(projection, suffix, recorded) {
-            Ok(Some(change)) => changes.push((i, change)),
-            Ok(None) => {}
-            Err(error) => failures.push(i, error),
-        }
-    }
-    for chunk in changes.chunks(SCRIPT_CHANGES) {
-        let mut script = vec![Change::statement("SAVEPOINT project_batch")];
-        script.extend(chunk.iter().map(|(_, change)| change.clone()));
-        script.push(Change::statement("RELEASE project_batch"));
+    let changes = fresh_changes(
+        events
+            .iter()
+            .map(|recorded| change_of(projection, suffix, recorded))
+            .zip(fresh.iter().copied()),
+        failures,
+    );
+    let units = coalesce(&changes);
+    let (begin, end) = (
+        Change::statement("SAVEPOINT project_batch"),
+        Change::statement("RELEASE project_batch"),
+    );
+    for chunk in units.chunks(SCRIPT_CHANGES) {
+        let statements = chunk.iter().map(|unit| match &unit.merged {
+            Some(merged) => merged,
+            None => &changes[unit.changes[0]].1,
+        });
+        let script = std::iter::once(&begin)
+            .chain(statements)
+            .chain(std::iter::once(&end));
         let ran = match dialect {
-            Dialect::Sqlite => Change::script(&script).execute_once(tx).await,
-            Dialect::Postgres => run_script(tx, Change::literal_script(&script)).await,
+            Dialect::Sqlite => Change::script(script).execute_once(tx).await,
+            Dialect::Postgres => run_script(tx, Change::literal_script(script)).await,
         };
         match ran {
             Ok(()) => continue,
@@ -264,7 +279,9 @@ async fn apply_scripted(
         for sql in ["ROLLBACK TO project_batch", "RELEASE project_batch"] {
             sqlx::query(sql).execute(&mut *tx).await?;
         }
-        for (i, change) in chunk {
+        // One by one: only the change that fails is dead-lettered.
+        for place in chunk.iter().flat_map(|unit| &unit.changes) {
+            let (i, change) = &changes[*place];
             match apply_change(tx, dialect, change).await? {
                 Ok(()) => {}
                 Err(error) => failures.push(*i, error),
@@ -272,6 +289,26 @@ async fn apply_scripted(
         }
     }
     Ok(())
+}
+
+/// The changes of the fresh events, each with its event's place in the batch; an
+/// event that cannot be read or applied goes to `failures`.
+fn fresh_changes(
+    changes: impl Iterator<Item = (Result<Option<Change>, String>, bool)>,
+    failures: &mut Failures,
+) -> Vec<(usize, Change)> {
+    let mut fresh_changes = vec![];
+    for (i, (change, fresh)) in changes.enumerate() {
+        if !fresh {
+            continue;
+        }
+        match change {
+            Ok(Some(change)) => fresh_changes.push((i, change)),
+            Ok(None) => {}
+            Err(error) => failures.push(i, error),
+        }
+    }
+    fresh_changes
 }
 
 /// Statements without parameters, in one round trip (PostgreSQL's simple query

@@ -268,10 +268,10 @@ async fn on_postgres_a_batch_is_one_script_and_a_change_that_fails_is_dead_lette
         .await
         .expect("table");
     let tricky = "it's a \\ back'slash, $1, E'x' -- not a comment; DROP TABLE literals; é";
-    let script = Change::literal_script(&[Change {
-        sql: "INSERT INTO literals (t, n) VALUES ($1, 5 -$2)".into(),
-        binds: vec![Bind::Text(tricky.into()), Bind::Integer(-7)],
-    }]);
+    let script = Change::literal_script(&[Change::new(
+        "INSERT INTO literals (t, n) VALUES ($1, 5 -$2)".into(),
+        vec![Bind::Text(tricky.into()), Bind::Integer(-7)],
+    )]);
     sqlx::raw_sql(&script)
         .execute(&db.pool)
         .await

@@ -485,3 +485,151 @@ async fn a_batch_the_database_cannot_take_now_is_tried_again_never_dead_lettered
         .expect("level");
     assert_eq!(on_hand, 5);
 }
+
+/// Random writes of a few rows (inserts, upserts, upserts that do nothing on a
+/// conflict, updates; some that fail), with statements that are not one row's write
+/// among them: applied one by one and coalesced, each on its own database, they
+/// leave the same rows, and a coalesced write that fails is applied one by one.
+#[test]
+fn coalesced_writes_leave_the_rows_the_writes_one_by_one_leave() {
+    let columns = ["a", "b", "c"];
+    let mut seed = 0x5eed_u64;
+    let mut next = move |n: u64| {
+        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n
+    };
+    let mut merged_at_all = 0;
+    for round in 0..300 {
+        let mut changes = vec![];
+        for i in 0..(5 + next(25)) {
+            let key = vec![("k", Bind::Integer(next(3) as i64))];
+            let mut row: Vec<(&'static str, Bind)> = columns
+                .iter()
+                .filter(|_| next(3) > 0)
+                .map(|name| (*name, Bind::Integer((round * 100 + i) as i64)))
+                .collect();
+            if row.is_empty() {
+                row.push(("a", Bind::Integer(-1)));
+            }
+            let change = match next(9) {
+                0 => Change::new("UPDATE t SET c = c + 1".into(), vec![]),
+                1 | 2 => RowWrite::change("t".into(), key, RowKind::Insert, row),
+                3 => RowWrite::change("t".into(), key, RowKind::Upsert(vec![]), row),
+                4 | 5 => {
+                    let set = row
+                        .iter()
+                        .map(|(name, _)| *name)
+                        .filter(|_| next(2) == 0)
+                        .collect();
+                    RowWrite::change("t".into(), key, RowKind::Upsert(set), row)
+                }
+                _ => RowWrite::change("t".into(), key, RowKind::Update, row),
+            };
+            changes.push((i as usize, change));
+        }
+        let open = || {
+            let conn = rusqlite::Connection::open_in_memory().expect("database");
+            conn.execute_batch(
+                "CREATE TABLE t (k INTEGER PRIMARY KEY, a INTEGER, b INTEGER, c INTEGER)",
+            )
+            .expect("table");
+            conn
+        };
+        let rows = |conn: &rusqlite::Connection| -> Vec<Vec<Option<i64>>> {
+            let mut select = conn
+                .prepare("SELECT k, a, b, c FROM t ORDER BY k")
+                .expect("select");
+            let rows = select
+                .query_map([], |r| (0..4).map(|i| r.get(i)).collect())
+                .expect("rows");
+            rows.map(|r| r.expect("row")).collect()
+        };
+        let (one_by_one, coalesced) = (open(), open());
+        let mut failed = vec![];
+        for (i, change) in &changes {
+            if infra::local::execute_with(&one_by_one, &change.sql, &change.binds).is_err() {
+                failed.push(*i);
+            }
+        }
+        let mut failed_coalesced = vec![];
+        for unit in coalesce(&changes) {
+            if let Some(merged) = &unit.merged {
+                merged_at_all += 1;
+                if infra::local::execute_with(&coalesced, &merged.sql, &merged.binds).is_ok() {
+                    continue;
+                }
+            }
+            for place in &unit.changes {
+                let (i, change) = &changes[*place];
+                if infra::local::execute_with(&coalesced, &change.sql, &change.binds).is_err() {
+                    failed_coalesced.push(*i);
+                }
+            }
+        }
+        failed_coalesced.sort_unstable();
+        assert_eq!(
+            rows(&coalesced),
+            rows(&one_by_one),
+            "round {round}: {changes:#?}"
+        );
+        assert_eq!(failed_coalesced, failed, "round {round}: {changes:#?}");
+    }
+    assert!(
+        merged_at_all > 100,
+        "few writes were merged: {merged_at_all}"
+    );
+}
+
+/// An order's four events in one batch are one statement.
+#[test]
+fn an_orders_writes_in_one_batch_are_one_statement() {
+    let envelope = |version: i64, event: &OrderEvent| {
+        let (event_type, schema_version, payload) = schemas::encode(event).expect("encodes");
+        Envelope {
+            event_id: Uuid::now_v7(),
+            aggregate_type: "order".into(),
+            aggregate_id: order_id().to_string(),
+            version,
+            event_type,
+            schema_version,
+            occurred_at: chrono::Utc::now(),
+            correlation_id: Uuid::now_v7(),
+            causation_id: Uuid::now_v7(),
+            payload,
+        }
+    };
+    let events = [
+        placed(),
+        OrderEvent::OrderConfirmed {},
+        OrderEvent::OrderShipped {},
+        OrderEvent::OrderDelivered {},
+    ];
+    let changes: Vec<(usize, Change)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, event)| {
+            let envelope = envelope(i as i64 + 1, event);
+            let event = AnyEvent::from_envelope(&envelope).expect("decodes");
+            let change = Projection::Orders
+                .change("", &envelope, &event)
+                .expect("change")
+                .expect("a change");
+            (i, change)
+        })
+        .collect();
+    let units = coalesce(&changes);
+    assert_eq!(units.len(), 1);
+    let merged = units[0].merged.as_ref().expect("merged");
+    assert!(
+        merged.sql.starts_with("INSERT INTO orders "),
+        "{}",
+        merged.sql
+    );
+    assert!(
+        merged.binds.contains(&Bind::Text("delivered".into())),
+        "{merged:?}"
+    );
+}
