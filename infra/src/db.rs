@@ -180,6 +180,13 @@ impl Statement {
     }
 }
 
+/// `text` as a PostgreSQL string literal, `E'...'` with backslashes and quotes
+/// escaped, so it reads back exactly whatever `standard_conforming_strings` says: for
+/// scripts sent over the simple query protocol, which takes no parameters.
+pub fn text_literal(text: &str) -> String {
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+}
+
 /// The URL of an SQLite file, created when missing.
 pub fn sqlite_url(path: &Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())

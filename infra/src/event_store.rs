@@ -2,10 +2,13 @@
 //! position also makes it the log.
 //!
 //! Writes go through one writer task that owns the only write connection. It takes
-//! every append waiting in its queue, applies each under its own savepoint (a
-//! version clash or a reused key undoes that append only), and commits them all with
-//! one fsync: group commit. Because one task commits, positions become visible in
-//! order, and a subscriber that has read up to the published head has missed nothing.
+//! every append waiting in its queue, reads the heads and idempotency records they
+//! name, decides each in order (a version clash or a reused key refuses that append
+//! only), writes what passed in a few statements whatever the group's size, and
+//! commits them all with one fsync: group commit. Because one task commits,
+//! positions become visible in order, and a subscriber that has read up to the
+//! published head has missed nothing. On PostgreSQL a group is three round trips
+//! ([`append_all_postgres`]).
 
 use crate::db::{Db, Dialect};
 use crate::local::Columns;
@@ -570,6 +573,7 @@ impl Writer {
         let dialect = self.db.dialect;
         let result = match self.file.clone() {
             Some(file) => self.commit_local(file, group).await,
+            None if dialect == Dialect::Postgres => self.commit_postgres(group).await,
             None => match self.begin().await {
                 Ok(conn) => commit_group(conn, dialect, group).await,
                 Err(error) => Err(error.into()),
@@ -639,6 +643,35 @@ impl Writer {
         result
     }
 
+    /// Commit `group` on PostgreSQL ([`append_all_postgres`]). A connection that
+    /// broke while it was idle (the database restarted, the network dropped it)
+    /// fails the first script, before anything of the group was written: it is
+    /// opened again and the script sent once more, so the first appends after an
+    /// outage are not refused for a connection that had already gone.
+    async fn commit_postgres(&mut self, group: &[Job]) -> Result<GroupResult, InfraError> {
+        let requests: Vec<&AppendRequest> = group.iter().map(|job| &job.request).collect();
+        let (keys, streams) = names(&requests);
+        let script = lookup_script(&keys, &streams);
+        let first = match self.connection().await {
+            Ok(conn) => script_rows(conn, &script).await,
+            Err(error) => return Err(error.into()),
+        };
+        let lookup = match first {
+            Ok(rows) => rows,
+            Err(error) if crate::connection_gone(&error) => {
+                tracing::info!(error = %error, "the event store's write connection was gone; opening another");
+                self.conn = None;
+                let conn = self.connection().await?;
+                script_rows(conn, &script).await?
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let conn = self.conn.as_mut().ok_or(sqlx::Error::PoolClosed)?;
+        let outcomes = append_all_postgres(conn, &requests, lookup).await?;
+        let last = last_position(&outcomes);
+        Ok((outcomes, last))
+    }
+
     /// Undo a failed group; a connection that cannot even do that is dropped, and the
     /// next group opens a new one.
     async fn roll_back(&mut self) {
@@ -667,19 +700,13 @@ async fn write_loop(mut writer: Writer, mut queue: mpsc::Receiver<Job>) {
 
 type GroupResult = (Vec<Result<AppendOutcome, StoreError>>, Option<i64>);
 
-/// Apply and commit `group` on `conn`, in the transaction [`Writer::begin`] opened.
+/// Apply and commit `group` on `conn` (SQLite through the driver: a database with
+/// no file), in the transaction [`Writer::begin`] opened.
 async fn commit_group(
     conn: &mut AnyConnection,
     dialect: Dialect,
     group: &[Job],
 ) -> Result<GroupResult, InfraError> {
-    if dialect == Dialect::Postgres {
-        // Writers in other processes wait here, so positions become visible in the
-        // order they were taken and a reader bounded by the head never skips one.
-        sqlx::query("SELECT pg_advisory_xact_lock(7306249455123)")
-            .execute(&mut *conn)
-            .await?;
-    }
     let requests: Vec<&AppendRequest> = group.iter().map(|job| &job.request).collect();
     let outcomes = append_all(&mut Remote(&mut *conn), dialect, &requests).await?;
     sqlx::query("COMMIT").execute(&mut *conn).await?;
@@ -847,23 +874,141 @@ async fn append_all<C: GroupConn>(
     dialect: Dialect,
     requests: &[&AppendRequest],
 ) -> Result<Vec<Result<AppendOutcome, StoreError>>, InfraError> {
-    let keys: Vec<&str> = requests
+    let (keys, streams) = names(requests);
+    let answered = idempotency_records(conn, dialect, &keys).await?;
+    let stored_heads = stream_heads(conn, dialect, &streams).await?;
+    let (outcomes, rest) = write_events(conn, dialect, requests, &answered, &stored_heads).await?;
+    for (insert, rows) in rest {
+        let (sql, row_sql) = (insert.json_sql(dialect), insert.row_sql());
+        conn.per_row(&sql, false, &row_sql, rows, |_| Ok(()))
+            .await?;
+    }
+    Ok(outcomes)
+}
+
+/// A group on PostgreSQL in three round trips, the same appends as [`append_all`]:
+/// the transaction, the lock and both lookups as one script (`lookup`, from
+/// [`lookup_script`]); the events; then the snapshots, the records and the commit as
+/// another script. A script goes over the simple query protocol with its values
+/// written in as literals, so it is planned anew each time (as the lookups must be:
+/// see [`stream_heads`]) and costs one round trip whatever its statements.
+async fn append_all_postgres(
+    conn: &mut AnyConnection,
+    requests: &[&AppendRequest],
+    lookup: Vec<sqlx::any::AnyRow>,
+) -> Result<Vec<Result<AppendOutcome, StoreError>>, InfraError> {
+    let mut answered = std::collections::HashMap::new();
+    let mut stored_heads = std::collections::HashMap::new();
+    for row in &lookup {
+        use sqlx::Row;
+        if row.try_column("request_hash").is_ok() {
+            answered.insert(row.text("key")?, stored_response(row)?);
+        } else if row.try_column("event_id").is_ok() {
+            let (stream, head) = head(row)?;
+            stored_heads.insert(stream, head);
+        }
+    }
+    let dialect = Dialect::Postgres;
+    let (outcomes, rest) = write_events(
+        &mut Remote(&mut *conn),
+        dialect,
+        requests,
+        &answered,
+        &stored_heads,
+    )
+    .await?;
+    let mut script = String::new();
+    for (insert, rows) in &rest {
+        script.push_str(&insert.literal_sql(rows));
+        script.push_str(";\n");
+    }
+    script.push_str("COMMIT");
+    script_rows(conn, &script).await?;
+    Ok(outcomes)
+}
+
+/// The rows of every statement of `script`, sent over the simple query protocol.
+async fn script_rows(
+    conn: &mut AnyConnection,
+    script: &str,
+) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    use sqlx::Executor;
+    conn.fetch_all(sqlx::raw_sql(script)).await
+}
+
+/// The script that opens a group's transaction on PostgreSQL, takes the writers'
+/// lock (writers in other processes wait there, so positions become visible in the
+/// order they were taken and a reader bounded by the head never skips one), and
+/// reads the stream heads and idempotency records the group names.
+fn lookup_script(keys: &[&str], streams: &[(&str, &str)]) -> String {
+    let dialect = Dialect::Postgres;
+    let mut script =
+        String::from("BEGIN;\nSELECT 1 AS locked FROM pg_advisory_xact_lock(7306249455123);\n");
+    if !streams.is_empty() {
+        let list = serde_json::json!(streams
+            .iter()
+            .map(|(aggregate_type, aggregate_id)| serde_json::json!([aggregate_type, aggregate_id]))
+            .collect::<Vec<_>>());
+        script.push_str(&heads_sql(dialect, &literal(&list)));
+        script.push_str(";\n");
+    }
+    if !keys.is_empty() {
+        script.push_str(&records_sql(dialect, &literal(&serde_json::json!(keys))));
+        script.push_str(";\n");
+    }
+    script
+}
+
+/// The idempotency keys and the streams (each once) that `requests` name.
+fn names<'a>(requests: &[&'a AppendRequest]) -> (Vec<&'a str>, Vec<(&'a str, &'a str)>) {
+    let keys = requests
         .iter()
         .filter_map(|r| r.idempotency.as_ref().map(|i| i.key.as_str()))
         .collect();
-    let answered = idempotency_records(conn, dialect, &keys).await?;
     let mut streams: Vec<(&str, &str)> = requests
         .iter()
         .map(|r| (r.aggregate_type.as_str(), r.aggregate_id.as_str()))
         .collect();
     streams.sort_unstable();
     streams.dedup();
-    let stored_heads = stream_heads(conn, dialect, &streams).await?;
-    let mut heads: std::collections::HashMap<(String, String), (i64, Option<String>)> =
-        stored_heads
-            .iter()
-            .map(|(stream, head)| (stream.clone(), (head.version, Some(head.event_id.clone()))))
-            .collect();
+    (keys, streams)
+}
+
+type Stream = (String, String);
+
+/// Each append's outcome, in order, and the rows still to write after the events
+/// (snapshots, idempotency records), each with its [`Insert`].
+type Settled = (
+    Vec<Result<AppendOutcome, StoreError>>,
+    Vec<(&'static Insert, Vec<Value>)>,
+);
+
+/// Decide each append of the group in order on what was read (an append sees the
+/// ones before it), insert the events of those that pass, and settle every append's
+/// outcome: what is left to write is the snapshots and the records, as rows of their
+/// [`Insert`]s.
+async fn write_events<C: GroupConn>(
+    conn: &mut C,
+    dialect: Dialect,
+    requests: &[&AppendRequest],
+    answered: &std::collections::HashMap<String, StoredResponse>,
+    stored_heads: &std::collections::HashMap<Stream, Head>,
+) -> Result<Settled, InfraError> {
+    let plans = plan(requests, answered, stored_heads);
+    let positions = insert_events(conn, dialect, requests, &plans).await?;
+    Ok(settle(requests, &plans, &positions, stored_heads))
+}
+
+/// What becomes of each append, in order, on the records and heads read.
+fn plan<'a>(
+    requests: &[&'a AppendRequest],
+    answered: &std::collections::HashMap<String, StoredResponse>,
+    stored_heads: &std::collections::HashMap<Stream, Head>,
+) -> Vec<Plan<'a>> {
+    let mut heads: std::collections::HashMap<Stream, (i64, Option<String>)> = stored_heads
+        .iter()
+        .map(|(stream, head)| (stream.clone(), (head.version, Some(head.event_id.clone()))))
+        .collect();
     // Each key's first use in this group: its request, and where it leaves its stream.
     let mut first_use: std::collections::HashMap<&str, (&IdempotencyRecord, Plan)> =
         std::collections::HashMap::new();
@@ -919,9 +1064,19 @@ async fn append_all<C: GroupConn>(
             to,
         }));
     }
-    let positions = insert_events(conn, dialect, requests, &plans).await?;
+    plans
+}
+
+/// Each append's outcome once its events are in (`positions`), and the snapshots and
+/// idempotency records still to write.
+fn settle(
+    requests: &[&AppendRequest],
+    plans: &[Plan<'_>],
+    positions: &std::collections::HashMap<(String, String, i64), i64>,
+    stored_heads: &std::collections::HashMap<Stream, Head>,
+) -> Settled {
     // The position of a stream's event at `version` (its head when nothing was added).
-    let position_of = |stream: &(String, String), version: i64| -> i64 {
+    let position_of = |stream: &Stream, version: i64| -> i64 {
         positions
             .get(&(stream.0.clone(), stream.1.clone(), version))
             .copied()
@@ -933,11 +1088,10 @@ async fn append_all<C: GroupConn>(
             })
             .unwrap_or(0)
     };
-    let mut snapshots: std::collections::BTreeMap<&(String, String), (i64, i64, &Value)> =
-        Default::default();
+    let mut snapshots: std::collections::BTreeMap<&Stream, (i64, i64, &Value)> = Default::default();
     let mut records = vec![];
     let mut outcomes: Vec<Result<AppendOutcome, StoreError>> = Vec::with_capacity(plans.len());
-    for (request, plan) in requests.iter().zip(&plans) {
+    for (request, plan) in requests.iter().zip(plans) {
         outcomes.push(match plan {
             Plan::Write(planned) => {
                 let position = position_of(&planned.stream, planned.to);
@@ -970,8 +1124,9 @@ async fn append_all<C: GroupConn>(
             }),
         });
     }
+    let mut rest = vec![];
     if !snapshots.is_empty() {
-        let rows: Vec<Value> = snapshots
+        let rows = snapshots
             .into_iter()
             .map(
                 |((aggregate_type, aggregate_id), (version, position, state))| {
@@ -985,25 +1140,11 @@ async fn append_all<C: GroupConn>(
                 },
             )
             .collect();
-        let sql = format!(
-            "INSERT INTO snapshots (aggregate_type, aggregate_id, version, position, state)
-             SELECT k.value ->> 0, k.value ->> 1, CAST(k.value ->> 2 AS BIGINT),
-                    CAST(k.value ->> 3 AS BIGINT), k.value ->> 4
-               FROM {} WHERE true ORDER BY k.key
-             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
-                version = excluded.version, position = excluded.position, state = excluded.state",
-            dialect.json_rows("$1")
-        );
-        const ROW: &str =
-            "INSERT INTO snapshots (aggregate_type, aggregate_id, version, position, state)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
-                version = excluded.version, position = excluded.position, state = excluded.state";
-        conn.per_row(&sql, false, ROW, rows, |_| Ok(())).await?;
+        rest.push((&SNAPSHOTS, rows));
     }
     if !records.is_empty() {
         let now = timestamp(Utc::now());
-        let rows: Vec<Value> = records
+        let rows = records
             .into_iter()
             .map(|(record, position)| {
                 serde_json::json!([
@@ -1015,19 +1156,142 @@ async fn append_all<C: GroupConn>(
                 ])
             })
             .collect();
-        let sql = format!(
-            "INSERT INTO idempotency (key, request_hash, response, position, created_at)
-             SELECT k.value ->> 0, k.value ->> 1, k.value ->> 2, CAST(k.value ->> 3 AS BIGINT),
-                    k.value ->> 4
-               FROM {} WHERE true ORDER BY k.key",
-            dialect.json_rows("$1")
-        );
-        const ROW: &str =
-            "INSERT INTO idempotency (key, request_hash, response, position, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)";
-        conn.per_row(&sql, false, ROW, rows, |_| Ok(())).await?;
+        rest.push((&RECORDS, rows));
     }
-    Ok(outcomes)
+    (outcomes, rest)
+}
+
+/// The kind of a column an [`Insert`] writes.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Text,
+    Integer,
+}
+
+/// An insert of many rows, written in each of the forms a group's connection takes.
+/// Its rows are JSON arrays of strings and integers, in the order of `columns`.
+struct Insert {
+    table: &'static str,
+    columns: &'static [(&'static str, Kind)],
+    /// What follows the values: `ON CONFLICT ...`, `RETURNING ...`.
+    tail: &'static str,
+}
+
+impl Insert {
+    fn head(&self) -> String {
+        let names: Vec<&str> = self.columns.iter().map(|(name, _)| *name).collect();
+        format!("INSERT INTO {} ({})", self.table, names.join(", "))
+    }
+
+    /// Every row from one JSON list bound as `$1`, inserted in its order.
+    fn json_sql(&self, dialect: Dialect) -> String {
+        let values: Vec<String> = (0..self.columns.len())
+            .map(|i| match self.columns[i].1 {
+                Kind::Text => format!("k.value ->> {i}"),
+                Kind::Integer => format!("CAST(k.value ->> {i} AS BIGINT)"),
+            })
+            .collect();
+        format!(
+            "{} SELECT {} FROM {} WHERE true ORDER BY k.key {}",
+            self.head(),
+            values.join(", "),
+            dialect.json_rows("$1"),
+            self.tail
+        )
+    }
+
+    /// One row, its values bound as `?1`, `?2`, ...
+    fn row_sql(&self) -> String {
+        let values: Vec<String> = (1..=self.columns.len()).map(|i| format!("?{i}")).collect();
+        format!(
+            "{} VALUES ({}) {}",
+            self.head(),
+            values.join(", "),
+            self.tail
+        )
+    }
+
+    /// Every row written in as literals (PostgreSQL), inserted in their order.
+    fn literal_sql(&self, rows: &[Value]) -> String {
+        let rows: Vec<String> = rows
+            .iter()
+            .map(|row| match row {
+                Value::Array(values) => {
+                    let values: Vec<String> = values.iter().map(literal).collect();
+                    format!("({})", values.join(", "))
+                }
+                one => format!("({})", literal(one)),
+            })
+            .collect();
+        format!("{} VALUES {} {}", self.head(), rows.join(", "), self.tail)
+    }
+}
+
+/// A JSON value as a PostgreSQL literal: a string as a string, an integer as an
+/// integer, anything else as its JSON text.
+fn literal(value: &Value) -> String {
+    match value {
+        Value::Null => "NULL".into(),
+        Value::String(text) => crate::db::text_literal(text),
+        Value::Number(n) => match n.as_i64() {
+            // In parentheses when negative: `x -1` after a minus must not become `--1`.
+            Some(n) if n < 0 => format!("({n})"),
+            Some(n) => n.to_string(),
+            None => crate::db::text_literal(&n.to_string()),
+        },
+        other => crate::db::text_literal(&other.to_string()),
+    }
+}
+
+const EVENTS: Insert = Insert {
+    table: "events",
+    columns: &[
+        ("event_id", Kind::Text),
+        ("aggregate_type", Kind::Text),
+        ("aggregate_id", Kind::Text),
+        ("version", Kind::Integer),
+        ("event_type", Kind::Text),
+        ("schema_version", Kind::Integer),
+        ("occurred_at", Kind::Text),
+        ("correlation_id", Kind::Text),
+        ("causation_id", Kind::Text),
+        ("payload", Kind::Text),
+    ],
+    tail: "RETURNING aggregate_type, aggregate_id, version, position",
+};
+
+const SNAPSHOTS: Insert = Insert {
+    table: "snapshots",
+    columns: &[
+        ("aggregate_type", Kind::Text),
+        ("aggregate_id", Kind::Text),
+        ("version", Kind::Integer),
+        ("position", Kind::Integer),
+        ("state", Kind::Text),
+    ],
+    tail: "ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET
+             version = excluded.version, position = excluded.position, state = excluded.state",
+};
+
+const RECORDS: Insert = Insert {
+    table: "idempotency",
+    columns: &[
+        ("key", Kind::Text),
+        ("request_hash", Kind::Text),
+        ("response", Kind::Text),
+        ("position", Kind::Integer),
+        ("created_at", Kind::Text),
+    ],
+    tail: "",
+};
+
+/// The stored records whose keys are in the JSON list of strings `list` (a
+/// parameter, or a literal).
+fn records_sql(dialect: Dialect, list: &str) -> String {
+    format!(
+        "SELECT key, request_hash, response, position FROM idempotency WHERE {}",
+        dialect.in_text_list("key", list)
+    )
 }
 
 /// The stored records under `keys`.
@@ -1039,10 +1303,7 @@ async fn idempotency_records<C: GroupConn>(
     if keys.is_empty() {
         return Ok(Default::default());
     }
-    let sql = format!(
-        "SELECT key, request_hash, response, position FROM idempotency WHERE {}",
-        dialect.in_text_list("key", "$1")
-    );
+    let sql = records_sql(dialect, "$1");
     // Planned anew each time on PostgreSQL (once per group; see `stream_heads`).
     let fresh_plan = dialect == Dialect::Postgres;
     const ROW: &str =
@@ -1064,67 +1325,71 @@ struct Head {
     event_id: String,
 }
 
-/// The last event of each of `streams` that has one: one statement, an index seek
-/// per stream (on the log's own connection, one prepared seek per stream).
+fn head(row: &dyn Columns) -> Result<(Stream, Head), InfraError> {
+    Ok((
+        (row.text("aggregate_type")?, row.text("aggregate_id")?),
+        Head {
+            version: row.int("version")?,
+            position: row.int("position")?,
+            event_id: row.text("event_id")?,
+        },
+    ))
+}
+
+/// The last event of each stream in the JSON list `list` of `[type, id]` pairs (a
+/// parameter, or a literal): one statement, an index seek per stream.
+fn heads_sql(dialect: Dialect, list: &str) -> String {
+    match dialect {
+        // SQLite finds each head by its rowid (`position`).
+        Dialect::Sqlite => format!(
+            "SELECT h.aggregate_type, h.aggregate_id, h.version, h.position, h.event_id
+               FROM events h JOIN (
+                 SELECT (SELECT e.position FROM events e
+                          WHERE e.aggregate_type = k.value ->> 0
+                            AND e.aggregate_id = k.value ->> 1
+                          ORDER BY e.version DESC LIMIT 1) AS position
+                   FROM {}) AS last ON h.position = last.position",
+            dialect.json_rows(list)
+        ),
+        // PostgreSQL would hash-join the form above against a scan of the whole
+        // event table (it cannot tell how few streams a group names): a lateral
+        // join seeks each head in the stream index instead.
+        Dialect::Postgres => format!(
+            "SELECT h.aggregate_type, h.aggregate_id, h.version, h.position, h.event_id
+               FROM {} CROSS JOIN LATERAL (
+                 SELECT e.aggregate_type, e.aggregate_id, e.version, e.position, e.event_id
+                   FROM events e
+                  WHERE e.aggregate_type = k.value ->> 0 AND e.aggregate_id = k.value ->> 1
+                  ORDER BY e.version DESC LIMIT 1) AS h",
+            dialect.json_rows(list)
+        ),
+    }
+}
+
+/// The last event of each of `streams` that has one (on the log's own connection,
+/// one prepared seek per stream).
 async fn stream_heads<C: GroupConn>(
     conn: &mut C,
     dialect: Dialect,
     streams: &[(&str, &str)],
-) -> Result<std::collections::HashMap<(String, String), Head>, InfraError> {
-    let mut found = std::collections::HashMap::new();
-    if !streams.is_empty() {
-        let sql = match dialect {
-            // SQLite finds each head by its rowid (`position`).
-            Dialect::Sqlite => format!(
-                "SELECT h.aggregate_type, h.aggregate_id, h.version, h.position, h.event_id
-                   FROM events h JOIN (
-                     SELECT (SELECT e.position FROM events e
-                              WHERE e.aggregate_type = k.value ->> 0
-                                AND e.aggregate_id = k.value ->> 1
-                              ORDER BY e.version DESC LIMIT 1) AS position
-                       FROM {}) AS last ON h.position = last.position",
-                dialect.json_rows("$1")
-            ),
-            // PostgreSQL would hash-join the form above against a scan of the whole
-            // event table (it cannot tell how few streams a group names): a lateral
-            // join seeks each head in the stream index instead.
-            Dialect::Postgres => format!(
-                "SELECT h.aggregate_type, h.aggregate_id, h.version, h.position, h.event_id
-                   FROM {} CROSS JOIN LATERAL (
-                     SELECT e.aggregate_type, e.aggregate_id, e.version, e.position, e.event_id
-                       FROM events e
-                      WHERE e.aggregate_type = k.value ->> 0 AND e.aggregate_id = k.value ->> 1
-                      ORDER BY e.version DESC LIMIT 1) AS h",
-                dialect.json_rows("$1")
-            ),
-        };
-        // Planned anew each time, not prepared once per connection: a plan made while
-        // the table was nearly empty (and PostgreSQL without statistics of it) can scan
-        // every event of a type for each head, and a prepared plan is kept for good
-        // when nothing analyzes the table.
-        let fresh_plan = dialect == Dialect::Postgres;
-        const ROW: &str =
-            "SELECT aggregate_type, aggregate_id, version, position, event_id FROM events
-              WHERE aggregate_type = ?1 AND aggregate_id = ?2 ORDER BY version DESC LIMIT 1";
-        let rows = streams
-            .iter()
-            .map(|(aggregate_type, aggregate_id)| serde_json::json!([aggregate_type, aggregate_id]))
-            .collect();
-        let heads = conn
-            .per_row(&sql, fresh_plan, ROW, rows, |row| {
-                Ok((
-                    (row.text("aggregate_type")?, row.text("aggregate_id")?),
-                    Head {
-                        version: row.int("version")?,
-                        position: row.int("position")?,
-                        event_id: row.text("event_id")?,
-                    },
-                ))
-            })
-            .await?;
-        found.extend(heads);
+) -> Result<std::collections::HashMap<Stream, Head>, InfraError> {
+    if streams.is_empty() {
+        return Ok(Default::default());
     }
-    Ok(found)
+    let sql = heads_sql(dialect, "$1");
+    // Planned anew each time, not prepared once per connection: a plan made while
+    // the table was nearly empty (and PostgreSQL without statistics of it) can scan
+    // every event of a type for each head, and a prepared plan is kept for good
+    // when nothing analyzes the table.
+    let fresh_plan = dialect == Dialect::Postgres;
+    const ROW: &str = "SELECT aggregate_type, aggregate_id, version, position, event_id FROM events
+          WHERE aggregate_type = ?1 AND aggregate_id = ?2 ORDER BY version DESC LIMIT 1";
+    let rows = streams
+        .iter()
+        .map(|(aggregate_type, aggregate_id)| serde_json::json!([aggregate_type, aggregate_id]))
+        .collect();
+    let heads = conn.per_row(&sql, fresh_plan, ROW, rows, head).await?;
+    Ok(heads.into_iter().collect())
 }
 
 /// Insert the events of the planned appends, in order: the position of each, by
@@ -1154,26 +1419,12 @@ async fn insert_events<C: GroupConn>(
             }
         }
     }
-    let mut positions = std::collections::HashMap::with_capacity(rows.len());
     if rows.is_empty() {
-        return Ok(positions);
+        return Ok(Default::default());
     }
-    let sql = format!(
-        "INSERT INTO events (event_id, aggregate_type, aggregate_id, version, event_type,
-            schema_version, occurred_at, correlation_id, causation_id, payload)
-         SELECT k.value ->> 0, k.value ->> 1, k.value ->> 2, CAST(k.value ->> 3 AS BIGINT),
-                k.value ->> 4, CAST(k.value ->> 5 AS BIGINT), k.value ->> 6, k.value ->> 7,
-                k.value ->> 8, k.value ->> 9
-           FROM {} WHERE true ORDER BY k.key
-         RETURNING aggregate_type, aggregate_id, version, position",
-        dialect.json_rows("$1")
-    );
-    const ROW: &str = "INSERT INTO events (event_id, aggregate_type, aggregate_id, version,
-            event_type, schema_version, occurred_at, correlation_id, causation_id, payload)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-         RETURNING aggregate_type, aggregate_id, version, position";
+    let (sql, row_sql) = (EVENTS.json_sql(dialect), EVENTS.row_sql());
     let inserted = conn
-        .per_row(&sql, false, ROW, rows, |row| {
+        .per_row(&sql, false, &row_sql, rows, |row| {
             Ok((
                 (
                     row.text("aggregate_type")?,
@@ -1184,6 +1435,5 @@ async fn insert_events<C: GroupConn>(
             ))
         })
         .await?;
-    positions.extend(inserted);
-    Ok(positions)
+    Ok(inserted.into_iter().collect())
 }

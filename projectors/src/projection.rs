@@ -342,7 +342,7 @@ fn literal(bind: &Bind) -> String {
         // In parentheses when negative: `x -$1` must not become the comment `x --1`.
         Bind::Integer(n) if *n < 0 => format!("({n})"),
         Bind::Integer(n) => n.to_string(),
-        Bind::Text(text) => format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''")),
+        Bind::Text(text) => infra::db::text_literal(text),
     }
 }
 

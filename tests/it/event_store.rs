@@ -19,6 +19,7 @@ on_both_backends!(
     events_survive_reopening_and_readers_pass_over_other_topics,
     a_reader_of_types_with_nothing_new_passes_to_the_head,
     an_aggregate_loads_from_its_snapshot_and_the_events_after_it,
+    quotes_backslashes_and_placeholders_are_stored_and_answered_exactly,
 );
 
 fn event(n: i64) -> NewEvent {
@@ -431,6 +432,57 @@ async fn an_aggregate_loads_from_its_snapshot_and_the_events_after_it(backend: B
     let (_, version, _) = handlers.load::<InventoryItem>("A").await.expect("load");
     assert_eq!(version, 151);
     fresh_log.finish().await;
+}
+
+/// Every string of an append (its stream, its events, its key, its answer and its
+/// snapshot) is written exactly, whatever it holds: on PostgreSQL a group's lookups
+/// and its last writes go as scripts with their values written in as literals.
+async fn quotes_backslashes_and_placeholders_are_stored_and_answered_exactly(backend: Backend) {
+    let fresh = Fresh::on(backend).await;
+    let store = fresh.store.clone();
+    let hostile = "it's \\ a \"test\" $1 ?1 E'x' '); DROP TABLE events; -- \n\t üñí \\'";
+    let stream = format!("A{hostile}");
+    let mut first = request(&stream, 0, vec![event(1)]);
+    first.events[0].payload = json!({ "note": hostile, "lines": [hostile] });
+    first.snapshot = Some(json!({ "state": hostile }));
+    first.idempotency = Some(IdempotencyRecord {
+        key: format!("http:{hostile}"),
+        request_hash: hostile.into(),
+        response: json!({ "answer": hostile }),
+    });
+    let appended = store.append(first.clone()).await.expect("append");
+    assert!(matches!(
+        appended,
+        AppendOutcome::Appended { version: 1, .. }
+    ));
+    let events = store.load_stream("inventory", &stream).await.expect("load");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].envelope.payload, first.events[0].payload);
+    assert_eq!(events[0].envelope.aggregate_id, stream);
+    // The same key again: answered from its record, exactly.
+    let mut retry = first.clone();
+    retry.expected_version = 1;
+    retry.events = vec![event(2)];
+    match store.append(retry).await.expect("retry") {
+        AppendOutcome::Duplicate { response, .. } => {
+            assert_eq!(response, json!({ "answer": hostile }))
+        }
+        other => panic!("expected the first answer, got {other:?}"),
+    }
+    let snapshot = store
+        .snapshot("inventory", &stream)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(snapshot.state, json!({ "state": hostile }));
+    // The stream's head is found by its name: the next version appends after it.
+    let next = store
+        .append(request(&stream, 1, vec![event(3)]))
+        .await
+        .expect("next");
+    assert!(matches!(next, AppendOutcome::Appended { version: 2, .. }));
+    assert_eq!(store.head(), 2);
+    fresh.finish().await;
 }
 
 #[tokio::test]
