@@ -4,10 +4,11 @@
 //! 256 concurrent callers. Reported: events per second and events per commit.
 //!
 //! The baseline, in the same run: raw SQLite (rusqlite, no async runtime, no
-//! channel) inserting rows of the same size into a table of the same shape with the
-//! same durability: one transaction per row at concurrency 1, one per batch of as
-//! many rows as there are callers otherwise. A last row sets concurrency 256 against
-//! one commit per row (the goal: ten times that).
+//! channel) inserting rows of the same size, with the same stream ids, into a table
+//! of the same shape with the same durability: one transaction per row at
+//! concurrency 1, one per batch of as many rows as there are callers otherwise. A
+//! row sets concurrency 256 against one commit per row (the goal: ten times that),
+//! and one against the baseline of earlier runs, whose stream ids came in order.
 //!
 //! `cargo bench --bench append -- --quick` runs 3 s per variant; without `--quick`,
 //! 10 s.
@@ -38,7 +39,7 @@ fn main() -> anyhow::Result<()> {
             seconds.as_secs()
         );
         let (events, per_commit) = runtime.block_on(ours(callers, seconds))?;
-        let raw = raw_sqlite(callers, seconds)?;
+        let raw = raw_sqlite(callers, seconds, Keys::Callers)?;
         if callers == 1 {
             one_commit_per_row = Some(raw);
         }
@@ -64,6 +65,15 @@ fn main() -> anyhow::Result<()> {
                 metric: "c=256 vs one commit per row".into(),
                 ours: events,
                 baseline: one_commit_per_row,
+                unit: "events/s",
+            });
+            // The baseline of earlier runs, for comparison: the same rows with their
+            // stream ids in the order written, which the stream index takes at one end.
+            rows.push(Row {
+                scenario: "append",
+                metric: "c=256 vs raw with sequential stream ids".into(),
+                ours: events,
+                baseline: Some(raw_sqlite(callers, seconds, Keys::Sequential)?),
                 unit: "events/s",
             });
         }
@@ -122,9 +132,20 @@ async fn ours(callers: usize, time: Duration) -> anyhow::Result<(f64, f64)> {
     Ok((events as f64 / elapsed, events as f64 / commits as f64))
 }
 
+/// The stream ids the raw baseline writes.
+#[derive(Clone, Copy)]
+enum Keys {
+    /// The ones ours writes: row `i` of a batch is caller `i`'s next SKU
+    /// (`A-{caller}-{n}`), so each batch inserts into as many places of the stream
+    /// index as there are callers.
+    Callers,
+    /// `A-{row}`, in the order written: each batch inserts into one end of the index.
+    Sequential,
+}
+
 /// Raw SQLite: rows of the same shape and size, `batch` per transaction, with the
 /// event store's durability settings: rows/s.
-fn raw_sqlite(batch: usize, time: Duration) -> anyhow::Result<f64> {
+fn raw_sqlite(batch: usize, time: Duration, keys: Keys) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let mut conn = rusqlite::Connection::open(dir.path().join("raw.db"))?;
     conn.execute_batch(
@@ -139,7 +160,7 @@ fn raw_sqlite(batch: usize, time: Duration) -> anyhow::Result<f64> {
     )?;
     let payload = r#"{"quantity":5,"on_hand":5,"reserved":0}"#;
     let start = Instant::now();
-    let mut rows = 0u64;
+    let (mut rows, mut round) = (0u64, 0u64);
     while start.elapsed() < time {
         let tx = conn.transaction()?;
         {
@@ -148,11 +169,15 @@ fn raw_sqlite(batch: usize, time: Duration) -> anyhow::Result<f64> {
                     schema_version, occurred_at, correlation_id, causation_id, payload)
                  VALUES (?1, 'inventory', ?2, 1, 'StockRestocked', 1, ?3, ?4, ?4, ?5)",
             )?;
-            for _ in 0..batch {
+            for caller in 0..batch {
                 let id = uuid::Uuid::now_v7().to_string();
+                let sku = match keys {
+                    Keys::Callers => format!("A-{caller}-{round}"),
+                    Keys::Sequential => format!("A-{rows}"),
+                };
                 insert.execute(rusqlite::params![
                     id,
-                    format!("A-{rows}"),
+                    sku,
                     infra::timestamp(chrono::Utc::now()),
                     id,
                     payload
@@ -161,6 +186,7 @@ fn raw_sqlite(batch: usize, time: Duration) -> anyhow::Result<f64> {
             }
         }
         tx.commit()?;
+        round += 1;
     }
     Ok(rows as f64 / start.elapsed().as_secs_f64())
 }
