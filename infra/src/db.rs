@@ -389,6 +389,9 @@ mod tests {
             .fetch_one(&db.pool)
             .await
             .expect("migrations");
-        assert_eq!(applied, 2);
+        // Each migration once, though the database was opened twice.
+        let shipped = Dialect::Sqlite.migrator().migrations.len();
+        assert_eq!(applied as usize, shipped);
+        assert!(shipped >= 3);
     }
 }

@@ -370,19 +370,26 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// PostgreSQL away (every connection cut, new ones refused, through a proxy) for
-/// the outage, under load: commands answer 503 with `Retry-After` (never 500, never
-/// hang), the services reconnect by themselves, and the history checks.
-async fn postgres_away(distributed: bool) {
-    let profile = Profile::from_env();
+/// A proxy in front of the suite's PostgreSQL server ([`FaultProxy::postgres`]) and
+/// the server's URL through it.
+async fn postgres_proxy(seed: u64) -> (FaultProxy, String) {
     let upstream = postgres_server();
     let host = upstream
         .rsplit('@')
         .next()
         .unwrap_or("127.0.0.1:5432")
         .trim_end_matches('/');
-    let proxy = FaultProxy::postgres(host, profile.seed).await;
+    let proxy = FaultProxy::postgres(host, seed).await;
     let url = format!("postgres://postgres@{}", proxy.address);
+    (proxy, url)
+}
+
+/// PostgreSQL away (every connection cut, new ones refused, through a proxy) for
+/// the outage, under load: commands answer 503 with `Retry-After` (never 500, never
+/// hang), the services reconnect by themselves, and the history checks.
+async fn postgres_away(distributed: bool) {
+    let profile = Profile::from_env();
+    let (proxy, url) = postgres_proxy(profile.seed).await;
     // On the suite's broker, filled by the tests before this one (ADR 15).
     let broker = distributed.then(crate::support::kafka_broker);
     let deployment = if let Some(broker) = &broker {
@@ -445,14 +452,8 @@ async fn postgres_away(distributed: bool) {
 async fn commits_whose_answers_are_lost_under_load_lose_and_repeat_nothing() {
     let profile = Profile::from_env();
     println!("history lost commits: seed {}", profile.seed);
-    let upstream = postgres_server();
-    let host = upstream
-        .rsplit('@')
-        .next()
-        .unwrap_or("127.0.0.1:5432")
-        .trim_end_matches('/');
-    let proxy = FaultProxy::postgres(host, profile.seed).await;
-    let deployment = Deployment::embedded(Some(format!("postgres://postgres@{}", proxy.address)));
+    let (proxy, url) = postgres_proxy(profile.seed).await;
+    let deployment = Deployment::embedded(Some(url));
     let api = deployment.api();
     let workload = Workload::new(8);
     let stock = workload.restock(&api, 300).await;
