@@ -541,15 +541,9 @@ impl SagaRunner {
             outcomes.extend(transition.outcome);
             sagas.insert(order_id, saga);
         }
-        let written = async {
-            writes.write(&mut tx, self.db.dialect, &sagas).await?;
-            tx.commit().await?;
-            Ok::<_, InfraError>(())
-        };
-        if let Err(error) = written.await {
-            self.cache.distrust();
-            return Err(error);
-        }
+        // A failure here fails the round: `failed` empties the cache.
+        writes.write(&mut tx, self.db.dialect, &sagas).await?;
+        tx.commit().await?;
         self.cache.put(sagas);
         self.count(&outcomes);
         self.staged.notify_one();

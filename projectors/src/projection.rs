@@ -224,6 +224,17 @@ pub struct Coalesced {
     pub merged: Option<Change>,
 }
 
+impl Coalesced {
+    /// Its one statement: the merged write, or its one change of `changes` (the list
+    /// given to [`coalesce`]).
+    pub fn statement<'a>(&'a self, changes: &'a [(usize, Change)]) -> &'a Change {
+        match &self.merged {
+            Some(merged) => merged,
+            None => &changes[self.changes[0]].1,
+        }
+    }
+}
+
 /// The changes of a batch with each row's writes made one where they can be (see
 /// [`RowWrite::then`]), at the place of each row's first write: the tables end up
 /// as the changes one by one would leave them, in fewer statements. A change that

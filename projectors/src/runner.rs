@@ -193,14 +193,12 @@ impl Handler for Runner {
                 }
             };
             for unit in coalesce(&changes) {
-                let Some(merged) = &unit.merged else {
-                    let (i, change) = &changes[unit.changes[0]];
-                    if let Err(error) = execute(change)? {
-                        failures.push(*i, error);
-                    }
-                    continue;
+                let failed = match execute(unit.statement(&changes))? {
+                    Ok(()) => continue,
+                    Err(error) => error,
                 };
-                if execute(merged)?.is_ok() {
+                if unit.merged.is_none() {
+                    failures.push(changes[unit.changes[0]].0, failed);
                     continue;
                 }
                 // One by one: only the change that fails is dead-lettered.
@@ -259,10 +257,7 @@ async fn apply_scripted(
         Change::statement("RELEASE project_batch"),
     );
     for chunk in units.chunks(SCRIPT_CHANGES) {
-        let statements = chunk.iter().map(|unit| match &unit.merged {
-            Some(merged) => merged,
-            None => &changes[unit.changes[0]].1,
-        });
+        let statements = chunk.iter().map(|unit| unit.statement(&changes));
         let script = std::iter::once(&begin)
             .chain(statements)
             .chain(std::iter::once(&end));

@@ -370,6 +370,21 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The history load on 300 of each of the workload's SKUs (and the resumption
+/// probes' SKU) by the profile's clients, once it flows: the stock restocked, and
+/// the load.
+async fn history_load(
+    api: &Api,
+    profile: &Profile,
+) -> (std::collections::BTreeMap<String, i64>, Load) {
+    let workload = Workload::new(8);
+    let stock = workload.restock(api, 300).await;
+    api.restock(RESUME_SKU, 1000).await;
+    let load = Load::start(&api.base, &workload, profile.clients, profile.seed);
+    load.until_acknowledged(30).await;
+    (stock, load)
+}
+
 /// A proxy in front of the suite's PostgreSQL server ([`FaultProxy::postgres`]) and
 /// the server's URL through it.
 async fn postgres_proxy(seed: u64) -> (FaultProxy, String) {
@@ -404,11 +419,7 @@ async fn postgres_away(distributed: bool) {
     };
     println!("history {scenario}: seed {}", profile.seed);
     let api = deployment.api();
-    let workload = Workload::new(8);
-    let stock = workload.restock(&api, 300).await;
-    api.restock(RESUME_SKU, 1000).await;
-    let load = Load::start(&api.base, &workload, profile.clients, profile.seed);
-    load.until_acknowledged(30).await;
+    let (stock, load) = history_load(&api, &profile).await;
 
     proxy.set(Link::Down);
     let away = Instant::now();
@@ -455,11 +466,7 @@ async fn commits_whose_answers_are_lost_under_load_lose_and_repeat_nothing() {
     let (proxy, url) = postgres_proxy(profile.seed).await;
     let deployment = Deployment::embedded(Some(url));
     let api = deployment.api();
-    let workload = Workload::new(8);
-    let stock = workload.restock(&api, 300).await;
-    api.restock(RESUME_SKU, 1000).await;
-    let load = Load::start(&api.base, &workload, profile.clients, profile.seed);
-    load.until_acknowledged(30).await;
+    let (stock, load) = history_load(&api, &profile).await;
     proxy.set(Link::LoseCommits(LOST_COMMITS_PERCENT));
     let began = Instant::now();
     while proxy.lost_commits() < profile.faults as u64 && began.elapsed() < profile.outage {
@@ -486,16 +493,7 @@ async fn commits_whose_answers_are_lost_under_load_lose_and_repeat_nothing() {
     // Every order settled: none is still counted in flight (the sagas a lost answer
     // settled were counted once the runner read again; left, they would keep the
     // door's bound that much nearer).
-    let metrics = api
-        .client
-        .get(api.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let backlog = crate::support::metric(&metrics, "orderline_fulfilment_backlog", &[]);
+    let backlog = crate::support::metric(&api.metrics().await, "orderline_fulfilment_backlog", &[]);
     assert_eq!(backlog, 0, "orders counted in flight after all settled");
     deployment.finish().await;
 }
@@ -577,11 +575,7 @@ async fn distributed_broker_away_under_load_loses_and_repeats_nothing() {
     let mut broker = OwnBroker::start();
     let server = TestServer::distributed_on(&broker.address).await;
     let api = Api::from(&server);
-    let workload = Workload::new(8);
-    let stock = workload.restock(&api, 300).await;
-    api.restock(RESUME_SKU, 1000).await;
-    let load = Load::start(&api.base, &workload, profile.clients, profile.seed);
-    load.until_acknowledged(30).await;
+    let (stock, load) = history_load(&api, &profile).await;
     broker.stop();
     // Orders are still acknowledged while the broker is away.
     load.until_acknowledged(30).await;
