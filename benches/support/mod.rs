@@ -82,6 +82,17 @@ pub fn quick() -> bool {
     std::env::args().any(|a| a == "--quick")
 }
 
+/// Whether to run the variant `name`: every variant when no filter was given, else
+/// those whose name contains one of the arguments that are not flags
+/// (`cargo bench --bench rebuild -- --quick sqlite`).
+pub fn selected(name: &str) -> bool {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
+}
+
 /// The runtime a benchmark drives its async work on.
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()

@@ -460,7 +460,7 @@ impl Handler for Notifier {
         failures: &mut Failures,
     ) -> Result<usize, InfraError> {
         let fresh =
-            guard::first_deliveries(tx, self.db.dialect, "notifier_applied", events).await?;
+            guard::first_deliveries(tx, self.db.dialect, "notifier_applied", events, None).await?;
         let mut recorded = 0;
         for (index, (recorded_event, fresh)) in events.iter().zip(fresh).enumerate() {
             if !fresh {

@@ -421,7 +421,8 @@ impl SagaRunner {
         let mut settled = 0;
         let mut confirmed_after = vec![];
         let mut writes = Writes::default();
-        let fresh = guard::first_deliveries(tx, self.db.dialect, "saga_applied", events).await?;
+        let fresh =
+            guard::first_deliveries(tx, self.db.dialect, "saga_applied", events, None).await?;
         for (i, (recorded, fresh)) in events.iter().zip(fresh).enumerate() {
             if !fresh {
                 // Published again (a relay that restarted): already folded in.

@@ -4,9 +4,9 @@
 //! statements, whatever its size: read the guards of its streams, then move them.
 
 use crate::db::Dialect;
+use foldhash::HashMap;
 use schemas::RecordedEvent;
 use sqlx::{AnyConnection, Row};
-use std::collections::HashMap;
 
 /// How many streams one statement names at most.
 const CHUNK: usize = 300;
@@ -14,21 +14,34 @@ const CHUNK: usize = 300;
 /// Which of `events` (in log order) are delivered for the first time, moving the
 /// guards in `table` past them, in the caller's transaction. A guard moves past an
 /// event that then fails to apply too: a later event of its stream still applies.
+/// With `memory` (a table only its holder fills, from empty), the guards it holds are
+/// not read.
 pub async fn first_deliveries(
     conn: &mut AnyConnection,
     dialect: Dialect,
     table: &str,
     events: &[RecordedEvent],
+    mut memory: Option<&mut Remembered>,
 ) -> Result<Vec<bool>, sqlx::Error> {
     let deliveries = deliveries(events);
     let keys = streams_of(&deliveries);
-    let mut found: HashMap<(String, String), i64> = HashMap::new();
-    for chunk in keys.chunks(CHUNK) {
-        found.extend(stored(conn, dialect, table, chunk).await?);
+    let unknown = unknown(memory.as_deref(), &keys);
+    let mut found = Versions::default();
+    for chunk in unknown.chunks(CHUNK) {
+        for ((aggregate_type, aggregate_id), version) in stored(conn, dialect, table, chunk).await?
+        {
+            found
+                .entry(aggregate_type)
+                .or_default()
+                .insert(aggregate_id, version);
+        }
     }
-    let (fresh, moved) = decide(&deliveries, &keys, &found);
+    let (fresh, moved) = decide(&deliveries, &keys, memory.as_deref(), &found);
     for chunk in moved.chunks(CHUNK) {
         advance(conn, dialect, table, chunk).await?;
+    }
+    if let Some(memory) = memory.as_mut() {
+        memory.learn(&moved);
     }
     Ok(fresh)
 }
@@ -41,32 +54,125 @@ pub fn first_deliveries_local(
     conn: &rusqlite::Connection,
     table: &str,
     deliveries: &[Delivery],
+    mut memory: Option<&mut Remembered>,
 ) -> Result<Vec<bool>, rusqlite::Error> {
     let keys = streams_of(deliveries);
-    let mut found: HashMap<(String, String), i64> = HashMap::new();
-    let mut read = conn.prepare_cached(&format!(
-        "SELECT version FROM {table} WHERE aggregate_type = ?1 AND aggregate_id = ?2"
-    ))?;
-    for (aggregate_type, aggregate_id) in &keys {
-        let mut rows = read.query((aggregate_type, aggregate_id))?;
-        if let Some(row) = rows.next()? {
-            let version: i64 = row.get(0)?;
-            found.insert(
-                ((*aggregate_type).to_owned(), (*aggregate_id).to_owned()),
-                version,
-            );
+    let mut found = Versions::default();
+    let unknown = unknown(memory.as_deref(), &keys);
+    if !unknown.is_empty() {
+        let mut read = conn.prepare_cached(&format!(
+            "SELECT version FROM {table} WHERE aggregate_type = ?1 AND aggregate_id = ?2"
+        ))?;
+        for (aggregate_type, aggregate_id) in unknown {
+            let mut rows = read.query((aggregate_type, aggregate_id))?;
+            if let Some(row) = rows.next()? {
+                let version: i64 = row.get(0)?;
+                found
+                    .entry(aggregate_type.to_owned())
+                    .or_default()
+                    .insert(aggregate_id.to_owned(), version);
+            }
         }
     }
-    let (fresh, moved) = decide(deliveries, &keys, &found);
+    let (fresh, moved) = decide(deliveries, &keys, memory.as_deref(), &found);
     let mut write = conn.prepare_cached(&format!(
         "INSERT INTO {table} (aggregate_type, aggregate_id, version) VALUES (?1, ?2, ?3)
          ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
          WHERE {table}.version < excluded.version"
     ))?;
-    for ((aggregate_type, aggregate_id), version) in moved {
+    for ((aggregate_type, aggregate_id), version) in &moved {
         write.execute((aggregate_type, aggregate_id, version))?;
     }
+    if let Some(memory) = memory.as_mut() {
+        memory.learn(&moved);
+    }
     Ok(fresh)
+}
+
+/// Guards by aggregate type, then aggregate id (looked up by `&str`, no key built).
+type Versions = HashMap<String, HashMap<String, i64>>;
+
+/// How many streams' guards [`Remembered`] holds at most.
+const REMEMBERED: usize = 1_000_000;
+
+/// The guards of a table that one writer fills from empty (a rebuild's shadow
+/// tables), kept in memory as they move so that they are not read back: a stream it
+/// holds no guard of has none in the table either. Past [`REMEMBERED`] streams it
+/// forgets them all, and from then on reads from the table those it does not hold.
+/// Moved before the transaction that writes them commits: a holder whose
+/// transaction fails must drop it (a rebuild starts again from empty tables).
+#[derive(Debug)]
+pub struct Remembered {
+    versions: Versions,
+    held: usize,
+    limit: usize,
+    forgot: bool,
+}
+
+impl Default for Remembered {
+    fn default() -> Remembered {
+        Remembered::holding_at_most(REMEMBERED)
+    }
+}
+
+impl Remembered {
+    /// Memory that forgets every guard it holds when it would hold more than `limit`.
+    pub fn holding_at_most(limit: usize) -> Remembered {
+        Remembered {
+            versions: Versions::default(),
+            held: 0,
+            limit,
+            forgot: false,
+        }
+    }
+
+    fn get(&self, aggregate_type: &str, aggregate_id: &str) -> Option<i64> {
+        self.versions
+            .get(aggregate_type)?
+            .get(aggregate_id)
+            .copied()
+    }
+
+    fn learn(&mut self, moved: &[Guard<'_>]) {
+        if self.held + moved.len() > self.limit {
+            self.versions.clear();
+            self.held = 0;
+            self.forgot = true;
+        }
+        for ((aggregate_type, aggregate_id), version) in moved {
+            let ids = match self.versions.get_mut(*aggregate_type) {
+                Some(ids) => ids,
+                None => self
+                    .versions
+                    .entry((*aggregate_type).to_owned())
+                    .or_default(),
+            };
+            match ids.get_mut(*aggregate_id) {
+                Some(held) => *held = (*held).max(*version),
+                None => {
+                    ids.insert((*aggregate_id).to_owned(), *version);
+                    self.held += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The keys whose guards must be read from the table: all of them without memory;
+/// with it, none until it has forgotten, then those it does not hold.
+fn unknown<'a>(
+    memory: Option<&Remembered>,
+    keys: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    match memory {
+        None => keys.to_vec(),
+        Some(memory) if !memory.forgot => vec![],
+        Some(memory) => keys
+            .iter()
+            .filter(|(t, id)| memory.get(t, id).is_none())
+            .copied()
+            .collect(),
+    }
 }
 
 /// An event as its guard sees it: its stream (aggregate type and id) and version.
@@ -101,21 +207,22 @@ fn streams_of(deliveries: &[Delivery]) -> Vec<(&str, &str)> {
     keys
 }
 
-/// Which deliveries (in log order) are first ones given the `found` guards of
-/// `keys`, and the guards that move.
+/// Which deliveries (in log order) are first ones given the guards of `keys` held
+/// in `memory` or `found` in the table, and the guards that move.
 fn decide<'a>(
     deliveries: &'a [Delivery],
     keys: &[(&'a str, &'a str)],
-    found: &HashMap<(String, String), i64>,
+    memory: Option<&Remembered>,
+    found: &Versions,
 ) -> (Vec<bool>, Vec<Guard<'a>>) {
     let mut streams: HashMap<(&str, &str), i64> = keys
         .iter()
-        .map(|key| {
-            let stored = found
-                .get(&(key.0.to_owned(), key.1.to_owned()))
-                .copied()
+        .map(|&(aggregate_type, aggregate_id)| {
+            let stored = memory
+                .and_then(|m| m.get(aggregate_type, aggregate_id))
+                .or_else(|| found.get(aggregate_type)?.get(aggregate_id).copied())
                 .unwrap_or(0);
-            (*key, stored)
+            ((aggregate_type, aggregate_id), stored)
         })
         .collect();
     let before = streams.clone();
@@ -215,4 +322,77 @@ async fn advance(
         .execute(conn)
         .await
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(conn: &rusqlite::Connection, name: &str) {
+        let sql = format!(
+            "CREATE TABLE {name} (aggregate_type TEXT NOT NULL, aggregate_id TEXT NOT NULL,
+               version BIGINT NOT NULL, PRIMARY KEY (aggregate_type, aggregate_id))"
+        );
+        conn.execute_batch(&sql).expect("create table");
+    }
+
+    fn guards(conn: &rusqlite::Connection, name: &str) -> Vec<(String, String, i64)> {
+        let sql = format!("SELECT * FROM {name} ORDER BY aggregate_type, aggregate_id");
+        let mut statement = conn.prepare(&sql).expect("prepare");
+        let rows = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .expect("query");
+        rows.collect::<Result<_, _>>().expect("rows")
+    }
+
+    /// Batches of redeliveries and new events over a few streams, decided with memory
+    /// (small enough to forget several times) and by reading the table: the same
+    /// first deliveries, and the same guards stored.
+    #[test]
+    fn remembered_guards_decide_as_the_stored_ones() {
+        let conn = rusqlite::Connection::open_in_memory().expect("open");
+        table(&conn, "read_back");
+        table(&conn, "remembered");
+        let mut memory = Remembered::holding_at_most(5);
+        let mut next = {
+            let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+            move |bound: u64| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (state >> 33) % bound
+            }
+        };
+        let mut latest: HashMap<(String, String), i64> = HashMap::default();
+        let mut fresh_events = 0;
+        for _ in 0..300 {
+            let batch: Vec<Delivery> = (0..next(12))
+                .map(|_| {
+                    let key = (
+                        ["order", "payment"][next(2) as usize].to_owned(),
+                        format!("s-{}", next(9)),
+                    );
+                    let newest = latest.get(&key).copied().unwrap_or(0);
+                    // A redelivery (an old version) or the stream's next event.
+                    let version = match next(3) {
+                        0 if newest > 0 => 1 + next(newest as u64) as i64,
+                        _ => newest + 1,
+                    };
+                    latest.insert(key.clone(), newest.max(version));
+                    (key.0, key.1, version)
+                })
+                .collect();
+            let read = first_deliveries_local(&conn, "read_back", &batch, None).expect("read");
+            let held = first_deliveries_local(&conn, "remembered", &batch, Some(&mut memory))
+                .expect("remembered");
+            assert_eq!(read, held, "first deliveries of {batch:?}");
+            fresh_events += read.iter().filter(|f| **f).count();
+        }
+        assert!(memory.forgot, "the memory never reached its limit");
+        assert!(
+            fresh_events > 300,
+            "too few first deliveries: {fresh_events}"
+        );
+        assert_eq!(guards(&conn, "read_back"), guards(&conn, "remembered"));
+    }
 }

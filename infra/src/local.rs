@@ -133,9 +133,11 @@ pub struct NamedRow<'r, 's> {
 
 impl NamedRow<'_, '_> {
     fn index(&self, name: &str) -> Result<usize, InfraError> {
+        // The names as written first (SQLite keeps a column's case), then any case.
         self.names
             .iter()
-            .position(|n| n.eq_ignore_ascii_case(name))
+            .position(|n| n == name)
+            .or_else(|| self.names.iter().position(|n| n.eq_ignore_ascii_case(name)))
             .ok_or_else(|| InfraError::Sqlite(rusqlite::Error::InvalidColumnName(name.to_owned())))
     }
 }

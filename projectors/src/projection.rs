@@ -244,7 +244,7 @@ pub fn coalesce(changes: &[(usize, Change)]) -> Vec<Coalesced> {
     let mut out: Vec<(Vec<usize>, Option<RowWrite>)> = Vec::with_capacity(changes.len());
     // Where each row's last write is in `out`, since the last change that was not
     // one row's write.
-    let mut last: std::collections::HashMap<RowKey, usize> = std::collections::HashMap::new();
+    let mut last: foldhash::HashMap<RowKey, usize> = Default::default();
     for (place, (_, change)) in changes.iter().enumerate() {
         let Some(row) = &change.row else {
             last.clear();

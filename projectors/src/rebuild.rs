@@ -55,6 +55,7 @@ pub async fn rebuild(
             consumer: Consumer::new(name, db, &all.metrics),
             lock: None,
             progress: None,
+            remembered: Some(Default::default()),
         },
         dead_letters: format!("{name}@rebuild"),
         progress: Rebuild {

@@ -88,6 +88,7 @@ impl Projections {
             consumer: Consumer::new(handle.projection.as_str(), &handle.db, &self.metrics),
             lock: Some(handle.lock.clone()),
             progress: Some(self.progress.clone()),
+            remembered: None,
         }
     }
 
@@ -133,6 +134,9 @@ pub struct Runner {
     pub lock: Option<Arc<Mutex<()>>>,
     /// Told of each new checkpoint (the live runner), so reads can wait for tokens.
     pub progress: Option<Progress>,
+    /// The guards of tables this runner alone fills from empty (a rebuild's shadows),
+    /// so they are not read back; `None` for the live tables.
+    pub remembered: Option<Arc<Mutex<guard::Remembered>>>,
 }
 
 impl Handler for Runner {
@@ -155,7 +159,13 @@ impl Handler for Runner {
     ) -> Result<(), InfraError> {
         let dialect = self.consumer.db.dialect;
         let guard = self.projection.applied_table(self.suffix);
-        let fresh = guard::first_deliveries(tx, dialect, &guard, events).await?;
+        let mut memory = match &self.remembered {
+            Some(memory) => Some(memory.lock().await),
+            None => None,
+        };
+        let fresh =
+            guard::first_deliveries(tx, dialect, &guard, events, memory.as_deref_mut()).await?;
+        drop(memory);
         apply_scripted(
             tx,
             dialect,
@@ -179,8 +189,13 @@ impl Handler for Runner {
             .iter()
             .map(|recorded| change_of(self.projection, self.suffix, recorded))
             .collect();
+        let remembered = self.remembered.clone();
         Some(Box::new(move |conn, failures| {
-            let fresh = guard::first_deliveries_local(conn, &guard, &deliveries)?;
+            // On the writer's blocking thread.
+            let mut memory = remembered.as_ref().map(|m| m.blocking_lock());
+            let fresh =
+                guard::first_deliveries_local(conn, &guard, &deliveries, memory.as_deref_mut())?;
+            drop(memory);
             let changes = fresh_changes(changes.into_iter().zip(fresh), failures);
             let execute = |change: &Change| -> Result<Result<(), String>, InfraError> {
                 match infra::local::execute_with(conn, &change.sql, &change.binds) {

@@ -111,17 +111,24 @@ pub fn decode<E: DeserializeOwned>(
             current,
         });
     }
+    let failed = |e: serde_json::Error| SchemaError::Payload {
+        event_type: event_type.to_owned(),
+        version,
+        message: e.to_string(),
+    };
+    if version == current {
+        // Read in place: the payload is not copied into a tagged value first.
+        let tag = Value::String(event_type.to_owned());
+        let tagged = serde::de::value::MapDeserializer::<_, serde_json::Error>::new(
+            [("event_type", &tag), ("payload", payload)].into_iter(),
+        );
+        return E::deserialize(tagged).map_err(failed);
+    }
     let mut payload = payload.clone();
     for from in version..current {
         payload = upcast(event_type, from, payload)?;
     }
-    serde_json::from_value(json!({ "event_type": event_type, "payload": payload })).map_err(|e| {
-        SchemaError::Payload {
-            event_type: event_type.to_owned(),
-            version,
-            message: e.to_string(),
-        }
-    })
+    serde_json::from_value(json!({ "event_type": event_type, "payload": payload })).map_err(failed)
 }
 
 /// Lift a payload from version `from` to `from + 1`.

@@ -345,6 +345,7 @@ async fn on_postgres_a_batch_is_one_script_and_a_change_that_fails_is_dead_lette
         consumer: Consumer::new("orders", &db, &infra::metrics::Metrics::default()),
         lock: None,
         progress: None,
+        remembered: None,
     };
     while step(&source, &runner).await.expect("step") != Step::Idle {}
     let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")

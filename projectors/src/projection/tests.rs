@@ -66,6 +66,7 @@ impl Fixture {
             consumer: Consumer::new(projection.as_str(), &self.db, &Metrics::default()),
             lock: None,
             progress: None,
+            remembered: None,
         }
     }
 
