@@ -8,10 +8,11 @@
 //! of the same shape with the same durability: one transaction per row at
 //! concurrency 1, one per batch of as many rows as there are callers otherwise. A
 //! row sets concurrency 256 against one commit per row (the goal: ten times that),
-//! and one against the baseline of earlier runs, whose stream ids came in order.
+//! one sets the raw batches against the same (what the disk allows that goal), and
+//! one sets ours against the baseline of earlier runs, whose stream ids came in order.
 //!
 //! `cargo bench --bench append -- --quick` runs 3 s per variant; without `--quick`,
-//! 10 s.
+//! 10 s. `-- --quick c=256` runs one concurrency alone.
 
 mod support;
 
@@ -34,6 +35,9 @@ fn main() -> anyhow::Result<()> {
     let mut one_commit_per_row = None;
     let (mut ours_curve, mut raw_curve) = (vec![], vec![]);
     for callers in CONCURRENCY {
+        if !support::selected(&format!("c={callers}")) {
+            continue;
+        }
         eprintln!(
             "append: {callers} callers, {} s each for ours and the baseline ...",
             seconds.as_secs()
@@ -64,6 +68,15 @@ fn main() -> anyhow::Result<()> {
                 scenario: "append",
                 metric: "c=256 vs one commit per row".into(),
                 ours: events,
+                baseline: one_commit_per_row,
+                unit: "events/s",
+            });
+            // What the goal above asks of the disk: raw SQLite's own batches against
+            // its one commit per row (ours cannot beat its own baseline's batches).
+            rows.push(Row {
+                scenario: "append",
+                metric: "c=256 raw batched vs one commit per row (the ceiling)".into(),
+                ours: raw,
                 baseline: one_commit_per_row,
                 unit: "events/s",
             });
