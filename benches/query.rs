@@ -90,8 +90,12 @@ async fn run(seconds: u64) -> anyhow::Result<Vec<Row>> {
             .collect(),
     );
 
+    // Every connection opened is kept for reuse: the open loop opens more than
+    // `CLIENTS` when answers bunch up, and closing the extra ones left tens of
+    // thousands in TIME_WAIT, out of local ports, and p99s of seconds (SYN retries) on
+    // both sides.
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(CLIENTS)
+        .pool_max_idle_per_host(usize::MAX)
         .build()?;
     eprintln!(
         "query: {}-byte body; saturation, then half of it, {seconds} s each, ours and the baseline ...",
