@@ -11,7 +11,7 @@
 //! database's transactions and rows read and written (`pg_stat_database`).
 //!
 //! `cargo bench --bench peer -- --quick` runs 2,000 orders each; without `--quick`,
-//! 10,000.
+//! 10,000. `-- --quick c=16` runs one concurrency alone.
 
 mod support;
 
@@ -46,6 +46,9 @@ fn main() -> anyhow::Result<()> {
     let server = support::services::postgres()?;
     let mut rows = vec![];
     for tasks in CONCURRENCY {
+        if !support::selected(&format!("c={tasks}")) {
+            continue;
+        }
         eprintln!("peer: {orders} orders x {COMMANDS_PER_ORDER} commands, {tasks} tasks, ours then cqrs-es ...");
         let ours = runtime.block_on(measure(
             &server,
