@@ -64,6 +64,10 @@ fn main() -> anyhow::Result<()> {
             unit: "events",
         });
         if callers == 256 {
+            if one_commit_per_row.is_none() {
+                // Run without concurrency 1: its baseline is measured for these rows.
+                one_commit_per_row = Some(raw_sqlite(1, seconds, Keys::Callers)?);
+            }
             rows.push(Row {
                 scenario: "append",
                 metric: "c=256 vs one commit per row".into(),

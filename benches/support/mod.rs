@@ -33,7 +33,13 @@ pub fn report(scenario: &str, rows: &[Row]) -> anyhow::Result<()> {
         .ok()
         .and_then(|bytes| serde_json::from_slice(&bytes).ok())
         .unwrap_or_default();
-    all.retain(|row| row["scenario"] != scenario);
+    // A run of some variants only replaces their rows; a whole run, every row of its
+    // scenario (so rows a newer version no longer measures do not linger).
+    let partial = !filters().is_empty();
+    all.retain(|old| {
+        old["scenario"] != scenario
+            || (partial && !rows.iter().any(|row| old["metric"] == row.metric.as_str()))
+    });
     for row in rows {
         let ratio = row
             .baseline
@@ -82,15 +88,20 @@ pub fn quick() -> bool {
     std::env::args().any(|a| a == "--quick")
 }
 
-/// Whether to run the variant `name`: every variant when no filter was given, else
-/// those whose name contains one of the arguments that are not flags
-/// (`cargo bench --bench rebuild -- --quick sqlite`).
-pub fn selected(name: &str) -> bool {
-    let filters: Vec<String> = std::env::args()
+/// The variants asked for: the arguments that are not flags
+/// (`cargo bench --bench rebuild -- --quick sqlite`); none means all of them.
+pub fn filters() -> Vec<String> {
+    std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
-        .collect();
-    filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()))
+        .collect()
+}
+
+/// Whether to run the variant `name`: every variant when none was asked for, else
+/// those named exactly.
+pub fn selected(name: &str) -> bool {
+    let filters = filters();
+    filters.is_empty() || filters.iter().any(|f| f == name)
 }
 
 /// The runtime a benchmark drives its async work on.

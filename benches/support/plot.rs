@@ -60,6 +60,10 @@ pub fn lines_log_x(file: &str, title: &str, x: &str, y: &str, series: &[Series])
 }
 
 fn draw(file: &str, title: &str, x: &str, y: &str, series: &[Series], log_x: bool) {
+    if !super::filters().is_empty() {
+        eprintln!("{file}: only some variants ran; plot left as it was");
+        return;
+    }
     if !font() {
         eprintln!("{file}: no TrueType font found (set ORDERLINE_BENCH_FONT); plot skipped");
         return;

@@ -371,6 +371,7 @@ async fn under_steady_writes_an_online_rebuild_pauses_the_live_projection_only_f
     use std::sync::Arc;
 
     const WRITERS: usize = 16;
+    const HISTORY: i64 = 1500;
     let dir = tempfile::tempdir().expect("dir");
     let node = Process::serve(&dir.path().join("data"), 30_000);
     let api = node.api.clone();
@@ -378,7 +379,9 @@ async fn under_steady_writes_an_online_rebuild_pauses_the_live_projection_only_f
     let history = (0..WRITERS).map(|w| {
         let api = api.clone();
         tokio::spawn(async move {
-            for _ in 0..1000 {
+            // Long enough that a rebuild of 4,000-event batches still takes in
+            // well over the bound below of writes made while it runs.
+            for _ in 0..HISTORY {
                 api.restock(&format!("SKU-{w}"), 1).await;
             }
         })
@@ -457,7 +460,7 @@ async fn under_steady_writes_an_online_rebuild_pauses_the_live_projection_only_f
     for (w, extra) in written.iter().enumerate() {
         assert_eq!(
             api.stock(&format!("SKU-{w}")).await["on_hand"],
-            1000 + extra,
+            HISTORY + extra,
             "SKU-{w}"
         );
     }
