@@ -987,24 +987,14 @@ impl Source for TopicReader {
 #[async_trait::async_trait]
 impl Replay for TopicReader {
     async fn end(&self) -> Result<End, InfraError> {
-        let marks = self.watermarks().await?;
-        Ok(End::Offsets(
-            marks
-                .into_iter()
-                .map(|(key, (_, high))| (key, high))
-                .collect(),
-        ))
+        Ok(End::Offsets(replay_end(self.watermarks().await?)))
     }
 
     fn reached(&self, end: &End) -> bool {
-        let End::Offsets(high) = end else {
+        let End::Offsets(end) = end else {
             return false;
         };
-        let next = self.next();
-        // A partition never read is caught up when it holds nothing (or only what
-        // retention removed: its low watermark is its high one).
-        high.iter()
-            .all(|(key, high)| next.get(key).map_or(*high <= 0, |at| at >= high))
+        reached_end(&self.next(), end)
     }
 
     async fn save_as(&self, conn: &mut AnyConnection, consumer: &str) -> Result<(), InfraError> {
@@ -1019,9 +1009,50 @@ impl Replay for TopicReader {
     }
 }
 
+/// Where a replay of partitions with these watermarks ends: each partition's high
+/// watermark, or 0 for one with nothing to read (empty, or emptied by retention: its
+/// low watermark is its high one), which counts as reached without a read.
+fn replay_end(marks: Watermarks) -> BTreeMap<(String, i32), i64> {
+    marks
+        .into_iter()
+        .map(|(key, (low, high))| (key, if low >= high { 0 } else { high }))
+        .collect()
+}
+
+/// Whether a reader whose next offsets are `next` has reached `end`: each partition
+/// read up to its end, and each one never read with nothing to read.
+fn reached_end(next: &BTreeMap<(String, i32), i64>, end: &BTreeMap<(String, i32), i64>) -> bool {
+    end.iter()
+        .all(|(key, high)| next.get(key).map_or(*high <= 0, |at| at >= high))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Replica;
+    use super::{reached_end, replay_end, Replica, Watermarks};
+    use std::collections::BTreeMap;
+
+    /// A partition that retention emptied (low = high > 0) is never read: the replay
+    /// must not wait for it (it used to, until the rebuild gave up as stalled).
+    #[test]
+    fn a_replay_reaches_its_end_past_partitions_with_nothing_to_read() {
+        let key = |partition: i32| ("orders".to_owned(), partition);
+        let marks: Watermarks = [
+            (key(0), (0, 10)),
+            (key(1), (5, 5)),
+            (key(2), (0, 0)),
+            (key(3), (4, 9)),
+        ]
+        .into();
+        let end = replay_end(marks);
+        let mut next = BTreeMap::new();
+        assert!(!reached_end(&next, &end));
+        next.insert(key(0), 10);
+        assert!(!reached_end(&next, &end), "partition 3 is not read yet");
+        next.insert(key(3), 8);
+        assert!(!reached_end(&next, &end), "partition 3 is read to 8 of 9");
+        next.insert(key(3), 9);
+        assert!(reached_end(&next, &end));
+    }
 
     #[test]
     fn replicas_share_every_partition_out_once() {
