@@ -30,10 +30,7 @@ pub async fn first_deliveries(
     for chunk in unknown.chunks(CHUNK) {
         for ((aggregate_type, aggregate_id), version) in stored(conn, dialect, table, chunk).await?
         {
-            found
-                .entry(aggregate_type)
-                .or_default()
-                .insert(aggregate_id, version);
+            found.raise(&aggregate_type, &aggregate_id, version);
         }
     }
     let (fresh, moved) = decide(&deliveries, &keys, memory.as_deref(), &found);
@@ -66,11 +63,7 @@ pub fn first_deliveries_local(
         for (aggregate_type, aggregate_id) in unknown {
             let mut rows = read.query((aggregate_type, aggregate_id))?;
             if let Some(row) = rows.next()? {
-                let version: i64 = row.get(0)?;
-                found
-                    .entry(aggregate_type.to_owned())
-                    .or_default()
-                    .insert(aggregate_id.to_owned(), version);
+                found.raise(aggregate_type, aggregate_id, row.get(0)?);
             }
         }
     }
@@ -90,7 +83,32 @@ pub fn first_deliveries_local(
 }
 
 /// Guards by aggregate type, then aggregate id (looked up by `&str`, no key built).
-type Versions = HashMap<String, HashMap<String, i64>>;
+#[derive(Debug, Default)]
+struct Versions(HashMap<String, HashMap<String, i64>>);
+
+impl Versions {
+    fn get(&self, aggregate_type: &str, aggregate_id: &str) -> Option<i64> {
+        self.0.get(aggregate_type)?.get(aggregate_id).copied()
+    }
+
+    /// Move the stream's guard up to `version` (never back); whether it was new.
+    fn raise(&mut self, aggregate_type: &str, aggregate_id: &str, version: i64) -> bool {
+        let ids = match self.0.get_mut(aggregate_type) {
+            Some(ids) => ids,
+            None => self.0.entry(aggregate_type.to_owned()).or_default(),
+        };
+        match ids.get_mut(aggregate_id) {
+            Some(held) => {
+                *held = (*held).max(version);
+                false
+            }
+            None => {
+                ids.insert(aggregate_id.to_owned(), version);
+                true
+            }
+        }
+    }
+}
 
 /// How many streams' guards [`Remembered`] holds at most.
 const REMEMBERED: usize = 1_000_000;
@@ -126,33 +144,15 @@ impl Remembered {
         }
     }
 
-    fn get(&self, aggregate_type: &str, aggregate_id: &str) -> Option<i64> {
-        self.versions
-            .get(aggregate_type)?
-            .get(aggregate_id)
-            .copied()
-    }
-
     fn learn(&mut self, moved: &[Guard<'_>]) {
         if self.held + moved.len() > self.limit {
-            self.versions.clear();
+            self.versions = Versions::default();
             self.held = 0;
             self.forgot = true;
         }
         for ((aggregate_type, aggregate_id), version) in moved {
-            let ids = match self.versions.get_mut(*aggregate_type) {
-                Some(ids) => ids,
-                None => self
-                    .versions
-                    .entry((*aggregate_type).to_owned())
-                    .or_default(),
-            };
-            match ids.get_mut(*aggregate_id) {
-                Some(held) => *held = (*held).max(*version),
-                None => {
-                    ids.insert((*aggregate_id).to_owned(), *version);
-                    self.held += 1;
-                }
+            if self.versions.raise(aggregate_type, aggregate_id, *version) {
+                self.held += 1;
             }
         }
     }
@@ -169,7 +169,7 @@ fn unknown<'a>(
         Some(memory) if !memory.forgot => vec![],
         Some(memory) => keys
             .iter()
-            .filter(|(t, id)| memory.get(t, id).is_none())
+            .filter(|(t, id)| memory.versions.get(t, id).is_none())
             .copied()
             .collect(),
     }
@@ -219,8 +219,8 @@ fn decide<'a>(
         .iter()
         .map(|&(aggregate_type, aggregate_id)| {
             let stored = memory
-                .and_then(|m| m.get(aggregate_type, aggregate_id))
-                .or_else(|| found.get(aggregate_type)?.get(aggregate_id).copied())
+                .and_then(|m| m.versions.get(aggregate_type, aggregate_id))
+                .or_else(|| found.get(aggregate_type, aggregate_id))
                 .unwrap_or(0);
             ((aggregate_type, aggregate_id), stored)
         })

@@ -116,19 +116,24 @@ pub fn decode<E: DeserializeOwned>(
         version,
         message: e.to_string(),
     };
-    if version == current {
-        // Read in place: the payload is not copied into a tagged value first.
-        let tag = Value::String(event_type.to_owned());
-        let tagged = serde::de::value::MapDeserializer::<_, serde_json::Error>::new(
-            [("event_type", &tag), ("payload", payload)].into_iter(),
-        );
-        return E::deserialize(tagged).map_err(failed);
-    }
-    let mut payload = payload.clone();
-    for from in version..current {
-        payload = upcast(event_type, from, payload)?;
-    }
-    serde_json::from_value(json!({ "event_type": event_type, "payload": payload })).map_err(failed)
+    // A payload of the current version is read in place, not copied first.
+    let upcast_payload;
+    let payload = match version == current {
+        true => payload,
+        false => {
+            let mut lifted = payload.clone();
+            for from in version..current {
+                lifted = upcast(event_type, from, lifted)?;
+            }
+            upcast_payload = lifted;
+            &upcast_payload
+        }
+    };
+    let tag = Value::String(event_type.to_owned());
+    let tagged = serde::de::value::MapDeserializer::<_, serde_json::Error>::new(
+        [("event_type", &tag), ("payload", payload)].into_iter(),
+    );
+    E::deserialize(tagged).map_err(failed)
 }
 
 /// Lift a payload from version `from` to `from + 1`.
