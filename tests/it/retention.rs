@@ -199,6 +199,9 @@ async fn prunes_what_is_past_its_time(config: Config) {
         o["status"] == "confirmed"
     })
     .await;
+    // The order's read model says confirmed; the inventory's may not have the
+    // reservation yet: wait for every projection.
+    api.quiesce().await;
     let stock = api.stock("A").await;
     assert_eq!(stock["reserved"], 1, "only the new order's: {stock}");
     node.kill();
