@@ -208,7 +208,10 @@ async fn the_payment_deadline_fires_when_the_clock_passes_it_and_not_before() {
         .load_stream("order", &order_id)
         .await
         .expect("stream");
-    assert_eq!(stream[1].envelope.payload["reason"], "payment_timeout");
+    assert_eq!(
+        stream[1].envelope.payload.to_value()["reason"],
+        "payment_timeout"
+    );
     // The stock is back on the shelf.
     let item = event_types(&f, "inventory", "S-1").await;
     assert_eq!(item.last().map(String::as_str), Some("StockReleased"));

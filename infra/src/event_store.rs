@@ -15,7 +15,7 @@ use crate::local::Columns;
 use crate::metrics::{Metrics, COMMIT_SECONDS, EVENTS_PER_COMMIT};
 use crate::{parse_timestamp, parse_uuid, timestamp, InfraError};
 use chrono::{DateTime, Utc};
-use schemas::{Envelope, RecordedEvent};
+use schemas::{Envelope, Payload, RecordedEvent};
 use serde_json::Value;
 use sqlx::AnyConnection;
 use std::path::Path;
@@ -390,26 +390,44 @@ impl EventStore {
         if self.inner.latest.of(aggregate_types) <= after {
             return Ok((vec![], head));
         }
-        let types = serde_json::to_string(aggregate_types)?;
+        let mut distinct = aggregate_types.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.is_empty() {
+            return Ok((vec![], head));
+        }
+        let params = [after.into(), head.into(), limit.into()]
+            .into_iter()
+            .chain(
+                distinct
+                    .iter()
+                    .map(|t| rusqlite::types::Value::Text((*t).to_owned())),
+            )
+            .collect::<Vec<rusqlite::types::Value>>();
+        let local = self.read_local(
+            local_batch_sql(distinct.len()),
+            rusqlite::params_from_iter(params),
+            recorded,
+        );
+        let types = serde_json::to_string(&distinct)?;
         let sql = format!(
             "SELECT * FROM events WHERE position > $1 AND position <= $2
                AND aggregate_type IN ({}) ORDER BY position LIMIT $4",
             self.inner.db.dialect.text_list("$3")
         );
-        let events: Vec<RecordedEvent> =
-            match self.read_local(sql.clone(), (after, head, types.clone(), limit), recorded) {
-                Some(read) => read.await?,
-                None => sqlx::query(&sql)
-                    .bind(after)
-                    .bind(head)
-                    .bind(types)
-                    .bind(limit)
-                    .fetch_all(&self.inner.db.pool)
-                    .await?
-                    .iter()
-                    .map(|row| recorded(row))
-                    .collect::<Result<_, _>>()?,
-            };
+        let events: Vec<RecordedEvent> = match local {
+            Some(read) => read.await?,
+            None => sqlx::query(&sql)
+                .bind(after)
+                .bind(head)
+                .bind(types)
+                .bind(limit)
+                .fetch_all(&self.inner.db.pool)
+                .await?
+                .iter()
+                .map(|row| recorded(row))
+                .collect::<Result<_, _>>()?,
+        };
         let reached = if (events.len() as i64) < limit {
             head
         } else {
@@ -489,23 +507,43 @@ fn snapshot(row: &dyn Columns) -> Result<Snapshot, InfraError> {
     })
 }
 
+/// A batch of events of `types` aggregate types from an SQLite log (`?1` after, `?2`
+/// up to, `?3` at most, `?4`... the types): each type's events read in position
+/// order from `events_by_type` and merged (`UNION ALL` under one `ORDER BY`), so
+/// SQLite reads only the batch. Asked as `aggregate_type IN (list)`, it reads the
+/// same index but sorts what it finds in a temporary B-tree, copying every row:
+/// half a batch read's time.
+fn local_batch_sql(types: usize) -> String {
+    let one = |n: usize| {
+        format!(
+            "SELECT * FROM events WHERE aggregate_type = ?{n} AND position > ?1 AND position <= ?2"
+        )
+    };
+    let mut sql = (0..types)
+        .map(|i| one(i + 4))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    sql.push_str(" ORDER BY position LIMIT ?3");
+    sql
+}
+
 fn recorded(row: &dyn Columns) -> Result<RecordedEvent, InfraError> {
     let payload = row.text("payload")?;
     let schema_version = row.int("schema_version")?;
     Ok(RecordedEvent {
         position: row.int("position")?,
         envelope: Envelope {
-            event_id: parse_uuid(&row.text("event_id")?)?,
+            event_id: parse_uuid(row.str("event_id")?)?,
             aggregate_type: row.text("aggregate_type")?,
             aggregate_id: row.text("aggregate_id")?,
             version: row.int("version")?,
             event_type: row.text("event_type")?,
             schema_version: u32::try_from(schema_version)
                 .map_err(|e| InfraError::Corrupt(format!("schema version: {e}")))?,
-            occurred_at: parse_timestamp(&row.text("occurred_at")?)?,
-            correlation_id: parse_uuid(&row.text("correlation_id")?)?,
-            causation_id: parse_uuid(&row.text("causation_id")?)?,
-            payload: serde_json::from_str(&payload)
+            occurred_at: parse_timestamp(row.str("occurred_at")?)?,
+            correlation_id: parse_uuid(row.str("correlation_id")?)?,
+            causation_id: parse_uuid(row.str("causation_id")?)?,
+            payload: Payload::from_text(payload)
                 .map_err(|e| InfraError::Corrupt(format!("payload: {e}")))?,
         },
     })

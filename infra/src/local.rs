@@ -27,12 +27,17 @@ thread_local! {
 /// The columns of a row, read by name.
 pub trait Columns {
     fn text(&self, name: &str) -> Result<String, InfraError>;
+    /// A text column borrowed from the row, for one that is parsed, not kept.
+    fn str(&self, name: &str) -> Result<&str, InfraError>;
     fn maybe_text(&self, name: &str) -> Result<Option<String>, InfraError>;
     fn int(&self, name: &str) -> Result<i64, InfraError>;
 }
 
 impl Columns for AnyRow {
     fn text(&self, name: &str) -> Result<String, InfraError> {
+        Ok(self.try_get(name)?)
+    }
+    fn str(&self, name: &str) -> Result<&str, InfraError> {
         Ok(self.try_get(name)?)
     }
     fn maybe_text(&self, name: &str) -> Result<Option<String>, InfraError> {
@@ -145,6 +150,12 @@ impl NamedRow<'_, '_> {
 impl Columns for NamedRow<'_, '_> {
     fn text(&self, name: &str) -> Result<String, InfraError> {
         Ok(self.row.get(self.index(name)?)?)
+    }
+    fn str(&self, name: &str) -> Result<&str, InfraError> {
+        self.row
+            .get_ref(self.index(name)?)?
+            .as_str()
+            .map_err(|e| InfraError::Corrupt(format!("column {name}: {e}")))
     }
     fn maybe_text(&self, name: &str) -> Result<Option<String>, InfraError> {
         Ok(self.row.get(self.index(name)?)?)

@@ -591,7 +591,7 @@ async fn stream(
         )));
     }
     for event in &mut events {
-        schemas::redact_secrets(&mut event.envelope.payload);
+        schemas::redact_payload(&mut event.envelope.payload);
     }
     Ok(Json(StreamView {
         events,

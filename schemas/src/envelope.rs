@@ -1,7 +1,9 @@
 //! The envelope every event travels in.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+use serde_json::Value;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -19,7 +21,7 @@ pub struct Envelope {
     pub correlation_id: Uuid,
     pub causation_id: Uuid,
     #[schema(value_type = Object)]
-    pub payload: serde_json::Value,
+    pub payload: Payload,
 }
 
 /// An envelope as read back from the log, with its place in it.
@@ -29,4 +31,75 @@ pub struct RecordedEvent {
     pub position: i64,
     #[serde(flatten)]
     pub envelope: Envelope,
+}
+
+/// An event's payload as the log holds it: JSON text, checked to be JSON when it is
+/// made. [`crate::decode`] reads the event straight from the text, without building a
+/// tree of [`Value`]s first (most of the cost of reading an event, and reading
+/// events is most of a consumer's work); [`Payload::to_value`] builds that tree for
+/// the few readers that want one. It serializes as the JSON it holds.
+#[derive(Debug, Clone)]
+pub struct Payload(Box<RawValue>);
+
+impl Payload {
+    /// The payload whose JSON text is `text`; an error if it is not JSON.
+    pub fn from_text(text: String) -> Result<Payload, serde_json::Error> {
+        RawValue::from_string(text).map(Payload)
+    }
+
+    pub fn from_value(value: &Value) -> Payload {
+        // A `Value` always serializes (its keys are strings, its numbers finite).
+        Payload(
+            serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned()),
+        )
+    }
+
+    /// The JSON text.
+    pub fn text(&self) -> &str {
+        self.0.get()
+    }
+
+    pub fn raw(&self) -> &RawValue {
+        &self.0
+    }
+
+    pub fn to_value(&self) -> Value {
+        // The text was checked to be JSON when the payload was made.
+        serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
+    }
+}
+
+impl From<Value> for Payload {
+    fn from(value: Value) -> Payload {
+        Payload::from_value(&value)
+    }
+}
+
+/// Two payloads are equal when they hold the same JSON, however it is spaced or its
+/// keys ordered.
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        self.text() == other.text() || self.to_value() == other.to_value()
+    }
+}
+
+impl PartialEq<Value> for Payload {
+    fn eq(&self, other: &Value) -> bool {
+        self.to_value() == *other
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+/// Read through a [`Value`]: an envelope is flattened into [`RecordedEvent`], and
+/// serde hands a flattened field a buffered copy that a `RawValue` cannot borrow
+/// from.
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
+        Value::deserialize(deserializer).map(|value| Payload::from_value(&value))
+    }
 }

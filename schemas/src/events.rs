@@ -1,5 +1,6 @@
 //! The wire form of events: type names, schema versions and upcasters.
 
+use crate::Payload;
 use domain::cart::{Cart, CartEvent};
 use domain::customer::{Customer, CustomerEvent, Session, SessionEvent};
 use domain::inventory::{InventoryEvent, InventoryItem};
@@ -95,10 +96,12 @@ pub fn encode<E: Serialize + EventName>(event: &E) -> Result<(String, u32, Value
 }
 
 /// Read an event of any version as the current domain event, upcasting on the way.
+/// A payload of the current version is read straight from its text; an older one
+/// is lifted as a [`Value`] first.
 pub fn decode<E: DeserializeOwned>(
     event_type: &str,
     version: u32,
-    payload: &Value,
+    payload: &Payload,
 ) -> Result<E, SchemaError> {
     let current = current_version(event_type).ok_or_else(|| SchemaError::UnknownType {
         aggregate_type: String::new(),
@@ -116,24 +119,28 @@ pub fn decode<E: DeserializeOwned>(
         version,
         message: e.to_string(),
     };
-    // A payload of the current version is read in place, not copied first.
-    let upcast_payload;
-    let payload = match version == current {
-        true => payload,
-        false => {
-            let mut lifted = payload.clone();
-            for from in version..current {
-                lifted = upcast(event_type, from, lifted)?;
-            }
-            upcast_payload = lifted;
-            &upcast_payload
+    if version < current {
+        let mut lifted = payload.to_value();
+        for from in version..current {
+            lifted = upcast(event_type, from, lifted)?;
         }
-    };
-    let tag = Value::String(event_type.to_owned());
-    let tagged = serde::de::value::MapDeserializer::<_, serde_json::Error>::new(
-        [("event_type", &tag), ("payload", payload)].into_iter(),
+        return tagged::<E>(event_type, &Payload::from_value(&lifted)).map_err(failed);
+    }
+    tagged::<E>(event_type, payload).map_err(failed)
+}
+
+/// The event of `event_type` whose payload is `payload`: the events are tagged
+/// enums (`event_type` beside `payload`), read here as that map without copying the
+/// payload into one.
+fn tagged<E: DeserializeOwned>(
+    event_type: &str,
+    payload: &Payload,
+) -> Result<E, serde_json::Error> {
+    let tag = serde_json::value::to_raw_value(event_type)?;
+    let map = serde::de::value::MapDeserializer::<_, serde_json::Error>::new(
+        [("event_type", &*tag), ("payload", payload.raw())].into_iter(),
     );
-    E::deserialize(tagged).map_err(failed)
+    E::deserialize(map)
 }
 
 /// Lift a payload from version `from` to `from + 1`.

@@ -12,7 +12,7 @@ pub mod events;
 pub mod http;
 pub mod topics;
 
-pub use envelope::{Envelope, RecordedEvent};
+pub use envelope::{Envelope, Payload, RecordedEvent};
 pub use events::{decode, encode, AnyEvent, SchemaError};
 
 /// Fields of event payloads that hold secrets (ADR 13): kept in the log, never
@@ -22,6 +22,19 @@ pub const SECRET_FIELDS: [&str; 3] = ["payment_token", "password_hash", "refresh
 
 /// What a read API shows in place of a secret.
 pub const REDACTED: &str = "[redacted]";
+
+/// [`redact_secrets`] of an event's payload (read as a tree only when its text names
+/// a secret field).
+pub fn redact_payload(payload: &mut Payload) {
+    if SECRET_FIELDS
+        .iter()
+        .any(|field| payload.text().contains(field))
+    {
+        let mut value = payload.to_value();
+        redact_secrets(&mut value);
+        *payload = Payload::from_value(&value);
+    }
+}
 
 /// Replace the value of every secret field in `value`, at any depth, with
 /// [`REDACTED`].

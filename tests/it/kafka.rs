@@ -77,7 +77,7 @@ async fn produce_sequences(config: &KafkaConfig, topic: &str, keys: usize, per_k
                     occurred_at: chrono::Utc::now(),
                     correlation_id: Uuid::nil(),
                     causation_id: Uuid::nil(),
-                    payload: serde_json::json!({}),
+                    payload: serde_json::json!({}).into(),
                 },
             };
             let payload = serde_json::to_vec(&event).expect("json");

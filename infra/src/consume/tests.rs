@@ -41,7 +41,9 @@ struct Seen(String, i64);
 impl Decode for Seen {
     fn decode(record: &Record) -> Result<Option<Seen>, String> {
         let event = record.event()?;
-        let quantity = event.envelope.payload["quantity"].as_i64().unwrap_or(-1);
+        let quantity = event.envelope.payload.to_value()["quantity"]
+            .as_i64()
+            .unwrap_or(-1);
         if quantity < 0 {
             return Err("no quantity".into());
         }
