@@ -12,6 +12,7 @@ use infra::db::Dialect;
 use infra::timestamp;
 use schemas::{AnyEvent, Envelope};
 use sqlx::AnyConnection;
+use std::sync::OnceLock;
 
 pub use schemas::topics::ProjectionName as Projection;
 
@@ -36,14 +37,21 @@ pub trait ReadModel {
     ) -> Result<Option<Change>, String>;
 }
 
-/// One statement with its values: `$1`, `$2`, ... are `binds` in order.
-#[derive(Debug, Clone, PartialEq)]
+/// One statement with its values: `$1`, `$2`, ... are its binds in order.
+#[derive(Debug, Clone)]
 pub struct Change {
-    pub sql: String,
-    pub binds: Vec<Bind>,
+    /// The statement and its values. One row's write makes them when first asked:
+    /// most of a rebuild's row writes are merged into others and never run alone.
+    statement: OnceLock<(String, Vec<Bind>)>,
     /// What it does to one row, when that is all it does: the writes of one row in a
     /// batch then go as one statement ([`coalesce`]).
-    pub row: Option<RowWrite>,
+    row: Option<RowWrite>,
+}
+
+impl PartialEq for Change {
+    fn eq(&self, other: &Change) -> bool {
+        self.row == other.row && self.sql() == other.sql() && self.binds() == other.binds()
+    }
 }
 
 /// A write of one row of one table, found by its key.
@@ -150,9 +158,10 @@ impl RowWrite {
         (sql, binds)
     }
 
-    /// `self` and then `next`, a write of the same row, as one write that leaves the
-    /// row as the two would (whether or not it was there before), when there is one.
-    fn then(&self, next: &RowWrite) -> Option<RowWrite> {
+    /// Become `self` and then `next`, a write of the same row, as one write that
+    /// leaves the row as the two would (whether or not it was there before), when
+    /// there is one (true); unchanged otherwise (false).
+    fn absorb(&mut self, next: &RowWrite) -> bool {
         let kind = match (&self.kind, &next.kind) {
             // The row is there after `self` (or `self` fails, and so does the one
             // write): `next` updates it.
@@ -167,7 +176,7 @@ impl RowWrite {
             (RowKind::Update, RowKind::Update) => RowKind::Update,
             // An insert after anything fails or inserts what `self` could not
             // update: kept apart.
-            _ => return None,
+            _ => return false,
         };
         // What `next` writes to a row that is there: every column of an update, the
         // columns an upsert updates.
@@ -179,19 +188,14 @@ impl RowWrite {
                 .collect(),
             _ => next.columns.iter().collect(),
         };
-        let mut columns = self.columns.clone();
         for (name, value) in updated {
-            match columns.iter_mut().find(|(have, _)| have == name) {
+            match self.columns.iter_mut().find(|(have, _)| have == name) {
                 Some(column) => column.1 = value.clone(),
-                None => columns.push((name, value.clone())),
+                None => self.columns.push((name, value.clone())),
             }
         }
-        Some(RowWrite {
-            table: self.table.clone(),
-            key: self.key.clone(),
-            kind,
-            columns,
-        })
+        self.kind = kind;
+        true
     }
 }
 
@@ -209,7 +213,8 @@ pub use infra::db::Bind;
 
 impl From<Change> for infra::db::Statement {
     fn from(change: Change) -> Self {
-        infra::db::Statement::new(change.sql, change.binds)
+        let (sql, binds) = change.into_parts();
+        infra::db::Statement::new(sql, binds)
     }
 }
 
@@ -236,7 +241,7 @@ impl Coalesced {
 }
 
 /// The changes of a batch with each row's writes made one where they can be (see
-/// [`RowWrite::then`]), at the place of each row's first write: the tables end up
+/// [`RowWrite::absorb`]), at the place of each row's first write: the tables end up
 /// as the changes one by one would leave them, in fewer statements. A change that
 /// is not one row's write (it may touch any row) ends the merging: nothing before it
 /// is merged with anything after it.
@@ -253,16 +258,21 @@ pub fn coalesce(changes: &[(usize, Change)]) -> Vec<Coalesced> {
         };
         let key = (row.table.as_str(), row.key.as_slice());
         if let Some(&at) = last.get(&key) {
-            let joined = {
-                let (places, merged) = &out[at];
-                merged
-                    .as_ref()
-                    .or(changes[places[0]].1.row.as_ref())
-                    .and_then(|earlier| earlier.then(row))
+            let (places, merged) = &mut out[at];
+            let joined = match merged {
+                Some(merged) => merged.absorb(row),
+                // The row's first write, copied once to merge the rest into.
+                None => {
+                    let mut first = changes[places[0]].1.row.clone();
+                    let joined = first.as_mut().is_some_and(|first| first.absorb(row));
+                    if joined {
+                        *merged = first;
+                    }
+                    joined
+                }
             };
-            if let Some(joined) = joined {
-                out[at].0.push(place);
-                out[at].1 = Some(joined);
+            if joined {
+                places.push(place);
                 continue;
             }
         }
@@ -281,19 +291,39 @@ impl Change {
     /// A statement with its values, not known to be one row's write.
     pub fn new(sql: String, binds: Vec<Bind>) -> Change {
         Change {
-            sql,
-            binds,
+            statement: OnceLock::from((sql, binds)),
             row: None,
         }
     }
 
     fn of_row(row: RowWrite) -> Change {
-        let (sql, binds) = row.statement();
         Change {
-            sql,
-            binds,
+            statement: OnceLock::new(),
             row: Some(row),
         }
+    }
+
+    fn parts(&self) -> &(String, Vec<Bind>) {
+        self.statement.get_or_init(|| match &self.row {
+            Some(row) => row.statement(),
+            None => (String::new(), vec![]),
+        })
+    }
+
+    pub fn sql(&self) -> &str {
+        &self.parts().0
+    }
+
+    pub fn binds(&self) -> &[Bind] {
+        &self.parts().1
+    }
+
+    /// The statement and its values, made now if not yet.
+    pub fn into_parts(self) -> (String, Vec<Bind>) {
+        self.parts();
+        self.statement
+            .into_inner()
+            .unwrap_or_else(|| (String::new(), vec![]))
     }
 
     /// A statement without values.
@@ -304,7 +334,7 @@ impl Change {
     /// Execute without keeping the prepared statement (a script's text is new each
     /// time; cached, it would push the statements that repeat out of the cache).
     pub async fn execute_once(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        bind_all(sqlx::query(&self.sql), &self.binds)
+        bind_all(sqlx::query(self.sql()), self.binds())
             .persistent(false)
             .execute(conn)
             .await
@@ -312,7 +342,7 @@ impl Change {
     }
 
     pub async fn execute(&self, conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-        bind_all(sqlx::query(&self.sql), &self.binds)
+        bind_all(sqlx::query(self.sql()), self.binds())
             .execute(conn)
             .await
             .map(|_| ())
@@ -324,9 +354,9 @@ impl Change {
         let mut sql = String::new();
         let mut binds = vec![];
         for change in changes {
-            sql.push_str(&renumber(&change.sql, binds.len()));
+            sql.push_str(&renumber(change.sql(), binds.len()));
             sql.push_str(";\n");
-            binds.extend(change.binds.iter().cloned());
+            binds.extend(change.binds().iter().cloned());
         }
         Change::new(sql, binds)
     }
@@ -340,7 +370,7 @@ impl Change {
     pub fn literal_script<'a>(changes: impl IntoIterator<Item = &'a Change>) -> String {
         let mut sql = String::new();
         for change in changes {
-            sql.push_str(&inline(&change.sql, &change.binds));
+            sql.push_str(&inline(change.sql(), change.binds()));
             sql.push_str(";\n");
         }
         sql

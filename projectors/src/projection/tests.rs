@@ -551,7 +551,7 @@ fn coalesced_writes_leave_the_rows_the_writes_one_by_one_leave() {
         let (one_by_one, coalesced) = (open(), open());
         let mut failed = vec![];
         for (i, change) in &changes {
-            if infra::local::execute_with(&one_by_one, &change.sql, &change.binds).is_err() {
+            if infra::local::execute_with(&one_by_one, change.sql(), change.binds()).is_err() {
                 failed.push(*i);
             }
         }
@@ -559,13 +559,13 @@ fn coalesced_writes_leave_the_rows_the_writes_one_by_one_leave() {
         for unit in coalesce(&changes) {
             if let Some(merged) = &unit.merged {
                 merged_at_all += 1;
-                if infra::local::execute_with(&coalesced, &merged.sql, &merged.binds).is_ok() {
+                if infra::local::execute_with(&coalesced, merged.sql(), merged.binds()).is_ok() {
                     continue;
                 }
             }
             for place in &unit.changes {
                 let (i, change) = &changes[*place];
-                if infra::local::execute_with(&coalesced, &change.sql, &change.binds).is_err() {
+                if infra::local::execute_with(&coalesced, change.sql(), change.binds()).is_err() {
                     failed_coalesced.push(*i);
                 }
             }
@@ -599,7 +599,7 @@ fn an_orders_writes_in_one_batch_are_one_statement() {
             occurred_at: chrono::Utc::now(),
             correlation_id: Uuid::now_v7(),
             causation_id: Uuid::now_v7(),
-            payload,
+            payload: payload.into(),
         }
     };
     let events = [
@@ -625,12 +625,12 @@ fn an_orders_writes_in_one_batch_are_one_statement() {
     assert_eq!(units.len(), 1);
     let merged = units[0].merged.as_ref().expect("merged");
     assert!(
-        merged.sql.starts_with("INSERT INTO orders "),
+        merged.sql().starts_with("INSERT INTO orders "),
         "{}",
-        merged.sql
+        merged.sql()
     );
     assert!(
-        merged.binds.contains(&Bind::Text("delivered".into())),
+        merged.binds().contains(&Bind::Text("delivered".into())),
         "{merged:?}"
     );
 }
