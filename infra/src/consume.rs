@@ -34,7 +34,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 #[derive(Debug, Clone)]
 pub enum Record {
     /// An event of the embedded log, read with its position.
-    Event(RecordedEvent),
+    Event(Arc<RecordedEvent>),
     /// A record of a Kafka topic, not yet decoded.
     Kafka(Polled),
 }
@@ -43,7 +43,7 @@ impl Record {
     /// The record read as an event, or why it is not one.
     pub fn event(&self) -> Result<Cow<'_, RecordedEvent>, String> {
         match self {
-            Record::Event(event) => Ok(Cow::Borrowed(event)),
+            Record::Event(event) => Ok(Cow::Borrowed(&**event)),
             Record::Kafka(polled) => polled.read().map(Cow::Owned),
         }
     }
@@ -239,7 +239,10 @@ impl Source for LogSource {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let (events, reached) = self.store.read_after(after, &self.topics(), limit).await?;
         Ok(Batch {
-            records: events.into_iter().map(Record::Event).collect(),
+            records: events
+                .into_iter()
+                .map(|event| Record::Event(Arc::new(event)))
+                .collect(),
             reached: (reached != after).then_some(reached),
         })
     }
@@ -355,6 +358,16 @@ pub trait Decode: Sized + Send + Sync {
 impl Decode for RecordedEvent {
     fn decode(record: &Record) -> Result<Option<Self>, String> {
         record.event().map(|event| Some(event.into_owned()))
+    }
+}
+
+/// An event of the log shared with the batch that holds it, not copied.
+impl Decode for Arc<RecordedEvent> {
+    fn decode(record: &Record) -> Result<Option<Self>, String> {
+        match record {
+            Record::Event(event) => Ok(Some(event.clone())),
+            Record::Kafka(polled) => polled.read().map(|event| Some(Arc::new(event))),
+        }
     }
 }
 
@@ -579,48 +592,99 @@ pub struct Applied<D> {
     pub dead: usize,
 }
 
-/// Apply `batch` (dead letters included) and store what `source` stores for it, in
-/// one transaction of `db`, and commit: on an SQLite file's own connection when the
-/// handler has its effects as [`Handler::local`] work, through the driver otherwise.
-pub async fn apply_and_commit<H: Handler>(
+/// A batch decoded, and its effects made ready as work on an SQLite file's own
+/// connection when the handler has them so: everything [`apply_and_commit`] does
+/// before it opens the transaction. A rebuild prepares the next batch while the one
+/// before commits (its handler's [`Handler::before`] has no effects).
+pub struct Prepared<H: Handler> {
+    batch: Batch,
+    items: Vec<H::Item>,
+    index: Vec<usize>,
+    unreadable: Failures,
+    /// How many of the batch's records are done (those [`Handler::before`] did not stop at).
+    done: usize,
+    store: Vec<Statement>,
+    local: Option<LocalWork<H::Done>>,
+}
+
+impl<H: Handler> Prepared<H> {
+    pub fn batch(&self) -> &Batch {
+        &self.batch
+    }
+}
+
+/// Decode `batch`, carry out [`Handler::before`] and make the handler's local work
+/// (when `db` is an SQLite file), for [`commit`].
+pub async fn prepare<H: Handler>(
     handler: &H,
-    dead_letters_as: &str,
     db: &Db,
     source: &dyn Source,
     batch: Batch,
-) -> Result<Applied<H::Done>, InfraError> {
-    let (items, index, unreadable) = decode(handler, &batch);
+) -> Prepared<H> {
+    let (mut items, index, unreadable) = decode(handler, &batch);
     let done_items = handler.before(&items).await.min(items.len());
     let done = index
         .get(done_items)
         .copied()
         .unwrap_or(batch.records.len());
-    let items = &items[..done_items];
+    items.truncate(done_items);
     let store = source.store(&batch, done);
+    let local = match &db.local {
+        Some(_) => handler.local(&items),
+        None => None,
+    };
+    Prepared {
+        batch,
+        items,
+        index,
+        unreadable,
+        done,
+        store,
+        local,
+    }
+}
+
+/// Apply a prepared batch (dead letters included, under `dead_letters_as`) and store
+/// what its source stores for it, in one transaction of `db`, and commit: on an
+/// SQLite file's own connection when the handler has its effects as
+/// [`Handler::local`] work, through the driver otherwise.
+pub async fn commit<H: Handler>(
+    handler: &H,
+    dead_letters_as: &str,
+    db: &Db,
+    prepared: Prepared<H>,
+) -> Result<Applied<H::Done>, InfraError> {
+    let Prepared {
+        batch,
+        items,
+        index,
+        unreadable,
+        done,
+        store,
+        local,
+    } = prepared;
     let name = dead_letters_as.to_owned();
-    if let Some(writer) = &db.local {
-        if let Some(work) = handler.local(items) {
-            return writer
-                .transaction(move |conn| {
-                    let mut failures = Failures::default();
-                    let out = work(conn, &mut failures)?;
-                    let dead = dead_letters_of(&batch, done, &name, &index, unreadable, failures);
-                    for statement in dead.iter().chain(&store) {
-                        crate::local::execute(conn, statement)?;
-                    }
-                    Ok(Applied {
-                        batch,
-                        done,
-                        out,
-                        dead: dead.len(),
-                    })
+    if let (Some(writer), Some(work)) = (&db.local, local) {
+        return writer
+            .transaction(move |conn| {
+                let mut failures = Failures::default();
+                let out = work(conn, &mut failures)?;
+                let dead = dead_letters_of(&batch, done, &name, &index, unreadable, failures);
+                for statement in dead.iter().chain(&store) {
+                    crate::local::execute(conn, statement)?;
+                }
+                Ok(Applied {
+                    batch,
+                    done,
+                    out,
+                    dead: dead.len(),
                 })
-                .await;
-        }
+            })
+            .await;
     }
     let mut tx = db.begin_write().await?;
     let mut failures = Failures::default();
-    let out = handler.apply(&mut tx, items, &mut failures).await?;
+    let out = handler.apply(&mut tx, &items, &mut failures).await?;
     let dead = dead_letters_of(&batch, done, &name, &index, unreadable, failures);
     for statement in dead.iter().chain(&store) {
         statement.execute(&mut tx).await?;
@@ -632,6 +696,18 @@ pub async fn apply_and_commit<H: Handler>(
         out,
         dead: dead.len(),
     })
+}
+
+/// [`prepare`] and [`commit`] `batch`.
+pub async fn apply_and_commit<H: Handler>(
+    handler: &H,
+    dead_letters_as: &str,
+    db: &Db,
+    source: &dyn Source,
+    batch: Batch,
+) -> Result<Applied<H::Done>, InfraError> {
+    let prepared = prepare(handler, db, source, batch).await;
+    commit(handler, dead_letters_as, db, prepared).await
 }
 
 /// The dead letters of the records among the first `done` that could not be read

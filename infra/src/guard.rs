@@ -7,6 +7,7 @@ use crate::db::Dialect;
 use foldhash::HashMap;
 use schemas::RecordedEvent;
 use sqlx::{AnyConnection, Row};
+use std::borrow::Borrow;
 
 /// How many streams one statement names at most.
 const CHUNK: usize = 300;
@@ -20,7 +21,7 @@ pub async fn first_deliveries(
     conn: &mut AnyConnection,
     dialect: Dialect,
     table: &str,
-    events: &[RecordedEvent],
+    events: &[impl Borrow<RecordedEvent>],
     mut memory: Option<&mut Remembered>,
 ) -> Result<Vec<bool>, sqlx::Error> {
     let deliveries = deliveries(events);
@@ -179,11 +180,11 @@ fn unknown<'a>(
 pub type Delivery = (String, String, i64);
 
 /// The deliveries of `events`, in log order.
-pub fn deliveries(events: &[RecordedEvent]) -> Vec<Delivery> {
+pub fn deliveries(events: &[impl Borrow<RecordedEvent>]) -> Vec<Delivery> {
     events
         .iter()
         .map(|event| {
-            let envelope = &event.envelope;
+            let envelope = &event.borrow().envelope;
             (
                 envelope.aggregate_type.clone(),
                 envelope.aggregate_id.clone(),

@@ -14,7 +14,7 @@
 
 use crate::projection::ReadModel;
 use crate::runner::{ProjectionHandle, Projections, Runner};
-use infra::consume::{apply_and_commit, Applied, Batch, Consumer, Replay};
+use infra::consume::{commit, prepare, Applied, Batch, Consumer, Prepared, Replay};
 use infra::db::{Db, Dialect};
 use infra::metrics::{REBUILD_EVENTS, REBUILD_PAUSE_SECONDS};
 use infra::progress::Rebuild;
@@ -197,9 +197,10 @@ impl Shadow<'_> {
     }
 
     /// Apply what the reader holds now, until it has caught up with it; the number of
-    /// events applied. The next batch is read while one is applied (the reader keeps
-    /// its place in memory only, and a rebuild that fails starts again from empty
-    /// shadows, so it may move on before the batch it read is written).
+    /// events applied. The next batch is read and prepared (decoded, its changes made)
+    /// while one is written (the reader keeps its place in memory only, and a rebuild
+    /// that fails starts again from empty shadows, so it may move on before the batch
+    /// it read is written).
     async fn fill(
         &mut self,
         reader: &dyn Replay,
@@ -208,9 +209,9 @@ impl Shadow<'_> {
         let mut applied = 0;
         let end = reader.end().await?;
         let mut last_read = Instant::now();
-        let mut batch = read_ahead(reader).await?;
+        let mut prepared = self.read_ahead(reader).await?;
         loop {
-            if batch.is_empty() {
+            if prepared.batch().is_empty() {
                 if reader.reached(&end) {
                     break;
                 }
@@ -219,24 +220,18 @@ impl Shadow<'_> {
                         "the source stopped returning records before the rebuild caught up".into(),
                     ));
                 }
-                batch = read_ahead(reader).await?;
+                prepared = self.read_ahead(reader).await?;
                 continue;
             }
             last_read = Instant::now();
-            let records = batch.records.len();
+            let records = prepared.batch().records.len();
             let more = !reader.reached(&end);
             let (written, next) = tokio::join!(
-                apply_and_commit(
-                    &self.runner,
-                    &self.dead_letters,
-                    &self.handle.db,
-                    reader,
-                    batch,
-                ),
+                commit(&self.runner, &self.dead_letters, &self.handle.db, prepared,),
                 async {
                     match more {
-                        true => read_ahead(reader).await,
-                        false => Ok(Batch::default()),
+                        true => self.read_ahead(reader).await,
+                        false => Ok(self.prepare(reader, Batch::default()).await),
                     }
                 }
             );
@@ -250,15 +245,19 @@ impl Shadow<'_> {
             self.progress.processed += done as u64;
             self.progress.total = self.progress.total.max(self.progress.processed);
             self.report(report);
-            batch = next?;
+            prepared = next?;
         }
         Ok(applied)
     }
-}
 
-/// The reader's next batch, the reader moved past it at once.
-async fn read_ahead(reader: &dyn Replay) -> Result<Batch, InfraError> {
-    let batch = reader.next_batch(BATCH).await?;
-    reader.committed(&batch, batch.records.len()).await?;
-    Ok(batch)
+    /// The reader's next batch, prepared; the reader moved past it at once.
+    async fn read_ahead(&self, reader: &dyn Replay) -> Result<Prepared<Runner>, InfraError> {
+        let batch = reader.next_batch(BATCH).await?;
+        reader.committed(&batch, batch.records.len()).await?;
+        Ok(self.prepare(reader, batch).await)
+    }
+
+    async fn prepare(&self, reader: &dyn Replay, batch: Batch) -> Prepared<Runner> {
+        prepare(&self.runner, &self.handle.db, reader, batch).await
+    }
 }

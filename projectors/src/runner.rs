@@ -140,7 +140,7 @@ pub struct Runner {
 }
 
 impl Handler for Runner {
-    type Item = RecordedEvent;
+    type Item = Arc<RecordedEvent>;
     type Done = ();
 
     fn consumer(&self) -> &Consumer {
@@ -154,7 +154,7 @@ impl Handler for Runner {
     async fn apply(
         &self,
         tx: &mut AnyConnection,
-        events: &[RecordedEvent],
+        events: &[Arc<RecordedEvent>],
         failures: &mut Failures,
     ) -> Result<(), InfraError> {
         let dialect = self.consumer.db.dialect;
@@ -182,7 +182,7 @@ impl Handler for Runner {
     /// event's change, prepared once per connection. A change that fails is undone by
     /// SQLite (a failed statement changes nothing) and its event dead-lettered; a
     /// database that cannot take writes fails the batch, which is tried again.
-    fn local(&self, events: &[RecordedEvent]) -> Option<LocalWork<()>> {
+    fn local(&self, events: &[Arc<RecordedEvent>]) -> Option<LocalWork<()>> {
         let guard = self.projection.applied_table(self.suffix);
         let deliveries = guard::deliveries(events);
         let changes: Vec<_> = events
@@ -198,7 +198,7 @@ impl Handler for Runner {
             drop(memory);
             let changes = fresh_changes(changes.into_iter().zip(fresh), failures);
             let execute = |change: &Change| -> Result<Result<(), String>, InfraError> {
-                match infra::local::execute_with(conn, &change.sql, &change.binds) {
+                match infra::local::execute_with(conn, change.sql(), change.binds()) {
                     Ok(_) => Ok(Ok(())),
                     Err(error) if infra::local::unavailable(&error) => Err(error.into()),
                     Err(error) => Ok(Err(format!(
@@ -255,7 +255,7 @@ async fn apply_scripted(
     dialect: Dialect,
     projection: Projection,
     suffix: &str,
-    events: &[RecordedEvent],
+    events: &[Arc<RecordedEvent>],
     fresh: &[bool],
     failures: &mut Failures,
 ) -> Result<(), InfraError> {
