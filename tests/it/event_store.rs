@@ -18,6 +18,7 @@ on_both_backends!(
     subscribers_are_woken_by_an_append,
     events_survive_reopening_and_readers_pass_over_other_topics,
     a_reader_of_types_with_nothing_new_passes_to_the_head,
+    a_reader_of_several_types_gets_each_event_once_in_log_order,
     an_aggregate_loads_from_its_snapshot_and_the_events_after_it,
     quotes_backslashes_and_placeholders_are_stored_and_answered_exactly,
 );
@@ -351,6 +352,53 @@ async fn events_survive_reopening_and_readers_pass_over_other_topics(backend: Ba
         (1, 1),
         "a cut-short batch checkpoints its last event"
     );
+    fresh.finish().await;
+}
+
+async fn a_reader_of_several_types_gets_each_event_once_in_log_order(backend: Backend) {
+    let fresh = Fresh::on(backend).await;
+    let store = fresh.store.clone();
+    let types = ["order", "inventory", "payment"];
+    // Types interleaved unevenly, one stream each: positions 1..=30.
+    for n in 1..=30i64 {
+        let aggregate_type = types[((n * n + n / 5) % 3) as usize];
+        append_new(&store, aggregate_type, &format!("s-{n}"), n).await;
+    }
+    let log: Vec<(i64, String)> = store
+        .read_after(0, &types, 100)
+        .await
+        .expect("read")
+        .0
+        .into_iter()
+        .map(|e| (e.position, e.envelope.aggregate_type))
+        .collect();
+    assert_eq!(log.len(), 30);
+    // A type named twice, in batches of 4: each event once, in position order, and
+    // each cut-short batch checkpoints its last event.
+    let wanted = ["payment", "order", "payment"];
+    let expected: Vec<i64> = log
+        .iter()
+        .filter(|(_, t)| wanted.contains(&t.as_str()))
+        .map(|(position, _)| *position)
+        .collect();
+    let (mut after, mut seen) = (0, vec![]);
+    loop {
+        let (events, reached) = store.read_after(after, &wanted, 4).await.expect("read");
+        assert!(events.len() <= 4);
+        seen.extend(events.iter().map(|e| e.position));
+        if events.len() == 4 {
+            assert_eq!(Some(reached), events.last().map(|e| e.position));
+        }
+        if events.is_empty() || reached == after {
+            break;
+        }
+        after = reached;
+        if events.len() < 4 {
+            assert_eq!(reached, 30, "a batch not cut short reaches the head");
+            break;
+        }
+    }
+    assert_eq!(seen, expected);
     fresh.finish().await;
 }
 
