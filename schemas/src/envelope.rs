@@ -33,8 +33,8 @@ pub struct RecordedEvent {
     pub envelope: Envelope,
 }
 
-/// An event's payload as the log holds it: JSON text, checked to be JSON when it is
-/// made. [`crate::decode`] reads the event straight from the text, without building a
+/// An event's payload as the log holds it: JSON text, checked to be JSON (nested at
+/// most [`MAX_DEPTH`] deep, as a [`Value`] can be) when it is made. [`crate::decode`] reads the event straight from the text, without building a
 /// tree of [`Value`]s first (most of the cost of reading an event, and reading
 /// events is most of a consumer's work); [`Payload::to_value`] builds that tree for
 /// the few readers that want one. It serializes as the JSON it holds.
@@ -44,6 +44,11 @@ pub struct Payload(Box<RawValue>);
 impl Payload {
     /// The payload whose JSON text is `text`; an error if it is not JSON.
     pub fn from_text(text: String) -> Result<Payload, serde_json::Error> {
+        if depth(&text) > MAX_DEPTH {
+            return Err(serde::de::Error::custom(format!(
+                "nested deeper than {MAX_DEPTH}"
+            )));
+        }
         RawValue::from_string(text).map(Payload)
     }
 
@@ -64,9 +69,35 @@ impl Payload {
     }
 
     pub fn to_value(&self) -> Value {
-        // The text was checked to be JSON when the payload was made.
+        // The text was checked to be JSON, no deeper than a `Value` reads, when the
+        // payload was made.
         serde_json::from_str(self.0.get()).unwrap_or(Value::Null)
     }
+}
+
+/// How deep [`serde_json`] reads JSON into a [`Value`] (its recursion limit).
+pub const MAX_DEPTH: usize = 127;
+
+/// How deep the arrays and objects of JSON `text` nest (brackets inside strings not
+/// counted). `RawValue`'s own check has no limit.
+fn depth(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for byte in text.bytes() {
+        match (in_string, escaped, byte) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'[' | b'{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, _, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 impl From<Value> for Payload {
@@ -101,5 +132,23 @@ impl Serialize for Payload {
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
         Value::deserialize(deserializer).map(|value| Payload::from_value(&value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested(levels: usize) -> String {
+        format!("{}\"[{{\\\"\"{}", "[".repeat(levels), "]".repeat(levels))
+    }
+
+    #[test]
+    fn a_payload_is_as_deep_as_a_value_reads_at_most() {
+        let deepest = Payload::from_text(nested(MAX_DEPTH)).expect("as deep as a Value reads");
+        assert_ne!(deepest.to_value(), Value::Null);
+        let error = Payload::from_text(nested(MAX_DEPTH + 1)).expect_err("deeper");
+        assert!(error.to_string().contains("nested deeper"), "{error}");
+        assert!(Payload::from_text("{\"a\": [1, 2".into()).is_err());
     }
 }

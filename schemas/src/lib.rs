@@ -24,12 +24,10 @@ pub const SECRET_FIELDS: [&str; 3] = ["payment_token", "password_hash", "refresh
 pub const REDACTED: &str = "[redacted]";
 
 /// [`redact_secrets`] of an event's payload (read as a tree only when its text names
-/// a secret field).
+/// a secret field, or holds an escape that could spell one).
 pub fn redact_payload(payload: &mut Payload) {
-    if SECRET_FIELDS
-        .iter()
-        .any(|field| payload.text().contains(field))
-    {
+    let text = payload.text();
+    if text.contains("\\u") || SECRET_FIELDS.iter().any(|field| text.contains(field)) {
         let mut value = payload.to_value();
         redact_secrets(&mut value);
         *payload = Payload::from_value(&value);
@@ -74,5 +72,24 @@ mod redaction_tests {
                 "list": [{"payment_token": REDACTED}, "payment_token"],
             })
         );
+    }
+
+    #[test]
+    fn a_payload_is_redacted_even_with_its_keys_spelled_in_escapes() {
+        for text in [
+            r#"{"payment_token":"tok_1","amount_cents":5}"#,
+            r#"{"payment\u005ftoken":"tok_1","amount_cents":5}"#,
+        ] {
+            let mut payload = Payload::from_text(text.into()).expect("json");
+            redact_payload(&mut payload);
+            assert_eq!(
+                payload.to_value(),
+                serde_json::json!({"payment_token": REDACTED, "amount_cents": 5}),
+                "{text}"
+            );
+        }
+        let mut plain = Payload::from_text(r#"{"amount_cents":5}"#.into()).expect("json");
+        redact_payload(&mut plain);
+        assert_eq!(plain.text(), r#"{"amount_cents":5}"#);
     }
 }
