@@ -629,10 +629,7 @@ pub async fn prepare<H: Handler>(
         .unwrap_or(batch.records.len());
     items.truncate(done_items);
     let store = source.store(&batch, done);
-    let local = match &db.local {
-        Some(_) => handler.local(&items),
-        None => None,
-    };
+    let local = db.local.as_ref().and_then(|_| handler.local(&items));
     Prepared {
         batch,
         items,

@@ -409,24 +409,25 @@ impl EventStore {
             rusqlite::params_from_iter(params),
             recorded,
         );
-        let types = serde_json::to_string(&distinct)?;
-        let sql = format!(
-            "SELECT * FROM events WHERE position > $1 AND position <= $2
-               AND aggregate_type IN ({}) ORDER BY position LIMIT $4",
-            self.inner.db.dialect.text_list("$3")
-        );
         let events: Vec<RecordedEvent> = match local {
             Some(read) => read.await?,
-            None => sqlx::query(&sql)
-                .bind(after)
-                .bind(head)
-                .bind(types)
-                .bind(limit)
-                .fetch_all(&self.inner.db.pool)
-                .await?
-                .iter()
-                .map(|row| recorded(row))
-                .collect::<Result<_, _>>()?,
+            None => {
+                let sql = format!(
+                    "SELECT * FROM events WHERE position > $1 AND position <= $2
+                       AND aggregate_type IN ({}) ORDER BY position LIMIT $4",
+                    self.inner.db.dialect.text_list("$3")
+                );
+                sqlx::query(&sql)
+                    .bind(after)
+                    .bind(head)
+                    .bind(serde_json::to_string(&distinct)?)
+                    .bind(limit)
+                    .fetch_all(&self.inner.db.pool)
+                    .await?
+                    .iter()
+                    .map(|row| recorded(row))
+                    .collect::<Result<_, _>>()?
+            }
         };
         let reached = if (events.len() as i64) < limit {
             head
