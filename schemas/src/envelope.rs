@@ -24,8 +24,9 @@ pub struct Envelope {
     pub payload: Payload,
 }
 
-/// An envelope as read back from the log, with its place in it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+/// An envelope as read back from the log, with its place in it: on the wire, the
+/// envelope's fields beside `position` in one object.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct RecordedEvent {
     /// The log position: ascending over the whole log.
     pub position: i64,
@@ -126,12 +127,55 @@ impl Serialize for Payload {
     }
 }
 
-/// Read through a [`Value`]: an envelope is flattened into [`RecordedEvent`], and
-/// serde hands a flattened field a buffered copy that a `RawValue` cannot borrow
-/// from.
+/// Read as the JSON text it is (from serde_json's readers of text, and of a
+/// [`Value`]), checked as [`Payload::from_text`] checks it.
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
-        Value::deserialize(deserializer).map(|value| Payload::from_value(&value))
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        if depth(raw.get()) > MAX_DEPTH {
+            return Err(serde::de::Error::custom(format!(
+                "nested deeper than {MAX_DEPTH}"
+            )));
+        }
+        Ok(Payload(raw))
+    }
+}
+
+/// Read field by field, not through `#[serde(flatten)]`: a flattened envelope would
+/// be buffered whole first, and its payload read into a tree of [`Value`]s and
+/// written back to text.
+impl<'de> Deserialize<'de> for RecordedEvent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RecordedEvent, D::Error> {
+        #[derive(Deserialize)]
+        struct Flat {
+            position: i64,
+            event_id: Uuid,
+            aggregate_type: String,
+            aggregate_id: String,
+            version: i64,
+            event_type: String,
+            schema_version: u32,
+            occurred_at: DateTime<Utc>,
+            correlation_id: Uuid,
+            causation_id: Uuid,
+            payload: Payload,
+        }
+        let flat = Flat::deserialize(deserializer)?;
+        Ok(RecordedEvent {
+            position: flat.position,
+            envelope: Envelope {
+                event_id: flat.event_id,
+                aggregate_type: flat.aggregate_type,
+                aggregate_id: flat.aggregate_id,
+                version: flat.version,
+                event_type: flat.event_type,
+                schema_version: flat.schema_version,
+                occurred_at: flat.occurred_at,
+                correlation_id: flat.correlation_id,
+                causation_id: flat.causation_id,
+                payload: flat.payload,
+            },
+        })
     }
 }
 
@@ -150,5 +194,50 @@ mod tests {
         let error = Payload::from_text(nested(MAX_DEPTH + 1)).expect_err("deeper");
         assert!(error.to_string().contains("nested deeper"), "{error}");
         assert!(Payload::from_text("{\"a\": [1, 2".into()).is_err());
+        let read = |payload: &str| {
+            serde_json::from_str::<Payload>(payload).map_err(|error| error.to_string())
+        };
+        assert!(read(&nested(MAX_DEPTH)).is_ok());
+        let error = read(&nested(MAX_DEPTH + 1)).expect_err("deeper");
+        assert!(error.contains("nested deeper"), "{error}");
+    }
+
+    /// A recorded event reads back from its own JSON (from text, and from a tree of
+    /// values) with its payload's text as it was written, and a record that lacks a
+    /// field or holds a payload that is not JSON does not read.
+    #[test]
+    fn a_recorded_event_reads_back_from_its_json() {
+        let event = RecordedEvent {
+            position: 7,
+            envelope: Envelope {
+                event_id: Uuid::from_u128(1),
+                aggregate_type: "order".into(),
+                aggregate_id: "o-1".into(),
+                version: 2,
+                event_type: "OrderPlaced".into(),
+                schema_version: 1,
+                occurred_at: DateTime::from_timestamp(1_700_000_000, 5_000).expect("time"),
+                correlation_id: Uuid::from_u128(2),
+                causation_id: Uuid::from_u128(3),
+                payload: Payload::from_text(r#"{"b": [1, {"c": "\u0041"}], "a": 2.5}"#.into())
+                    .expect("payload"),
+            },
+        };
+        let text = serde_json::to_string(&event).expect("to JSON");
+        let read: RecordedEvent = serde_json::from_str(&text).expect("from text");
+        assert_eq!(read, event);
+        assert_eq!(read.envelope.payload.text(), event.envelope.payload.text());
+        let tree: Value = serde_json::from_str(&text).expect("a tree");
+        assert_eq!(
+            serde_json::from_value::<RecordedEvent>(tree.clone()).expect("from a tree"),
+            event
+        );
+        let mut lacking = tree.clone();
+        if let Some(fields) = lacking.as_object_mut() {
+            fields.remove("version");
+        }
+        assert!(serde_json::from_value::<RecordedEvent>(lacking).is_err());
+        let broken = text.replace(r#""a": 2.5}"#, r#""a": 2.5"#);
+        assert!(serde_json::from_str::<RecordedEvent>(&broken).is_err());
     }
 }
