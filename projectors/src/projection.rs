@@ -12,7 +12,8 @@ use infra::db::Dialect;
 use infra::timestamp;
 use schemas::{AnyEvent, Envelope};
 use sqlx::AnyConnection;
-use std::sync::OnceLock;
+use std::cell::RefCell;
+use std::sync::{Arc, OnceLock};
 
 pub use schemas::topics::ProjectionName as Projection;
 
@@ -42,7 +43,7 @@ pub trait ReadModel {
 pub struct Change {
     /// The statement and its values. One row's write makes them when first asked:
     /// most of a rebuild's row writes are merged into others and never run alone.
-    statement: OnceLock<(String, Vec<Bind>)>,
+    statement: OnceLock<(Arc<str>, Vec<Bind>)>,
     /// What it does to one row, when that is all it does: the writes of one row in a
     /// batch then go as one statement ([`coalesce`]).
     row: Option<RowWrite>,
@@ -64,7 +65,7 @@ pub struct RowWrite {
     columns: Vec<(&'static str, Bind)>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum RowKind {
     /// `INSERT`: a row with that key already there fails it.
     Insert,
@@ -73,6 +74,78 @@ enum RowKind {
     Upsert(Vec<&'static str>),
     /// `UPDATE ... SET` every column `WHERE` the key (no such row: nothing).
     Update,
+}
+
+/// What a row write's statement is made of: everything but its values.
+#[derive(PartialEq, Eq, Hash)]
+struct Shape {
+    table: String,
+    key: Vec<&'static str>,
+    kind: RowKind,
+    columns: Vec<&'static str>,
+}
+
+/// Row writes' statements by shape, per thread, at most this many.
+const SHAPES_HELD: usize = 1024;
+
+thread_local! {
+    static SHAPES: RefCell<foldhash::HashMap<Shape, Arc<str>>> = RefCell::default();
+}
+
+impl Shape {
+    /// The statement, its values numbered `$1`, `$2`, ... in the order
+    /// [`RowWrite::statement`] binds them.
+    fn sql(&self) -> String {
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            format!("${n}")
+        };
+        match &self.kind {
+            RowKind::Update => {
+                let set: Vec<String> = self
+                    .columns
+                    .iter()
+                    .map(|name| format!("{name} = {}", next()))
+                    .collect();
+                let found: Vec<String> = self
+                    .key
+                    .iter()
+                    .map(|name| format!("{name} = {}", next()))
+                    .collect();
+                format!(
+                    "UPDATE {} SET {} WHERE {}",
+                    self.table,
+                    set.join(", "),
+                    found.join(" AND ")
+                )
+            }
+            RowKind::Insert | RowKind::Upsert(_) => {
+                let names: Vec<&str> = self.key.iter().chain(&self.columns).copied().collect();
+                let values: Vec<String> = names.iter().map(|_| next()).collect();
+                let keys = self.key.join(", ");
+                let conflict = match &self.kind {
+                    RowKind::Upsert(set) if set.is_empty() => {
+                        format!(" ON CONFLICT ({keys}) DO NOTHING")
+                    }
+                    RowKind::Upsert(set) => {
+                        let set: Vec<String> = set
+                            .iter()
+                            .map(|name| format!("{name} = excluded.{name}"))
+                            .collect();
+                        format!(" ON CONFLICT ({keys}) DO UPDATE SET {}", set.join(", "))
+                    }
+                    _ => String::new(),
+                };
+                format!(
+                    "INSERT INTO {} ({}) VALUES ({}){conflict}",
+                    self.table,
+                    names.join(", "),
+                    values.join(", ")
+                )
+            }
+        }
+    }
 }
 
 impl RowWrite {
@@ -91,70 +164,34 @@ impl RowWrite {
         })
     }
 
-    /// Its statement and values.
-    fn statement(&self) -> (String, Vec<Bind>) {
-        let mut binds: Vec<Bind> = vec![];
-        let mut next = |bind: &Bind| {
-            binds.push(bind.clone());
-            format!("${}", binds.len())
+    /// Its statement and values. The statement depends only on the row's shape (its
+    /// table, the names of its key and columns, what it does), and is made once per
+    /// shape and thread: one row write of a rebuild's batch is one statement, and
+    /// writing it out anew cost more than running it.
+    fn statement(&self) -> (Arc<str>, Vec<Bind>) {
+        let values = match &self.kind {
+            RowKind::Update => self.columns.iter().chain(&self.key),
+            RowKind::Insert | RowKind::Upsert(_) => self.key.iter().chain(&self.columns),
         };
-        let keys: Vec<&str> = self.key.iter().map(|(name, _)| *name).collect();
-        let sql = match &self.kind {
-            RowKind::Update => {
-                let set: Vec<String> = self
-                    .columns
-                    .iter()
-                    .map(|(name, value)| format!("{name} = {}", next(value)))
-                    .collect();
-                let found: Vec<String> = self
-                    .key
-                    .iter()
-                    .map(|(name, value)| format!("{name} = {}", next(value)))
-                    .collect();
-                format!(
-                    "UPDATE {} SET {} WHERE {}",
-                    self.table,
-                    set.join(", "),
-                    found.join(" AND ")
-                )
-            }
-            RowKind::Insert | RowKind::Upsert(_) => {
-                let names: Vec<&str> = keys
-                    .iter()
-                    .copied()
-                    .chain(self.columns.iter().map(|(name, _)| *name))
-                    .collect();
-                let values: Vec<String> = self
-                    .key
-                    .iter()
-                    .chain(&self.columns)
-                    .map(|(_, value)| next(value))
-                    .collect();
-                let conflict = match &self.kind {
-                    RowKind::Upsert(set) if set.is_empty() => {
-                        format!(" ON CONFLICT ({}) DO NOTHING", keys.join(", "))
-                    }
-                    RowKind::Upsert(set) => {
-                        let set: Vec<String> = set
-                            .iter()
-                            .map(|name| format!("{name} = excluded.{name}"))
-                            .collect();
-                        format!(
-                            " ON CONFLICT ({}) DO UPDATE SET {}",
-                            keys.join(", "),
-                            set.join(", ")
-                        )
-                    }
-                    _ => String::new(),
-                };
-                format!(
-                    "INSERT INTO {} ({}) VALUES ({}){conflict}",
-                    self.table,
-                    names.join(", "),
-                    values.join(", ")
-                )
-            }
+        let binds = values.map(|(_, value)| value.clone()).collect();
+        let shape = Shape {
+            table: self.table.clone(),
+            key: self.key.iter().map(|(name, _)| *name).collect(),
+            kind: self.kind.clone(),
+            columns: self.columns.iter().map(|(name, _)| *name).collect(),
         };
+        let sql = SHAPES.with(|shapes| {
+            let mut shapes = shapes.borrow_mut();
+            if let Some(sql) = shapes.get(&shape) {
+                return sql.clone();
+            }
+            if shapes.len() >= SHAPES_HELD {
+                shapes.clear();
+            }
+            let sql: Arc<str> = shape.sql().into();
+            shapes.insert(shape, sql.clone());
+            sql
+        });
         (sql, binds)
     }
 
@@ -291,7 +328,7 @@ impl Change {
     /// A statement with its values, not known to be one row's write.
     pub fn new(sql: String, binds: Vec<Bind>) -> Change {
         Change {
-            statement: OnceLock::from((sql, binds)),
+            statement: OnceLock::from((Arc::from(sql), binds)),
             row: None,
         }
     }
@@ -303,10 +340,10 @@ impl Change {
         }
     }
 
-    fn parts(&self) -> &(String, Vec<Bind>) {
+    fn parts(&self) -> &(Arc<str>, Vec<Bind>) {
         self.statement.get_or_init(|| match &self.row {
             Some(row) => row.statement(),
-            None => (String::new(), vec![]),
+            None => (Arc::from(""), vec![]),
         })
     }
 
@@ -321,9 +358,10 @@ impl Change {
     /// The statement and its values, made now if not yet.
     pub fn into_parts(self) -> (String, Vec<Bind>) {
         self.parts();
-        self.statement
-            .into_inner()
-            .unwrap_or_else(|| (String::new(), vec![]))
+        self.statement.into_inner().map_or_else(
+            || (String::new(), vec![]),
+            |(sql, binds)| (sql.to_string(), binds),
+        )
     }
 
     /// A statement without values.
