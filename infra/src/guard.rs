@@ -4,7 +4,7 @@
 //! statements, whatever its size: read the guards of its streams, then move them.
 
 use crate::db::Dialect;
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 use schemas::RecordedEvent;
 use sqlx::{AnyConnection, Row};
 use std::borrow::Borrow;
@@ -197,15 +197,16 @@ pub fn deliveries(events: &[impl Borrow<RecordedEvent>]) -> Vec<Delivery> {
 /// A stream's guard: (aggregate type, aggregate id) and the last version applied.
 type Guard<'a> = ((&'a str, &'a str), i64);
 
-/// The distinct streams of `deliveries`.
+/// The distinct streams of `deliveries`, each where it first comes (found by hash:
+/// sorting a batch's keys to find them cost a rebuild more than deciding it).
 fn streams_of(deliveries: &[Delivery]) -> Vec<(&str, &str)> {
-    let mut keys: Vec<(&str, &str)> = deliveries
+    let mut seen: HashSet<(&str, &str)> =
+        HashSet::with_capacity_and_hasher(deliveries.len(), Default::default());
+    deliveries
         .iter()
         .map(|(aggregate_type, aggregate_id, _)| (aggregate_type.as_str(), aggregate_id.as_str()))
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    keys
+        .filter(|key| seen.insert(*key))
+        .collect()
 }
 
 /// Which deliveries (in log order) are first ones given the guards of `keys` held
