@@ -14,7 +14,7 @@
 
 use crate::projection::ReadModel;
 use crate::runner::{ProjectionHandle, Projections, Runner};
-use infra::consume::{commit, prepare, Applied, Batch, Consumer, Prepared, Replay};
+use infra::consume::{commit, prepare, Applied, Batch, Consumer, End, Prepared, Replay};
 use infra::db::{Db, Dialect};
 use infra::metrics::{REBUILD_EVENTS, REBUILD_PAUSE_SECONDS};
 use infra::progress::Rebuild;
@@ -198,10 +198,10 @@ impl Shadow<'_> {
     }
 
     /// Apply what the reader holds now, until it has caught up with it; the number of
-    /// events applied. The next batch is read and prepared (decoded, its changes made)
-    /// while one is written (the reader keeps its place in memory only, and a rebuild
-    /// that fails starts again from empty shadows, so it may move on before the batch
-    /// it read is written).
+    /// events applied. Three batches are under way at once: one is written while the next is
+    /// prepared (decoded, its changes made) and the one after that read (the reader
+    /// keeps its place in memory only, and a rebuild that fails starts again from empty
+    /// shadows, so it may move on before the batches it read are written).
     async fn fill(
         &mut self,
         reader: &dyn Replay,
@@ -210,31 +210,32 @@ impl Shadow<'_> {
         let mut applied = 0;
         let end = reader.end().await?;
         let mut last_read = Instant::now();
-        let mut prepared = self.read_ahead(reader).await?;
+        let first = self.read(reader, &end).await?;
+        let mut prepared = self.prepare(reader, first).await;
+        let mut upcoming = self.read(reader, &end).await?;
         loop {
             if prepared.batch().is_empty() {
-                if reader.reached(&end) {
-                    break;
+                if upcoming.records.is_empty() {
+                    if reader.reached(&end) {
+                        break;
+                    }
+                    if last_read.elapsed() > STALLED {
+                        return Err(InfraError::Unavailable(
+                            "the source stopped returning records before the rebuild caught up"
+                                .into(),
+                        ));
+                    }
                 }
-                if last_read.elapsed() > STALLED {
-                    return Err(InfraError::Unavailable(
-                        "the source stopped returning records before the rebuild caught up".into(),
-                    ));
-                }
-                prepared = self.read_ahead(reader).await?;
+                prepared = self.prepare(reader, upcoming).await;
+                upcoming = self.read(reader, &end).await?;
                 continue;
             }
             last_read = Instant::now();
             let records = prepared.batch().records.len();
-            let more = !reader.reached(&end);
-            let (written, next) = tokio::join!(
-                commit(&self.runner, &self.dead_letters, &self.handle.db, prepared,),
-                async {
-                    match more {
-                        true => self.read_ahead(reader).await,
-                        false => Ok(self.prepare(reader, Batch::default()).await),
-                    }
-                }
+            // The read is started before the preparing, which runs on this task.
+            let (written, (read, next)) = tokio::join!(
+                commit(&self.runner, &self.dead_letters, &self.handle.db, prepared),
+                async { tokio::join!(self.read(reader, &end), self.prepare(reader, upcoming)) }
             );
             let Applied { done, .. } = written?;
             if done < records {
@@ -246,16 +247,21 @@ impl Shadow<'_> {
             self.progress.processed += done as u64;
             self.progress.total = self.progress.total.max(self.progress.processed);
             self.report(report);
-            prepared = next?;
+            prepared = next;
+            upcoming = read?;
         }
         Ok(applied)
     }
 
-    /// The reader's next batch, prepared; the reader moved past it at once.
-    async fn read_ahead(&self, reader: &dyn Replay) -> Result<Prepared<Runner>, InfraError> {
+    /// The reader's next batch (none once it has reached `end`); the reader moved past
+    /// it at once.
+    async fn read(&self, reader: &dyn Replay, end: &End) -> Result<Batch, InfraError> {
+        if reader.reached(end) {
+            return Ok(Batch::default());
+        }
         let batch = reader.next_batch(BATCH).await?;
         reader.committed(&batch, batch.records.len()).await?;
-        Ok(self.prepare(reader, batch).await)
+        Ok(batch)
     }
 
     async fn prepare(&self, reader: &dyn Replay, batch: Batch) -> Prepared<Runner> {
