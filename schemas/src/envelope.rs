@@ -45,7 +45,7 @@ pub struct Payload(Box<RawValue>);
 impl Payload {
     /// The payload whose JSON text is `text`; an error if it is not JSON.
     pub fn from_text(text: String) -> Result<Payload, serde_json::Error> {
-        if depth(&text) > MAX_DEPTH {
+        if too_deep(&text) {
             return Err(serde::de::Error::custom(format!(
                 "nested deeper than {MAX_DEPTH}"
             )));
@@ -78,6 +78,14 @@ impl Payload {
 
 /// How deep [`serde_json`] reads JSON into a [`Value`] (its recursion limit).
 pub const MAX_DEPTH: usize = 127;
+
+/// Whether the arrays and objects of JSON `text` nest deeper than [`MAX_DEPTH`]. It
+/// nests at most as deep as it has opening brackets, counted first (far less work
+/// than following its strings, which most payloads are spared).
+fn too_deep(text: &str) -> bool {
+    let opening = text.bytes().filter(|b| matches!(b, b'[' | b'{')).count();
+    opening > MAX_DEPTH && depth(text) > MAX_DEPTH
+}
 
 /// How deep the arrays and objects of JSON `text` nest (brackets inside strings not
 /// counted). `RawValue`'s own check has no limit.
@@ -132,7 +140,7 @@ impl Serialize for Payload {
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
         let raw = Box::<RawValue>::deserialize(deserializer)?;
-        if depth(raw.get()) > MAX_DEPTH {
+        if too_deep(raw.get()) {
             return Err(serde::de::Error::custom(format!(
                 "nested deeper than {MAX_DEPTH}"
             )));
