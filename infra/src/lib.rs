@@ -168,10 +168,12 @@ pub type Result<T, E = InfraError> = std::result::Result<T, E>;
 /// rebuild's making of changes); chrono writes the rest.
 pub fn timestamp(at: chrono::DateTime<chrono::Utc>) -> String {
     use chrono::{Datelike, Timelike};
-    let (year, nanos) = (at.year(), at.nanosecond());
+    let (date, time) = (at.date_naive(), at.time());
+    let (year, nanos) = (date.year(), time.nanosecond());
     if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
         return at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     }
+    let seconds = time.num_seconds_from_midnight();
     let mut text = *b"0000-00-00T00:00:00.000000Z";
     let mut put = |at: usize, width: usize, mut value: u32| {
         for place in (at..at + width).rev() {
@@ -180,13 +182,14 @@ pub fn timestamp(at: chrono::DateTime<chrono::Utc>) -> String {
         }
     };
     put(0, 4, year as u32);
-    put(5, 2, at.month());
-    put(8, 2, at.day());
-    put(11, 2, at.hour());
-    put(14, 2, at.minute());
-    put(17, 2, at.second());
+    put(5, 2, date.month());
+    put(8, 2, date.day());
+    put(11, 2, seconds / 3600);
+    put(14, 2, seconds / 60 % 60);
+    put(17, 2, seconds % 60);
     put(20, 6, nanos / 1_000);
-    text.iter().map(|&digit| digit as char).collect()
+    // Digits and ASCII punctuation only.
+    String::from_utf8_lossy(&text).into_owned()
 }
 
 pub fn parse_timestamp(raw: &str) -> Result<chrono::DateTime<chrono::Utc>> {
