@@ -161,9 +161,8 @@ pub(crate) fn sqlite_unavailable(code: &str) -> bool {
 
 pub type Result<T, E = InfraError> = std::result::Result<T, E>;
 
-/// Now, as RFC 3339 text with microseconds: sorts as it reads.
-/// `at` as stored: RFC 3339 in UTC to the microsecond (`2026-01-02T03:04:05.123456Z`),
-/// as chrono's `to_rfc3339_opts(Micros, true)` writes it. Written digit by digit for
+/// `at` as stored: RFC 3339 in UTC to the microsecond (`2026-01-02T03:04:05.123456Z`:
+/// sorts as it reads), as chrono's `to_rfc3339_opts(Micros, true)` writes it. Written digit by digit for
 /// the years 0 to 9999 outside a leap second (chrono's writer took a sixth of a
 /// rebuild's making of changes); chrono writes the rest.
 pub fn timestamp(at: chrono::DateTime<chrono::Utc>) -> String {

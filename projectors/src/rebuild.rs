@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 /// and there are fewer commits. Under load an order is placed, paid and confirmed
 /// within a few thousand events of the log; at 4,000 the `rebuild` benchmark's log
 /// (1,000 orders between an order's steps) ran at 0.22-0.25 of its raw baseline
-/// against 0.15 at 1,000. A batch read and prepared ahead and one being applied are
-/// held in memory.
+/// against 0.15 at 1,000. Three batches are held in memory: one being applied, the
+/// next prepared, the one after read.
 const BATCH: usize = 4000;
 const SHADOW: &str = "_shadow";
 /// How long a reader may return nothing before it is caught up, before the rebuild

@@ -24,8 +24,8 @@ pub struct Envelope {
     pub payload: Payload,
 }
 
-/// An envelope as read back from the log, with its place in it: on the wire, the
-/// envelope's fields beside `position` in one object.
+// On the wire the envelope's fields are beside `position`, in one object.
+/// An envelope as read back from the log, with its place in it.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct RecordedEvent {
     /// The log position: ascending over the whole log.
@@ -136,7 +136,9 @@ impl Serialize for Payload {
 }
 
 /// Read as the JSON text it is (from serde_json's readers of text, and of a
-/// [`Value`]), checked as [`Payload::from_text`] checks it.
+/// [`Value`]), checked as [`Payload::from_text`] checks it. Neither another format
+/// nor serde's buffering (`#[serde(flatten)]`, untagged or internally tagged enums)
+/// can hand over a `RawValue`: nothing that holds a payload is read through them.
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
         let raw = Box::<RawValue>::deserialize(deserializer)?;
@@ -247,5 +249,12 @@ mod tests {
         assert!(serde_json::from_value::<RecordedEvent>(lacking).is_err());
         let broken = text.replace(r#""a": 2.5}"#, r#""a": 2.5"#);
         assert!(serde_json::from_str::<RecordedEvent>(&broken).is_err());
+        let payload = event.envelope.payload.text();
+        assert!(text.contains(payload), "{text}");
+        let deep = text.replace(payload, &nested(MAX_DEPTH + 1));
+        let error = serde_json::from_str::<RecordedEvent>(&deep).expect_err("too deep");
+        assert!(error.to_string().contains("nested deeper"), "{error}");
+        let deepest = text.replace(payload, &nested(MAX_DEPTH));
+        assert!(serde_json::from_str::<RecordedEvent>(&deepest).is_ok());
     }
 }
