@@ -198,10 +198,10 @@ impl Shadow<'_> {
     }
 
     /// Apply what the reader holds now, until it has caught up with it; the number of
-    /// events applied. Three batches are under way at once: one is written while the next is
-    /// prepared (decoded, its changes made) and the one after that read (the reader
-    /// keeps its place in memory only, and a rebuild that fails starts again from empty
-    /// shadows, so it may move on before the batches it read are written).
+    /// events applied. Three batches are under way at once: one is written while the
+    /// next is prepared (decoded, its changes made) and the one after that read (the
+    /// reader keeps its place in memory only, and a rebuild that fails starts again
+    /// from empty shadows, so it may move on before the batches it read are written).
     async fn fill(
         &mut self,
         reader: &dyn Replay,

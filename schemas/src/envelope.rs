@@ -35,7 +35,8 @@ pub struct RecordedEvent {
 }
 
 /// An event's payload as the log holds it: JSON text, checked to be JSON (nested at
-/// most [`MAX_DEPTH`] deep, as a [`Value`] can be) when it is made. [`crate::decode`] reads the event straight from the text, without building a
+/// most [`MAX_DEPTH`] deep, as a [`Value`] can be) when it is made.
+/// [`crate::decode`] reads the event straight from the text, without building a
 /// tree of [`Value`]s first (most of the cost of reading an event, and reading
 /// events is most of a consumer's work); [`Payload::to_value`] builds that tree for
 /// the few readers that want one. It serializes as the JSON it holds.
@@ -45,12 +46,15 @@ pub struct Payload(Box<RawValue>);
 impl Payload {
     /// The payload whose JSON text is `text`; an error if it is not JSON.
     pub fn from_text(text: String) -> Result<Payload, serde_json::Error> {
-        if too_deep(&text) {
-            return Err(serde::de::Error::custom(format!(
-                "nested deeper than {MAX_DEPTH}"
-            )));
+        RawValue::from_string(text).and_then(Payload::within_depth)
+    }
+
+    /// JSON text as a payload, if it nests no deeper than a [`Value`] reads.
+    fn within_depth<E: serde::de::Error>(raw: Box<RawValue>) -> Result<Payload, E> {
+        match too_deep(raw.get()) {
+            true => Err(E::custom(format!("nested deeper than {MAX_DEPTH}"))),
+            false => Ok(Payload(raw)),
         }
-        RawValue::from_string(text).map(Payload)
     }
 
     pub fn from_value(value: &Value) -> Payload {
@@ -141,13 +145,7 @@ impl Serialize for Payload {
 /// can hand over a `RawValue`: nothing that holds a payload is read through them.
 impl<'de> Deserialize<'de> for Payload {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Payload, D::Error> {
-        let raw = Box::<RawValue>::deserialize(deserializer)?;
-        if too_deep(raw.get()) {
-            return Err(serde::de::Error::custom(format!(
-                "nested deeper than {MAX_DEPTH}"
-            )));
-        }
-        Ok(Payload(raw))
+        Box::<RawValue>::deserialize(deserializer).and_then(Payload::within_depth)
     }
 }
 
