@@ -528,9 +528,9 @@ fn local_batch_sql(types: usize) -> String {
     sql
 }
 
+/// An event of the log's row: its columns read in the table's order (a local row
+/// looks for the column after the last one first).
 fn recorded(row: &dyn Columns) -> Result<RecordedEvent, InfraError> {
-    let payload = row.text("payload")?;
-    let schema_version = row.int("schema_version")?;
     Ok(RecordedEvent {
         position: row.int("position")?,
         envelope: Envelope {
@@ -539,12 +539,12 @@ fn recorded(row: &dyn Columns) -> Result<RecordedEvent, InfraError> {
             aggregate_id: row.text("aggregate_id")?,
             version: row.int("version")?,
             event_type: row.text("event_type")?,
-            schema_version: u32::try_from(schema_version)
+            schema_version: u32::try_from(row.int("schema_version")?)
                 .map_err(|e| InfraError::Corrupt(format!("schema version: {e}")))?,
             occurred_at: parse_timestamp(row.str("occurred_at")?)?,
             correlation_id: parse_uuid(row.str("correlation_id")?)?,
             causation_id: parse_uuid(row.str("causation_id")?)?,
-            payload: Payload::from_text(payload)
+            payload: Payload::from_text(row.text("payload")?)
                 .map_err(|e| InfraError::Corrupt(format!("payload: {e}")))?,
         },
     })

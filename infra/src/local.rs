@@ -15,7 +15,7 @@ use crate::InfraError;
 use rusqlite::{Connection, OpenFlags};
 use sqlx::any::AnyRow;
 use sqlx::Row;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -122,7 +122,11 @@ pub fn rows_for_each<T, P: rusqlite::Params>(
     for params in all_params {
         let mut rows = statement.query(params)?;
         while let Some(row) = rows.next()? {
-            out.push(map(&NamedRow { row, names: &names })?);
+            out.push(map(&NamedRow {
+                row,
+                names: &names,
+                next: Cell::new(0),
+            })?);
         }
     }
     Ok(out)
@@ -134,16 +138,28 @@ pub fn rows_for_each<T, P: rusqlite::Params>(
 pub struct NamedRow<'r, 's> {
     row: &'r rusqlite::Row<'s>,
     names: &'r [String],
+    /// The column after the one last found: looked at first, as a row is mostly read
+    /// in the order of its columns.
+    next: Cell<usize>,
 }
 
 impl NamedRow<'_, '_> {
     fn index(&self, name: &str) -> Result<usize, InfraError> {
+        let next = self.next.get();
         // The names as written first (SQLite keeps a column's case), then any case.
-        self.names
-            .iter()
-            .position(|n| n == name)
-            .or_else(|| self.names.iter().position(|n| n.eq_ignore_ascii_case(name)))
-            .ok_or_else(|| InfraError::Sqlite(rusqlite::Error::InvalidColumnName(name.to_owned())))
+        let found = match self.names.get(next) {
+            Some(n) if n == name => Some(next),
+            _ => self
+                .names
+                .iter()
+                .position(|n| n == name)
+                .or_else(|| self.names.iter().position(|n| n.eq_ignore_ascii_case(name))),
+        };
+        let index = found.ok_or_else(|| {
+            InfraError::Sqlite(rusqlite::Error::InvalidColumnName(name.to_owned()))
+        })?;
+        self.next.set(index + 1);
+        Ok(index)
     }
 }
 

@@ -77,7 +77,6 @@ enum RowKind {
 }
 
 /// What a row write's statement is made of: everything but its values.
-#[derive(PartialEq, Eq, Hash)]
 struct Shape {
     table: String,
     key: Vec<&'static str>,
@@ -88,8 +87,18 @@ struct Shape {
 /// Row writes' statements by shape, per thread, at most this many.
 const SHAPES_HELD: usize = 1024;
 
+/// Row writes' statements made so far on this thread: by a hash of their shape (see
+/// [`RowWrite::shape_hash`]), each with its shape, so a write finds its statement
+/// without a [`Shape`] made for the lookup.
+#[derive(Default)]
+struct Shapes {
+    hasher: foldhash::fast::RandomState,
+    made: foldhash::HashMap<u64, Vec<(Shape, Arc<str>)>>,
+    held: usize,
+}
+
 thread_local! {
-    static SHAPES: RefCell<foldhash::HashMap<Shape, Arc<str>>> = RefCell::default();
+    static SHAPES: RefCell<Shapes> = RefCell::default();
 }
 
 impl Shape {
@@ -174,25 +183,66 @@ impl RowWrite {
             RowKind::Insert | RowKind::Upsert(_) => self.key.iter().chain(&self.columns),
         };
         let binds = values.map(|(_, value)| value.clone()).collect();
-        let shape = Shape {
-            table: self.table.clone(),
-            key: self.key.iter().map(|(name, _)| *name).collect(),
-            kind: self.kind.clone(),
-            columns: self.columns.iter().map(|(name, _)| *name).collect(),
-        };
         let sql = SHAPES.with(|shapes| {
             let mut shapes = shapes.borrow_mut();
-            if let Some(sql) = shapes.get(&shape) {
+            let hash = self.shape_hash(&shapes.hasher);
+            let same = |(shape, _): &&(Shape, Arc<str>)| self.has_shape(shape);
+            if let Some((_, sql)) = shapes
+                .made
+                .get(&hash)
+                .and_then(|made| made.iter().find(same))
+            {
                 return sql.clone();
             }
-            if shapes.len() >= SHAPES_HELD {
-                shapes.clear();
+            if shapes.held >= SHAPES_HELD {
+                shapes.made.clear();
+                shapes.held = 0;
             }
+            let shape = Shape {
+                table: self.table.clone(),
+                key: self.key.iter().map(|(name, _)| *name).collect(),
+                kind: self.kind.clone(),
+                columns: self.columns.iter().map(|(name, _)| *name).collect(),
+            };
             let sql: Arc<str> = shape.sql().into();
-            shapes.insert(shape, sql.clone());
+            shapes
+                .made
+                .entry(hash)
+                .or_default()
+                .push((shape, sql.clone()));
+            shapes.held += 1;
             sql
         });
         (sql, binds)
+    }
+
+    /// A hash of its shape: its table, the names of its key and columns, and what it
+    /// does (each list with its length, so no two shapes run together the same).
+    fn shape_hash(&self, hasher: &impl std::hash::BuildHasher) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut state = hasher.build_hasher();
+        self.table.hash(&mut state);
+        self.key.len().hash(&mut state);
+        for (name, _) in &self.key {
+            name.hash(&mut state);
+        }
+        self.kind.hash(&mut state);
+        self.columns.len().hash(&mut state);
+        for (name, _) in &self.columns {
+            name.hash(&mut state);
+        }
+        state.finish()
+    }
+
+    /// Whether `shape` is its shape.
+    fn has_shape(&self, shape: &Shape) -> bool {
+        shape.table == self.table
+            && shape.kind == self.kind
+            && shape.key.iter().eq(self.key.iter().map(|(name, _)| name))
+            && shape
+                .columns
+                .iter()
+                .eq(self.columns.iter().map(|(name, _)| name))
     }
 
     /// Become `self` and then `next`, a write of the same row, as one write that
