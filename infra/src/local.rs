@@ -118,6 +118,11 @@ pub fn rows_for_each<T, P: rusqlite::Params>(
         .into_iter()
         .map(str::to_owned)
         .collect();
+    // With a name twice, the first of them is the one found: no guessing then.
+    let distinct = names
+        .iter()
+        .enumerate()
+        .all(|(i, name)| !names[..i].iter().any(|n| n.eq_ignore_ascii_case(name)));
     let mut out = vec![];
     for params in all_params {
         let mut rows = statement.query(params)?;
@@ -125,7 +130,7 @@ pub fn rows_for_each<T, P: rusqlite::Params>(
             out.push(map(&NamedRow {
                 row,
                 names: &names,
-                next: Cell::new(0),
+                next: Cell::new(if distinct { 0 } else { usize::MAX }),
             })?);
         }
     }
@@ -139,7 +144,8 @@ pub struct NamedRow<'r, 's> {
     row: &'r rusqlite::Row<'s>,
     names: &'r [String],
     /// The column after the one last found: looked at first, as a row is mostly read
-    /// in the order of its columns.
+    /// in the order of its columns (`usize::MAX`, never: a statement with a name
+    /// twice).
     next: Cell<usize>,
 }
 
@@ -158,7 +164,9 @@ impl NamedRow<'_, '_> {
         let index = found.ok_or_else(|| {
             InfraError::Sqlite(rusqlite::Error::InvalidColumnName(name.to_owned()))
         })?;
-        self.next.set(index + 1);
+        if next != usize::MAX {
+            self.next.set(index + 1);
+        }
         Ok(index)
     }
 }
@@ -293,6 +301,36 @@ pub fn unavailable(error: &rusqlite::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Columns are found by name whatever the order they are read in, in any case,
+    /// and where a statement has a name twice, the first of them.
+    #[test]
+    fn a_rows_columns_are_found_by_name_in_any_order_and_a_name_twice_is_the_first() {
+        let conn = Connection::open_in_memory().expect("open");
+        let read = |sql: &str, names: &[&str]| -> Vec<String> {
+            let mut found = rows(&conn, sql, [], |row| {
+                names
+                    .iter()
+                    .map(|name| row.text(name))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .expect("rows");
+            found.pop().expect("a row")
+        };
+        let distinct = "SELECT 'a' AS a, 'b' AS b, 'c' AS c";
+        assert_eq!(read(distinct, &["a", "b", "c"]), ["a", "b", "c"]);
+        assert_eq!(
+            read(distinct, &["c", "a", "b", "b", "C"]),
+            ["c", "a", "b", "b", "c"]
+        );
+        let twice = "SELECT 'first' AS x, 'y' AS y, 'second' AS x";
+        assert_eq!(
+            read(twice, &["x", "y", "x", "X"]),
+            ["first", "y", "first", "first"]
+        );
+        let unknown = rows(&conn, distinct, [], |row| row.text("d"));
+        assert!(unknown.is_err(), "{unknown:?}");
+    }
 
     #[test]
     fn a_database_that_cannot_take_writes_is_unavailable_a_refused_statement_is_not() {
