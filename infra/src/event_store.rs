@@ -528,8 +528,8 @@ fn local_batch_sql(types: usize) -> String {
     sql
 }
 
-/// An event of the log's row: its columns read in the table's order (a local row
-/// looks for the column after the last one first).
+/// The event a row of the log holds, its columns read in the table's order (a local
+/// row looks at the column after the one last found first).
 fn recorded(row: &dyn Columns) -> Result<RecordedEvent, InfraError> {
     Ok(RecordedEvent {
         position: row.int("position")?,

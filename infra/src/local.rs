@@ -130,7 +130,7 @@ pub fn rows_for_each<T, P: rusqlite::Params>(
             out.push(map(&NamedRow {
                 row,
                 names: &names,
-                next: Cell::new(if distinct { 0 } else { usize::MAX }),
+                next: Cell::new(distinct.then_some(0)),
             })?);
         }
     }
@@ -144,28 +144,23 @@ pub struct NamedRow<'r, 's> {
     row: &'r rusqlite::Row<'s>,
     names: &'r [String],
     /// The column after the one last found: looked at first, as a row is mostly read
-    /// in the order of its columns (`usize::MAX`, never: a statement with a name
-    /// twice).
-    next: Cell<usize>,
+    /// in the order of its columns (`None`: none, in a statement with a name twice).
+    next: Cell<Option<usize>>,
 }
 
 impl NamedRow<'_, '_> {
     fn index(&self, name: &str) -> Result<usize, InfraError> {
         let next = self.next.get();
         // The names as written first (SQLite keeps a column's case), then any case.
-        let found = match self.names.get(next) {
-            Some(n) if n == name => Some(next),
-            _ => self
-                .names
-                .iter()
-                .position(|n| n == name)
-                .or_else(|| self.names.iter().position(|n| n.eq_ignore_ascii_case(name))),
-        };
-        let index = found.ok_or_else(|| {
-            InfraError::Sqlite(rusqlite::Error::InvalidColumnName(name.to_owned()))
-        })?;
-        if next != usize::MAX {
-            self.next.set(index + 1);
+        let index = next
+            .filter(|&i| self.names.get(i).is_some_and(|n| n == name))
+            .or_else(|| self.names.iter().position(|n| n == name))
+            .or_else(|| self.names.iter().position(|n| n.eq_ignore_ascii_case(name)))
+            .ok_or_else(|| {
+                InfraError::Sqlite(rusqlite::Error::InvalidColumnName(name.to_owned()))
+            })?;
+        if next.is_some() {
+            self.next.set(Some(index + 1));
         }
         Ok(index)
     }

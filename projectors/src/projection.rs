@@ -84,7 +84,7 @@ struct Shape {
     columns: Vec<&'static str>,
 }
 
-/// Row writes' statements by shape, per thread, at most this many.
+/// Row writes' statements held per thread: of at most this many shape hashes.
 const SHAPES_HELD: usize = 1024;
 
 /// Row writes' statements made so far on this thread: by a hash of their shape (see
@@ -94,7 +94,6 @@ const SHAPES_HELD: usize = 1024;
 struct Shapes {
     hasher: foldhash::fast::RandomState,
     made: foldhash::HashMap<u64, Vec<(Shape, Arc<str>)>>,
-    held: usize,
 }
 
 thread_local! {
@@ -194,9 +193,8 @@ impl RowWrite {
             {
                 return sql.clone();
             }
-            if shapes.held >= SHAPES_HELD {
+            if shapes.made.len() >= SHAPES_HELD {
                 shapes.made.clear();
-                shapes.held = 0;
             }
             let shape = Shape {
                 table: self.table.clone(),
@@ -210,7 +208,6 @@ impl RowWrite {
                 .entry(hash)
                 .or_default()
                 .push((shape, sql.clone()));
-            shapes.held += 1;
             sql
         });
         (sql, binds)
