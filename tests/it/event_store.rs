@@ -13,6 +13,7 @@ on_both_backends!(
     the_database_refuses_two_events_with_one_version,
     an_idempotency_key_answers_as_the_first_time_and_refuses_another_request,
     concurrent_appends_share_commits,
+    a_reader_following_the_head_sees_every_event_once_while_tasks_append_in_turn,
     a_conflict_in_a_group_fails_only_its_own_append,
     appends_in_one_group_see_the_ones_before_them,
     subscribers_are_woken_by_an_append,
@@ -227,6 +228,80 @@ async fn concurrent_appends_share_commits(backend: Backend) {
     let positions: Vec<i64> = events.iter().map(|e| e.position).collect();
     assert_eq!(positions, (1..=300).collect::<Vec<i64>>());
     assert_eq!(reached, 300);
+    fresh.finish().await;
+}
+
+/// Tasks that each append to a stream of their own one event at a time, waiting for
+/// each append before the next (as a command path does): groups follow one another
+/// closely (on PostgreSQL the next is under way while the one before commits). Every
+/// append lands at its version, the positions are dense, and a reader that follows
+/// the head meanwhile sees every event once, in log order.
+async fn a_reader_following_the_head_sees_every_event_once_while_tasks_append_in_turn(
+    backend: Backend,
+) {
+    const TASKS: i64 = 16;
+    const EACH: i64 = 40;
+    let fresh = Fresh::on(backend).await;
+    let store = fresh.store.clone();
+    let reader = {
+        let store = store.clone();
+        let mut head = store.subscribe();
+        tokio::spawn(async move {
+            let (mut seen, mut after) = (vec![], 0);
+            while seen.len() < (TASKS * EACH) as usize {
+                if store.head() > after {
+                    let (events, reached) = store
+                        .read_after(after, &["inventory"], 100)
+                        .await
+                        .expect("read");
+                    seen.extend(events.iter().map(|e| e.position));
+                    after = reached;
+                    continue;
+                }
+                tokio::time::timeout(Duration::from_secs(10), head.changed())
+                    .await
+                    .expect("woken while appends go on")
+                    .expect("store alive");
+            }
+            seen
+        })
+    };
+    let writers: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut positions = vec![];
+                for version in 0..EACH {
+                    let appended = store
+                        .append(request(&format!("T{task}"), version, vec![event(version)]))
+                        .await;
+                    let Ok(AppendOutcome::Appended {
+                        position,
+                        version: now,
+                    }) = appended
+                    else {
+                        panic!("T{task} at {version}: {appended:?}");
+                    };
+                    assert_eq!(now, version + 1);
+                    positions.push(position);
+                }
+                positions
+            })
+        })
+        .collect();
+    let mut all = vec![];
+    for writer in writers {
+        let positions = writer.await.expect("writer");
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+        all.extend(positions);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=TASKS * EACH).collect::<Vec<i64>>());
+    let seen = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the reader reached the head")
+        .expect("reader");
+    assert_eq!(seen, (1..=TASKS * EACH).collect::<Vec<i64>>());
     fresh.finish().await;
 }
 
