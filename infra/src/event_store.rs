@@ -732,11 +732,15 @@ const RECONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn write_loop(mut writer: Writer, mut queue: mpsc::Receiver<Job>) {
     let mut group: Vec<Job> = Vec::with_capacity(MAX_GROUP);
+    let mut pause = 0;
     while queue.recv_many(&mut group, MAX_GROUP).await > 0 {
         writer.commit(&mut group).await;
-        gather(&queue).await;
+        gather(&queue, &mut pause).await;
     }
 }
+
+/// Groups [`gather`] lets pass without a turn after a turn that brought nothing.
+const GATHER_PAUSE: usize = 16;
 
 /// The most turns [`gather`] gives the tasks a commit answered.
 const GATHER_TURNS: usize = 4;
@@ -755,15 +759,26 @@ const GATHERED: usize = 64;
 /// turns at the writer, each paying a whole group's fixed cost (on PostgreSQL: the
 /// transaction, the writers' lock, the lookups' planning and the commit). Up to
 /// [`GATHERED`] appends; only yields: nothing waits on a clock, and with nothing
-/// newly queued the writer goes on after one turn.
-async fn gather(queue: &mpsc::Receiver<Job>) {
-    for _ in 0..GATHER_TURNS {
+/// newly queued the writer goes on after one turn. Where the answered callers do not
+/// append again at once (a client over HTTP sends its next request after the
+/// answer's round trip), that one turn is only a delay: after a first turn that
+/// brought nothing, the next [`GATHER_PAUSE`] groups (counted down in `pause`) go
+/// without one.
+async fn gather(queue: &mpsc::Receiver<Job>, pause: &mut usize) {
+    if *pause > 0 {
+        *pause -= 1;
+        return;
+    }
+    for turn in 0..GATHER_TURNS {
         let queued = queue.len();
         if queued >= GATHERED {
             break;
         }
         tokio::task::yield_now().await;
         if queue.len() == queued {
+            if turn == 0 {
+                *pause = GATHER_PAUSE;
+            }
             break;
         }
     }
