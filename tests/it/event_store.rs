@@ -232,23 +232,25 @@ async fn concurrent_appends_share_commits(backend: Backend) {
 }
 
 /// Tasks that each append to a stream of their own one event at a time, waiting for
-/// each append before the next (as a command path does): groups follow one another
-/// closely (on PostgreSQL the next is under way while the one before commits). Every
-/// append lands at its version, the positions are dense, and a reader that follows
-/// the head meanwhile sees every event once, in log order.
+/// each append before the next (as a command path does), so the writer gathers them
+/// into groups as they come back. Every append lands at its version, the positions
+/// are dense, and a reader that follows the head meanwhile sees every event once, in
+/// log order.
 async fn a_reader_following_the_head_sees_every_event_once_while_tasks_append_in_turn(
     backend: Backend,
 ) {
     const TASKS: i64 = 16;
     const EACH: i64 = 40;
+    let every: Vec<i64> = (1..=TASKS * EACH).collect();
     let fresh = Fresh::on(backend).await;
     let store = fresh.store.clone();
     let reader = {
         let store = store.clone();
         let mut head = store.subscribe();
+        let total = every.len();
         tokio::spawn(async move {
             let (mut seen, mut after) = (vec![], 0);
-            while seen.len() < (TASKS * EACH) as usize {
+            while seen.len() < total {
                 if store.head() > after {
                     let (events, reached) = store
                         .read_after(after, &["inventory"], 100)
@@ -296,12 +298,12 @@ async fn a_reader_following_the_head_sees_every_event_once_while_tasks_append_in
         all.extend(positions);
     }
     all.sort_unstable();
-    assert_eq!(all, (1..=TASKS * EACH).collect::<Vec<i64>>());
+    assert_eq!(all, every);
     let seen = tokio::time::timeout(Duration::from_secs(30), reader)
         .await
         .expect("the reader reached the head")
         .expect("reader");
-    assert_eq!(seen, (1..=TASKS * EACH).collect::<Vec<i64>>());
+    assert_eq!(seen, every);
     fresh.finish().await;
 }
 
