@@ -633,6 +633,14 @@ async fn sqlite_databases_are_durable_by_default() {
             .try_get(0)
             .expect("number");
         assert_eq!(synchronous, 2, "synchronous=FULL");
+        // Checkpoints every 16,000 pages of the write-ahead log, not SQLite's 1,000.
+        let checkpoint_pages: i64 = sqlx::query("PRAGMA wal_autocheckpoint")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("pragma")
+            .try_get(0)
+            .expect("number");
+        assert_eq!(checkpoint_pages, 16_000);
     }
     writer.close().await.expect("close");
 }
