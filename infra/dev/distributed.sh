@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The distributed deployment on this machine: the Kafka-protocol broker on
-# 127.0.0.1:9092, PostgreSQL on 127.0.0.1:5432, one process per service, and the
+# 127.0.0.1:9092 (or ORDERLINE_BROKER; none when ORDERLINE_KAFKA_BROKERS names
+# another), PostgreSQL on 127.0.0.1:5432, one process per service, and the
 # gateway with the public API on 127.0.0.1:8090.
 #
 #   infra/dev/distributed.sh up       start what is not running (idempotent)
@@ -24,7 +25,12 @@ cd "$(dirname "$0")/../.."
 run="${ORDERLINE_RUN_DIR:-$PWD/target/distributed}"
 bin="${ORDERLINE_BIN:-$PWD/target/release/orderline}"
 export ORDERLINE_POSTGRES_URL="${ORDERLINE_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}"
-export ORDERLINE_KAFKA_BROKERS="${ORDERLINE_KAFKA_BROKERS:-127.0.0.1:9092}"
+# The broker this script starts (infra/kafka/broker.sh, on ORDERLINE_BROKER), and the
+# brokers the services use: that one, unless ORDERLINE_KAFKA_BROKERS names others,
+# which are then neither started nor checked here.
+local_broker="${ORDERLINE_BROKER:-127.0.0.1:9092}"
+export ORDERLINE_KAFKA_BROKERS="${ORDERLINE_KAFKA_BROKERS:-$local_broker}"
+uses_local_broker() { [ "$ORDERLINE_KAFKA_BROKERS" = "$local_broker" ]; }
 gateway_port="${ORDERLINE_PORT_BASE:-8090}"
 declare -A ports=([order]=$((gateway_port + 1)) [inventory]=$((gateway_port + 2))
   [payment]=$((gateway_port + 3)) [shipping]=$((gateway_port + 4))
@@ -83,7 +89,9 @@ up() {
   export ORDERLINE_SIGNING_KEY_FILE="${ORDERLINE_SIGNING_KEY_FILE:-$run/signing-key}"
   secret "$ORDERLINE_OPERATOR_TOKEN_FILE"
   secret "$ORDERLINE_SIGNING_KEY_FILE"
-  infra/kafka/broker.sh ensure
+  if uses_local_broker; then
+    infra/kafka/broker.sh ensure
+  fi
   infra/dev/postgres.sh
   if [ ! -x "$bin" ]; then
     echo "building $bin"
@@ -136,7 +144,9 @@ status() {
       ok=1
     fi
   done
-  infra/kafka/broker.sh status || ok=1
+  if uses_local_broker; then
+    infra/kafka/broker.sh status || ok=1
+  fi
   return $ok
 }
 
