@@ -297,6 +297,28 @@ pub fn unavailable(error: &rusqlite::Error) -> bool {
 mod tests {
     use super::*;
 
+    /// A file's own write connection has every connection's settings: WAL, each
+    /// commit synced, a checkpoint every 16,000 pages of the write-ahead log.
+    #[test]
+    fn a_files_own_writer_is_durable_and_checkpoints_every_16000_pages() {
+        let dir = tempfile::tempdir().expect("dir");
+        let conn = open_writer(&dir.path().join("x.db")).expect("open");
+        let pragma = |name: &str| -> String {
+            conn.query_row(&format!("PRAGMA {name}"), [], |row| {
+                row.get::<_, rusqlite::types::Value>(0)
+            })
+            .map(|value| match value {
+                rusqlite::types::Value::Integer(n) => n.to_string(),
+                rusqlite::types::Value::Text(text) => text,
+                other => format!("{other:?}"),
+            })
+            .expect("pragma")
+        };
+        assert_eq!(pragma("journal_mode"), "wal");
+        assert_eq!(pragma("synchronous"), "2", "synchronous=FULL");
+        assert_eq!(pragma("wal_autocheckpoint"), "16000");
+    }
+
     /// Columns are found by name whatever the order they are read in, in any case,
     /// and where a statement has a name twice, the first of them.
     #[test]
