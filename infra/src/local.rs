@@ -303,20 +303,14 @@ mod tests {
     fn a_files_own_writer_is_durable_and_checkpoints_every_16000_pages() {
         let dir = tempfile::tempdir().expect("dir");
         let conn = open_writer(&dir.path().join("x.db")).expect("open");
-        let pragma = |name: &str| -> String {
-            conn.query_row(&format!("PRAGMA {name}"), [], |row| {
-                row.get::<_, rusqlite::types::Value>(0)
-            })
-            .map(|value| match value {
-                rusqlite::types::Value::Integer(n) => n.to_string(),
-                rusqlite::types::Value::Text(text) => text,
-                other => format!("{other:?}"),
-            })
-            .expect("pragma")
+        let number = |name| {
+            conn.pragma_query_value(None, name, |row| row.get::<_, i64>(0))
+                .expect("pragma")
         };
-        assert_eq!(pragma("journal_mode"), "wal");
-        assert_eq!(pragma("synchronous"), "2", "synchronous=FULL");
-        assert_eq!(pragma("wal_autocheckpoint"), "16000");
+        let mode = conn.pragma_query_value(None, "journal_mode", |row| row.get::<_, String>(0));
+        assert_eq!(mode.expect("pragma"), "wal");
+        assert_eq!(number("synchronous"), 2, "synchronous=FULL");
+        assert_eq!(number("wal_autocheckpoint"), 16_000);
     }
 
     /// Columns are found by name whatever the order they are read in, in any case,

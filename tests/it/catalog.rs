@@ -193,14 +193,7 @@ async fn operators_keep_the_catalog_anyone_searches_it_and_orders_pay_its_prices
         .post("/v1/projections/catalog/rebuild", json!({}))
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-    operator
-        .eventually("/v1/projections", "rebuilt", |listing| {
-            listing["projections"].as_array().is_some_and(|all| {
-                all.iter()
-                    .any(|p| p["name"] == "catalog" && p["status"] == "running")
-            })
-        })
-        .await;
+    operator.projection_running("catalog").await;
     anyone
         .eventually("/v1/products?q=green", "found after the rebuild", |page| {
             skus(page) == ["TEA-1"]

@@ -33,16 +33,6 @@ fn place_in_background(
     })
 }
 
-async fn wait_running(api: &Api, name: &str) {
-    api.eventually("/v1/projections", "rebuilt", |listing| {
-        listing["projections"]
-            .as_array()
-            .and_then(|all| all.iter().find(|p| p["name"] == name))
-            .is_some_and(|p| p["status"] == "running")
-    })
-    .await;
-}
-
 async fn order_tables(server: &TestServer) -> Vec<Vec<String>> {
     vec![
         dump(&server.config, "order", "orders", "order_id").await,
@@ -107,7 +97,7 @@ async fn services_killed_mid_stream_resume_without_skipping_or_repeating() {
             .post(&format!("/v1/projections/{name}/rebuild"), json!({}))
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-        wait_running(&api, name).await;
+        api.projection_running(name).await;
     }
     api.quiesce().await;
     assert_eq!(

@@ -619,30 +619,29 @@ async fn sqlite_databases_are_durable_by_default() {
         .expect("open");
     let mut writer = db.connection().await.expect("connection");
     for conn in [&mut *db.pool.acquire().await.expect("pooled"), &mut writer] {
-        let mode: String = sqlx::query("PRAGMA journal_mode")
-            .fetch_one(&mut *conn)
-            .await
-            .expect("pragma")
-            .try_get(0)
-            .expect("text");
+        let mode: String = pragma(conn, "journal_mode").await.try_get(0).expect("text");
         assert_eq!(mode, "wal");
-        let synchronous: i64 = sqlx::query("PRAGMA synchronous")
-            .fetch_one(&mut *conn)
+        let synchronous: i64 = pragma(conn, "synchronous")
             .await
-            .expect("pragma")
             .try_get(0)
             .expect("number");
         assert_eq!(synchronous, 2, "synchronous=FULL");
         // Checkpoints every 16,000 pages of the write-ahead log, not SQLite's 1,000.
-        let checkpoint_pages: i64 = sqlx::query("PRAGMA wal_autocheckpoint")
-            .fetch_one(&mut *conn)
+        let checkpoint_pages: i64 = pragma(conn, "wal_autocheckpoint")
             .await
-            .expect("pragma")
             .try_get(0)
             .expect("number");
         assert_eq!(checkpoint_pages, 16_000);
     }
     writer.close().await.expect("close");
+}
+
+/// The row `PRAGMA {name}` answers on `conn`.
+async fn pragma(conn: &mut sqlx::AnyConnection, name: &str) -> sqlx::any::AnyRow {
+    sqlx::query(&format!("PRAGMA {name}"))
+        .fetch_one(conn)
+        .await
+        .expect("pragma")
 }
 
 /// PostgreSQL ends the writer's idle connection (a server restart, a dropped link):

@@ -436,17 +436,7 @@ async fn under_steady_writes_an_online_rebuild_pauses_the_live_projection_only_f
             .post("/v1/projections/inventory/rebuild", json!({}))
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
-        loop {
-            let (_, listing) = api.get("/v1/projections").await;
-            let running_again = listing["projections"]
-                .as_array()
-                .and_then(|all| all.iter().find(|p| p["name"] == "inventory").cloned())
-                .is_some_and(|view| view["status"] == "running");
-            if running_again {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        api.projection_running("inventory").await;
         let written_during_rebuild = during.load(Ordering::SeqCst) - at_start;
         let (live_after, paused_after) = counted(&api.metrics().await);
         let (live, paused) = (live_after - live_before, paused_after - paused_before);

@@ -622,6 +622,17 @@ impl Api {
         body
     }
 
+    /// Wait until the projection `name` is listed as running (again, after a rebuild).
+    pub async fn projection_running(&self, name: &str) {
+        self.eventually("/v1/projections", "running", |listing| {
+            listing["projections"]
+                .as_array()
+                .and_then(|all| all.iter().find(|p| p["name"] == name))
+                .is_some_and(|p| p["status"] == "running")
+        })
+        .await;
+    }
+
     /// Wait until `check` holds of what GET `path` answers; panics after [`SETTLE`].
     pub async fn eventually(
         &self,
