@@ -69,11 +69,7 @@ pub fn first_deliveries_local(
         }
     }
     let (fresh, moved) = decide(deliveries, &keys, memory.as_deref(), &found);
-    let mut write = conn.prepare_cached(&format!(
-        "INSERT INTO {table} (aggregate_type, aggregate_id, version) VALUES (?1, ?2, ?3)
-         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
-         WHERE {table}.version < excluded.version"
-    ))?;
+    let mut write = conn.prepare_cached(&advance_local_sql(table))?;
     for ((aggregate_type, aggregate_id), version) in &moved {
         write.execute((aggregate_type, aggregate_id, version))?;
     }
@@ -81,6 +77,42 @@ pub fn first_deliveries_local(
         memory.learn(&moved);
     }
     Ok(fresh)
+}
+
+/// One guard moved forward (never back), its values as `?1`, `?2`, `?3`.
+fn advance_local_sql(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} (aggregate_type, aggregate_id, version) VALUES (?1, ?2, ?3)
+         ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET version = excluded.version
+         WHERE {table}.version < excluded.version"
+    )
+}
+
+/// A batch's first deliveries decided from [`Remembered`] alone, ahead of the
+/// transaction that moves its guards ([`advance_local`]).
+#[derive(Debug)]
+pub struct Decided {
+    /// Whether each delivery, in order, is a first one.
+    pub fresh: Vec<bool>,
+    /// The guards that move: the delivery that names the stream, and its new version.
+    moved: Vec<(usize, i64)>,
+}
+
+/// Move the guards `decided` moves, in the caller's transaction on an SQLite file's
+/// own connection; `deliveries` are those it was decided on.
+pub fn advance_local(
+    conn: &rusqlite::Connection,
+    table: &str,
+    deliveries: &[Delivery],
+    decided: &Decided,
+) -> Result<(), rusqlite::Error> {
+    let mut write = conn.prepare_cached(&advance_local_sql(table))?;
+    for (delivery, version) in &decided.moved {
+        if let Some((aggregate_type, aggregate_id, _)) = deliveries.get(*delivery) {
+            write.execute((aggregate_type, aggregate_id, version))?;
+        }
+    }
+    Ok(())
 }
 
 /// Guards by aggregate type, then aggregate id (looked up by `&str`, no key built).
@@ -143,6 +175,54 @@ impl Remembered {
             limit,
             forgot: false,
         }
+    }
+
+    /// Decide `deliveries` (in log order) from memory alone and learn the guards that
+    /// move, while it has not forgotten (a stream it holds no guard of has none in the
+    /// table then); `None` once it has, and the table must be read
+    /// ([`first_deliveries_local`]). The same answers as [`first_deliveries_local`]
+    /// with this memory, without the table: a holder that writes its batches one
+    /// after another, in the order it decided them, decides the next while the last
+    /// is written. Once it returns `None` it always does, so no batch is decided
+    /// ahead of one whose guards are still to be read.
+    pub fn decide(&mut self, deliveries: &[Delivery]) -> Option<Decided> {
+        if self.forgot {
+            return None;
+        }
+        // Each stream: its first delivery, the guard held, and the guard as it moves.
+        let mut streams: HashMap<(&str, &str), (usize, i64, i64)> =
+            HashMap::with_capacity_and_hasher(deliveries.len(), Default::default());
+        let fresh = deliveries
+            .iter()
+            .enumerate()
+            .map(|(i, (aggregate_type, aggregate_id, version))| {
+                let key = (aggregate_type.as_str(), aggregate_id.as_str());
+                let (_, _, applied) = streams.entry(key).or_insert_with(|| {
+                    let held = self.versions.get(key.0, key.1).unwrap_or(0);
+                    (i, held, held)
+                });
+                let first = *applied < *version;
+                if first {
+                    *applied = *version;
+                }
+                first
+            })
+            .collect();
+        let mut moved: Vec<(usize, i64)> = streams
+            .into_values()
+            .filter(|(_, held, applied)| applied != held)
+            .map(|(first, _, applied)| (first, applied))
+            .collect();
+        moved.sort_unstable();
+        let guards: Vec<Guard<'_>> = moved
+            .iter()
+            .map(|(i, version)| {
+                let (aggregate_type, aggregate_id, _) = &deliveries[*i];
+                ((aggregate_type.as_str(), aggregate_id.as_str()), *version)
+            })
+            .collect();
+        self.learn(&guards);
+        Some(Decided { fresh, moved })
     }
 
     fn learn(&mut self, moved: &[Guard<'_>]) {
@@ -348,14 +428,38 @@ mod tests {
     }
 
     /// Batches of redeliveries and new events over a few streams, decided with memory
-    /// (small enough to forget several times) and by reading the table: the same
+    /// (small enough to forget several times), by reading the table, and ahead of the
+    /// write from memory alone until it forgets ([`Remembered::decide`]): the same
     /// first deliveries, and the same guards stored.
     #[test]
     fn remembered_guards_decide_as_the_stored_ones() {
         let conn = rusqlite::Connection::open_in_memory().expect("open");
         table(&conn, "read_back");
         table(&conn, "remembered");
+        table(&conn, "ahead");
+        table(&conn, "all_ahead");
         let mut memory = Remembered::holding_at_most(5);
+        // Forgets after a few batches; never forgets.
+        let mut ahead = (Remembered::holding_at_most(17), 0, 0);
+        let mut all_ahead = (Remembered::holding_at_most(1_000), 0, 0);
+        // Decided ahead while it can, then by reading: (memory, decided, read).
+        let decide_ahead =
+            |table: &str, batch: &[Delivery], ahead: &mut (Remembered, i32, i32)| match ahead
+                .0
+                .decide(batch)
+            {
+                Some(decided) => {
+                    assert_eq!(ahead.2, 0, "decided ahead after forgetting");
+                    advance_local(&conn, table, batch, &decided).expect("advance");
+                    ahead.1 += 1;
+                    decided.fresh
+                }
+                None => {
+                    ahead.2 += 1;
+                    first_deliveries_local(&conn, table, batch, Some(&mut ahead.0))
+                        .expect("after forgetting")
+                }
+            };
         let mut next = {
             let mut state: u64 = 0x2545_f491_4f6c_dd1d;
             move |bound: u64| {
@@ -388,9 +492,24 @@ mod tests {
             let held = first_deliveries_local(&conn, "remembered", &batch, Some(&mut memory))
                 .expect("remembered");
             assert_eq!(read, held, "first deliveries of {batch:?}");
+            let decided = decide_ahead("ahead", &batch, &mut ahead);
+            let all_decided = decide_ahead("all_ahead", &batch, &mut all_ahead);
+            assert_eq!(read, decided, "first deliveries decided ahead of {batch:?}");
+            assert_eq!(
+                read, all_decided,
+                "first deliveries decided ahead of {batch:?}"
+            );
             fresh_events += read.iter().filter(|f| **f).count();
         }
         assert!(memory.forgot, "the memory never reached its limit");
+        assert!(
+            ahead.1 > 0 && ahead.2 > 100,
+            "ahead: {:?}",
+            (ahead.1, ahead.2)
+        );
+        assert_eq!((all_ahead.1, all_ahead.2), (300, 0));
+        assert_eq!(guards(&conn, "read_back"), guards(&conn, "ahead"));
+        assert_eq!(guards(&conn, "read_back"), guards(&conn, "all_ahead"));
         assert!(
             fresh_events > 300,
             "too few first deliveries: {fresh_events}"

@@ -182,6 +182,13 @@ impl Handler for Runner {
     /// event's change, prepared once per connection. A change that fails is undone by
     /// SQLite (a failed statement changes nothing) and its event dead-lettered; a
     /// database that cannot take writes fails the batch, which is tried again.
+    ///
+    /// With the guards in memory (a rebuild's shadows, whose batches are written in
+    /// the order they are prepared, and whose failure starts the rebuild again), the
+    /// first deliveries are decided here, while the batch before is written, and the
+    /// writer only moves the guards: until the memory forgets, after which the writer
+    /// decides, reading the guards it does not hold. The writer locks the memory only
+    /// then, so here it is only ever found locked once it has forgotten.
     fn local(&self, events: &[Arc<RecordedEvent>]) -> Option<LocalWork<()>> {
         let guard = self.projection.applied_table(self.suffix);
         let deliveries = guard::deliveries(events);
@@ -190,12 +197,22 @@ impl Handler for Runner {
             .map(|recorded| change_of(self.projection, self.suffix, recorded))
             .collect();
         let remembered = self.remembered.clone();
+        let decided = remembered
+            .as_ref()
+            .and_then(|memory| memory.try_lock().ok())
+            .and_then(|mut memory| memory.decide(&deliveries));
         Some(Box::new(move |conn, failures| {
             // On the writer's blocking thread.
-            let mut memory = remembered.as_ref().map(|m| m.blocking_lock());
-            let fresh =
-                guard::first_deliveries_local(conn, &guard, &deliveries, memory.as_deref_mut())?;
-            drop(memory);
+            let fresh = match decided {
+                Some(decided) => {
+                    guard::advance_local(conn, &guard, &deliveries, &decided)?;
+                    decided.fresh
+                }
+                None => {
+                    let mut memory = remembered.as_ref().map(|m| m.blocking_lock());
+                    guard::first_deliveries_local(conn, &guard, &deliveries, memory.as_deref_mut())?
+                }
+            };
             let changes = fresh_changes(changes.into_iter().zip(fresh), failures);
             let execute = |change: &Change| -> Result<Result<(), String>, InfraError> {
                 match infra::local::execute_with(conn, change.sql(), change.binds()) {
