@@ -25,8 +25,7 @@ pub async fn first_deliveries(
     mut memory: Option<&mut Remembered>,
 ) -> Result<Vec<bool>, sqlx::Error> {
     let deliveries = deliveries(events);
-    let keys = streams_of(&deliveries);
-    let unknown = unknown(memory.as_deref(), &keys);
+    let unknown = unknown(memory.as_deref(), &deliveries);
     let mut found = Versions::default();
     for chunk in unknown.chunks(CHUNK) {
         for ((aggregate_type, aggregate_id), version) in stored(conn, dialect, table, chunk).await?
@@ -34,7 +33,8 @@ pub async fn first_deliveries(
             found.raise(&aggregate_type, &aggregate_id, version);
         }
     }
-    let (fresh, moved) = decide(&deliveries, &keys, memory.as_deref(), &found);
+    let (fresh, moved) = decide(&deliveries, |t, id| held(memory.as_deref(), &found, t, id));
+    let moved = guards(&deliveries, &moved);
     for chunk in moved.chunks(CHUNK) {
         advance(conn, dialect, table, chunk).await?;
     }
@@ -54,9 +54,8 @@ pub fn first_deliveries_local(
     deliveries: &[Delivery],
     mut memory: Option<&mut Remembered>,
 ) -> Result<Vec<bool>, rusqlite::Error> {
-    let keys = streams_of(deliveries);
     let mut found = Versions::default();
-    let unknown = unknown(memory.as_deref(), &keys);
+    let unknown = unknown(memory.as_deref(), deliveries);
     if !unknown.is_empty() {
         let mut read = conn.prepare_cached(&format!(
             "SELECT version FROM {table} WHERE aggregate_type = ?1 AND aggregate_id = ?2"
@@ -68,7 +67,8 @@ pub fn first_deliveries_local(
             }
         }
     }
-    let (fresh, moved) = decide(deliveries, &keys, memory.as_deref(), &found);
+    let (fresh, moved) = decide(deliveries, |t, id| held(memory.as_deref(), &found, t, id));
+    let moved = guards(deliveries, &moved);
     let mut write = conn.prepare_cached(&advance_local_sql(table))?;
     for ((aggregate_type, aggregate_id), version) in &moved {
         write.execute((aggregate_type, aggregate_id, version))?;
@@ -189,39 +189,9 @@ impl Remembered {
         if self.forgot {
             return None;
         }
-        // Each stream: its first delivery, the guard held, and the guard as it moves.
-        let mut streams: HashMap<(&str, &str), (usize, i64, i64)> =
-            HashMap::with_capacity_and_hasher(deliveries.len(), Default::default());
-        let fresh = deliveries
-            .iter()
-            .enumerate()
-            .map(|(i, (aggregate_type, aggregate_id, version))| {
-                let key = (aggregate_type.as_str(), aggregate_id.as_str());
-                let (_, _, applied) = streams.entry(key).or_insert_with(|| {
-                    let held = self.versions.get(key.0, key.1).unwrap_or(0);
-                    (i, held, held)
-                });
-                let first = *applied < *version;
-                if first {
-                    *applied = *version;
-                }
-                first
-            })
-            .collect();
-        let mut moved: Vec<(usize, i64)> = streams
-            .into_values()
-            .filter(|(_, held, applied)| applied != held)
-            .map(|(first, _, applied)| (first, applied))
-            .collect();
-        moved.sort_unstable();
-        let guards: Vec<Guard<'_>> = moved
-            .iter()
-            .map(|(i, version)| {
-                let (aggregate_type, aggregate_id, _) = &deliveries[*i];
-                ((aggregate_type.as_str(), aggregate_id.as_str()), *version)
-            })
-            .collect();
-        self.learn(&guards);
+        let versions = &self.versions;
+        let (fresh, moved) = decide(deliveries, |t, id| versions.get(t, id).unwrap_or(0));
+        self.learn(&guards(deliveries, &moved));
         Some(Decided { fresh, moved })
     }
 
@@ -239,19 +209,15 @@ impl Remembered {
     }
 }
 
-/// The keys whose guards must be read from the table: all of them without memory;
-/// with it, none until it has forgotten, then those it does not hold.
-fn unknown<'a>(
-    memory: Option<&Remembered>,
-    keys: &[(&'a str, &'a str)],
-) -> Vec<(&'a str, &'a str)> {
+/// The streams of `deliveries` whose guards must be read from the table: all of them
+/// without memory; with it, none until it has forgotten, then those it does not hold.
+fn unknown<'a>(memory: Option<&Remembered>, deliveries: &'a [Delivery]) -> Vec<(&'a str, &'a str)> {
     match memory {
-        None => keys.to_vec(),
+        None => streams_of(deliveries),
         Some(memory) if !memory.forgot => vec![],
-        Some(memory) => keys
-            .iter()
+        Some(memory) => streams_of(deliveries)
+            .into_iter()
             .filter(|(t, id)| memory.versions.get(t, id).is_none())
-            .copied()
             .collect(),
     }
 }
@@ -289,42 +255,64 @@ fn streams_of(deliveries: &[Delivery]) -> Vec<(&str, &str)> {
         .collect()
 }
 
-/// Which deliveries (in log order) are first ones given the guards of `keys` held
-/// in `memory` or `found` in the table, and the guards that move.
-fn decide<'a>(
-    deliveries: &'a [Delivery],
-    keys: &[(&'a str, &'a str)],
+/// A stream's guard as known before a batch: held in `memory`, else `found` in the
+/// table, else none (0).
+fn held(
     memory: Option<&Remembered>,
     found: &Versions,
-) -> (Vec<bool>, Vec<Guard<'a>>) {
-    let mut streams: HashMap<(&str, &str), i64> = keys
-        .iter()
-        .map(|&(aggregate_type, aggregate_id)| {
-            let stored = memory
-                .and_then(|m| m.versions.get(aggregate_type, aggregate_id))
-                .or_else(|| found.get(aggregate_type, aggregate_id))
-                .unwrap_or(0);
-            ((aggregate_type, aggregate_id), stored)
-        })
-        .collect();
-    let before = streams.clone();
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> i64 {
+    memory
+        .and_then(|m| m.versions.get(aggregate_type, aggregate_id))
+        .or_else(|| found.get(aggregate_type, aggregate_id))
+        .unwrap_or(0)
+}
+
+/// Which deliveries (in log order) are first ones, each stream's guard before the
+/// batch being what `held` says, and the guards that move: the first delivery that
+/// names the stream, with its new version (in log order).
+fn decide(
+    deliveries: &[Delivery],
+    held: impl Fn(&str, &str) -> i64,
+) -> (Vec<bool>, Vec<(usize, i64)>) {
+    // Each stream: its first delivery, its guard before, and the guard as it moves.
+    let mut streams: HashMap<(&str, &str), (usize, i64, i64)> =
+        HashMap::with_capacity_and_hasher(deliveries.len(), Default::default());
     let fresh = deliveries
         .iter()
-        .map(|(aggregate_type, aggregate_id, version)| {
-            match streams.get_mut(&(aggregate_type.as_str(), aggregate_id.as_str())) {
-                Some(applied) if *applied < *version => {
-                    *applied = *version;
-                    true
-                }
-                _ => false,
+        .enumerate()
+        .map(|(i, (aggregate_type, aggregate_id, version))| {
+            let key = (aggregate_type.as_str(), aggregate_id.as_str());
+            let (_, _, applied) = streams.entry(key).or_insert_with(|| {
+                let before = held(key.0, key.1);
+                (i, before, before)
+            });
+            let first = *applied < *version;
+            if first {
+                *applied = *version;
             }
+            first
         })
         .collect();
-    let moved = streams
-        .into_iter()
-        .filter(|(key, version)| before.get(key) != Some(version))
+    let mut moved: Vec<(usize, i64)> = streams
+        .into_values()
+        .filter(|(_, before, applied)| applied != before)
+        .map(|(first, _, applied)| (first, applied))
         .collect();
+    moved.sort_unstable();
     (fresh, moved)
+}
+
+/// The guards `moved` (from [`decide`]) names, as streams of `deliveries`.
+fn guards<'a>(deliveries: &'a [Delivery], moved: &[(usize, i64)]) -> Vec<Guard<'a>> {
+    moved
+        .iter()
+        .filter_map(|(i, version)| {
+            let (aggregate_type, aggregate_id, _) = deliveries.get(*i)?;
+            Some(((aggregate_type.as_str(), aggregate_id.as_str()), *version))
+        })
+        .collect()
 }
 
 /// The stored guards of `keys` (those that have one).
@@ -470,6 +458,9 @@ mod tests {
             }
         };
         let mut latest: HashMap<(String, String), i64> = HashMap::default();
+        // The newest version of each stream delivered so far: a delivery is a first
+        // one exactly when it is past it.
+        let mut applied: HashMap<(String, String), i64> = HashMap::default();
         let mut fresh_events = 0;
         for _ in 0..300 {
             let batch: Vec<Delivery> = (0..next(12))
@@ -488,7 +479,19 @@ mod tests {
                     (key.0, key.1, version)
                 })
                 .collect();
+            let expected: Vec<bool> = batch
+                .iter()
+                .map(|(aggregate_type, aggregate_id, version)| {
+                    let newest = applied
+                        .entry((aggregate_type.clone(), aggregate_id.clone()))
+                        .or_default();
+                    let first = *version > *newest;
+                    *newest = (*newest).max(*version);
+                    first
+                })
+                .collect();
             let read = first_deliveries_local(&conn, "read_back", &batch, None).expect("read");
+            assert_eq!(read, expected, "first deliveries of {batch:?}, read back");
             let held = first_deliveries_local(&conn, "remembered", &batch, Some(&mut memory))
                 .expect("remembered");
             assert_eq!(read, held, "first deliveries of {batch:?}");
@@ -514,6 +517,14 @@ mod tests {
             fresh_events > 300,
             "too few first deliveries: {fresh_events}"
         );
+        let mut newest: Vec<(String, String, i64)> = applied
+            .into_iter()
+            .map(|((aggregate_type, aggregate_id), version)| {
+                (aggregate_type, aggregate_id, version)
+            })
+            .collect();
+        newest.sort();
+        assert_eq!(guards(&conn, "read_back"), newest);
         assert_eq!(guards(&conn, "read_back"), guards(&conn, "remembered"));
     }
 }
